@@ -1,0 +1,10 @@
+"""nextstep: NextStep-1 (autoregressive image generation with continuous tokens) in plain PyTorch."""
+
+from .config import ConfigError, FlowHeadConfig, NextStepConfig, TransformerConfig, VAEConfig, preset
+from .model.nextstep import NextStep
+from .model.vae import VAE
+from .tokenizer import Tokenizer
+
+__all__ = ["ConfigError", "FlowHeadConfig", "NextStep", "NextStepConfig", "Tokenizer", "TransformerConfig", "VAE",
+           "VAEConfig", "preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""Reading and writing weights: official formats and ours (safetensors + config.json).
+
+Loading never holds two copies of a model: modules are built on the ``meta`` device and the tensors read from
+the file (memory-mapped by safetensors) are assigned in place, cast to the requested dtype one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not match the model it is loaded into."""
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} directory not found: {p}")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{what} path is not a directory: {p}")
+    return p
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files of a directory: ``model.safetensors`` or the shards named by its index."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards named in {index} are missing: {missing}")
+        return files
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no weights in {model_dir}: expected model.safetensors or model.safetensors.index.json")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                yield k, fh.get_tensor(k)
+
+
+def assign_state_dict(
+    module: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+    *,
+    source: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Load ``tensors`` into ``module`` (possibly on ``meta``) by assignment, strictly.
+
+    Every parameter and persistent buffer must be provided with the right shape; extra keys are errors unless
+    listed in ``ignore``. Errors name the offending keys. Floating tensors are cast to ``dtype`` when given.
+    """
+    expected = module.state_dict(keep_vars=True)
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    bad_shape: dict[str, str] = {}
+    for k, t in items:
+        if k not in expected:
+            if k not in ignore:
+                unexpected.append(k)
+            continue
+        if tuple(t.shape) != tuple(expected[k].shape):
+            bad_shape[k] = f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k].shape)}"
+            continue
+        if t.is_floating_point():
+            loaded[k] = t.to(device=device, dtype=dtype or expected[k].dtype)
+        else:
+            loaded[k] = t.to(device=device)
+    missing = sorted(set(expected) - set(loaded) - set(bad_shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_short(sorted(unexpected))}")
+    if bad_shape:
+        problems.append("shape mismatches (does config.json match the weights?): "
+                        + "; ".join(list(bad_shape.values())[:8]))
+    if problems:
+        raise CheckpointError(f"cannot load {source}: " + " | ".join(problems))
+    module.load_state_dict(loaded, strict=True, assign=True)
+
+
+def _short(keys: list[str], n: int = 12) -> str:
+    return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomic write: a temporary file in the same directory, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    require_file(path, what)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict saved with ``torch.save``, loaded safely (no pickled code runs)."""
+    require_file(path, "checkpoint")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a plain state dict of tensors")
+    return sd
+
+
+# ---- the NextStep model: official key names <-> ours ------------------------------------------------------------
+# Official checkpoints keep the backbone at the top level (``layers.N.*``, ``norm.*``); ours nests it under
+# ``transformer.``. These two functions are the only place that knows it.
+_BACKBONE_PREFIXES = ("layers.", "norm.")
+OFFICIAL_IGNORED_KEYS = ("gen_pos_embed",)  # a buffer we recompute for the real grid
+
+
+def official_to_ours(key: str) -> str:
+    return "transformer." + key if key.startswith(_BACKBONE_PREFIXES) else key
+
+
+def ours_to_official(key: str) -> str:
+    return key[len("transformer."):] if key.startswith("transformer.") else key
+
+
+def load_nextstep(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    """Build a ``NextStep`` from a model directory (official NextStep-1/1.1 layout or ours)."""
+    from .config import NextStepConfig
+    from .model.nextstep import NextStep
+
+    model_dir = require_dir(path, "model")
+    config = NextStepConfig.from_official(read_json(model_dir / "config.json", "model config.json"))
+    files = safetensors_files(model_dir)
+    with torch.device("meta"):
+        model = NextStep(config)
+    tied = config.transformer.tie_word_embeddings
+    tensors = ((official_to_ours(k), t) for k, t in iter_safetensors(files)
+               if not (tied and k == "lm_head.weight"))
+    if tied:
+        # a tied lm_head shares the embedding: load it once, then re-tie after assignment
+        del model.lm_head.weight
+        model.lm_head.register_parameter("weight", None)
+    assign_state_dict(model, tensors, source=str(model_dir), dtype=dtype, device=device,
+                      ignore=OFFICIAL_IGNORED_KEYS)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def save_nextstep(model, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
+    """Write ``config.json`` (official NextStep-1 schema) and safetensors with official key names.
+
+    With ``max_shard_bytes`` the weights are split into ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json``, as Hugging Face does.
+    """
+    from .model.latents import sincos_2d_table
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {ours_to_official(k): v for k, v in model.state_dict().items()}
+    if cfg.transformer.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    g = cfg.base_image_grid_size
+    state["gen_pos_embed"] = sincos_2d_table(cfg.transformer.hidden_size, g, g)[None]  # for the official loader
+    shards = _split_shards(state, max_shard_bytes)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    if len(shards) == 1:
+        save_safetensors(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors(shard, out / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                   out / "model.safetensors.index.json")
+    write_json(cfg.to_official("v1"), out / "config.json")
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards

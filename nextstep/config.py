@@ -1,0 +1,435 @@
+"""Typed configuration for every part of NextStep, named presets, and the official ``config.json`` schemas.
+
+Three spellings of the same fields exist in the wild (see ``shared/fixtures/FORMATS.md``):
+NextStep-1 (``fm_head_*``, ``latent_*``, ``im_loss_weight``), NextStep-1.1 (``genloss_*``, ``image_size``,
+``patch_size``, ``num_channels``, ``image_loss_weight``) and the training code. ``NextStepConfig.from_official``
+reads all of them. A key it does not understand is an error; Hugging Face bookkeeping keys are accepted and
+training-only keys of the official trainer are accepted with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or a config file cannot be interpreted."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+               f"{type(obj).__name__}.{n} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class TransformerConfig:
+    """Qwen2-style decoder: RMSNorm, RoPE, GQA, SwiGLU, optional q/k/v and o biases."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 320
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "max_position_embeddings")
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        _check(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+        _check(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+
+
+@dataclass
+class FlowHeadConfig:
+    """AdaLN residual MLP that predicts the flow velocity of one image token."""
+
+    width: int = 64
+    depth: int = 2
+    mlp_ratio: float = 1.0
+    batch_mul: int = 4  # each token's loss is drawn this many times (different t and noise)
+    frequency_dim: int = 256  # size of the sinusoidal time embedding
+
+    def __post_init__(self) -> None:
+        _positive(self, "width", "depth", "batch_mul", "frequency_dim")
+        _check(self.mlp_ratio > 0, f"FlowHeadConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(self.frequency_dim % 2 == 0, "FlowHeadConfig.frequency_dim must be even")
+
+
+@dataclass
+class VAEConfig:
+    """Flux-style autoencoder (the image tokenizer) and how its latents are normalised.
+
+    ``norm`` is the token-wise latent normalisation applied to the posterior mean: ``"layer_norm"`` normalises each
+    ``norm_patch`` x ``norm_patch`` patch of latents (``z_channels * norm_patch**2`` values) without affine
+    parameters; ``"none"`` leaves it alone.
+    """
+
+    resolution: int = 64
+    in_channels: int = 3
+    ch: int = 32
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    deterministic: bool = True
+    norm: str = "layer_norm"
+    norm_patch: int = 2
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        _positive(self, "resolution", "in_channels", "ch", "out_ch", "num_res_blocks", "z_channels", "norm_patch")
+        _check(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult),
+               f"VAEConfig.ch_mult must be non-empty positive integers, got {self.ch_mult}")
+        _check(self.ch % 32 == 0 and all((self.ch * m) % 32 == 0 for m in self.ch_mult),
+               f"VAEConfig: ch * ch_mult must be multiples of 32 (GroupNorm with 32 groups), got ch={self.ch}")
+        _check(self.norm in ("layer_norm", "none"), f"VAEConfig.norm must be 'layer_norm' or 'none', got {self.norm!r}")
+        _check(self.scaling_factor != 0, "VAEConfig.scaling_factor must be non-zero")
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell along each side (8 for ch_mult of length 4)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    # ---- official checkpoint.pt + config.json schema -------------------------------------------------------
+    _OFFICIAL = ("resolution", "in_channels", "ch", "out_ch", "ch_mult", "num_res_blocks", "z_channels",
+                 "scaling_factor", "shift_factor", "deterministic")
+
+    @classmethod
+    def from_official(cls, d: dict[str, Any]) -> "VAEConfig":
+        d = dict(d)
+        kw: dict[str, Any] = {k: d.pop(k) for k in cls._OFFICIAL if k in d}
+        # Two spellings of the latent normalisation (FORMATS.md): encoder_norm + psz, or norm_fn/norm_level.
+        encoder_norm = d.pop("encoder_norm", None)
+        psz = d.pop("psz", None)
+        norm_fn = d.pop("norm_fn", None)
+        norm_level = d.pop("norm_level", None)
+        if norm_fn is not None:
+            _check(norm_fn in ("layer_norm", "none", None),
+                   f"vae config: unsupported norm_fn {norm_fn!r} (supported: 'layer_norm', 'none')")
+            _check(norm_level in (None, "channel"),
+                   f"vae config: unsupported norm_level {norm_level!r} (supported: 'channel')")
+            kw["norm"] = norm_fn
+        elif encoder_norm is not None:
+            kw["norm"] = "layer_norm" if encoder_norm else "none"
+        else:
+            kw["norm"] = "none"
+        kw["norm_patch"] = int(psz) if psz else 1
+        for k in ("norm_eps",):
+            if k in d:
+                kw[k] = d.pop(k)
+        if d:
+            raise ConfigError(f"vae config.json has keys this loader does not understand: {sorted(d)}")
+        return cls(**kw)
+
+    def to_official(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self._OFFICIAL}
+        out["ch_mult"] = list(self.ch_mult)
+        out["encoder_norm"] = self.norm == "layer_norm"
+        out["psz"] = self.norm_patch
+        if self.norm_eps != 1e-6:
+            out["norm_eps"] = self.norm_eps
+        return out
+
+
+@dataclass
+class NextStepConfig:
+    """The joint model: backbone + image projectors + flow head, and the image-token protocol ids."""
+
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    head: FlowHeadConfig = field(default_factory=FlowHeadConfig)
+    latent_channels: int = 16
+    patch_size: int = 2
+    base_image_grid_size: int = 32  # side of the 2-D position table (NextStep-1: 32)
+    use_gen_pos_embed: bool = False
+    boi_id: int = 757
+    eoi_id: int = 758
+    image_placeholder_id: int = 759
+    pad_id: int = 755
+    eos_id: int | None = 0
+    bos_id: int | None = None
+    lm_loss_weight: float = 0.01
+    im_loss_weight: float = 1.0
+    use_mlp_before_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.transformer, dict):
+            self.transformer = TransformerConfig(**self.transformer)
+        if isinstance(self.head, dict):
+            self.head = FlowHeadConfig(**self.head)
+        _positive(self, "latent_channels", "patch_size", "base_image_grid_size")
+        v = self.transformer.vocab_size
+        for name in ("boi_id", "eoi_id", "image_placeholder_id", "pad_id"):
+            i = getattr(self, name)
+            _check(isinstance(i, int) and 0 <= i < v, f"NextStepConfig.{name}={i!r} is outside the vocabulary [0, {v})")
+        _check(self.lm_loss_weight >= 0 and self.im_loss_weight >= 0, "loss weights must be >= 0")
+        _check(not self.use_mlp_before_lm_head, "use_mlp_before_lm_head=True is not supported by this implementation")
+
+    @property
+    def token_dim(self) -> int:
+        """Values per image token: latent channels x patch x patch (64 for NextStep-1)."""
+        return self.latent_channels * self.patch_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NextStepConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown NextStepConfig keys: {unknown}")
+        return cls(**d)
+
+    # ---- official config.json ------------------------------------------------------------------------------
+    @classmethod
+    def from_official(cls, d: dict[str, Any]) -> "NextStepConfig":
+        return _from_official(d)
+
+    def to_official(self, schema: str = "v1") -> dict[str, Any]:
+        return _to_official(self, schema)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "NextStepConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_official(d)
+
+
+# Keys of official configs that carry no meaning for the model math: Hugging Face bookkeeping (accepted
+# silently) and training-only knobs of the official trainer (accepted with a warning that names them).
+BOOKKEEPING_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "pretraining_tp",
+    "initializer_range", "attention_dropout", "_name_or_path", "pad_token_id_added", "auto_map",
+    "output_attentions", "output_hidden_states", "return_dict", "max_window_layers", "use_sliding_window",
+    "sliding_window",
+})
+TRAINING_ONLY_KEYS = frozenset({
+    "noise_strength", "create_kwargs", "genloss_type", "genloss_net_arch", "genloss_num_sampling_steps",
+    "image_feature_layer", "image_encoder_name", "image_decoder_arch", "hw_aspect_ratios_ids",
+    "use_token_length_weight", "vae_name_or_path",
+})
+
+
+# (official key, alternative keys, our path). First present spelling wins; two different values is an error.
+_ALIASES: list[tuple[tuple[str, ...], str]] = [
+    (("fm_head_dim", "genloss_width"), "head.width"),
+    (("fm_head_layers", "genloss_depth"), "head.depth"),
+    (("fm_head_mlp_ratio",), "head.mlp_ratio"),
+    (("fm_head_batch_mul", "genloss_batch_mul"), "head.batch_mul"),
+    (("latent_channels", "num_channels"), "latent_channels"),
+    (("latent_patch_size", "patch_size"), "patch_size"),
+    (("im_loss_weight", "image_loss_weight"), "im_loss_weight"),
+    (("lm_loss_weight",), "lm_loss_weight"),
+    (("base_image_grid_size",), "base_image_grid_size"),
+    (("use_gen_pos_embed",), "use_gen_pos_embed"),
+    (("boi",), "boi_id"),
+    (("eoi",), "eoi_id"),
+    (("image_placeholder_id",), "image_placeholder_id"),
+    (("pad_token_id",), "pad_id"),
+    (("eos_token_id",), "eos_id"),
+    (("bos_token_id",), "bos_id"),
+    (("use_mlp_before_lm_head",), "use_mlp_before_lm_head"),
+    (("vocab_size",), "transformer.vocab_size"),
+    (("hidden_size",), "transformer.hidden_size"),
+    (("num_hidden_layers",), "transformer.num_layers"),
+    (("num_attention_heads",), "transformer.num_heads"),
+    (("num_key_value_heads",), "transformer.num_kv_heads"),
+    (("head_dim",), "transformer.head_dim"),
+    (("intermediate_size",), "transformer.intermediate_size"),
+    (("rms_norm_eps",), "transformer.rms_norm_eps"),
+    (("rope_theta",), "transformer.rope_theta"),
+    (("max_position_embeddings",), "transformer.max_position_embeddings"),
+    (("attention_bias",), "transformer.qkv_bias"),
+    (("o_attention_bias",), "transformer.o_bias"),
+    (("mlp_bias",), "transformer.mlp_bias"),
+    (("tie_word_embeddings",), "transformer.tie_word_embeddings"),
+]
+
+
+def _from_official(d: dict[str, Any]) -> NextStepConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    d = dict(d)
+    values: dict[str, Any] = {}
+    for keys, ours in _ALIASES:
+        present = [(k, d.pop(k)) for k in keys if k in d]
+        if not present:
+            continue
+        vals = {json.dumps(v) for _, v in present}
+        if len(vals) > 1:
+            raise ConfigError(f"config.json gives different values for the same field {ours}: {dict(present)}")
+        values[ours] = present[0][1]
+
+    # Options we do not implement must be refused, never ignored.
+    act = d.pop("hidden_act", "silu")
+    _check(act == "silu", f"config.json: hidden_act={act!r} is not supported (only 'silu')")
+    rope_scaling = d.pop("rope_scaling", None)
+    _check(rope_scaling is None, f"config.json: rope_scaling={rope_scaling!r} is not supported (only null)")
+    qk_norm = d.pop("attention_use_qk_norm", False)
+    _check(not qk_norm, "config.json: attention_use_qk_norm=true is not supported")
+    genloss_type = d.get("genloss_type")
+    _check(genloss_type in (None, "flow_matching", "fm"),
+           f"config.json: genloss_type={genloss_type!r} is not supported (flow matching only)")
+    image_size = d.pop("image_size", None)
+    latent_size = d.pop("latent_size", None)
+    if "base_image_grid_size" not in values:
+        # NextStep-1 uses a 32-wide table whatever latent_size says; 1.1 cards set image_size (latent side).
+        values["base_image_grid_size"] = 32 if image_size is None else int(image_size) // 2
+    del latent_size  # informational only (the side of the training latent); positions follow the real grid
+
+    unknown = sorted(k for k in d if k not in BOOKKEEPING_KEYS | TRAINING_ONLY_KEYS)
+    if unknown:
+        raise ConfigError(f"config.json has keys this loader does not understand: {unknown}")
+    training_only = sorted(k for k in d if k in TRAINING_ONLY_KEYS and d[k] is not None)
+    if training_only:
+        warnings.warn(f"config.json: ignoring training-only keys of the official trainer: {training_only}",
+                      stacklevel=3)
+
+    tcfg: dict[str, Any] = {}
+    hcfg: dict[str, Any] = {}
+    top: dict[str, Any] = {}
+    for path, v in values.items():
+        if path.startswith("transformer."):
+            tcfg[path.split(".", 1)[1]] = v
+        elif path.startswith("head."):
+            hcfg[path.split(".", 1)[1]] = v
+        else:
+            top[path] = v
+    if "head_dim" not in tcfg and "hidden_size" in tcfg and "num_heads" in tcfg:
+        tcfg["head_dim"] = tcfg["hidden_size"] // tcfg["num_heads"]
+    return NextStepConfig(transformer=TransformerConfig(**tcfg), head=FlowHeadConfig(**hcfg), **top)
+
+
+def _to_official(cfg: NextStepConfig, schema: str) -> dict[str, Any]:
+    _check(schema in ("v1", "v1.1"), f"schema must be 'v1' or 'v1.1', got {schema!r}")
+    t, h = cfg.transformer, cfg.head
+    out: dict[str, Any] = {
+        "architectures": ["NextStep"],
+        "model_type": "nextstep",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "head_dim": t.head_dim,
+        "intermediate_size": t.intermediate_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": t.max_position_embeddings,
+        "attention_bias": t.qkv_bias,
+        "o_attention_bias": t.o_bias,
+        "mlp_bias": t.mlp_bias,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "boi": cfg.boi_id,
+        "eoi": cfg.eoi_id,
+        "image_placeholder_id": cfg.image_placeholder_id,
+        "pad_token_id": cfg.pad_id,
+        "eos_token_id": cfg.eos_id,
+        "bos_token_id": cfg.bos_id,
+        "lm_loss_weight": cfg.lm_loss_weight,
+        "use_gen_pos_embed": cfg.use_gen_pos_embed,
+        "base_image_grid_size": cfg.base_image_grid_size,
+        "fm_head_mlp_ratio": h.mlp_ratio,
+    }
+    if schema == "v1":
+        out.update(fm_head_dim=h.width, fm_head_layers=h.depth, fm_head_batch_mul=h.batch_mul,
+                   latent_channels=cfg.latent_channels, latent_patch_size=cfg.patch_size,
+                   im_loss_weight=cfg.im_loss_weight)
+    else:
+        out.update(genloss_width=h.width, genloss_depth=h.depth, genloss_batch_mul=h.batch_mul,
+                   num_channels=cfg.latent_channels, patch_size=cfg.patch_size,
+                   image_loss_weight=cfg.im_loss_weight)
+    return out
+
+
+# ---- named presets ----------------------------------------------------------------------------------------------
+
+def _large() -> NextStepConfig:
+    return NextStepConfig(
+        transformer=TransformerConfig(vocab_size=152064, hidden_size=5120, num_layers=48, num_heads=40,
+                                      num_kv_heads=8, head_dim=128, intermediate_size=13824, rms_norm_eps=1e-5,
+                                      rope_theta=1_000_000.0, max_position_embeddings=32768, qkv_bias=True,
+                                      o_bias=False),
+        head=FlowHeadConfig(width=1536, depth=12, batch_mul=4),
+        latent_channels=16, patch_size=2, base_image_grid_size=32,
+        boi_id=151667, eoi_id=151668, image_placeholder_id=151669, pad_id=151665, eos_id=151643,
+    )
+
+
+def _tiny() -> NextStepConfig:
+    """A CPU-sized model with the fixture's tokenizer layout (vocab 1024, special ids 755-759)."""
+    return NextStepConfig(
+        transformer=TransformerConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                      head_dim=32, intermediate_size=320),
+        head=FlowHeadConfig(width=64, depth=2, batch_mul=4),
+    )
+
+
+PRESETS = {"nextstep-1-large": _large, "tiny": _tiny}
+
+
+def preset(name: str) -> NextStepConfig:
+    """A named configuration: ``nextstep-1-large`` (14B, official layout) or ``tiny`` (CPU)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def vae_f8ch16(ch: int = 128) -> VAEConfig:
+    """The official tokenizer layout (f8, 16 channels); ``ch=128`` is the released size."""
+    return VAEConfig(ch=ch, ch_mult=(1, 2, 4, 4), z_channels=16, resolution=256)
+
+
+def num_params_estimate(cfg: NextStepConfig) -> int:
+    """Parameter count from the config alone (no allocation), used by benchmarks and docs."""
+    t, h = cfg.transformer, cfg.head
+    d, kv = t.hidden_size, t.num_kv_heads * t.head_dim
+    attn = d * t.num_heads * t.head_dim * 2 + d * kv * 2
+    if t.qkv_bias:
+        attn += t.num_heads * t.head_dim + 2 * kv
+    if t.o_bias:
+        attn += d
+    mlp = 3 * d * t.intermediate_size
+    layer = attn + mlp + 2 * d
+    emb = t.vocab_size * d * (1 if t.tie_word_embeddings else 2)
+    inner = int(h.width * h.mlp_ratio)
+    head = (h.frequency_dim * h.width + h.width + h.width * h.width + h.width + d * h.width + h.width
+            + cfg.token_dim * h.width + h.width
+            + h.depth * (2 * h.width + 2 * h.width * inner + inner + h.width + 3 * h.width * h.width + 3 * h.width)
+            + 2 * h.width * h.width + 2 * h.width + h.width * cfg.token_dim + cfg.token_dim)
+    proj = cfg.token_dim * d + d + d * d + d
+    return t.num_layers * layer + emb + d + head + proj

@@ -1,0 +1,126 @@
+"""The flow-matching head: a small AdaLN residual MLP that predicts the velocity of one image token.
+
+Convention (rectified flow, as in the reference): t = 0 is pure noise, t = 1 is data,
+x_t = t * x + (1 - t) * noise, and the network predicts the velocity dx_t/dt = x - noise.
+The sampling loop lives in ``nextstep.sampling``; this module only holds the network and the training loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FlowHeadConfig
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) raw times in [0, 1] (not scaled by 1000) -> (N, dim) = [cos | sin] sinusoidal features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, width: int, frequency_dim: int):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_frequencies(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    """x + gate * MLP(LN(x) * (1 + scale) + shift), with (shift, scale, gate) from the conditioning."""
+
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        inner = int(width * mlp_ratio)
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, inner), nn.SiLU(), nn.Linear(inner, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class VelocityNet(nn.Module):
+    """v(x_t, t, c): (N, token_dim), (N,), (N, cond_dim) -> (N, token_dim)."""
+
+    def __init__(self, token_dim: int, cond_dim: int, cfg: FlowHeadConfig):
+        super().__init__()
+        self.time_embed = TimeEmbedding(cfg.width, cfg.frequency_dim)
+        self.cond_embed = nn.Linear(cond_dim, cfg.width)
+        self.input_proj = nn.Linear(token_dim, cfg.width)
+        self.res_blocks = nn.ModuleList(ResBlock(cfg.width, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.width, token_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.input_proj(x)
+        y = self.time_embed(t) + self.cond_embed(c)
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y)
+
+    def init_weights(self) -> None:
+        """Xavier linears, small time MLP, zeroed modulations and output (DiT/MAR initialisation)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for block in self.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for p in (self.final_layer.adaLN_modulation[-1].weight, self.final_layer.adaLN_modulation[-1].bias,
+                  self.final_layer.linear.weight, self.final_layer.linear.bias):
+            nn.init.zeros_(p)
+
+
+class FlowHead(nn.Module):
+    """Holds the velocity network (``net``, the official key prefix) and the flow-matching loss."""
+
+    def __init__(self, token_dim: int, cond_dim: int, cfg: FlowHeadConfig):
+        super().__init__()
+        self.token_dim = token_dim
+        self.net = VelocityNet(token_dim, cond_dim, cfg)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, c)
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Rectified-flow loss. target (N, token_dim) clean tokens, cond (N, cond_dim), mask (N,) of 0/1 weights.
+
+        Draws, in this order, noise ~ N(0, I) of target's shape and u ~ N(0, 1) per row; t = sigmoid(u)
+        (logit-normal). Returns the (masked) mean over rows of the mean squared velocity error.
+        """
+        noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
+        u = torch.randn(target.shape[0], generator=generator, device=target.device)
+        t = (1 / (1 + torch.exp(-u))).to(target)
+        tt = t[:, None]
+        x_t = tt * target + (1 - tt) * noise
+        err = (self.net(x_t, t, cond).float() - (target - noise).float()) ** 2
+        per_row = err.mean(dim=1)
+        if mask is None:
+            return per_row.mean()
+        mask = mask.to(per_row)
+        return (per_row * mask).sum() / (mask.sum() + 1e-8)

@@ -1,0 +1,54 @@
+"""An explicit, preallocated key/value cache for prefill + one-token decoding steps."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch`` rows and up to ``max_len`` positions.
+
+    ``k``/``v``: (layers, B, kv_heads, max_len, head_dim). ``valid``: (B, max_len) bool, False at left padding
+    and unused slots. ``length`` is the number of filled slots (the same for every row; padding is masked).
+    ``positions`` (B,) holds the RoPE position the next token of each row will get (real tokens seen so far).
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, mask: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Claim slots for T new tokens with (B, T) validity ``mask``; returns (start slot, (B, T) positions)."""
+        b, t = mask.shape
+        if b != self.batch:
+            raise ValueError(f"cache holds {self.batch} rows, got {b}")
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {t} tokens > max_len {self.max_len}")
+        start = self.length
+        self.valid[:, start:start + t] = mask
+        positions = self.positions[:, None] + (mask.long().cumsum(1) - 1).clamp(min=0)
+        self.positions += mask.long().sum(1)
+        return start, positions
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, kv_heads, T, head_dim) keys/values at ``start``; returns all keys/values up to the new end."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def commit(self, t: int) -> None:
+        self.length += t

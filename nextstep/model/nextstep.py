@@ -1,0 +1,186 @@
+"""The joint model: text + image-token embeddings, the Qwen2 backbone, the LM head and the flow head.
+
+Data flow (training and sampling share every step):
+    ids + image latents --embed()--> (B, L, D) --transformer--> hidden (B, L, D)
+    hidden at a position whose next token is an image token --condition()--> c --image_head--> velocity
+    hidden elsewhere --lm_head--> logits
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NextStepConfig
+from .flow_head import FlowHead
+from .kv_cache import KVCache
+from .latents import patchify, sincos_2d_table, token_grid
+from .transformer import Transformer
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # lm_loss * lm_loss_weight + im_loss * im_loss_weight
+    lm_loss: torch.Tensor
+    im_loss: torch.Tensor
+
+
+class NextStep(nn.Module):
+    def __init__(self, config: NextStepConfig):
+        super().__init__()
+        self.config = config
+        t = config.transformer
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.transformer = Transformer(t)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.image_in_projector = nn.Linear(config.token_dim, t.hidden_size)
+        self.image_out_projector = nn.Linear(t.hidden_size, t.hidden_size)
+        self.image_head = FlowHead(config.token_dim, t.hidden_size, config.head)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "NextStep":
+        """Fresh-training initialisation: N(0, std) linears/embeddings, unit norms, DiT-style head."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std, generator=generator)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "transformer.norm.weight":
+                nn.init.ones_(p)
+        self.image_head.net.init_weights()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    # ---- embedding ----------------------------------------------------------------------------------------------
+    def image_tokens(self, latents: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Latents -> (N, token_dim) tokens of all images in order, and each image's token grid.
+
+        ``latents``: a (n, C, h, w) tensor (n images of one size) or a sequence of (C, h, w) / (1, C, h, w)
+        tensors (any sizes)."""
+        if isinstance(latents, torch.Tensor):
+            if latents.dim() != 4:
+                raise ValueError(f"latents must be (n, C, h, w), got shape {tuple(latents.shape)}")
+            latents = list(latents)
+        toks, grids = [], []
+        p = self.config.patch_size
+        for z in latents:
+            z = z if z.dim() == 4 else z[None]
+            if z.shape[0] != 1 or z.shape[1] != self.config.latent_channels:
+                raise ValueError(f"each latent must be (C={self.config.latent_channels}, h, w), got {tuple(z.shape)}")
+            grids.append(token_grid(tuple(z.shape[-2:]), p))
+            toks.append(patchify(z, p)[0])
+        return torch.cat(toks, 0), grids
+
+    def embed(self, input_ids: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) embeddings; image placeholders take ``image_in_projector`` of the image tokens,
+        filled in raster order over the batch (row 0's images first)."""
+        is_img = input_ids == self.config.image_placeholder_id
+        n_slots = int(is_img.sum())
+        if latents is None or (not isinstance(latents, torch.Tensor) and len(latents) == 0):
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image placeholders but no latents were given")
+            return self.embed_tokens(input_ids)
+        tokens, _ = self.image_tokens(latents)
+        if tokens.shape[0] != n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image placeholders but the latents give {tokens.shape[0]} tokens")
+        out = torch.zeros(*input_ids.shape, self.config.transformer.hidden_size, device=self.device, dtype=self.dtype)
+        out[~is_img] = self.embed_tokens(input_ids[~is_img])
+        out[is_img] = self.image_in_projector(tokens.to(self.dtype)).to(out.dtype)
+        return out
+
+    def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., token_dim) sampled tokens -> (..., D) backbone inputs (the next decoding step)."""
+        return self.image_in_projector(tokens)
+
+    # ---- backbone and heads -------------------------------------------------------------------------------------
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, D) embeddings -> (B, T, D) final hidden states (see ``Transformer.forward``)."""
+        return self.transformer(embeds, attention_mask=attention_mask, cache=cache)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.transformer.new_cache(batch, max_len)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def position_embedding(self, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N,) raster indices of image tokens in a ``grid`` = (rows, cols) -> (N, D) 2-D sin/cos embedding."""
+        table = sincos_2d_table(self.config.transformer.hidden_size, *grid).to(self.device, self.dtype)
+        return table[index]
+
+    def condition(self, hidden: torch.Tensor, index: torch.Tensor | None = None,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The flow head's condition for the image token at raster ``index`` of ``grid``, from the hidden state
+        (..., D) of the position before it. Used identically by training and sampling."""
+        if self.config.use_gen_pos_embed:
+            if index is None or grid is None:
+                raise ValueError("use_gen_pos_embed needs the token index and grid")
+            hidden = hidden + self.position_embedding(index, grid).reshape(*index.shape, -1)
+        return self.image_out_projector(hidden)
+
+    # ---- training loss ------------------------------------------------------------------------------------------
+    def loss(self, input_ids: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
+             labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             image_loss_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
+        """Next-token loss on a batch of mixed sequences.
+
+        Text: cross-entropy at every position whose next token is not an image placeholder (this includes
+        predicting ``<boi>`` and ``<eoi>``); labels default to ``input_ids`` (-100 and padding are ignored).
+        Images: flow-matching loss on the condition of every position whose next token is an image placeholder,
+        against that image token; ``image_loss_mask`` (n_images,) switches images off (e.g. an edit's source).
+        """
+        cfg = self.config
+        embeds = self.embed(input_ids, latents)
+        hidden = self.forward(embeds, attention_mask=attention_mask)[:, :-1]  # (B, L-1, D)
+        next_is_img = (input_ids == cfg.image_placeholder_id)[:, 1:]
+        labels = (input_ids if labels is None else labels)[:, 1:]
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+        text_logits = self.lm_head(hidden[~next_is_img]).float()
+        text_labels = labels[~next_is_img]
+        if (text_labels != -100).any():
+            lm_loss = F.cross_entropy(text_logits, text_labels, ignore_index=-100)
+        else:
+            lm_loss = text_logits.sum() * 0.0
+
+        im_loss = hidden.new_zeros((), dtype=torch.float32)
+        if latents is not None and int(next_is_img.sum()) > 0 and cfg.im_loss_weight > 0:
+            target, grids = self.image_tokens(latents)
+            index = torch.cat([torch.arange(h * w, device=target.device) for h, w in grids])
+            cond = torch.cat([self.condition(hs, ix, g) for hs, ix, g in
+                              zip(hidden[next_is_img].split([h * w for h, w in grids]),
+                                  index.split([h * w for h, w in grids]), grids)])
+            mask = None
+            if image_loss_mask is not None:
+                mask = torch.cat([image_loss_mask[i].expand(h * w) for i, (h, w) in enumerate(grids)])
+            m = cfg.head.batch_mul
+            im_loss = self.image_head.loss(target.to(cond.dtype).repeat(m, 1), cond.repeat(m, 1),
+                                           None if mask is None else mask.repeat(m), generator=generator)
+        loss = lm_loss * cfg.lm_loss_weight + im_loss * cfg.im_loss_weight
+        return LossOutput(loss=loss, lm_loss=lm_loss.detach(), im_loss=im_loss.detach())
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu") -> "NextStep":
+        from ..checkpoint import load_nextstep
+        return load_nextstep(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
+        from ..checkpoint import save_nextstep
+        save_nextstep(self, path, max_shard_bytes=max_shard_bytes)

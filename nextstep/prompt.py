@@ -1,0 +1,71 @@
+"""THE prompt protocol, built on token ids (never by decoding and re-encoding text).
+
+A text-to-image prompt is ``caption <|image_area|>{h}*{w} <|begin_of_image|>`` followed by h*w image tokens,
+where h, w is the token grid (pixels / 16 for an f8 VAE with 2x2 patches). An image inside a prompt (editing) is
+``<|image_area|>{h}*{w} <|begin_of_image|> <|image_placeholder|> x h*w <|end_of_image|>``, written where the
+caption says ``<image>`` (or prepended when it does not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import Tokenizer
+
+IMAGE_TAG = "<image>"
+
+
+def image_area_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
+    return [tok.special.image_area] + tok.encode(f"{grid[0]}*{grid[1]}")
+
+
+def image_block_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
+    """Ids of an input image of ``grid`` tokens: area, boi, placeholders, eoi."""
+    s = tok.special
+    return image_area_ids(tok, grid) + [s.boi] + [s.placeholder] * (grid[0] * grid[1]) + [s.eoi]
+
+
+def generation_suffix_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
+    """What follows the caption when an image of ``grid`` tokens is to be generated: area, boi."""
+    return image_area_ids(tok, grid) + [tok.special.boi]
+
+
+def caption_ids(tok: Tokenizer, caption: str, image_grids: list[tuple[int, int]] = ()) -> list[int]:
+    """Caption text -> ids, with one image block per ``<image>`` tag (in order).
+
+    Images without a tag in the caption are prepended (reference behaviour for editing prompts)."""
+    n_tags = caption.count(IMAGE_TAG)
+    grids = list(image_grids)
+    if n_tags > len(grids):
+        raise ValueError(f"caption has {n_tags} {IMAGE_TAG} tags but only {len(grids)} images were given")
+    if n_tags < len(grids):
+        caption = IMAGE_TAG * (len(grids) - n_tags) + caption
+    parts = caption.split(IMAGE_TAG)
+    ids = tok.encode(parts[0]) if parts[0] else []
+    for grid, text in zip(grids, parts[1:]):
+        ids += image_block_ids(tok, grid)
+        if text:
+            ids += tok.encode(text)
+    return ids
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) left padded
+    attention_mask: torch.Tensor  # (B, L) 1 = real token
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> Batch:
+    """Left-pad id lists to one (B, L) batch with its attention mask."""
+    if not rows:
+        raise ValueError("no sequences to batch")
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, n - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, n - len(r):] = 1
+    return Batch(ids, mask)

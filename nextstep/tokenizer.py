@@ -1,0 +1,66 @@
+"""Text tokenizer: a thin wrapper over the ``tokenizers`` library reading a model directory's ``tokenizer.json``.
+
+The special tokens of the image protocol are looked up by their text, so the same code serves the official Qwen2
+tokenizer (ids 151665...) and small ones (the fixture's 755...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+IMAGE_AREA = "<|image_area|>"
+BOI = "<|begin_of_image|>"
+EOI = "<|end_of_image|>"
+IMAGE_PLACEHOLDER = "<|image_placeholder|>"
+PAD_CANDIDATES = ("[PAD]", "<|vision_pad|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    image_area: int
+    boi: int
+    eoi: int
+    placeholder: int
+    pad: int
+
+
+class Tokenizer:
+    def __init__(self, tok: _HFTokenizer, source: str = "<memory>"):
+        self._tok = tok
+        self.source = source
+        ids = {}
+        for name, text in (("image_area", IMAGE_AREA), ("boi", BOI), ("eoi", EOI), ("placeholder", IMAGE_PLACEHOLDER)):
+            i = tok.token_to_id(text)
+            if i is None:
+                raise ValueError(f"tokenizer {source} lacks the special token {text!r} of the image protocol")
+            ids[name] = i
+        pad = next((tok.token_to_id(p) for p in PAD_CANDIDATES if tok.token_to_id(p) is not None), None)
+        if pad is None:
+            raise ValueError(f"tokenizer {source} has no padding token (looked for {PAD_CANDIDATES})")
+        self.special = SpecialIds(pad=pad, **ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+        p = Path(path)
+        f = p / "tokenizer.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found in {p}")
+        return cls(_HFTokenizer.from_file(str(f)), source=str(f))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(Path(path) / "tokenizer.json"))
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids (special tokens written in the text are recognised; nothing is added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,25 @@
+"""Shared pytest fixtures: where the reference fixtures live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _fixtures_root() -> Path:
+    """``$NEXTSTEP_FIXTURES`` if set, else ``shared/fixtures`` next to this checkout (``../shared/fixtures``)."""
+    env = os.environ.get("NEXTSTEP_FIXTURES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The reference fixtures directory (read-only); skips the test when it is not there."""
+    root = _fixtures_root()
+    if not root.is_dir():
+        pytest.skip(f"reference fixtures not found at {root} (set NEXTSTEP_FIXTURES to their directory)")
+    return root
