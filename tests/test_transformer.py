@@ -39,11 +39,10 @@ def test_equals_transformers_qwen2():
     x = torch.randn(2, 13, CFG.hidden_size, generator=torch.Generator().manual_seed(2))
     ref = hf(inputs_embeds=x).last_hidden_state
     assert (ours(x) - ref).abs().max().item() <= 1e-5
-    # left padding: real positions agree with HF given the same mask and real-token positions
+    # left padding: real positions agree with HF given the same mask
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[1, :4] = 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    ref = hf(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+    ref = hf(inputs_embeds=x, attention_mask=mask).last_hidden_state
     out = ours(x, attention_mask=mask)
     assert (out[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-5
 
@@ -64,7 +63,6 @@ def test_kv_cache_prefill_then_steps_equals_full_forward():
     real = mask.bool()
     assert (cached[real] - full[real]).abs().max().item() <= 1e-5
     assert cache.length == 20
-    assert cache.positions.tolist() == [20, 15, 18]
 
 
 @torch.no_grad()

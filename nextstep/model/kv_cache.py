@@ -10,7 +10,9 @@ class KVCache:
 
     ``k``/``v``: (layers, B, kv_heads, max_len, head_dim). ``valid``: (B, max_len) bool, False at left padding
     and unused slots. ``length`` is the number of filled slots (the same for every row; padding is masked).
-    ``positions`` (B,) holds the RoPE position the next token of each row will get (real tokens seen so far).
+
+    Attention always reads all ``max_len`` slots under the mask: shapes stay static from step to step (what
+    torch.compile and CUDA graphs want), and the arithmetic is the reference's (its ``StaticCache``) exactly.
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -19,7 +21,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
 
     @property
@@ -30,8 +31,8 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def reserve(self, mask: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """Claim slots for T new tokens with (B, T) validity ``mask``; returns (start slot, (B, T) positions)."""
+    def reserve(self, mask: torch.Tensor) -> int:
+        """Claim slots for T new tokens with (B, T) validity ``mask``; returns the first slot."""
         b, t = mask.shape
         if b != self.batch:
             raise ValueError(f"cache holds {self.batch} rows, got {b}")
@@ -39,16 +40,14 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {t} tokens > max_len {self.max_len}")
         start = self.length
         self.valid[:, start:start + t] = mask
-        positions = self.positions[:, None] + (mask.long().cumsum(1) - 1).clamp(min=0)
-        self.positions += mask.long().sum(1)
-        return start, positions
+        return start
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, kv_heads, T, head_dim) keys/values at ``start``; returns all keys/values up to the new end."""
+        """Store (B, kv_heads, T, head_dim) keys/values at ``start``; returns all max_len slots of the layer."""
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer], self.v[layer]
 
     def commit(self, t: int) -> None:
         self.length += t

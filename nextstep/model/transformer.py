@@ -127,25 +127,26 @@ class Transformer(nn.Module):
                        dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         """``attention_mask`` (B, T): 1 for real tokens, 0 for (left) padding. With ``cache``, the T tokens are
-        appended after those already cached. ``positions`` (B, T) overrides the RoPE positions, which otherwise
-        count real tokens only, so a left-padded row sees the same positions as the same prompt unpadded."""
+        appended after those already cached.
+
+        The RoPE position of a token is its slot in the sequence (cache), padding included, as in the reference.
+        RoPE only sees differences of positions, so the constant offset that left padding adds to a row cancels:
+        a padded row equals the same prompt unpadded (to float rounding).
+        """
         b, t, _ = embeds.shape
         mask = (torch.ones(b, t, dtype=torch.bool, device=embeds.device) if attention_mask is None
-                else attention_mask.to(torch.bool))
+                else attention_mask.to(device=embeds.device, dtype=torch.bool))
         if cache is not None:
-            start, pos = cache.reserve(mask)
-            key_valid = cache.valid[:, :start + t]
-            bias = attention_bias(key_valid, torch.arange(start, start + t, device=embeds.device), embeds.dtype)
+            start = cache.reserve(mask)
+            slots = torch.arange(start, start + t, device=embeds.device)
+            bias = attention_bias(cache.valid, slots, embeds.dtype)
         else:
             start = 0
-            pos = (mask.long().cumsum(1) - 1).clamp(min=0)
-            bias = None if attention_mask is None or bool(mask.all()) else attention_bias(
-                mask, torch.arange(t, device=embeds.device), embeds.dtype)
-        if positions is not None:
-            pos = positions
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, embeds.dtype)
+            slots = torch.arange(t, device=embeds.device)
+            bias = None if bool(mask.all()) else attention_bias(mask, slots, embeds.dtype)
+        cos, sin = rope_cos_sin(slots.expand(b, t), self.config.head_dim, self.config.rope_theta, embeds.dtype)
         h = embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, bias, cache, i, start)

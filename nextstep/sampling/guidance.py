@@ -1,0 +1,67 @@
+"""Classifier-free guidance, defined once: which branches are batched, in what order, and how they combine.
+
+Branch rows are stacked along the batch: ``[cond; uncond_text; uncond_all]`` (each block n rows).
+    cond        the prompt (with the input image when editing)
+    uncond_text the input image with the negative prompt (only with image guidance)
+    uncond_all  the negative prompt alone
+Combination (the reference's formulas):
+    text only:  v = u + s_t (c - u)                         rows [cond; uncond_all]
+    with image: v = u2 + s_i (u1 - u2) + s_t (c - u1)       rows [cond; uncond_text; uncond_all]
+Every combination of scales >= 0 is valid, including image guidance without text guidance and scales < 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    text_scale: float = 1.0
+    image_scale: float = 1.0
+    has_image: bool = False
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        for name in ("text_scale", "image_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v != v or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"guidance schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    @property
+    def use_image(self) -> bool:
+        return self.has_image and self.image_scale != 1.0
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Names of the stacked row blocks, in order."""
+        if self.use_image:
+            return ("cond", "uncond_text", "uncond_all")
+        if self.text_scale != 1.0:
+            return ("cond", "uncond_all")
+        return ("cond",)
+
+    def scales_at(self, k: int, total: int) -> tuple[float, float]:
+        """(text, image) scales for image token k of ``total``. "linear" decays from the scale to 1 (NextStep-1,
+        after Muse): s_k = 1 + (s - 1) (total - k) / total."""
+        if self.schedule == "constant":
+            return self.text_scale, self.image_scale
+        frac = (total - k) / total
+        return 1 + (self.text_scale - 1) * frac, 1 + (self.image_scale - 1) * frac
+
+    def combine(self, v: torch.Tensor, text: float, image: float) -> torch.Tensor:
+        """(len(branches) * n, D) stacked velocities -> (n, D) guided velocity."""
+        parts = v.chunk(len(self.branches), dim=0)
+        if len(parts) == 1:
+            return parts[0]
+        if len(parts) == 2:
+            c, u = parts
+            return u + text * (c - u)
+        c, u1, u2 = parts
+        return u2 + image * (u1 - u2) + text * (c - u1)
