@@ -58,7 +58,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
+        try:
+            fh = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+            raise CheckpointError(f"cannot read {f} as safetensors: {e}") from None
+        with fh:
             for k in fh.keys():
                 yield k, fh.get_tensor(k)
 

@@ -134,6 +134,8 @@ class VAEConfig:
                    f"vae config: unsupported norm_fn {norm_fn!r} (supported: 'layer_norm', 'none')")
             _check(norm_level in (None, "channel"),
                    f"vae config: unsupported norm_level {norm_level!r} (supported: 'channel')")
+            _check(encoder_norm is None or bool(encoder_norm) == (norm_fn == "layer_norm"),
+                   f"vae config: encoder_norm={encoder_norm!r} contradicts norm_fn={norm_fn!r}")
             kw["norm"] = norm_fn
         elif encoder_norm is not None:
             kw["norm"] = "layer_norm" if encoder_norm else "none"
@@ -172,7 +174,6 @@ class NextStepConfig:
     image_placeholder_id: int = 759
     pad_id: int = 755
     eos_id: int | None = 0
-    bos_id: int | None = None
     lm_loss_weight: float = 0.01
     im_loss_weight: float = 1.0
     use_mlp_before_lm_head: bool = False
@@ -232,7 +233,7 @@ BOOKKEEPING_KEYS = frozenset({
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "pretraining_tp",
     "initializer_range", "attention_dropout", "_name_or_path", "pad_token_id_added", "auto_map",
     "output_attentions", "output_hidden_states", "return_dict", "max_window_layers", "use_sliding_window",
-    "sliding_window",
+    "sliding_window", "bos_token_id",  # no BOS is used: prompts follow the tokenizer (Qwen2 has none)
 })
 TRAINING_ONLY_KEYS = frozenset({
     "noise_strength", "create_kwargs", "genloss_type", "genloss_net_arch", "genloss_num_sampling_steps",
@@ -258,7 +259,6 @@ _ALIASES: list[tuple[tuple[str, ...], str]] = [
     (("image_placeholder_id",), "image_placeholder_id"),
     (("pad_token_id",), "pad_id"),
     (("eos_token_id",), "eos_id"),
-    (("bos_token_id",), "bos_id"),
     (("use_mlp_before_lm_head",), "use_mlp_before_lm_head"),
     (("vocab_size",), "transformer.vocab_size"),
     (("hidden_size",), "transformer.hidden_size"),
@@ -277,6 +277,13 @@ _ALIASES: list[tuple[tuple[str, ...], str]] = [
 ]
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 == 1.0, but a bool only equals a bool (true is not 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return a == b
+
+
 def _from_official(d: dict[str, Any]) -> NextStepConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
@@ -286,8 +293,8 @@ def _from_official(d: dict[str, Any]) -> NextStepConfig:
         present = [(k, d.pop(k)) for k in keys if k in d]
         if not present:
             continue
-        vals = {json.dumps(v) for _, v in present}
-        if len(vals) > 1:
+        first = present[0][1]
+        if any(not _same_value(first, v) for _, v in present[1:]):
             raise ConfigError(f"config.json gives different values for the same field {ours}: {dict(present)}")
         values[ours] = present[0][1]
 
@@ -305,7 +312,8 @@ def _from_official(d: dict[str, Any]) -> NextStepConfig:
     latent_size = d.pop("latent_size", None)
     if "base_image_grid_size" not in values:
         # NextStep-1 uses a 32-wide table whatever latent_size says; 1.1 cards set image_size (latent side).
-        values["base_image_grid_size"] = 32 if image_size is None else int(image_size) // 2
+        patch = int(values.get("patch_size", NextStepConfig.patch_size))
+        values["base_image_grid_size"] = 32 if image_size is None else int(image_size) // patch
     del latent_size  # informational only (the side of the training latent); positions follow the real grid
 
     unknown = sorted(k for k in d if k not in BOOKKEEPING_KEYS | TRAINING_ONLY_KEYS)
@@ -358,7 +366,6 @@ def _to_official(cfg: NextStepConfig, schema: str) -> dict[str, Any]:
         "image_placeholder_id": cfg.image_placeholder_id,
         "pad_token_id": cfg.pad_id,
         "eos_token_id": cfg.eos_id,
-        "bos_token_id": cfg.bos_id,
         "lm_loss_weight": cfg.lm_loss_weight,
         "use_gen_pos_embed": cfg.use_gen_pos_embed,
         "base_image_grid_size": cfg.base_image_grid_size,
@@ -424,6 +431,8 @@ def num_params_estimate(cfg: NextStepConfig) -> int:
     if t.o_bias:
         attn += d
     mlp = 3 * d * t.intermediate_size
+    if t.mlp_bias:
+        mlp += 2 * t.intermediate_size + d
     layer = attn + mlp + 2 * d
     emb = t.vocab_size * d * (1 if t.tie_word_embeddings else 2)
     inner = int(h.width * h.mlp_ratio)

@@ -11,6 +11,8 @@ Reading order of ``NextStepPipeline.__call__``:
 from __future__ import annotations
 
 import os
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,7 +42,7 @@ class PipelineOutput:
     tokens: torch.Tensor  # (B, h*w, token_dim) sampled image tokens, B = prompts x images per prompt
     grid: tuple[int, int]  # token grid (rows, cols)
     thoughts: list[str] | None = None  # self-CoT text per prompt (think=True)
-    extra: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, prefill, backbone, head, decode
 
 
 def bundled_model_dir() -> Path | None:
@@ -93,6 +95,34 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 def to_pil(images01: torch.Tensor) -> list[Image.Image]:
     arr = (images01.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
+
+
+class Stopwatch:
+    """Accumulates wall time per named phase (synchronising CUDA so GPU work is charged to its phase)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def __call__(self, name: str):
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, watch: Stopwatch, name: str):
+        self.watch, self.name = watch, name
+
+    def __enter__(self):
+        _sync()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        _sync()
+        self.watch.totals[self.name] += time.perf_counter() - self.t0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class NoiseSource:
@@ -197,17 +227,22 @@ class NextStepPipeline:
                             schedule=guidance_schedule)
         source = [fit_image(x, height, width) for x in images] if images is not None else None
 
+        clock = Stopwatch()
         thoughts = None
         captions = [p if not positive_prompt else f"{p} {positive_prompt}" for p in prompts]
         cond_ids = [caption_ids(self.tokenizer, c, [grid] if source is not None else []) for c in captions]
         if think:
             cond_ids, thoughts = self._think(cond_ids, source, max_think_tokens, generator)
         rows = self._rows(cond_ids, negative_prompt or "", grid, guidance, num_images_per_prompt)
-        latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
+        with clock("encode"):
+            latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
         tokens = self._generate(rows, latents, grid, guidance, len(prompts), num_images_per_prompt,
-                                num_inference_steps, time_shift, token_norm, sampler, generator, progress, callback)
-        pixels = to_unit(self.decode(tokens, grid))
-        return PipelineOutput(images=self._format(pixels, output_type), tokens=tokens, grid=grid, thoughts=thoughts)
+                                num_inference_steps, time_shift, token_norm, sampler, generator, progress, callback,
+                                clock)
+        with clock("decode"):
+            pixels = to_unit(self.decode(tokens, grid))
+        return PipelineOutput(images=self._format(pixels, output_type), tokens=tokens, grid=grid, thoughts=thoughts,
+                              timings=dict(clock.totals))
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     def _check(self, prompts, image, n, steps, sampler, output_type, schedule, shift):
@@ -281,11 +316,13 @@ class NextStepPipeline:
         return hidden[:, -1], cache
 
     def _generate(self, rows, latents, grid, guidance: Guidance, prompts: int, n: int, steps: int, shift: float,
-                  token_norm: bool, sampler: str, generator, progress: bool, callback) -> torch.Tensor:
+                  token_norm: bool, sampler: str, generator, progress: bool, callback, clock: "Stopwatch"
+                  ) -> torch.Tensor:
         model = self.model
         total = grid[0] * grid[1]
         d = model.config.token_dim
-        h, cache = self._prefill(rows, latents, total)
+        with clock("prefill"):
+            h, cache = self._prefill(rows, latents, total)
         noise = NoiseSource(generator, prompts, n, d, self.device)
         copies = len(guidance.branches)
         tokens = torch.empty(prompts * n, total, d, device=self.device)
@@ -297,15 +334,17 @@ class NextStepPipeline:
                 v = model.image_head(torch.cat([x] * copies).to(cond.dtype), t.expand(cond.shape[0]).to(cond), cond)
                 return guidance.combine(v.float(), s_text, s_img)
 
-            x = integrate(sampler, velocity, noise(), steps, shift, noise)
-            if token_norm:
-                x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
+            with clock("head"):
+                x = integrate(sampler, velocity, noise(), steps, shift, noise)
+                if token_norm:
+                    x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
             tokens[:, k] = x
             if callback is not None:
                 callback(k + 1, total, tokens[:, : k + 1])
             if k + 1 < total:
-                e = model.embed_image_tokens(x.to(model.dtype))[:, None]  # (n, 1, D)
-                h = model(torch.cat([e] * copies), cache=cache)[:, -1]
+                with clock("backbone"):
+                    e = model.embed_image_tokens(x.to(model.dtype))[:, None]  # (n, 1, D)
+                    h = model(torch.cat([e] * copies), cache=cache)[:, -1]
         return tokens
 
     def _think(self, cond_ids, source, max_tokens: int, generator):
