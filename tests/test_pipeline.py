@@ -1,0 +1,216 @@
+"""The generation pipeline: parity with the official pipeline runs, invariants, guidance layouts, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nextstep.model.latents import unpatchify
+from nextstep.pipeline import NextStepPipeline
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fixture(fixtures_dir):
+    return fixtures_dir / "official-v1-a"
+
+
+@pytest.fixture(scope="module")
+def ref(fixture):
+    return load_file(str(fixture / "reference.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def pipe(fixture):
+    return NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
+
+
+@pytest.fixture
+def one_thread():
+    """The fixtures were computed with one thread; reductions split over threads round differently."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def maxdiff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def check_run(pipe, ref, name, out):
+    assert maxdiff(out.tokens, ref[f"{name}.tokens"]) <= TOL
+    assert maxdiff(pipe.decode(out.tokens, out.grid), ref[f"{name}.vae_decode_output"]) <= TOL
+
+
+def test_t2i_matches_reference(pipe, ref, one_thread):
+    out = pipe("a red circle on the left", height=64, width=64, guidance_scale=3.0, num_inference_steps=10,
+               generator=seeded(0), token_norm=True, progress=False)
+    check_run(pipe, ref, "pipe_t2i", out)
+    assert out.images[0].size == (64, 64)
+
+
+def test_t2i_two_images_linear_schedule_matches_reference(pipe, ref, one_thread):
+    out = pipe("a blue square at the top", height=48, width=48, num_images_per_prompt=2, guidance_scale=2.0,
+               guidance_schedule="linear", time_shift=2.0, num_inference_steps=6, generator=seeded(7),
+               token_norm=False, positive_prompt="best quality", negative_prompt="blurry", progress=False)
+    check_run(pipe, ref, "pipe_t2i_b2", out)
+
+
+def test_edit_matches_reference(pipe, ref, fixture, one_thread):
+    g = seeded(0)
+    torch.randn(2, 16, 8, 8, generator=g)  # the reference samples its zero-variance posterior first
+    out = pipe("<image>make it blue", image=fixture / "edit_input.png", guidance_scale=3.0, image_guidance_scale=1.5,
+               num_inference_steps=10, generator=g, token_norm=True, progress=False)
+    check_run(pipe, ref, "pipe_edit", out)
+    assert out.images[0].size == (64, 64)  # the input's size by default
+
+
+def test_same_generator_same_images(pipe):
+    kw = dict(height=32, width=32, num_inference_steps=4, guidance_scale=2.0, output_type="np", progress=False)
+    a = pipe("a red circle", generator=seeded(3), **kw).images
+    b = pipe("a red circle", generator=seeded(3), **kw).images
+    c = pipe("a red circle", generator=seeded(4), **kw).images
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_batch_of_prompts_equals_each_prompt_alone(pipe):
+    prompts = ["a red circle on the left", "blue"]  # different lengths: the short one is left padded
+    kw = dict(height=32, width=32, num_inference_steps=4, guidance_scale=2.0, num_images_per_prompt=2,
+              output_type="pt", progress=False)
+    batch = pipe(prompts, generator=[seeded(1), seeded(2)], **kw)
+    for i, (p, s) in enumerate(zip(prompts, (1, 2))):
+        alone = pipe(p, generator=seeded(s), **kw)
+        assert maxdiff(batch.tokens[2 * i:2 * i + 2], alone.tokens) <= 1e-3
+        assert maxdiff(batch.images[2 * i:2 * i + 2], alone.images) <= 1e-3
+
+
+def test_prompts_in_one_batch_get_independent_noise(pipe):
+    out = pipe(["same", "same"], height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
+               generator=seeded(0), output_type="pt", progress=False)
+    assert not torch.equal(out.tokens[0], out.tokens[1])  # the reference shares noise across prompts
+
+
+def test_cached_decoding_equals_uncached_forward(pipe):
+    """Teacher-force the sampled tokens through a full forward: the conditions must equal the cached ones."""
+    model = pipe.model
+    seen = []
+    hook = model.image_out_projector.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        out = pipe("a red circle", height=32, width=48, num_inference_steps=3, guidance_scale=1.0,
+                   generator=seeded(5), token_norm=True, progress=False)
+    finally:
+        hook.remove()
+    cached = torch.cat(seen)  # (tokens, D): one condition per image token, batch of one row
+    from nextstep.prompt import caption_ids, image_block_ids
+
+    tok = pipe.tokenizer
+    ids = caption_ids(tok, "a red circle") + image_block_ids(tok, out.grid)[:-1]  # up to the last placeholder
+    latents = unpatchify(out.tokens, out.grid, 2)
+    with torch.no_grad():
+        hidden = model(model.embed(torch.tensor([ids]), latents))[0]
+    n = out.grid[0] * out.grid[1]
+    first = len(ids) - n - 1  # position of <boi>: its hidden state predicts token 0
+    uncached = model.condition(hidden[first:first + n], torch.arange(n), out.grid)
+    assert maxdiff(cached, uncached) <= 1e-5
+
+
+def test_non_square_size_and_layout(pipe):
+    out = pipe("wide", height=32, width=64, num_inference_steps=2, guidance_scale=1.0, generator=seeded(0),
+               output_type="pt", progress=False)
+    assert out.grid == (2, 4) and out.tokens.shape == (1, 8, 64)
+    assert out.images.shape == (1, 3, 32, 64)
+    # token k lands at latent patch (k // 4, k % 4)
+    z = unpatchify(out.tokens, out.grid, 2)
+    assert torch.equal(z[0, :, 2:4, 6:8].reshape(-1), out.tokens[0, 7].reshape(16, 2, 2).reshape(-1))
+    with torch.no_grad():
+        expect = (pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1)
+    assert maxdiff(out.images, expect) <= 1e-6
+    pil = pipe("tall", height=48, width=16, num_inference_steps=2, guidance_scale=1.0, progress=False).images[0]
+    assert pil.size == (16, 48)
+
+
+@pytest.mark.parametrize("text,image", [(1.0, 1.0), (3.0, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 2.0), (3.0, 2.0),
+                                        (0.5, 0.5)])
+def test_every_guidance_combination_runs_for_edits(pipe, fixture, text, image):
+    out = pipe("make it blue", image=fixture / "edit_input.png", height=32, width=32, guidance_scale=text,
+               image_guidance_scale=image, num_inference_steps=2, generator=seeded(0), output_type="pt",
+               progress=False)
+    assert out.images.shape == (1, 3, 32, 32) and torch.isfinite(out.tokens).all()
+
+
+@pytest.mark.parametrize("sampler", ["sde", "ode", "heun"])
+def test_samplers_and_output_types(pipe, sampler):
+    pil = pipe("x", height=16, width=32, sampler=sampler, num_inference_steps=3, progress=False).images
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (32, 16)
+    arr = pipe("x", height=16, width=32, sampler=sampler, num_inference_steps=3, output_type="np",
+               progress=False).images
+    assert arr.shape == (1, 16, 32, 3) and arr.min() >= 0 and arr.max() <= 1
+
+
+def test_callback_is_called_once_per_token(pipe):
+    calls = []
+    pipe("x", height=32, width=32, num_inference_steps=2, progress=False,
+         callback=lambda step, total, partial: calls.append((step, total, tuple(partial.shape))))
+    assert calls == [(k + 1, 4, (1, k + 1, 64)) for k in range(4)]
+
+
+def test_self_cot_writes_text_then_an_image(pipe):
+    out = pipe("a red circle", think=True, max_think_tokens=5, height=16, width=16, num_inference_steps=2,
+               generator=seeded(0), progress=False)
+    assert isinstance(out.thoughts, list) and len(out.thoughts) == 1 and isinstance(out.thoughts[0], str)
+    assert len(pipe.tokenizer.encode(out.thoughts[0])) <= 5 + 2
+    assert out.images[0].size == (16, 16)
+
+
+def test_image_tensor_and_resize_rule(pipe, fixture):
+    img = Image.open(fixture / "edit_input.png").convert("RGB").resize((80, 48))
+    out = pipe("make it blue", image=img, height=32, width=32, num_inference_steps=2, progress=False,
+               output_type="pt")
+    assert out.images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        pipe("make it blue", image=img.resize((40, 40)), num_inference_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt=[]), "empty"),
+    (dict(height=40), "multiple of 16"),
+    (dict(width=0), "multiple of 16"),
+    (dict(height=4096, width=4096), "positions"),
+    (dict(num_inference_steps=0), ">= 1"),
+    (dict(num_inference_steps=1), "sde"),
+    (dict(guidance_scale=-1.0), ">= 0"),
+    (dict(image_guidance_scale=float("nan")), ">= 0"),
+    (dict(sampler="dpm"), "unknown sampler"),
+    (dict(output_type="jpg"), "output_type"),
+    (dict(guidance_schedule="cosine"), "schedule"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+])
+def test_bad_input_is_a_clear_error(pipe, kwargs, match):
+    args = dict(prompt="x", height=16, width=16, num_inference_steps=2, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        pipe(**args)
+
+
+def test_bad_images_and_dirs(pipe, tmp_path, fixture):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pipe("x", image=tmp_path / "missing.png", progress=False)
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(ValueError, match="cannot read input image"):
+        pipe("x", image=bad, progress=False)
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        NextStepPipeline.from_pretrained(tmp_path / "nope", fixture / "vae")
+    with pytest.raises(FileNotFoundError, match="no vae/"):
+        NextStepPipeline.from_pretrained(fixture / "model")
