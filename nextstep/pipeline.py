@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .checkpoint import require_dir
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
@@ -170,7 +171,7 @@ class NextStepPipeline:
             if model_dir is None:
                 raise FileNotFoundError("no bundled model in this installation: pass a model directory "
                                         "(e.g. NextStep-1-Large) and its VAE (e.g. NextStep-1-f8ch16-Tokenizer)")
-        model_dir = Path(model_dir)
+        model_dir = require_dir(model_dir, "model")
         if vae_dir is None:
             vae_dir = model_dir / "vae"
             if not vae_dir.is_dir():
@@ -280,8 +281,9 @@ class NextStepPipeline:
             if height % m or width % m:
                 raise ValueError(f"input image is {width}x{height}, not a multiple of {m}: pass height and width "
                                  f"(it is then resized to cover them and center-cropped)")
-        height = 256 if height is None else height
-        width = 256 if width is None else width
+        default = m * self.model.config.base_image_grid_size  # the model's native size (512 for NextStep-1)
+        height = default if height is None else height
+        width = default if width is None else width
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % m:
                 raise ValueError(f"{name} must be a positive multiple of {m}, got {v!r}")

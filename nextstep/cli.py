@@ -1,0 +1,149 @@
+"""Command line: ``nextstep generate`` and ``nextstep edit``, thin layers over ``NextStepPipeline``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .pipeline import NextStepPipeline, bundled_model_dir
+
+EDIT_DEFAULTS = dict(cfg=7.5, image_cfg=2.0, shift=3.2, negative="Copy original image.")  # official edit settings
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 512x768), got {text!r}") from None
+    return w, h
+
+
+def _common(p: argparse.ArgumentParser, edit: bool) -> None:
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (with -n N: out_0.png ... + out_grid.png)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 "
+                   + ("(default: the input image's size)" if edit else "(default: the model's native size)"))
+    p.add_argument("--steps", type=int, default=None, help="flow steps per image token (default 50)")
+    p.add_argument("--cfg", type=float, default=EDIT_DEFAULTS["cfg"] if edit else 7.5, help="text guidance scale")
+    if edit:
+        p.add_argument("--image-cfg", type=float, default=EDIT_DEFAULTS["image_cfg"], help="image guidance scale")
+    p.add_argument("--negative", default=EDIT_DEFAULTS["negative"] if edit else None, help="negative prompt")
+    p.add_argument("--shift", type=float, default=EDIT_DEFAULTS["shift"] if edit else 1.0, help="time shift")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear"], help="guidance schedule")
+    p.add_argument("--sampler", default="sde", choices=["sde", "ode", "heun"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
+    p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextstep", description="NextStep-1 image generation and editing")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt")
+    _common(g, edit=False)
+    e = sub.add_parser("edit", help="edit an image with an instruction")
+    e.add_argument("image", help="input image file")
+    e.add_argument("instruction")
+    _common(e, edit=True)
+    return parser
+
+
+def load_pipeline(args) -> NextStepPipeline:
+    model_dir = args.model or bundled_model_dir()
+    if model_dir is None:
+        raise SystemExit("nextstep: no bundled model in this installation; pass --model DIR (a NextStep checkpoint "
+                         "directory) and --vae DIR (its tokenizer VAE) if the model has no vae/ subdirectory")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    return NextStepPipeline.from_pretrained(model_dir, args.vae, dtype=dtype, device=args.device)
+
+
+def output_paths(output: str, n: int) -> tuple[list[Path], Path | None]:
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise SystemExit(f"nextstep: output must be a .png file, got {output}")
+    if n == 1:
+        return [out], None
+    return [out.with_name(f"{out.stem}_{i}.png") for i in range(n)], out.with_name(f"{out.stem}_grid.png")
+
+
+def grid_image(images: list[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write atomically: a temporary file next to the target, then rename (no partial files on failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> list[Path]:
+    if args.num_images < 1:
+        raise SystemExit("nextstep: -n must be >= 1")
+    paths, grid_path = output_paths(args.output, args.num_images)
+    if args.command == "edit" and not Path(args.image).is_file():
+        raise SystemExit(f"nextstep: input image not found: {args.image}")
+    pipe = load_pipeline(args)
+    width, height = args.size if args.size else (None, None)
+    kwargs = dict(negative_prompt=args.negative, height=height, width=width, num_images_per_prompt=args.num_images,
+                  guidance_scale=args.cfg, guidance_schedule=args.schedule, time_shift=args.shift,
+                  token_norm=not args.no_token_norm, sampler=args.sampler, think=args.think,
+                  generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet)
+    if args.steps is not None:
+        kwargs["num_inference_steps"] = args.steps
+    if args.command == "edit":
+        out = pipe(args.instruction, image=args.image, image_guidance_scale=args.image_cfg, **kwargs)
+    else:
+        out = pipe(args.prompt, **kwargs)
+    for im, path in zip(out.images, paths):
+        save_png(im, path)
+    written = list(paths)
+    if grid_path is not None:
+        save_png(grid_image(out.images), grid_path)
+        written.append(grid_path)
+    if out.thoughts:
+        print(f"thoughts: {out.thoughts[0]}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"nextstep: error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

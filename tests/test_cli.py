@@ -1,0 +1,59 @@
+"""The command line: files written, grids, clear errors and no partial files."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from nextstep.cli import main
+
+
+@pytest.fixture(scope="module")
+def dirs(fixtures_dir):
+    d = fixtures_dir / "official-v1-a"
+    return ["--model", str(d / "model"), "--vae", str(d / "vae")]
+
+
+def test_generate_writes_one_png_per_image_and_a_grid(tmp_path, dirs, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red circle", "-o", str(out), "-n", "3", "--size", "48x32", "--steps", "2",
+                 "--quiet", *dirs]) == 0
+    for i in range(3):
+        assert Image.open(tmp_path / f"img_{i}.png").size == (48, 32)
+    assert Image.open(tmp_path / "img_grid.png").size == (2 * 48, 2 * 32)
+    assert "img_grid.png" in capsys.readouterr().out
+
+
+def test_generate_is_deterministic_for_a_seed(tmp_path, dirs):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        assert main(["generate", "x", "-o", str(p), "--size", "16x16", "--steps", "2", "--seed", "5", "--quiet",
+                     *dirs]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_edit_uses_the_input_size(tmp_path, dirs, fixtures_dir):
+    out = tmp_path / "e.png"
+    src = fixtures_dir / "official-v1-a" / "edit_input.png"
+    assert main(["edit", str(src), "make it blue", "-o", str(out), "--steps", "2", "--quiet", *dirs]) == 0
+    assert Image.open(out).size == Image.open(src).size
+
+
+def test_errors_leave_no_files(tmp_path, dirs, capsys):
+    out = tmp_path / "bad.png"
+    assert main(["generate", "x", "-o", str(out), "--size", "40x40", "--quiet", *dirs]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    assert main(["generate", "x", "-o", str(out), "--steps", "0", "--quiet", *dirs]) == 2
+    assert main(["generate", "x", "-o", str(out), "--model", str(tmp_path / "none")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not found"):
+        main(["edit", str(tmp_path / "missing.png"), "x", "-o", str(out), *dirs])
+    with pytest.raises(SystemExit, match=".png"):
+        main(["generate", "x", "-o", str(tmp_path / "x.jpg"), *dirs])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_a_model_the_message_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr("nextstep.cli.bundled_model_dir", lambda: None)
+    with pytest.raises(SystemExit, match="--model DIR"):
+        main(["generate", "x", "-o", str(tmp_path / "x.png")])
