@@ -5,9 +5,12 @@ Branch rows are stacked along the batch: ``[cond; uncond_text; uncond_all]`` (ea
     uncond_text the input image with the negative prompt (only with image guidance)
     uncond_all  the negative prompt alone
 Combination (the reference's formulas):
-    text only:  v = u + s_t (c - u)                         rows [cond; uncond_all]
+    text only:  v = u + s_t (c - u)                         rows [cond; uncond_all] (no input image)
+                                                            rows [cond; uncond_text] (editing)
     with image: v = u2 + s_i (u1 - u2) + s_t (c - u1)       rows [cond; uncond_text; uncond_all]
 Every combination of scales >= 0 is valid, including image guidance without text guidance and scales < 1.
+When editing with text guidance only, the unconditional branch keeps the input image (the reference drops it):
+that is the three-branch formula at s_i = 1, so the result is continuous in the image scale.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Guidance:
         if self.use_image:
             return ("cond", "uncond_text", "uncond_all")
         if self.text_scale != 1.0:
-            return ("cond", "uncond_all")
+            return ("cond", "uncond_text") if self.has_image else ("cond", "uncond_all")
         return ("cond",)
 
     def scales_at(self, k: int, total: int) -> tuple[float, float]:
