@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .pipeline import NextStepPipeline, bundled_model_dir
+from .train.state import TrainingError
 
 EDIT_DEFAULTS = dict(cfg=7.5, image_cfg=2.0, shift=3.2, negative="Copy original image.")  # official edit settings
 
@@ -59,7 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image", help="input image file")
     e.add_argument("instruction")
     _common(e, edit=True)
+    for name, what in (("train", "train the autoregressive model"), ("train-vae", "train the VAE tokenizer")):
+        t = sub.add_parser(name, help=f"{what} (single process, or under torchrun for DDP / FSDP2)")
+        t.add_argument("config", help="a JSON recipe (see configs/)")
+        t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        t.add_argument("--out", default=None, help="override run.out_dir")
+        t.add_argument("--steps", type=int, default=None, help="override run.steps")
+        t.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def run_training(args) -> list[Path]:
+    from .train.config import TrainConfig, VAETrainConfig, load_recipe
+    from .train.distributed import init_from_env, shutdown
+
+    cls = TrainConfig if args.command == "train" else VAETrainConfig
+    cfg = load_recipe(args.config, cls)
+    if args.out:
+        cfg.run.out_dir = args.out
+    if args.steps:
+        cfg.run.steps = args.steps
+    info = init_from_env()
+    try:
+        if args.command == "train":
+            from .train.ar import train
+        else:
+            from .train.vae import train
+        return [train(cfg, resume=args.resume, info=info, progress=not args.quiet)]
+    finally:
+        shutdown()
 
 
 def load_pipeline(args) -> NextStepPipeline:
@@ -136,8 +165,8 @@ def run(args) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        written = run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        written = run_training(args) if args.command in ("train", "train-vae") else run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
         print(f"nextstep: error: {e}", file=sys.stderr)
         return 2
     for p in written:

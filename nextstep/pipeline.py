@@ -20,10 +20,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import require_dir
+from .images import ImageInput, fit_image, load_image, to_pil, to_unit
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
@@ -32,7 +33,6 @@ from .sampling.flow import SAMPLERS, integrate
 from .sampling.guidance import SCHEDULES, Guidance
 from .tokenizer import Tokenizer
 
-ImageInput = Image.Image | str | os.PathLike | torch.Tensor
 OUTPUT_TYPES = ("pil", "pt", "np")
 TOKEN_NORM_EPS = 1e-6
 
@@ -50,52 +50,6 @@ def bundled_model_dir() -> Path | None:
     """The small model shipped inside the package, when there is one."""
     d = Path(__file__).parent / "assets" / "model"
     return d if (d / "config.json").is_file() else None
-
-
-def load_image(image: ImageInput) -> torch.Tensor:
-    """A PIL image, a path, or a float tensor (3, H, W) / (1, 3, H, W) in [0, 1] -> (3, H, W) in [-1, 1]."""
-    if isinstance(image, torch.Tensor):
-        t = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
-        if t.dim() != 3 or t.shape[0] != 3:
-            raise ValueError(f"image tensors must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
-        return (t.float() - 0.5) / 0.5
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"input image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read input image {path}: {e}") from None
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
-    return (t - 0.5) / 0.5
-
-
-def fit_image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(3, H, W) -> (3, height, width): unchanged when the size matches; otherwise resized (bicubic, antialiased)
-    to cover the target, keeping the aspect ratio, then center-cropped."""
-    _, h, w = x.shape
-    if (h, w) == (height, width):
-        return x
-    s = max(height / h, width / w)
-    nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[:, top:top + height, left:left + width].clamp(-1, 1)
-
-
-def to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """Decoder output (~[-1, 1]) -> [0, 1]."""
-    return (pixels / 2 + 0.5).clamp(0, 1)
-
-
-def to_pil(images01: torch.Tensor) -> list[Image.Image]:
-    arr = (images01.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
 
 
 class Stopwatch:

@@ -17,6 +17,7 @@ BOI = "<|begin_of_image|>"
 EOI = "<|end_of_image|>"
 IMAGE_PLACEHOLDER = "<|image_placeholder|>"
 PAD_CANDIDATES = ("[PAD]", "<|vision_pad|>", "<|endoftext|>")
+EOS_CANDIDATES = ("<|endoftext|>", "<|im_end|>", "</s>")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class SpecialIds:
     eoi: int
     placeholder: int
     pad: int
+    eos: int | None  # end of text, when the tokenizer has one
 
 
 class Tokenizer:
@@ -41,7 +43,8 @@ class Tokenizer:
         pad = next((tok.token_to_id(p) for p in PAD_CANDIDATES if tok.token_to_id(p) is not None), None)
         if pad is None:
             raise ValueError(f"tokenizer {source} has no padding token (looked for {PAD_CANDIDATES})")
-        self.special = SpecialIds(pad=pad, **ids)
+        eos = next((tok.token_to_id(e) for e in EOS_CANDIDATES if tok.token_to_id(e) is not None), None)
+        self.special = SpecialIds(pad=pad, eos=eos, **ids)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":

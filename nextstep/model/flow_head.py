@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import FlowHeadConfig
@@ -106,20 +105,30 @@ class FlowHead(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, c)
 
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Rectified-flow loss. target (N, token_dim) clean tokens, cond (N, cond_dim), mask (N,) of 0/1 weights.
+    def draw(self, rows: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss's randomness for ``rows`` rows, in the reference's order: noise (rows, token_dim), then u (rows,)."""
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(rows, self.token_dim, generator=generator, device=gen_device, dtype=dtype)
+        u = torch.randn(rows, generator=generator, device=gen_device)
+        return noise.to(device), u.to(device)
 
-        Draws, in this order, noise ~ N(0, I) of target's shape and u ~ N(0, 1) per row; t = sigmoid(u)
-        (logit-normal). Returns the (masked) mean over rows of the mean squared velocity error.
-        """
-        noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        u = torch.randn(target.shape[0], generator=generator, device=target.device)
+    def row_losses(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, u: torch.Tensor
+                   ) -> torch.Tensor:
+        """Rectified-flow loss per row. target, noise (N, token_dim); cond (N, cond_dim); u (N,) standard normal.
+
+        t = sigmoid(u) (logit-normal), x_t = t x + (1 - t) noise; returns (N,) mean squared velocity errors."""
         t = (1 / (1 + torch.exp(-u))).to(target)
         tt = t[:, None]
         x_t = tt * target + (1 - tt) * noise
         err = (self.net(x_t, t, cond).float() - (target - noise).float()) ** 2
-        per_row = err.mean(dim=1)
+        return err.mean(dim=1)
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Masked mean of :meth:`row_losses` with noise drawn from ``generator`` (see :meth:`draw`)."""
+        noise, u = self.draw(target.shape[0], generator, target.device, target.dtype)
+        per_row = self.row_losses(target, cond, noise, u)
         if mask is None:
             return per_row.mean()
         mask = mask.to(per_row)

@@ -24,9 +24,11 @@ from .transformer import Transformer
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # lm_loss * lm_loss_weight + im_loss * im_loss_weight
-    lm_loss: torch.Tensor
-    im_loss: torch.Tensor
+    loss: torch.Tensor  # lm_loss * lm_loss_weight + im_loss * im_loss_weight (differentiable)
+    lm_loss: torch.Tensor  # detached
+    im_loss: torch.Tensor  # detached
+    lm_count: int = 0  # text positions that entered the CE sum
+    im_count: float = 0.0  # (weighted) head rows that entered the flow-loss sum
 
 
 class NextStep(nn.Module):
@@ -137,13 +139,20 @@ class NextStep(nn.Module):
     # ---- training loss ------------------------------------------------------------------------------------------
     def loss(self, input_ids: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
              labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             image_loss_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
+             image_loss_mask: torch.Tensor | None = None,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             normalizers: tuple[float, float] | None = None) -> LossOutput:
         """Next-token loss on a batch of mixed sequences.
 
         Text: cross-entropy at every position whose next token is not an image placeholder (this includes
         predicting ``<boi>`` and ``<eoi>``); labels default to ``input_ids`` (-100 and padding are ignored).
         Images: flow-matching loss on the condition of every position whose next token is an image placeholder,
-        against that image token; ``image_loss_mask`` (n_images,) switches images off (e.g. an edit's source).
+        against that image token, each token drawn ``head.batch_mul`` times; ``image_loss_mask`` (n_images,)
+        weights images (0 switches one off, e.g. an edit's source).
+
+        ``generator``: one generator for all head noise, or one per image (noise then independent of how images
+        are split across batches or ranks). ``normalizers``: divide the text and image sums by these counts
+        instead of the local ones (distributed training divides by the global counts).
         """
         cfg = self.config
         embeds = self.embed(input_ids, latents)
@@ -152,28 +161,41 @@ class NextStep(nn.Module):
         labels = (input_ids if labels is None else labels)[:, 1:]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
-        text_logits = self.lm_head(hidden[~next_is_img]).float()
         text_labels = labels[~next_is_img]
-        if (text_labels != -100).any():
-            lm_loss = F.cross_entropy(text_logits, text_labels, ignore_index=-100)
-        else:
-            lm_loss = text_logits.sum() * 0.0
+        text_logits = self.lm_head(hidden[~next_is_img]).float()
+        lm_sum = F.cross_entropy(text_logits, text_labels, ignore_index=-100, reduction="sum")
+        lm_count = int((text_labels != -100).sum())
 
-        im_loss = hidden.new_zeros((), dtype=torch.float32)
+        im_sum, im_count = hidden.new_zeros((), dtype=torch.float32), 0.0
         if latents is not None and int(next_is_img.sum()) > 0 and cfg.im_loss_weight > 0:
-            target, grids = self.image_tokens(latents)
-            index = torch.cat([torch.arange(h * w, device=target.device) for h, w in grids])
-            cond = torch.cat([self.condition(hs, ix, g) for hs, ix, g in
-                              zip(hidden[next_is_img].split([h * w for h, w in grids]),
-                                  index.split([h * w for h, w in grids]), grids)])
-            mask = None
-            if image_loss_mask is not None:
-                mask = torch.cat([image_loss_mask[i].expand(h * w) for i, (h, w) in enumerate(grids)])
-            m = cfg.head.batch_mul
-            im_loss = self.image_head.loss(target.to(cond.dtype).repeat(m, 1), cond.repeat(m, 1),
-                                           None if mask is None else mask.repeat(m), generator=generator)
+            im_sum, im_count = self._image_loss_sum(hidden[next_is_img], latents, image_loss_mask, generator)
+        lm_norm, im_norm = normalizers if normalizers is not None else (lm_count, im_count)
+        lm_loss = lm_sum / max(lm_norm, 1)
+        im_loss = im_sum / max(im_norm, 1e-8)
         loss = lm_loss * cfg.lm_loss_weight + im_loss * cfg.im_loss_weight
-        return LossOutput(loss=loss, lm_loss=lm_loss.detach(), im_loss=im_loss.detach())
+        return LossOutput(loss, lm_loss.detach(), im_loss.detach(), lm_count, im_count)
+
+    def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator):
+        """hidden (N, D): states before each image token, in image order -> (sum of weighted row losses, weight)."""
+        target, grids = self.image_tokens(latents)
+        sizes = [h * w for h, w in grids]
+        m = self.config.head.batch_mul
+        conds = [self.condition(hs, torch.arange(n, device=hs.device), g)
+                 for hs, n, g in zip(hidden.split(sizes), sizes, grids)]
+        weights = (torch.ones(len(grids), device=hidden.device) if image_loss_mask is None
+                   else image_loss_mask.to(hidden.device, torch.float32))
+        rows_t = torch.cat([t.repeat(m, 1) for t in target.split(sizes)]).to(hidden.dtype)
+        rows_c = torch.cat([c.repeat(m, 1) for c in conds])
+        rows_w = torch.cat([w.expand(n * m) for w, n in zip(weights, sizes)])
+        if isinstance(generator, Sequence):
+            if len(generator) != len(sizes):
+                raise ValueError(f"got {len(generator)} generators for {len(sizes)} images")
+            draws = [self.image_head.draw(n * m, g, rows_t.device, rows_t.dtype) for n, g in zip(sizes, generator)]
+            noise, u = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+        else:
+            noise, u = self.image_head.draw(rows_t.shape[0], generator, rows_t.device, rows_t.dtype)
+        per_row = self.image_head.row_losses(rows_t, rows_c, noise, u)
+        return (per_row * rows_w).sum(), float(rows_w.sum())
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,1 @@
+"""Training data: sample sources, training sequences, and the procedural shapes world (``shapes``)."""

@@ -1,0 +1,1 @@
+"""Evaluators: the exactly scored shapes benchmark (``shapes``)."""

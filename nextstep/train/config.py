@@ -1,0 +1,218 @@
+"""Training recipes as typed dataclasses, read from and written to JSON (``configs/*.json``).
+
+Every field is checked in ``__post_init__``; an unknown key in a recipe file is an error that names it.
+The resolved recipe is saved next to every checkpoint (``config.json`` in the checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, NextStepConfig, VAEConfig, preset
+
+KINDS = ("t2i", "edit", "text")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become training sequences.
+
+    ``source``: "folder" (``path`` = a directory with ``captions.jsonl``), "shards" (``path`` = a directory or glob
+    of WebDataset-style ``.tar`` files) or "shapes" (the procedural shapes world, ``num_samples`` of them).
+    """
+
+    source: str = "shapes"
+    path: str | None = None
+    num_samples: int = 10000
+    image_size: int = 64
+    buckets: list[list[int]] | None = None  # [[height, width], ...]; default: one square bucket of image_size
+    mix: dict[str, float] = field(default_factory=lambda: {"t2i": 0.8, "edit": 0.2, "text": 0.0})
+    caption_dropout: float = 0.1
+    image_dropout: float = 0.1  # edits: drop the source image too (for image guidance)
+    cache_latents: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("folder", "shards", "shapes"),
+               f"data.source must be 'folder', 'shards' or 'shapes', got {self.source!r}")
+        _check(self.source == "shapes" or bool(self.path), f"data.path is required for source {self.source!r}")
+        _check(self.num_samples > 0, f"data.num_samples must be > 0, got {self.num_samples}")
+        _check(self.image_size > 0 and self.image_size % 16 == 0,
+               f"data.image_size must be a positive multiple of 16, got {self.image_size}")
+        for b in self.bucket_sizes:
+            _check(len(b) == 2 and all(v > 0 and v % 16 == 0 for v in b),
+                   f"data.buckets must be [height, width] pairs of multiples of 16, got {b}")
+        _check(set(self.mix) <= set(KINDS), f"data.mix keys must be among {KINDS}, got {sorted(self.mix)}")
+        _check(all(v >= 0 for v in self.mix.values()) and sum(self.mix.values()) > 0,
+               f"data.mix weights must be >= 0 and not all zero, got {self.mix}")
+        for name in ("caption_dropout", "image_dropout"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"data.{name} must be in [0, 1), got {v}")
+
+    @property
+    def bucket_sizes(self) -> list[tuple[int, int]]:
+        return [tuple(b) for b in self.buckets] if self.buckets else [(self.image_size, self.image_size)]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas invalid: {self.betas}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass
+class RunConfig:
+    """What every training run shares: length, batch, precision, parallelism, logging and checkpoints."""
+
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 32  # global batch (all ranks together)
+    seed: int = 0
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast where supported)
+    parallel: str = "ddp"  # "ddp" or "fsdp" (used when launched with torchrun on more than one process)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 = no EMA
+    log_every: int = 10
+    sample_every: int = 0  # 0 = never
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        _check(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("log_every", "sample_every", "ckpt_every", "num_workers"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """``nextstep train``: the autoregressive model on mixed text-to-image / edit / text batches."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: str | dict[str, Any] = "tiny"  # a preset name or a NextStepConfig dict
+    init_from: str | None = None  # a model directory (official or ours) to fine-tune from
+    vae: str = ""  # the VAE directory (required)
+    tokenizer: str = ""  # directory with tokenizer.json (default: init_from)
+    lm_loss_weight: float | None = None  # override the model config's
+    im_loss_weight: float | None = None
+    batch_mul: int | None = None
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square above a green triangle"])
+
+    def __post_init__(self) -> None:
+        _coerce(self, "run", RunConfig)
+        _coerce(self, "data", DataConfig)
+        _coerce(self, "optim", OptimConfig)
+        _check(bool(self.vae), "vae: the VAE directory is required (train one with `nextstep train-vae`)")
+        _check(bool(self.tokenizer or self.init_from), "tokenizer: a directory with tokenizer.json is required")
+        for name in ("lm_loss_weight", "im_loss_weight"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, f"{name} must be >= 0")
+        _check(self.batch_mul is None or self.batch_mul >= 1, "batch_mul must be >= 1")
+        if self.init_from is None:
+            self.model_config()  # validate early
+
+    def model_config(self) -> NextStepConfig:
+        cfg = preset(self.model) if isinstance(self.model, str) else NextStepConfig.from_dict(dict(self.model))
+        if self.lm_loss_weight is not None:
+            cfg.lm_loss_weight = self.lm_loss_weight
+        if self.im_loss_weight is not None:
+            cfg.im_loss_weight = self.im_loss_weight
+        if self.batch_mul is not None:
+            cfg.head.batch_mul = self.batch_mul
+        return cfg
+
+
+@dataclass
+class VAETrainConfig:
+    """``nextstep train-vae``: the image tokenizer with the paper's robustness recipe."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0, warmup_steps=50))
+    vae: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields (defaults: ch 32, f8, 16 channels)
+    init_from: str | None = None
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-6  # only for a non-deterministic posterior
+    noise_gamma: float = 0.3  # latent noise perturbation: + U(0, gamma) * N(0, 1)
+    perceptual_weight: float = 0.0
+    perceptual_weights: str | None = None  # VGG16 ``features`` state dict supplied by the user
+    disc_weight: float = 0.0
+    disc_start: int = 0  # step from which the patch discriminator is trained and used
+    holdout: int = 64  # held-out images for PSNR / SSIM
+
+    def __post_init__(self) -> None:
+        _coerce(self, "run", RunConfig)
+        _coerce(self, "data", DataConfig)
+        _coerce(self, "optim", OptimConfig)
+        self.vae_config()  # validate
+        for name in ("l1_weight", "mse_weight", "kl_weight", "noise_gamma", "perceptual_weight", "disc_weight"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.perceptual_weight == 0 or bool(self.perceptual_weights),
+               "perceptual_weight > 0 needs perceptual_weights: a VGG16 features state dict (never downloaded)")
+        _check(self.disc_start >= 0 and self.holdout >= 0, "disc_start and holdout must be >= 0")
+
+    def vae_config(self) -> VAEConfig:
+        return VAEConfig(**self.vae)
+
+
+def _coerce(obj: Any, name: str, cls: type) -> None:
+    v = getattr(obj, name)
+    if isinstance(v, dict):
+        setattr(obj, name, from_dict(cls, v, prefix=f"{name}."))
+
+
+def from_dict(cls: type, d: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from ``d``; unknown keys are an error naming them."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or cls.__name__} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in {prefix or cls.__name__}: {[prefix + k for k in unknown]}")
+    return cls(**d)
+
+
+def load_recipe(path: str | Path, cls: type):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return from_dict(cls, d)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,188 @@
+"""Resumable training state: atomic checkpoints (``torch.distributed.checkpoint``: sharded under FSDP, plain
+otherwise), the LR schedule, EMA weights, metrics and progress.
+
+A checkpoint is a directory ``OUT/checkpoints/step_XXXXXXX`` with the model + optimizer (+ EMA) state written by
+DCP, ``trainer.json`` (step, data position, the resolved config) and ``rng_rank{r}.pt``. It is written under a
+temporary name and renamed when complete, so a crash never leaves a half checkpoint that ``--resume`` would take.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from tqdm.auto import tqdm
+
+from .distributed import DistInfo, barrier
+
+CKPT_PREFIX = "step_"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (for example a non-finite loss); the last good checkpoint is kept."""
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to ``base * min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings' 1-D parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+
+
+class EMA:
+    """Exponential moving average of the parameters (elementwise, so it works on FSDP shards too)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n])
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG's state as tensors, ints and lists (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                             has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate((3, tuple(s["python"]), None))
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    d = out_dir / "checkpoints"
+    done = [p for p in d.glob(f"{CKPT_PREFIX}*") if (p / "trainer.json").is_file()] if d.is_dir() else []
+    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, ema: EMA | None,
+                    trainer: dict[str, Any], info: DistInfo, keep: int) -> Path:
+    final = out_dir / "checkpoints" / f"{CKPT_PREFIX}{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(info)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended on one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+    barrier(info)
+    if info.is_main:
+        (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, info: DistInfo) -> dict[str, Any]:
+    """Restore model, optimizer, EMA and this rank's RNG from ``path``; returns its trainer.json."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = path / f"rng_rank{info.rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((path / "trainer.json").read_text())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict (every rank must call; FSDP gathers)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class Progress:
+    """Progress bar, metrics JSONL and (when installed) TensorBoard, on the main rank only."""
+
+    def __init__(self, out_dir: Path, total: int, start: int, info: DistInfo, desc: str, show: bool = True):
+        self.info = info
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (info.is_main and show),
+                        dynamic_ncols=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        self.t0 = time.perf_counter()
+        if info.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def step(self, metrics: dict[str, float], log: bool) -> None:
+        if not self.info.is_main:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "samples/s", "tokens/s")})
+        if log:
+            with self.path.open("a") as f:
+                f.write(json.dumps({**metrics, "time": round(time.perf_counter() - self.t0, 3)}) + "\n")
+            if self.tb is not None:
+                for k, v in metrics.items():
+                    if k != "step":
+                        self.tb.add_scalar(k, v, int(metrics["step"]))
+
+    def write(self, text: str) -> None:
+        if self.info.is_main:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
