@@ -78,14 +78,14 @@ class VelocityNet(nn.Module):
             h = block(h, y)
         return self.final_layer(h, y)
 
-    def init_weights(self) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Xavier linears, small time MLP, zeroed modulations and output (DiT/MAR initialisation)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.xavier_uniform_(m.weight, generator=generator)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02, generator=generator)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02, generator=generator)
         for block in self.res_blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)

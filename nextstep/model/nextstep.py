@@ -56,7 +56,7 @@ class NextStep(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "transformer.norm.weight":
                 nn.init.ones_(p)
-        self.image_head.net.init_weights()
+        self.image_head.net.init_weights(generator)
         return self
 
     @property

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..images import to_pil
-from ..model.flow_head import FlowHead
+from ..model.flow_head import VelocityNet
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
 from ..model.vae import VAE
@@ -106,7 +106,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     bf16 = run.precision == "bf16"
     if run.activation_checkpointing:
         apply_activation_checkpointing(model, (DecoderLayer,))
-    trainable = wrap(LossModule(model), info, run.parallel, (DecoderLayer, FlowHead), bf16)
+    trainable = wrap(LossModule(model), info, run.parallel, (DecoderLayer, VelocityNet), bf16)
     if run.compile:
         model.transformer.compile()
     optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -179,8 +180,9 @@ class Progress:
                         self.tb.add_scalar(k, v, int(metrics["step"]))
 
     def write(self, text: str) -> None:
+        """A log line on stderr (shown with or without the bar)."""
         if self.info.is_main:
-            self.bar.write(text)
+            self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -1,0 +1,1 @@
+"""Training: tokenizer and autoregressive trainers, distributed wrapping, resumable state."""
