@@ -67,7 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--out", default=None, help="override run.out_dir")
         t.add_argument("--steps", type=int, default=None, help="override run.steps")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = sub.add_parser("make-tokenizer", help="train a small byte-level BPE with the image protocol's tokens")
+    t.add_argument("out", help="output directory (tokenizer.json)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--texts", help="a text file, one caption per line")
+    src.add_argument("--shapes", type=int, metavar="N", help="use N captions/instructions of the shapes world")
+    t.add_argument("--vocab", type=int, default=512)
     return parser
+
+
+def make_tokenizer(args) -> list[Path]:
+    from .tokenizer import train_tokenizer
+
+    if args.texts:
+        path = Path(args.texts)
+        if not path.is_file():
+            raise FileNotFoundError(f"text file not found: {path}")
+        texts = [line for line in path.read_text().splitlines() if line.strip()]
+    else:
+        from .data.shapes import ShapesDataset
+
+        ds = ShapesDataset(args.shapes, seed=0)
+        texts = [s.get("caption", s.get("instruction", "")) for s in (ds[i] for i in range(len(ds)))]
+    if not texts:
+        raise ValueError("no texts to train the tokenizer on")
+    tok = train_tokenizer(texts + [f"{h}*{w}" for h in range(1, 65) for w in range(1, 65)], args.vocab)
+    tok.save_pretrained(args.out)
+    return [Path(args.out) / "tokenizer.json"]
 
 
 def run_training(args) -> list[Path]:
@@ -165,7 +191,12 @@ def run(args) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        written = run_training(args) if args.command in ("train", "train-vae") else run(args)
+        if args.command in ("train", "train-vae"):
+            written = run_training(args)
+        elif args.command == "make-tokenizer":
+            written = make_tokenizer(args)
+        else:
+            written = run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
         print(f"nextstep: error: {e}", file=sys.stderr)
         return 2

@@ -67,3 +67,20 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "[PAD]", IMAGE_AREA, BOI, EOI, IMAGE_PLACEHOLDER)  # ids 0..5 in a new tokenizer
+
+
+def train_tokenizer(texts, vocab_size: int = 512) -> Tokenizer:
+    """A byte-level BPE over ``texts`` with the image protocol's special tokens at ids 0-5
+    (eos 0, pad 1, image area 2, boi 3, eoi 4, placeholder 5), for models trained from scratch."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(tok, source="trained")

@@ -19,10 +19,10 @@ one per sample from ``(seed, stream, index)``, so sample i never depends on whic
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -56,7 +56,7 @@ COUNT_WORDS: Mapping[int, str] = MappingProxyType({2: "two", 3: "three", 4: "fou
 
 MIN_SIDE = 32  # below this four objects no longer fit with recognisable sizes
 SIZE_FRACTIONS = (0.18, 0.28)  # object size range relative to the image side
-MIN_OBJECT_PX = 8  # floor on object size so shapes stay distinguishable at small sides
+MIN_OBJECT_PX = 10  # floor on object size so shapes stay distinguishable at small sides
 GAP_FRACTION = 0.06  # minimum gap between object boxes, relative to the side
 EDGE_FRACTION = 0.03  # minimum gap between an object box and the image border
 POSITION_GAP_FRACTION = 0.25  # ground-truth "left of" etc.: centre offset along the asked axis, at least
@@ -66,8 +66,13 @@ DEFAULT_MIX: Mapping[str, float] = MappingProxyType({"t2i": 0.8, "edit": 0.2})
 
 _MAX_SCENE_TRIES = 500
 _MAX_OBJECT_TRIES = 50
+_MAX_EDIT_TRIES = 50
 # Independent random streams per use, so the training set and the evaluation sets never share draws.
 _STREAM_DATASET, _STREAM_PROMPTS, _STREAM_EDITS = 0, 1, 2
+
+
+class NoRoom(RuntimeError):
+    """A requested placement does not fit the canvas (after the allowed number of random tries)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,10 @@ class Scene:
         if self.background not in BACKGROUND_COLORS:
             raise ValueError(f"background must be one of {tuple(BACKGROUND_COLORS)}, got {self.background!r}")
         _check_side(self.size)
+        for obj in self.objects:
+            x0, y0, x1, y1 = _box(obj)
+            if min(x0, y0) < 0 or max(x1, y1) > self.size:
+                raise ValueError(f"{obj} does not fit inside a {self.size}x{self.size} image")
 
 
 # -- geometry and rendering --------------------------------------------------------------------------------------
@@ -119,16 +128,23 @@ def size_range(side: int) -> tuple[int, int]:
     return lo, max(lo + 2, round(SIZE_FRACTIONS[1] * side))
 
 
+def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width: int) -> np.ndarray:
+    """(height, width) bool: pixels whose centres lie inside a ``shape`` of box side ``size`` centred at (cx, cy)."""
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres
+    dx, dy, r = xs - cx, ys - cy, size / 2
+    if shape == "square":
+        return (np.abs(dx) < r) & (np.abs(dy) < r)
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "triangle":
+        depth = dy + r  # 0 at the apex, size at the base; the half-width grows as depth / 2
+        return (depth >= 0) & (depth <= size) & (np.abs(dx) <= depth / 2)
+    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+
+
 def object_mask(obj: Obj, side: int) -> np.ndarray:
     """(side, side) bool: the pixels whose centres lie inside ``obj`` (hard edges, no antialiasing)."""
-    ys, xs = np.mgrid[0:side, 0:side] + 0.5  # pixel centres
-    dx, dy, r = xs - obj.cx, ys - obj.cy, obj.size / 2
-    if obj.shape == "square":
-        return (np.abs(dx) < r) & (np.abs(dy) < r)
-    if obj.shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    depth = dy + r  # 0 at the apex, size at the base; the half-width grows as depth / 2
-    return (depth >= 0) & (depth <= obj.size) & (np.abs(dx) <= depth / 2)
+    return shape_mask(obj.shape, obj.cx, obj.cy, obj.size, side, side)
 
 
 def object_bbox(obj: Obj, side: int) -> BBox:
@@ -207,13 +223,14 @@ def _place(
     side: int,
     fixed: Sequence[Obj] = (),
     accept: Callable[[list[Obj]], bool] | None = None,
+    tries: int = _MAX_SCENE_TRIES,
 ) -> list[Obj]:
     """Objects of the given (shape, color) kinds, inside the canvas and apart from each other and from ``fixed``.
 
     ``accept`` may reject a whole placement (e.g. a required spatial relation); placement is retried until one
-    is accepted. Raises ``RuntimeError`` if none is found (the request does not fit the canvas).
+    is accepted. Raises ``NoRoom`` if none is found in ``tries`` attempts.
     """
-    for _ in range(_MAX_SCENE_TRIES):
+    for _ in range(tries):
         placed: list[Obj] = []
         for shape, color in kinds:
             for _ in range(_MAX_OBJECT_TRIES):
@@ -226,10 +243,11 @@ def _place(
         else:
             if accept is None or accept(placed):
                 return placed
-    raise RuntimeError(f"could not place {len(kinds)} objects next to {len(fixed)} in a {side}px image")
+    raise NoRoom(f"could not place {len(kinds)} objects next to {len(fixed)} in a {side}px image")
 
 
-def relation_offsets(relation: str, subject_xy: tuple[float, float], reference_xy: tuple[float, float]):
+def relation_offsets(relation: str, subject_xy: tuple[float, float],
+                     reference_xy: tuple[float, float]) -> tuple[float, float]:
     """(along, across) in pixels: the subject centre's offset from the reference centre along the relation's
     direction (> 0 when the relation holds; y grows downwards, so "above" means a smaller y) and across it."""
     (sx, sy), (rx, ry) = subject_xy, reference_xy
@@ -261,7 +279,7 @@ def scene_for_spec(spec: Mapping[str, Any], rng: np.random.Generator, size: int 
     accept = None
     if "relation" in spec:
         relation = spec["relation"]
-        accept = lambda objs: _relation_holds_strongly(relation, objs[0], objs[1], size)  # noqa: E731
+        accept = lambda objs: _relation_holds_strongly(relation, objs[0], objs[1], size)
     return Scene(tuple(_place(rng, kinds, size, accept=accept)), spec.get("background", DEFAULT_BACKGROUND), size)
 
 
@@ -465,7 +483,7 @@ def _edit_add(rng: np.random.Generator, side: int):
     source = _edit_source(rng, side, 1, 2)
     taken = {(o.shape, o.color) for o in source.objects}
     kind = _choice(rng, [(s, c) for s in SHAPES for c in COLORS if (s, c) not in taken])
-    new = _place(rng, [kind], side, fixed=source.objects)[0]
+    new = _place(rng, [kind], side, fixed=source.objects, tries=_MAX_EDIT_TRIES)[0]
     target = Scene((*source.objects, new), source.background, side)
     instruction = _choice(rng, ADD_TEMPLATES).format(obj=_a(f"{new.color} {new.shape}"))
     expected = [*_kept(source, -1), _expect(new, side, "free")]
@@ -481,7 +499,8 @@ def _edit_remove(rng: np.random.Generator, side: int):
     return source, instruction, target, _edit_spec("remove", target, old, None, _kept(source, i))
 
 
-_STEPS: Mapping[str, tuple[int, int]] = MappingProxyType({"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)})
+_STEPS: Mapping[str, tuple[int, int]] = MappingProxyType({"left": (-1, 0), "right": (1, 0), "up": (0, -1),
+                                                          "down": (0, 1)})
 
 
 def _moves(rng: np.random.Generator, scene: Scene):
@@ -500,17 +519,16 @@ def _moves(rng: np.random.Generator, scene: Scene):
 
 
 def _edit_move(rng: np.random.Generator, side: int):
-    for _ in range(_MAX_SCENE_TRIES):
-        source = _edit_source(rng, side, 1, 3)
-        for i, direction, new in _moves(rng, source):
-            old = source.objects[i]
-            target = _swap(source, i, new)
-            instruction = _choice(rng, MOVE_TEMPLATES).format(ref=_refer(rng, old, source),
-                                                              dir=_choice(rng, DIRECTION_PHRASES[direction]))
-            start = list(bbox_center(object_bbox(old, side)))
-            moved = _expect(new, side, "moved", direction=direction, start=start)
-            return source, instruction, target, _edit_spec("move", target, old, new, [*_kept(source, i), moved])
-    raise RuntimeError(f"could not find a move in a {side}px image")
+    source = _edit_source(rng, side, 1, 3)
+    for i, direction, new in _moves(rng, source):
+        old = source.objects[i]
+        target = _swap(source, i, new)
+        instruction = _choice(rng, MOVE_TEMPLATES).format(ref=_refer(rng, old, source),
+                                                          dir=_choice(rng, DIRECTION_PHRASES[direction]))
+        start = list(bbox_center(object_bbox(old, side)))
+        moved = _expect(new, side, "moved", direction=direction, start=start)
+        return source, instruction, target, _edit_spec("move", target, old, new, [*_kept(source, i), moved])
+    raise NoRoom(f"found no room to move an object in a {side}px image")
 
 
 def _edit_replace(rng: np.random.Generator, side: int):
@@ -557,7 +575,12 @@ def generate_edit(edit_type: str, rng: np.random.Generator, size: int = 64) -> t
     if edit_type not in _EDITS:
         raise ValueError(f"edit type must be one of {EDIT_TYPES}, got {edit_type!r}")
     _check_side(size)
-    return _EDITS[edit_type](rng, size)
+    for _ in range(_MAX_EDIT_TRIES):
+        try:
+            return _EDITS[edit_type](rng, size)
+        except NoRoom:  # a crowded source: draw another one
+            continue
+    raise NoRoom(f"could not make a {edit_type!r} edit in a {size}px image in {_MAX_EDIT_TRIES} tries")
 
 
 # -- datasets and evaluation sets --------------------------------------------------------------------------------
@@ -631,6 +654,7 @@ def edit_set(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, str, 
     _check_seed(seed)
     out = []
     for i in range(n):
-        source, instruction, _, spec = generate_edit(EDIT_TYPES[i % len(EDIT_TYPES)], _rng(seed, _STREAM_EDITS, i), size)
+        edit_type = EDIT_TYPES[i % len(EDIT_TYPES)]
+        source, instruction, _, spec = generate_edit(edit_type, _rng(seed, _STREAM_EDITS, i), size)
         out.append((render(source), instruction, spec))
     return out

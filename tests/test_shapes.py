@@ -1,0 +1,306 @@
+"""The shapes world and its evaluator: determinism, exact scoring of ground truth (clean and perturbed), metrics
+that can fail, caption variety, other image sizes, and the benchmark end to end."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from nextstep.data import shapes as S
+from nextstep.eval import shapes as E
+
+N_GT = 120  # ground-truth samples per category / edit type at 64 px
+
+
+def _perturb(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What a decoder might do: a 3x3 box blur, then Gaussian noise of sigma 8/255."""
+    blurred = np.asarray(image.filter(ImageFilter.BoxBlur(1)), dtype=np.float64)
+    noisy = blurred + rng.normal(0.0, 8.0, size=blurred.shape)
+    return Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+
+
+def _t2i(category: str, n: int, size: int = 64, seed: int = 0):
+    return [S.generate_t2i(category, np.random.default_rng([seed, k]), size) for k in range(n)]
+
+
+def _edits(edit_type: str, n: int, size: int = 64, seed: int = 0):
+    return [S.generate_edit(edit_type, np.random.default_rng([seed, k]), size) for k in range(n)]
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def _same_item(a: dict, b: dict) -> bool:
+    if a["kind"] != b["kind"]:
+        return False
+    keys = ("image",) if a["kind"] == "t2i" else ("source", "target")
+    text = "caption" if a["kind"] == "t2i" else "instruction"
+    return a[text] == b[text] and all(np.array_equal(_pixels(a[k]), _pixels(b[k])) for k in keys)
+
+
+# -- determinism -------------------------------------------------------------------------------------------------
+
+
+def test_dataset_is_a_pure_function_of_seed_and_index():
+    a, b = S.ShapesDataset(40, seed=5), S.ShapesDataset(40, seed=5)
+    later = [b[i] for i in reversed(range(40))][::-1]  # drawn in another order
+    assert all(_same_item(a[i], later[i]) for i in range(40))
+    assert not _same_item(a[3], a[4])
+    other = S.ShapesDataset(40, seed=6)
+    assert sum(_same_item(a[i], other[i]) for i in range(40)) <= 2
+
+
+def test_dataset_items_mix_and_errors():
+    ds = S.ShapesDataset(300, seed=0)
+    kinds = [ds[i]["kind"] for i in range(300)]
+    assert 0.7 < kinds.count("t2i") / 300 < 0.9
+    item = S.ShapesDataset(5, seed=1, size=96, mix={"edit": 1.0})[2]
+    assert item["kind"] == "edit" and item["source"].size == item["target"].size == (96, 96)
+    assert item["source"].mode == "RGB" and isinstance(item["instruction"], str)
+    item = S.ShapesDataset(5, seed=1, mix={"t2i": 1.0})[0]
+    assert item["kind"] == "t2i" and item["image"].size == (64, 64) and item["caption"]
+    with pytest.raises(IndexError):
+        ds[300]
+    with pytest.raises(ValueError, match="mix"):
+        S.ShapesDataset(5, seed=0, mix={"text": 1.0})
+    with pytest.raises(ValueError, match="mix"):
+        S.ShapesDataset(5, seed=0, mix={"t2i": 0.0})
+    with pytest.raises(ValueError, match="size"):
+        S.ShapesDataset(5, seed=0, size=16)
+
+
+def test_evaluation_sets_are_fixed():
+    assert S.prompt_set("counting", 10, seed=3) == S.prompt_set("counting", 10, seed=3)
+    assert S.prompt_set("counting", 10, seed=3) != S.prompt_set("counting", 10, seed=4)
+    first, again = S.edit_set(12, seed=3), S.edit_set(12, seed=3)
+    assert [(i, s) for _, i, s in first] == [(i, s) for _, i, s in again]
+    assert all(np.array_equal(_pixels(x), _pixels(y)) for (x, _, _), (y, _, _) in zip(first, again))
+    assert {spec["edit"] for _, _, spec in first} == set(S.EDIT_TYPES)
+    with pytest.raises(ValueError, match="category"):
+        S.prompt_set("colour", 3, seed=0)
+
+
+def test_render_is_exact_and_scenes_are_valid():
+    scene = S.Scene((S.Obj("square", "red", 16.0, 16.0, 12), S.Obj("circle", "blue", 44.0, 40.0, 14)), "gray", 64)
+    arr = _pixels(S.render(scene))
+    assert arr.shape == (64, 64, 3)
+    assert set(map(tuple, arr.reshape(-1, 3))) == {S.OBJECT_COLORS["red"], S.OBJECT_COLORS["blue"],
+                                                   S.BACKGROUND_COLORS["gray"]}
+    assert (arr[10:22, 10:22] == S.OBJECT_COLORS["red"]).all()
+    assert S.object_bbox(scene.objects[0], 64) == (10, 10, 22, 22)
+    with pytest.raises(ValueError, match="color"):
+        S.Obj("square", "pink", 10, 10, 10)
+    for category in S.CATEGORIES:  # objects inside the canvas and apart
+        for _, _, scene in _t2i(category, 20):
+            for i, a in enumerate(scene.objects):
+                assert S._inside(a, 64)
+                assert all(S._apart(a, b, S._gap(64)) for b in scene.objects[i + 1:])
+
+
+# -- ground truth is scored (almost) perfectly -------------------------------------------------------------------
+
+
+def _t2i_accuracy(samples, perturb: bool, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    ok = 0
+    for _, spec, scene in samples:
+        image = S.render(scene)
+        ok += E.check(spec, E.analyze(_perturb(image, rng) if perturb else image))
+    return 100.0 * ok / len(samples)
+
+
+@pytest.mark.parametrize("category", S.CATEGORIES)
+def test_ground_truth_images_pass(category):
+    samples = _t2i(category, N_GT)
+    assert _t2i_accuracy(samples, perturb=False) >= 99.0
+    assert _t2i_accuracy(samples, perturb=True) >= 97.0
+
+
+def test_analyze_reads_objects_exactly():
+    objs = (S.Obj("triangle", "green", 14.0, 14.0, 16), S.Obj("circle", "orange", 45.0, 20.0, 15),
+            S.Obj("square", "purple", 30.0, 48.0, 13))
+    for background in S.BACKGROUND_COLORS:
+        scene = S.Scene(objs, background, 64)
+        result = E.analyze(S.render(scene))
+        assert result.background == background and (result.width, result.height) == (64, 64)
+        got = sorted((d.shape, d.color, d.bbox, d.area) for d in result.objects)
+        want = sorted((o.shape, o.color, S.object_bbox(o, 64), int(S.object_mask(o, 64).sum())) for o in objs)
+        assert got == want
+
+
+@pytest.mark.parametrize("edit_type", S.EDIT_TYPES)
+def test_ground_truth_edits_pass_and_unedited_sources_fail(edit_type):
+    rng = np.random.default_rng(1)
+    success, identity, perturbed = 0, 0, 0
+    for source, _, target, spec in _edits(edit_type, N_GT):
+        src, tgt = S.render(source), S.render(target)
+        ok, value = E.check_edit(spec, src, tgt)
+        success += ok
+        assert value == math.inf  # nothing outside the edited region changed
+        identity += E.check_edit(spec, src, src)[0]
+        perturbed += E.check_edit(spec, src, _perturb(tgt, rng))[0]
+    assert success / N_GT >= 0.99
+    assert perturbed / N_GT >= 0.97
+    assert identity / N_GT <= 0.01  # the metric can fail: doing nothing is not an edit
+
+
+def test_edit_spec_names_the_change():
+    _, instruction, _, spec = _edits("move", 1)[0]
+    before, after = spec["source_object"], spec["target_object"]
+    assert (before["shape"], before["color"]) == (after["shape"], after["color"])
+    x0, y0, x1, y1 = spec["source_bbox"]
+    assert (x0 + x1) / 2 == before["cx"] and (y0 + y1) / 2 == before["cy"]
+    assert before["shape"] in instruction and spec["background"] == "white"
+    _, _, _, spec = _edits("background", 1)[0]
+    assert spec["background"] in S.EDIT_BACKGROUNDS and spec["source_bbox"] is None
+
+
+# -- wrong images fail -------------------------------------------------------------------------------------------
+
+
+def _recolored(scene: S.Scene, i: int, color: str) -> S.Scene:
+    objs = list(scene.objects)
+    objs[i] = S.Obj(objs[i].shape, color, objs[i].cx, objs[i].cy, objs[i].size)
+    return S.Scene(tuple(objs), scene.background, scene.size)
+
+
+def _other(options, current):
+    return next(o for o in options if o != current)
+
+
+def test_wrong_images_fail():
+    blank = E.analyze(Image.new("RGB", (64, 64), "white"))
+    for category in S.CATEGORIES:
+        for _, spec, scene in _t2i(category, 20, seed=2):
+            assert not E.check(spec, blank)
+            dropped = S.Scene(scene.objects[1:], scene.background, 64)  # one object missing
+            assert not E.check(spec, E.analyze(S.render(dropped)))
+    for _, spec, scene in _t2i("single_object", 30, seed=3):
+        wrong = _recolored(scene, 0, _other(S.COLORS, scene.objects[0].color))
+        assert not E.check(spec, E.analyze(S.render(wrong)))
+        o = scene.objects[0]
+        reshaped = S.Scene((S.Obj(_other(S.SHAPES, o.shape), o.color, o.cx, o.cy, o.size),), "white", 64)
+        assert not E.check(spec, E.analyze(S.render(reshaped)))
+    for _, spec, scene in _t2i("position", 30, seed=3):
+        flipped = {**spec, "relation": {"left of": "right of", "right of": "left of", "above": "below",
+                                        "below": "above"}[spec["relation"]]}
+        assert E.check(spec, E.analyze(S.render(scene))) and not E.check(flipped, E.analyze(S.render(scene)))
+    for _, spec, scene in _t2i("color_attribution", 30, seed=3):
+        a, b = scene.objects
+        swapped = _recolored(_recolored(scene, 0, b.color), 1, a.color)
+        assert not E.check(spec, E.analyze(S.render(swapped)))
+    # Each spec, scored on another sample's image of the same category, mostly fails.
+    samples = _t2i("single_object", 60, seed=4)
+    cross = sum(E.check(samples[i][1], E.analyze(S.render(samples[i - 1][2]))) for i in range(60))
+    assert cross <= 12
+
+
+def test_wrong_edits_fail():
+    for source, _, target, spec in _edits("recolor", 30, seed=5):
+        changed = spec["target_object"]
+        i = next(k for k, o in enumerate(target.objects) if (o.shape, o.color) == (changed["shape"], changed["color"]))
+        taken = {o.color for o in target.objects if o.shape == changed["shape"]} | {spec["source_object"]["color"]}
+        wrong = _recolored(target, i, next(c for c in S.COLORS if c not in taken))
+        assert not E.check_edit(spec, S.render(source), S.render(wrong))[0]
+    for source, _, target, spec in _edits("background", 12, seed=5):
+        wrong = S.Scene(target.objects, _other(S.EDIT_BACKGROUNDS, target.background), 64)
+        assert not E.check_edit(spec, S.render(source), S.render(wrong))[0]
+
+
+def test_psnr_outside_measures_preservation():
+    source, _, target, spec = _edits("recolor", 1, seed=6)[0]
+    src, tgt = S.render(source), np.array(S.render(target))
+    band = tgt[:8]  # darken the background of a band across the top: the edit still succeeds, preservation drops
+    band[(band == 255).all(axis=-1)] = 215
+    ok, value = E.check_edit(spec, src, Image.fromarray(tgt))
+    assert ok and 15 < value < 35
+    with pytest.raises(ValueError, match="source"):
+        E.check_edit(spec, src, src.resize((32, 32)))
+
+
+# -- captions ----------------------------------------------------------------------------------------------------
+
+_WORDS = {
+    "C": S.COLORS + S.EDIT_BACKGROUNDS + ("white",),
+    "S": tuple(s + "s" for s in S.SHAPES) + S.SHAPES,
+    "N": tuple(S.COUNT_WORDS.values()),
+    "R": tuple(p for ps in S.RELATION_PHRASES.values() for p in ps),
+    "D": tuple(p for ps in S.DIRECTION_PHRASES.values() for p in ps),
+}
+
+
+def _skeleton(text: str) -> str:
+    """The wording with colours, shapes, counts, relations and directions blanked out."""
+    for tag in ("R", "D", "C", "S", "N"):
+        words = sorted(_WORDS[tag], key=len, reverse=True)
+        text = re.sub(r"\b(" + "|".join(map(re.escape, words)) + r")\b", tag, text)
+    return re.sub(r"\b(a|an)\b", "A", text)
+
+
+@pytest.mark.parametrize("category", S.CATEGORIES)
+def test_caption_wording_varies(category):
+    captions = [c for c, _, _ in _t2i(category, 100, seed=7)]
+    assert len({_skeleton(c) for c in captions}) >= 3
+    assert all(c == c.strip() and "  " not in c and " a a" not in c for c in captions)
+    assert not any(re.search(r"\ba [aeiou]", c) for c in captions)  # "an orange", never "a orange"
+
+
+def test_caption_plurals_and_instruction_variety():
+    for caption, spec, _ in _t2i("counting", 30, seed=8):
+        want = spec["objects"][0]
+        assert f"{S.COUNT_WORDS[len(spec['objects'])]} {want['color']} {want['shape']}s" in caption
+    for edit_type in S.EDIT_TYPES:
+        instructions = [i for _, i, _, _ in _edits(edit_type, 60, seed=8)]
+        assert len({_skeleton(i) for i in instructions}) >= 3, edit_type
+
+
+# -- other sizes -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_other_sizes(size):
+    for category in S.CATEGORIES:
+        samples = _t2i(category, 25, size=size, seed=9)
+        assert all(scene.size == size for _, _, scene in samples)
+        assert _t2i_accuracy(samples, perturb=False) >= 99.0, category
+        assert _t2i_accuracy(samples, perturb=True) >= 96.0, category
+    for edit_type in S.EDIT_TYPES:
+        for source, _, target, spec in _edits(edit_type, 8, size=size, seed=9):
+            src = S.render(source)
+            assert E.check_edit(spec, src, S.render(target)) == (True, math.inf), edit_type
+            assert not E.check_edit(spec, src, src)[0], edit_type
+
+
+# -- benchmark ---------------------------------------------------------------------------------------------------
+
+
+def _oracle(n: int, seed: int, size: int):
+    """A "model" that draws a correct scene for every evaluation caption."""
+    specs = {c: s for cat in S.CATEGORIES for c, s in S.prompt_set(cat, n, seed, size)}
+    rng = np.random.default_rng(0)
+    return lambda captions: [S.render(S.scene_for_spec(specs[c], rng, size)) for c in captions]
+
+
+def test_evaluate_end_to_end(tmp_path):
+    results = E.evaluate(_oracle(6, 11, 64), n_per_category=6, seed=11, edit_fn=lambda srcs, _: list(srcs),
+                         n_edits=12, batch_size=4, progress=False)
+    assert results["categories"] == {c: 100.0 for c in S.CATEGORIES} and results["overall"] == 100.0
+    assert results["edits"]["success"] == 0.0  # returning the source edits nothing
+    assert results["edits"]["psnr_outside"] == E.PSNR_CAP_DB  # ... but preserves everything
+    assert len(results["records"]) == len(results["images"]) == 6 * 6 + 12
+    assert {r["kind"] for r in results["records"]} == {"t2i", "edit"}
+    table = E.format_table(results)
+    assert "| counting | 100.0 |" in table and "| **all** | **0.0** |" in table
+    grid = E.save_grid(results["records"][:10], results["images"][:10], tmp_path / "grid.png", cols=4)
+    assert (tmp_path / "grid.png").is_file() and grid.size[0] == 4 * (128 + 2 * E.GRID_BORDER)
+    blank = E.evaluate(lambda caps: [Image.new("RGB", (64, 64), "white")] * len(caps), 3, seed=0, progress=False)
+    assert blank["overall"] == 0.0 and blank["edits"] is None
+    with pytest.raises(ValueError, match="PIL images"):
+        E.evaluate(lambda caps: caps[:1], 2, seed=0, progress=False)
+    with pytest.raises(ValueError, match="edit_fn"):
+        E.evaluate(_oracle(1, 0, 64), 1, seed=0, n_edits=3, progress=False)
