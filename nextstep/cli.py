@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -15,7 +16,6 @@ from PIL import Image
 from .pipeline import NextStepPipeline, bundled_model_dir
 from .train.state import TrainingError
 
-EDIT_DEFAULTS = dict(cfg=7.5, image_cfg=2.0, shift=3.2, negative="Copy original image.")  # official edit settings
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,14 +31,18 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 "
                    + ("(default: the input image's size)" if edit else "(default: the model's native size)"))
-    p.add_argument("--steps", type=int, default=None, help="flow steps per image token (default 50)")
-    p.add_argument("--cfg", type=float, default=EDIT_DEFAULTS["cfg"] if edit else 7.5, help="text guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="flow steps per image token (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="text guidance scale (default: the model's; NextStep-1: 7.5)")
     if edit:
-        p.add_argument("--image-cfg", type=float, default=EDIT_DEFAULTS["image_cfg"], help="image guidance scale")
-    p.add_argument("--negative", default=EDIT_DEFAULTS["negative"] if edit else None, help="negative prompt")
-    p.add_argument("--shift", type=float, default=EDIT_DEFAULTS["shift"] if edit else 1.0, help="time shift")
-    p.add_argument("--schedule", default="constant", choices=["constant", "linear"], help="guidance schedule")
-    p.add_argument("--sampler", default="sde", choices=["sde", "ode", "heun"])
+        p.add_argument("--image-cfg", type=float, default=None,
+                       help="image guidance scale (default: the model's; NextStep-1-Edit: 2.0)")
+    p.add_argument("--negative", default=None,
+                   help="negative prompt" + (" (default: the model's, 'Copy original image.')" if edit else ""))
+    p.add_argument("--shift", type=float, default=None,
+                   help="time shift (default: the model's; NextStep-1: 1.0, 3.2 for edits)")
+    p.add_argument("--schedule", default=None, choices=["constant", "linear"], help="guidance schedule")
+    p.add_argument("--sampler", default=None, choices=["sde", "ode", "heun"], help="default: the model's (sde)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
     p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
@@ -67,6 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--out", default=None, help="override run.out_dir")
         t.add_argument("--steps", type=int, default=None, help="override run.steps")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev = sub.add_parser("eval", help="score a model on a benchmark")
+    ev.add_argument("benchmark", choices=["shapes"])
+    ev.add_argument("--n", type=int, default=100, help="prompts per category (default 100)")
+    ev.add_argument("--edits", type=int, default=0, help="edit instructions to score (spread over the 6 types)")
+    ev.add_argument("--seed", type=int, default=0, help="prompt-set and sampling seed")
+    ev.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ev.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--cfg", type=float, default=None)
+    ev.add_argument("--image-cfg", type=float, default=None)
+    ev.add_argument("--shift", type=float, default=None)
+    ev.add_argument("--sampler", default=None, choices=["sde", "ode", "heun"])
+    ev.add_argument("--json", default=None, help="write the results (without images) to this JSON file")
+    ev.add_argument("--save-grid", default=None, help="write a PNG grid of generations with pass/fail marks")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--vae", default=None)
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--quiet", action="store_true")
     t = sub.add_parser("make-tokenizer", help="train a small byte-level BPE with the image protocol's tokens")
     t.add_argument("out", help="output directory (tokenizer.json)")
     src = t.add_mutually_exclusive_group(required=True)
@@ -74,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shapes", type=int, metavar="N", help="use N captions/instructions of the shapes world")
     t.add_argument("--vocab", type=int, default=512)
     return parser
+
+
+def run_eval(args) -> list[Path]:
+    from .eval.shapes import evaluate, format_table, save_grid
+
+    pipe = load_pipeline(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    settings = dict(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                    time_shift=args.shift, sampler=args.sampler, generator=gen, progress=False)
+
+    def generate(captions):
+        return pipe(captions, **settings).images
+
+    def edit(sources, instructions):
+        return pipe(instructions, image=sources, image_guidance_scale=args.image_cfg, **settings).images
+
+    results = evaluate(generate, args.n, args.seed, size=args.size, edit_fn=edit if args.edits else None,
+                       n_edits=args.edits, batch_size=args.batch, progress=not args.quiet)
+    print(format_table(results))
+    written = []
+    if args.json:
+        slim = {k: v for k, v in results.items() if k not in ("images",)}
+        Path(args.json).write_text(json.dumps(slim, indent=2, default=str))
+        written.append(Path(args.json))
+    if args.save_grid:
+        save_grid(results["records"], results["images"], args.save_grid)
+        written.append(Path(args.save_grid))
+    return written
 
 
 def make_tokenizer(args) -> list[Path]:
@@ -169,10 +220,9 @@ def run(args) -> list[Path]:
     width, height = args.size if args.size else (None, None)
     kwargs = dict(negative_prompt=args.negative, height=height, width=width, num_images_per_prompt=args.num_images,
                   guidance_scale=args.cfg, guidance_schedule=args.schedule, time_shift=args.shift,
-                  token_norm=not args.no_token_norm, sampler=args.sampler, think=args.think,
+                  token_norm=False if args.no_token_norm else None, sampler=args.sampler, think=args.think,
                   generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet)
-    if args.steps is not None:
-        kwargs["num_inference_steps"] = args.steps
+    kwargs["num_inference_steps"] = args.steps
     if args.command == "edit":
         out = pipe(args.instruction, image=args.image, image_guidance_scale=args.image_cfg, **kwargs)
     else:
@@ -193,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "train-vae"):
             written = run_training(args)
+        elif args.command == "eval":
+            written = run_eval(args)
         elif args.command == "make-tokenizer":
             written = make_tokenizer(args)
         else:

@@ -227,6 +227,52 @@ class NextStepConfig:
         return cls.from_official(d)
 
 
+@dataclass
+class SamplingConfig:
+    """Default generation settings of a model (official NextStep-1 text-to-image defaults unless the model directory's
+    ``generation_config.json`` has a ``"nextstep"`` section, e.g. a small model tuned for fewer steps)."""
+
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.0
+    guidance_schedule: str = "constant"
+    num_inference_steps: int = 50
+    time_shift: float = 1.0
+    token_norm: bool = True
+    sampler: str = "sde"
+    # editing (an input image is given): the official NextStep-1-Large-Edit settings
+    edit_guidance_scale: float = 7.5
+    edit_image_guidance_scale: float = 2.0
+    edit_time_shift: float = 3.2
+    edit_negative_prompt: str = "Copy original image."
+
+    def __post_init__(self) -> None:
+        _check(min(self.guidance_scale, self.image_guidance_scale, self.edit_guidance_scale,
+                   self.edit_image_guidance_scale) >= 0, "guidance scales must be >= 0")
+        _check(self.num_inference_steps >= 1, "num_inference_steps must be >= 1")
+        _check(self.time_shift > 0 and self.edit_time_shift > 0, "time shifts must be > 0")
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "SamplingConfig":
+        f = Path(path) / "generation_config.json"
+        if not f.is_file():
+            return cls()
+        try:
+            section = json.loads(f.read_text()).get("nextstep", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(f"{f} is not a valid generation config: {e}") from None
+        known = {x.name for x in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"{f}: unknown keys in the 'nextstep' section: {unknown}")
+        return cls(**section)
+
+    def save(self, path: str | Path) -> None:
+        f = Path(path) / "generation_config.json"
+        d = json.loads(f.read_text()) if f.is_file() else {}
+        d["nextstep"] = dataclasses.asdict(self)
+        f.write_text(json.dumps(d, indent=2) + "\n")
+
+
 # Keys of official configs that carry no meaning for the model math: Hugging Face bookkeeping (accepted
 # silently) and training-only knobs of the official trainer (accepted with a warning that names them).
 BOOKKEEPING_KEYS = frozenset({

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import require_dir
+from .config import SamplingConfig
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
@@ -103,7 +104,8 @@ class NoiseSource:
 
 
 class NextStepPipeline:
-    def __init__(self, model: NextStep, vae: VAE, tokenizer: Tokenizer):
+    def __init__(self, model: NextStep, vae: VAE, tokenizer: Tokenizer, defaults: SamplingConfig | None = None):
+        self.defaults = defaults or SamplingConfig()  # what a call uses for the settings it leaves at None
         self.model = model.eval()
         self.vae = vae.eval()
         self.tokenizer = tokenizer
@@ -132,7 +134,7 @@ class NextStepPipeline:
                 raise FileNotFoundError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
         model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device)
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device)
-        return cls(model, vae, Tokenizer.from_pretrained(model_dir))
+        return cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NextStepPipeline":
         self.model.to(device=device, dtype=dtype)
@@ -158,13 +160,13 @@ class NextStepPipeline:
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 7.5,
-        image_guidance_scale: float = 1.0,
-        guidance_schedule: str = "constant",
-        num_inference_steps: int = 50,
-        time_shift: float = 1.0,
-        token_norm: bool = True,
-        sampler: str = "sde",
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        num_inference_steps: int | None = None,
+        time_shift: float | None = None,
+        token_norm: bool | None = None,
+        sampler: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -173,6 +175,19 @@ class NextStepPipeline:
         think: bool = False,
         max_think_tokens: int = 64,
     ) -> PipelineOutput:
+        d, edit = self.defaults, image is not None  # settings left at None take the model's defaults
+        if guidance_scale is None:
+            guidance_scale = d.edit_guidance_scale if edit else d.guidance_scale
+        if image_guidance_scale is None:
+            image_guidance_scale = d.edit_image_guidance_scale if edit else d.image_guidance_scale
+        if time_shift is None:
+            time_shift = d.edit_time_shift if edit else d.time_shift
+        if negative_prompt is None and edit:
+            negative_prompt = d.edit_negative_prompt
+        guidance_schedule = guidance_schedule or d.guidance_schedule
+        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        token_norm = d.token_norm if token_norm is None else token_norm
+        sampler = sampler or d.sampler
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = self._check(prompts, image, num_images_per_prompt, num_inference_steps, sampler, output_type,
                              guidance_schedule, time_shift)

@@ -70,7 +70,8 @@ def test_edit_matches_reference(pipe, ref, fixture, one_thread):
     g = seeded(0)
     torch.randn(2, 16, 8, 8, generator=g)  # the reference samples its zero-variance posterior first
     out = pipe("<image>make it blue", image=fixture / "edit_input.png", guidance_scale=3.0, image_guidance_scale=1.5,
-               num_inference_steps=10, generator=g, token_norm=True, progress=False)
+               num_inference_steps=10, generator=g, token_norm=True, time_shift=1.0, negative_prompt="",
+               progress=False)
     check_run(pipe, ref, "pipe_edit", out)
     assert out.images[0].size == (64, 64)  # the input's size by default
 
@@ -214,3 +215,19 @@ def test_bad_images_and_dirs(pipe, tmp_path, fixture):
         NextStepPipeline.from_pretrained(tmp_path / "nope", fixture / "vae")
     with pytest.raises(FileNotFoundError, match="no vae/"):
         NextStepPipeline.from_pretrained(fixture / "model")
+
+
+def test_defaults_come_from_the_model_dir(fixture, tmp_path):
+    import shutil
+
+    from nextstep.config import SamplingConfig
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(fixture / "model", model_dir)
+    SamplingConfig(guidance_scale=2.0, num_inference_steps=3, edit_time_shift=1.5).save(model_dir)
+    pipe = NextStepPipeline.from_pretrained(model_dir, fixture / "vae")
+    assert pipe.defaults.num_inference_steps == 3 and pipe.defaults.edit_time_shift == 1.5
+    default_run = pipe("x", height=16, width=16, progress=False, generator=seeded(0), output_type="pt")
+    explicit = pipe("x", height=16, width=16, progress=False, generator=seeded(0), output_type="pt",
+                    guidance_scale=2.0, num_inference_steps=3)
+    assert torch.equal(default_run.tokens, explicit.tokens)
