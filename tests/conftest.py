@@ -25,3 +25,28 @@ def fixtures_dir() -> Path:
             pytest.fail(f"reference fixtures not found at {root} (CI expects shared/ next to the checkout)")
         pytest.skip(f"reference fixtures not found at {root} (set NEXTSTEP_FIXTURES to their directory)")
     return root
+
+
+@pytest.fixture(scope="session")
+def fixture(fixtures_dir) -> Path:
+    """The official-format tiny model with its reference outputs (``official-v1-a``)."""
+    return fixtures_dir / "official-v1-a"
+
+
+@pytest.fixture(scope="session")
+def ref(fixture) -> dict:
+    """Inputs and outputs of the official implementation (``reference.safetensors``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture / "reference.safetensors"))
+
+
+@pytest.fixture
+def one_thread():
+    """The fixtures were computed with one thread; reductions split over threads round differently."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,18 +6,12 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nextstep.model.flow_head import timestep_frequencies
 from nextstep.model.latents import patchify, sincos_2d_table, unpatchify
 from nextstep.model.nextstep import NextStep
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    return load_file(str(fixtures_dir / "official-v1-a" / "reference.safetensors"))
 
 
 @pytest.fixture(scope="module")

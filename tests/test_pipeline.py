@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from nextstep.model.latents import unpatchify
 from nextstep.pipeline import NextStepPipeline
@@ -15,27 +14,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def fixture(fixtures_dir):
-    return fixtures_dir / "official-v1-a"
-
-
-@pytest.fixture(scope="module")
-def ref(fixture):
-    return load_file(str(fixture / "reference.safetensors"))
-
-
-@pytest.fixture(scope="module")
 def pipe(fixture):
     return NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
-
-
-@pytest.fixture
-def one_thread():
-    """The fixtures were computed with one thread; reductions split over threads round differently."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def seeded(seed: int) -> torch.Generator:

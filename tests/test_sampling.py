@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import flow
@@ -212,16 +211,6 @@ def test_shift_formula_values():
 # ---------------------------------------------------------------------------------------- reference parity (SDE)
 
 @pytest.fixture(scope="module")
-def fixture(fixtures_dir):
-    return fixtures_dir / "official-v1-a"
-
-
-@pytest.fixture(scope="module")
-def ref(fixture):
-    return load_file(str(fixture / "reference.safetensors"))
-
-
-@pytest.fixture(scope="module")
 def ref_meta(fixture):
     return json.loads((fixture / "reference.json").read_text())["tensors"]
 
@@ -229,15 +218,6 @@ def ref_meta(fixture):
 @pytest.fixture(scope="module")
 def model(fixture):
     return NextStep.from_pretrained(fixture / "model")
-
-
-@pytest.fixture
-def one_thread():
-    """The fixtures were computed with one thread; reductions split over threads round differently."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def parse_fm_sample(description: str) -> tuple[dict, list[str]]:

@@ -73,14 +73,6 @@ def losses(out: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in rows}  # a resumed run may repeat steps: the last record wins
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_thread):
     out = tmp_path / "run"
     final = train_ar(from_dict(TrainConfig, ar_config(world, out)), progress=False)

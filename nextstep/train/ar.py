@@ -28,7 +28,7 @@ from ..data.sources import open_source
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
 from .state import (EMA, Progress, TrainingError, checkpoints, full_state_dict, load_checkpoint, lr_at,
-                    make_optimizer, save_checkpoint)
+                    make_optimizer, resume_step, save_checkpoint, start_run)
 
 
 class LossModule(nn.Module):
@@ -91,10 +91,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     """Run (or resume) training; returns the exported model directory ``OUT/final``."""
     info = info or DistInfo()
     run = cfg.run
-    if run.batch_size % info.world:
-        raise ValueError(f"batch_size {run.batch_size} is not divisible by the {info.world} processes")
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(run, info)
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
     vae = VAE.from_pretrained(cfg.vae, device=info.device)
     records, skipped = prepare_records(cfg, vae, out, info, progress)
@@ -112,12 +109,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
 
-    start = 0
-    found = checkpoints(out)
-    if resume and found:
-        start = load_checkpoint(found[-1], trainable, optimizer, ema, info)["step"]
-    elif found and not resume:
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new out_dir")
+    start = resume_step(out, resume, lambda path: load_checkpoint(path, trainable, optimizer, ema, info))
     bar = Progress(out, run.steps, start, info, "train", show=progress)
     if skipped:
         bar.write(f"skipped {skipped} unreadable samples while encoding the dataset")

@@ -39,6 +39,24 @@ class TrainingError(RuntimeError):
     """Training cannot continue (for example a non-finite loss); the last good checkpoint is kept."""
 
 
+def start_run(run, info: DistInfo) -> Path:
+    """Check the run against the process count and create its output directory."""
+    if run.batch_size % info.world:
+        raise ValueError(f"batch_size {run.batch_size} is not divisible by the {info.world} processes")
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resume_step(out: Path, resume: bool, load) -> int:
+    """The step to start from: the newest complete checkpoint's (loaded by ``load(path)``) with ``resume``,
+    0 for a fresh run; an existing run without ``resume`` is an error (nothing is overwritten)."""
+    found = checkpoints(out)
+    if found and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new out_dir")
+    return load(found[-1])["step"] if found else 0
+
+
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to ``base * min_ratio`` at ``total``."""
     if warmup and step < warmup:

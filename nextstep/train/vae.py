@@ -25,7 +25,7 @@ from .config import VAETrainConfig, to_dict
 from .distributed import DistInfo, all_sum, barrier, wrap
 from .losses import PatchDiscriminator, VGGPerceptual, hinge_d_loss, hinge_g_loss
 from .state import (EMA, Progress, TrainingError, checkpoints, full_state_dict, load_checkpoint, lr_at,
-                    make_optimizer, save_checkpoint)
+                    make_optimizer, resume_step, save_checkpoint, start_run)
 
 IMAGE_KEYS = {"t2i": ("image",), "edit": ("source", "target"), "text": ()}
 
@@ -120,10 +120,7 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
     """Run (or resume) tokenizer training; returns the exported VAE directory ``OUT/final``."""
     info = info or DistInfo()
     run = cfg.run
-    if run.batch_size % info.world:
-        raise ValueError(f"batch_size {run.batch_size} is not divisible by the {info.world} processes")
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(run, info)
     pool = ImagePool(open_source(cfg.data), cfg.data.bucket_sizes[0], cfg.holdout, cfg.data.seed)
     if cfg.init_from:
         vae = VAE.from_pretrained(cfg.init_from)
@@ -144,14 +141,12 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
         d_opt = make_optimizer(disc, cfg.optim.lr, cfg.optim.betas, 0.0)
     ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
 
-    start = 0
-    found = checkpoints(out)
-    if resume and found:
-        start = load_checkpoint(found[-1], trainable, optimizer, ema, info)["step"]
-        if disc is not None and (found[-1] / "disc.pt").is_file():
-            disc.load_state_dict(torch.load(found[-1] / "disc.pt", weights_only=True))
-    elif found and not resume:
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new out_dir")
+    def load(path: Path) -> dict:
+        if disc is not None and (path / "disc.pt").is_file():
+            disc.load_state_dict(torch.load(path / "disc.pt", weights_only=True))
+        return load_checkpoint(path, trainable, optimizer, ema, info)
+
+    start = resume_step(out, resume, load)
     bar = Progress(out, run.steps, start, info, "train-vae", show=progress)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     per_rank = run.batch_size // info.world
