@@ -533,9 +533,14 @@ def _edit_move(rng: np.random.Generator, side: int):
 
 def _edit_replace(rng: np.random.Generator, side: int):
     source = _edit_source(rng, side, 1, 3)
-    i = int(rng.integers(len(source.objects)))
+    free = {j: _unused(SHAPES, {o.shape for o in source.objects if o.color == source.objects[j].color})
+            for j in range(len(source.objects))}
+    replaceable = [j for j, shapes in free.items() if shapes]  # another shape of its color must not exist yet
+    if not replaceable:
+        raise NoRoom("every object's color already shows every shape")
+    i = replaceable[int(rng.integers(len(replaceable)))]
     old = source.objects[i]
-    new_shape = _choice(rng, _unused(SHAPES, {o.shape for o in source.objects if o.color == old.color}))
+    new_shape = _choice(rng, free[i])
     new = replace(old, shape=new_shape)
     target = _swap(source, i, new)
     instruction = _choice(rng, REPLACE_TEMPLATES).format(ref=_refer(rng, old, source), a_new=_a(new_shape),
