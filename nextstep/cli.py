@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--quiet", action="store_true")
+    sv = sub.add_parser("serve", help="web page + OpenAI-compatible images API with live previews")
+    sv.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    sv.add_argument("--vae", default=None)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: there is no auth)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default=None)
+    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     t = sub.add_parser("make-tokenizer", help="train a small byte-level BPE with the image protocol's tokens")
     t.add_argument("out", help="output directory (tokenizer.json)")
     src = t.add_mutually_exclusive_group(required=True)
@@ -243,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "train-vae"):
             written = run_training(args)
+        elif args.command == "serve":
+            try:
+                from .serve.app import serve
+            except ImportError as e:
+                raise SystemExit(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})")
+            serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+            written = []
         elif args.command == "eval":
             written = run_eval(args)
         elif args.command == "make-tokenizer":

@@ -1,0 +1,428 @@
+"""The HTTP server on the tiny fixture model: responses, stream events, every limit, the queue, cancellation, load."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+
+def need(module: str, install: str):
+    """Skip without the package, except in CI, which installs it: there a missing package fails the run."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed ({install})")
+
+
+need("fastapi", "pip install -e '.[serve]'")
+httpx = need("httpx", "pip install -e '.[dev]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from nextstep.pipeline import NextStepPipeline  # noqa: E402
+from nextstep.serve import app as serve_app  # noqa: E402
+from nextstep.serve.app import create_app, running_server  # noqa: E402
+
+FAST = {"steps": 2}  # two flow steps per token: the fixture model draws noise anyway
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and far faster than two when the cores are busy."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pipe(fixtures_dir):
+    d = fixtures_dir / "official-v1-a"
+    return NextStepPipeline.from_pretrained(d / "model", d / "vae")
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    with TestClient(create_app(pipe, queue_size=4)) as c:
+        yield c
+
+
+def png_size(b64: str) -> tuple[int, int]:
+    data = base64.b64decode(b64)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def png_bytes(w: int, h: int, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def events(lines) -> list[tuple[str, dict]]:
+    """Server-Sent Events -> [(name, data)]."""
+    out, name = [], None
+    for line in lines:
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            out.append((name, json.loads(line[5:])))
+    return out
+
+
+def assert_error(r, status: int, *words: str):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type"} and err["type"] == serve_app.ERROR_TYPES[status]
+    for w in words:
+        assert w.lower() in err["message"].lower(), (w, err["message"])
+
+
+# ---- happy paths -------------------------------------------------------------------------------------------------
+def test_health(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok"
+    assert h["queue"] == {"depth": 0, "waiting": 0, "running": False, "capacity": 4}
+    assert h["model"]["size_multiple"] == 16
+    assert h["limits"]["max_size"] == serve_app.MAX_SIZE and h["limits"]["max_n"] == serve_app.MAX_N
+    assert h["defaults"]["edit"]["negative_prompt"] == "Copy original image."
+
+
+def test_generation_returns_n_pngs_of_the_requested_size(client):
+    body = {"prompt": "a red circle", "n": 2, "size": "48x32", "seed": 5, **FAST}
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["seed"] == 5 and isinstance(out["created"], int)
+    assert [png_size(d["b64_json"]) for d in out["data"]] == [(48, 32), (48, 32)]
+    again = client.post("/v1/images/generations", json=body).json()  # same seed, same images
+    assert [d["b64_json"] for d in again["data"]] == [d["b64_json"] for d in out["data"]]
+
+
+def test_generation_without_seed_reports_the_one_drawn(client):
+    out = client.post("/v1/images/generations", json={"prompt": "a square", "size": "16x16", **FAST}).json()
+    assert 0 <= out["seed"] <= serve_app.MAX_SEED and len(out["data"]) == 1
+
+
+def test_edit_keeps_the_input_size_or_takes_the_requested_one(client):
+    files = {"image": ("in.png", png_bytes(48, 32), "image/png")}
+    r = client.post("/v1/images/edits", files=files, data={"prompt": "make it blue", "steps": "2", "seed": "1"})
+    assert r.status_code == 200, r.text
+    assert [png_size(d["b64_json"]) for d in r.json()["data"]] == [(48, 32)]
+    files = {"image": ("in.jpg", png_bytes(50, 30, "JPEG"), "image/jpeg")}
+    data = {"prompt": "make it blue", "steps": "2", "size": "32x32", "n": "2", "image_guidance_scale": "1.5"}
+    r = client.post("/v1/images/edits", files=files, data=data)
+    assert r.status_code == 200, r.text
+    assert [png_size(d["b64_json"]) for d in r.json()["data"]] == [(32, 32), (32, 32)]
+
+
+def test_stream_sends_progress_previews_then_the_final_image(client):
+    with client.stream("POST", "/v1/images/generations/stream",
+                       json={"prompt": "a red circle", "size": "64x32", "seed": 3, **FAST}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        ev = events(r.iter_lines())
+    names = [n for n, _ in ev]
+    assert names[:2] == ["queued", "started"] and names[-1] == "final"
+    assert names.count("final") == 1 and "error" not in names
+    total = 4 * 2
+    assert ev[1][1] == {"total": total}
+    steps = [d["step"] for n, d in ev if n == "progress"]
+    assert steps == list(range(1, total + 1))
+    previews = [(i, d) for i, (n, d) in enumerate(ev) if n == "preview"]
+    assert previews, "no preview event"
+    for i, d in previews:
+        assert ev[i - 1] == ("progress", {"step": d["step"], "total": total})  # each preview follows its progress
+        assert d["step"] < total and [png_size(b) for b in d["images"]] == [(64, 32)]
+    assert previews[0][1]["images"] != previews[-1][1]["images"]  # the picture fills in
+    final = ev[-1][1]
+    assert final["seed"] == 3 and [png_size(d["b64_json"]) for d in final["data"]] == [(64, 32)]
+    plain = client.post("/v1/images/generations", json={"prompt": "a red circle", "size": "64x32", "seed": 3, **FAST})
+    assert plain.json()["data"] == final["data"]  # streaming changes nothing about the result
+
+
+def test_edit_stream(client):
+    files = {"image": ("in.png", png_bytes(32, 32), "image/png")}
+    data = {"prompt": "make it blue", "steps": "2"}
+    with client.stream("POST", "/v1/images/edits/stream", files=files, data=data) as r:
+        assert r.status_code == 200
+        ev = events(r.iter_lines())
+    assert [n for n, _ in ev][-1] == "final" and any(n == "preview" for n, _ in ev)
+    assert [png_size(d["b64_json"]) for d in ev[-1][1]["data"]] == [(32, 32)]
+
+
+def test_page_and_assets(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/app.js" in r.text and "/app.css" in r.text
+    assert "/v1/images/generations/stream" in client.get("/app.js").text
+    assert client.get("/app.css").headers["content-type"].startswith("text/css")
+
+
+# ---- limits and bad input ----------------------------------------------------------------------------------------
+LONG = "x" * (serve_app.MAX_PROMPT_CHARS + 1)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"prompt": ""}, 400, ["prompt is empty"]),
+    ({"prompt": "   "}, 400, ["prompt is empty"]),
+    ({"prompt": LONG}, 400, ["prompt", "characters", str(serve_app.MAX_PROMPT_CHARS)]),
+    ({"prompt": "a", "negative_prompt": LONG}, 400, ["negative_prompt", "characters"]),
+    ({"prompt": "a <image> b"}, 400, ["<image>"]),
+    ({"prompt": "a", "size": "65x64"}, 400, ["multiple of 16"]),
+    ({"prompt": "a", "size": "0x64"}, 400, ["multiple of 16"]),
+    ({"prompt": "a", "size": "1024x512"}, 400, ["1024", f"limit of {serve_app.MAX_SIZE}"]),
+    ({"prompt": "a", "size": "512"}, 400, ["WIDTHxHEIGHT"]),
+    ({"prompt": "a", "size": "-16x16"}, 400, ["WIDTHxHEIGHT"]),
+    ({"prompt": "a", "n": 0}, 400, ["n must be in [1, 4]"]),
+    ({"prompt": "a", "n": serve_app.MAX_N + 1}, 400, ["n must be in"]),
+    ({"prompt": "a", "steps": 0}, 400, ["steps must be in"]),
+    ({"prompt": "a", "steps": serve_app.MAX_STEPS + 1}, 400, ["steps must be in"]),
+    ({"prompt": "a", "steps": 1}, 400, ["sde", ">= 2"]),
+    ({"prompt": "a", "guidance_scale": -1}, 400, ["guidance_scale"]),
+    ({"prompt": "a", "guidance_scale": 1e6}, 400, ["guidance_scale"]),
+    ({"prompt": "a", "time_shift": 0}, 400, ["time_shift"]),
+    ({"prompt": "a", "seed": -1}, 400, ["seed"]),
+    ({"prompt": "a", "seed": 2**40}, 400, ["seed"]),
+    ({"prompt": "a", "sampler": "euler"}, 400, ["sampler must be one of"]),
+    ({"prompt": "a", "response_format": "url"}, 400, ["'url' is not supported", "b64_json"]),
+    ({}, 422, ["missing required field 'prompt'"]),
+    ({"prompt": 5}, 422, ["'prompt'", "string"]),
+    ({"prompt": "a", "n": "2"}, 422, ["'n'", "integer"]),
+    ({"prompt": "a", "n": 1.5}, 422, ["'n'", "integer"]),
+    ({"prompt": "a", "n": True}, 422, ["'n'", "integer"]),
+    ({"prompt": "a", "guidance_scale": "high"}, 422, ["'guidance_scale'"]),
+    ({"prompt": "a", "size": [64, 64]}, 422, ["'size'"]),
+    ({"prompt": "a", "quality": "hd"}, 422, ["unknown field 'quality'"]),
+    ({"prompt": "a", "image_guidance_scale": 2}, 422, ["unknown field 'image_guidance_scale'"]),
+    ({"prompt": "a", "image": "/etc/passwd"}, 422, ["unknown field 'image'"]),
+])
+def test_generation_limits(client, body, status, words):
+    assert_error(client.post("/v1/images/generations", json=body), status, *words)
+    assert_error(client.post("/v1/images/generations/stream", json=body), status, *words)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{not json", ["not valid JSON"]),
+    (b"", ["not valid JSON"]),
+    (b'{"prompt": "a", "guidance_scale": NaN}', ["not valid JSON"]),
+    (b"[1, 2]", ["must be a JSON object"]),
+    (b'"a red circle"', ["must be a JSON object"]),
+    (b"\xff\xfe", ["not valid JSON"]),
+])
+def test_malformed_json(client, content, words):
+    r = client.post("/v1/images/generations", content=content, headers={"content-type": "application/json"})
+    assert_error(r, 400, *words)
+
+
+def test_json_body_too_large(client):
+    r = client.post("/v1/images/generations", content=b" " * (serve_app.MAX_JSON_BYTES + 1))
+    assert_error(r, 413, str(serve_app.MAX_JSON_BYTES))
+
+
+def test_edit_upload_limits(client, monkeypatch):
+    def edit(files=None, data=None, **kw):
+        return client.post("/v1/images/edits", files=files, data=data or {"prompt": "make it blue", **FAST}, **kw)
+
+    huge = b"\x89PNG" + b"\0" * serve_app.MAX_UPLOAD_BYTES
+    assert_error(edit({"image": ("big.png", huge, "image/png")}), 413, "limit")
+    assert_error(edit({"image": ("a.txt", b"hello, not an image", "text/plain")}), 400, "not a readable image")
+    assert_error(edit({"image": ("a.png", png_bytes(32, 32)[:40], "image/png")}), 400, "not a readable image")
+    assert_error(edit({"image": ("a.png", b"", "image/png")}), 400, "empty")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"  # a decoder we do not allow (runs Ghostscript)
+    assert_error(edit({"image": ("a.eps", eps, "application/postscript")}), 400, "not a readable image")
+    assert_error(edit({"other": ("a.png", png_bytes(32, 32), "image/png")}), 422, "unknown file field 'other'")
+    assert_error(edit({"image": (None, "/etc/hosts")}), 400, "must be a file upload")
+    assert_error(edit(data={"prompt": "x"}, files={"mask": ("m.png", png_bytes(32, 32), "image/png")}), 422, "mask")
+    assert_error(client.post("/v1/images/edits", data={"prompt": "x"}), 400, "multipart/form-data")
+    assert_error(client.post("/v1/images/edits", json={"prompt": "x"}), 400, "multipart/form-data")
+    files = {"image": ("a.png", png_bytes(32, 32), "image/png")}
+    assert_error(edit(files, {"steps": "2"}), 422, "missing required field 'prompt'")
+    assert_error(edit(files, {"prompt": "x", "steps": "two"}), 422, "'steps'", "integer")
+    assert_error(edit(files, {"prompt": "x", "image_guidance_scale": "-1"}), 400, "image_guidance_scale")
+    assert_error(edit(files, {"prompt": "x", "guidance_scale": "nan"}), 422, "guidance_scale")
+    assert_error(edit(files, {"prompt": "x <image> <image>"}), 400, "<image>")
+    odd = {"image": ("a.png", png_bytes(40, 30), "image/png")}
+    assert_error(edit(odd), 400, "input image is 40x30", "pass size")
+    monkeypatch.setattr(serve_app, "MAX_INPUT_PIXELS", 32 * 32 - 1)
+    assert_error(edit(files), 400, "32x32 pixels")
+
+
+def test_malformed_multipart(client):
+    r = client.post("/v1/images/edits", content=b"--xyz\r\nnonsense",
+                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_routes_answer_json(client):
+    assert_error(client.get("/nope"), 404)
+    assert_error(client.get("/v1/images/generations"), 405)
+
+
+# ---- the queue ---------------------------------------------------------------------------------------------------
+class Gated:
+    """The pipeline, held at the start of each call until released."""
+
+    def __init__(self, pipe):
+        self.pipe, self.started, self.release = pipe, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        self.started.set()
+        assert self.release.wait(30), "test never released the gate"
+        return self.pipe(*args, **kwargs)
+
+
+def wait_until(check, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_full_queue_answers_429(pipe):
+    gated = Gated(pipe)
+    body = {"prompt": "a", "size": "16x16", **FAST}
+    with TestClient(create_app(gated, queue_size=1)) as c, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(c.post, "/v1/images/generations", json=body)
+        assert gated.started.wait(15)
+        waiting = pool.submit(c.post, "/v1/images/generations", json=body)
+        wait_until(lambda: c.get("/health").json()["queue"]["waiting"] == 1, what="the second job to queue")
+        assert c.get("/health").json()["queue"] == {"depth": 2, "waiting": 1, "running": True, "capacity": 1}
+        assert_error(c.post("/v1/images/generations", json=body), 429, "busy", "retry")
+        assert_error(c.post("/v1/images/generations/stream", json=body), 429, "busy")
+        files = {"image": ("a.png", png_bytes(16, 16), "image/png")}
+        assert_error(c.post("/v1/images/edits", files=files, data={"prompt": "x"}), 429)
+        gated.release.set()
+        assert running.result(30).status_code == 200 and waiting.result(30).status_code == 200
+        h = c.get("/health").json()
+        assert h["stats"] == {"completed": 2, "failed": 0, "cancelled": 0, "rejected": 3}
+        assert h["queue"]["depth"] == 0
+
+
+class HoldAtFirstToken:
+    """The pipeline, held after its first image token (progress already sent) until released."""
+
+    def __init__(self, pipe):
+        self.pipe, self.held, self.release = pipe, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, callback, **kwargs):
+        def hold(step, total, partial):
+            callback(step, total, partial)
+            if step == 1:
+                self.held.set()
+                assert self.release.wait(30), "test never released the hold"
+
+        return self.pipe(*args, callback=hold, **kwargs)
+
+
+def test_disconnect_cancels_and_frees_the_worker(pipe):
+    held = HoldAtFirstToken(pipe)
+    app = create_app(held, queue_size=2)
+    worker = app.state.worker
+    body = {"prompt": "a", "size": "64x64", **FAST}
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        # streaming: read up to the first progress event, then hang up
+        with http.stream("POST", "/v1/images/generations/stream", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: progress"):
+                    break
+        assert held.held.wait(15)
+        wait_until(lambda: worker.current is not None and worker.current.cancelled.is_set(), what="stream cancel")
+        held.release.set()
+        wait_until(lambda: worker.stats["cancelled"] == 1 and worker.current is None, what="the worker to free up")
+        # non-streaming: the client gives up before the answer
+        held.held.clear()
+        held.release.clear()
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/images/generations", json=body, timeout=httpx.Timeout(30, read=1.0))
+        assert held.held.wait(15)
+        wait_until(lambda: worker.current is not None and worker.current.cancelled.is_set(), what="plain cancel")
+        held.release.set()
+        wait_until(lambda: worker.stats["cancelled"] == 2 and worker.current is None, what="the worker to free up")
+        r = http.post("/v1/images/generations", json={**body, "size": "32x32"})
+        assert r.status_code == 200 and png_size(r.json()["data"][0]["b64_json"]) == (32, 32)
+        h = http.get("/health").json()
+        assert h["stats"] == {"completed": 1, "failed": 0, "cancelled": 2, "rejected": 0}
+        assert h["queue"]["depth"] == 0
+
+
+def test_load_20_concurrent_requests(pipe):
+    """20 clients at once on a real server (loopback only): each gets its images or a 429; none is lost."""
+    app = create_app(pipe, queue_size=4)
+
+    def one(i: int):
+        body = {"prompt": f"shape {i}", "size": "32x16", "seed": i, **FAST}
+        with httpx.Client(base_url=url, timeout=60) as http:
+            if i % 4:
+                r = http.post("/v1/images/generations", json=body)
+                return r.status_code, r.json()
+            with http.stream("POST", "/v1/images/generations/stream", json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return r.status_code, r.json()
+                return 200, events(r.iter_lines())[-1][1]
+
+    with running_server(app) as url, ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20), timeout=120))
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    assert len(results) == 20
+    ok = [body for status, body in results if status == 200]
+    busy = [body for status, body in results if status == 429]
+    assert len(ok) + len(busy) == 20, [s for s, _ in results]
+    assert len(ok) >= 5  # the running job and a full queue at least
+    for body in ok:
+        assert [png_size(d["b64_json"]) for d in body["data"]] == [(32, 16)]
+    for body in busy:
+        assert body["error"]["type"] == "queue_full"
+    assert health["status"] == "ok" and health["queue"]["depth"] == 0
+    assert health["stats"] == {"completed": len(ok), "failed": 0, "cancelled": 0, "rejected": len(busy)}
+
+
+class Failing:
+    """The pipeline, failing once it has started (as a CUDA out-of-memory would)."""
+
+    def __init__(self, pipe, error: Exception):
+        self.pipe, self.error = pipe, error
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("out of memory"), 500), (ValueError("prompt too long"), 400)])
+def test_generation_failures_are_reported(pipe, error, status):
+    body = {"prompt": "a", "size": "16x16", **FAST}
+    with TestClient(create_app(Failing(pipe, error), queue_size=1)) as c:
+        assert_error(c.post("/v1/images/generations", json=body), status, str(error))
+        with c.stream("POST", "/v1/images/generations/stream", json=body) as r:
+            assert r.status_code == 200
+            ev = events(r.iter_lines())
+        assert [n for n, _ in ev] == ["queued", "started", "error"]
+        err = ev[-1][1]["error"]
+        assert err["type"] == serve_app.ERROR_TYPES[status] and str(error) in err["message"]
+        assert c.get("/health").json()["stats"]["failed"] == 2
+        assert c.get("/health").json()["queue"]["depth"] == 0
+
+
+def test_serve_refuses_a_missing_model(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        serve_app.serve(tmp_path / "no-such-model", port=0)
