@@ -175,7 +175,7 @@ def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
     """A plain CPU copy of the (EMA) weights on the main rank; every rank must call (FSDP gathers)."""
     state = {_clean(k): v for k, v in full_state_dict(trainable).items()}
     if ema is not None:
-        for k, v in ema.shadow.items():
+        for k, v in ema.weights().items():
             state[_clean(k)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None

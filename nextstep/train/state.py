@@ -74,24 +74,29 @@ def make_optimizer(model: nn.Module, lr: float, betas, weight_decay: float) -> t
 
 
 class EMA:
-    """Exponential moving average of the parameters (elementwise, so it works on FSDP shards too)."""
+    """Exponential moving average of the parameters (elementwise, so it works on FSDP shards too).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the random initial weights do not
+    linger in the average of a short run (with a fixed 0.999, 22% of them remain after 1500 steps)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.shadow["_updates"] = torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+        n = float(self.shadow["_updates"])
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach(), 1 - decay)
+        self.shadow["_updates"] += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            p.copy_(self.shadow[n])
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.shadow.items() if k != "_updates"}
 
 
 def rng_state() -> dict[str, Any]:

@@ -206,7 +206,7 @@ def _plain_vae(trainable: nn.Module, ema: EMA | None, config) -> VAE | None:
 
     state = {clean(k): v for k, v in full_state_dict(trainable).items() if not clean(k).startswith("perceptual.")}
     if ema is not None:
-        for k, v in ema.shadow.items():
+        for k, v in ema.weights().items():
             if not clean(k).startswith("perceptual."):
                 state[clean(k)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
