@@ -188,3 +188,20 @@ def test_existing_run_needs_resume(world, tmp_path):
     train_ar(cfg, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_ar(cfg, progress=False)
+
+
+def test_ema_warms_up_and_tracks_the_weights():
+    from nextstep.train.state import EMA
+
+    lin = torch.nn.Linear(2, 2)
+    ema = EMA(lin, 0.999)
+    expect = lin.weight.detach().clone()
+    for n in range(30):
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        decay = min(0.999, (1 + n) / (10 + n))
+        expect = decay * expect + (1 - decay) * lin.weight.detach()
+        ema.update(lin)
+    assert torch.allclose(ema.weights()["weight"], expect, atol=1e-5)
+    # after 30 updates the average sits near the recent weights, not the initial ones
+    assert (lin.weight - ema.weights()["weight"]).abs().max() < 10
