@@ -28,6 +28,7 @@ class DataConfig:
 
     ``source``: "folder" (``path`` = a directory with ``captions.jsonl``), "shards" (``path`` = a directory or glob
     of WebDataset-style ``.tar`` files) or "shapes" (the procedural shapes world, ``num_samples`` of them).
+    The AR trainer encodes every image to latents once and trains from the cache (``OUT/latents-*.safetensors``).
     """
 
     source: str = "shapes"
@@ -38,7 +39,6 @@ class DataConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"t2i": 0.8, "edit": 0.2, "text": 0.0})
     caption_dropout: float = 0.1
     image_dropout: float = 0.1  # edits: drop the source image too (for image guidance)
-    cache_latents: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,7 +99,6 @@ class RunConfig:
     sample_every: int = 0  # 0 = never
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
@@ -107,7 +106,7 @@ class RunConfig:
         _check(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("log_every", "sample_every", "ckpt_every", "num_workers"):
+        for name in ("log_every", "sample_every", "ckpt_every"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
 
