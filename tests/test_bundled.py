@@ -1,0 +1,41 @@
+"""The bundled model: works with no download, and a fast evaluation subset guards against regressions in loading
+and sampling (numbers measured when the model was bundled; see README "Bundled model")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from nextstep.cli import main
+from nextstep.eval.shapes import analyze, evaluate
+from nextstep.pipeline import NextStepPipeline, bundled_model_dir
+
+# accuracy (%) per category on `evaluate(n_per_category=10, seed=0)` at the bundled defaults, one thread
+MEASURED = {"single_object": 0.0, "two_objects": 10.0, "counting": 0.0, "colors": 30.0, "position": 0.0,
+            "color_attribution": 0.0}
+TOLERANCE = 10.0  # one prompt of ten
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    if bundled_model_dir() is None:
+        pytest.fail("the package ships no bundled model")
+    return NextStepPipeline.from_pretrained()
+
+
+def test_generate_without_arguments_writes_an_image(tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["generate", "a green triangle", "-o", str(out), "--quiet"]) == 0
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    assert analyze(img).objects, "the image shows no object at all"
+
+
+def test_evaluation_subset_matches_measured_numbers(pipe, one_thread):
+    gen = torch.Generator().manual_seed(0)
+    res = evaluate(lambda caps: pipe(caps, generator=gen, progress=False).images, 10, 0, progress=False)
+    got = {k: v for k, v in res["categories"].items()}
+    print("measured", got)
+    for k, v in MEASURED.items():
+        assert abs(got[k] - v) <= TOLERANCE, (k, got[k], v)
