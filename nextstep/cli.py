@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from .images import grid_image, save_png
 from .pipeline import NextStepPipeline, bundled_model_dir
 from .train.state import TrainingError
 
@@ -192,29 +189,6 @@ def output_paths(output: str, n: int) -> tuple[list[Path], Path | None]:
     if n == 1:
         return [out], None
     return [out.with_name(f"{out.stem}_{i}.png") for i in range(n)], out.with_name(f"{out.stem}_grid.png")
-
-
-def grid_image(images: list[Image.Image]) -> Image.Image:
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically: a temporary file next to the target, then rename (no partial files on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args) -> list[Path]:

@@ -462,11 +462,6 @@ def preset(name: str) -> NextStepConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def vae_f8ch16(ch: int = 128) -> VAEConfig:
-    """The official tokenizer layout (f8, 16 channels); ``ch=128`` is the released size."""
-    return VAEConfig(ch=ch, ch_mult=(1, 2, 4, 4), z_channels=16, resolution=256)
-
-
 def num_params_estimate(cfg: NextStepConfig) -> int:
     """Parameter count from the config alone (no allocation), used by benchmarks and docs."""
     t, h = cfg.transformer, cfg.head

@@ -7,6 +7,8 @@ token of ``C * p * p`` values, flattened in (c, pi, pj) order, and tokens follow
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -49,11 +51,13 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
+@lru_cache(maxsize=64)
 def sincos_2d_table(dim: int, rows: int, cols: int) -> torch.Tensor:
     """(rows*cols, dim) float32 MAE-style 2-D table in raster order for an actual ``rows`` x ``cols`` grid.
 
     The first half of the channels encodes the column, the second half the row (as in the reference, whose
     ``meshgrid(w, h)`` puts w first). For rows == cols == G it equals the reference's G x G table.
+    Cached per grid (sampling asks for it at every image token): treat the result as read-only.
     """
     if dim % 4:
         raise ValueError(f"position table needs a hidden size divisible by 4, got {dim}")

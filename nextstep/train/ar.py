@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..images import to_pil
+from ..images import grid_image, save_png, to_pil
 from ..model.flow_head import VelocityNet
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
@@ -185,7 +185,6 @@ def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
 
 
 def _sample_grid(cfg: TrainConfig, trainable, ema, vae, tok, path: Path, info: DistInfo) -> None:
-    from ..cli import grid_image, save_png
     from ..pipeline import NextStepPipeline
 
     model = _plain_model(trainable, ema)
