@@ -122,11 +122,11 @@ def run_eval(args) -> list[Path]:
     print(format_table(results))
     written = []
     if args.json:
-        slim = {k: v for k, v in results.items() if k not in ("images",)}
+        slim = {k: v for k, v in results.items() if k not in ("images", "sources")}
         Path(args.json).write_text(json.dumps(slim, indent=2, default=str))
         written.append(Path(args.json))
     if args.save_grid:
-        save_grid(results["records"], results["images"], args.save_grid)
+        save_grid(results["records"], results["images"], args.save_grid, sources=results["sources"])
         written.append(Path(args.save_grid))
     return written
 

@@ -298,6 +298,18 @@ def test_evaluate_end_to_end(tmp_path):
     assert "| counting | 100.0 |" in table and "| **all** | **0.0** |" in table
     grid = E.save_grid(results["records"][:10], results["images"][:10], tmp_path / "grid.png", cols=4)
     assert (tmp_path / "grid.png").is_file() and grid.size[0] == 4 * (128 + 2 * E.GRID_BORDER)
+    # with sources, each edit shows its input (gray frame) before its output: 3 edits -> 6 cells in one row
+    assert results["sources"][:36] == [None] * 36 and all(s.size == (64, 64) for s in results["sources"][36:])
+    cell = 128 + 2 * E.GRID_BORDER
+    grid = E.save_grid(results["records"][36:39], results["images"][36:39], tmp_path / "g2.png", cols=8,
+                       sources=results["sources"][36:39])
+    assert grid.size[0] == 6 * cell
+    assert grid.getpixel((1, 1)) == E.INPUT_COLOR and grid.getpixel((cell + 1, 1)) in (E.PASS_COLOR, E.FAIL_COLOR)
+    assert np.array_equal(np.asarray(grid.crop((E.GRID_BORDER, E.GRID_BORDER, E.GRID_BORDER + 128,
+                                                E.GRID_BORDER + 128)).resize((64, 64), Image.NEAREST)),
+                          np.asarray(results["sources"][36].convert("RGB")))
+    with pytest.raises(ValueError, match="one source"):
+        E.save_grid(results["records"][:2], results["images"][:2], tmp_path / "g3.png", sources=[None])
     blank = E.evaluate(lambda caps: [Image.new("RGB", (64, 64), "white")] * len(caps), 3, seed=0, progress=False)
     assert blank["overall"] == 0.0 and blank["edits"] is None
     with pytest.raises(ValueError, match="PIL images"):

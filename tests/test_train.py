@@ -75,7 +75,7 @@ def losses(out: Path, key: str = "loss") -> dict[int, float]:
 
 def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_thread):
     out = tmp_path / "run"
-    final = train_ar(from_dict(TrainConfig, ar_config(world, out)), progress=False)
+    final = train_ar(from_dict(TrainConfig, ar_config(world, out, export_every=10)), progress=False)
     lm, im = losses(out, "lm_loss"), losses(out, "im_loss")
     first, last = range(1, 6), range(26, 31)
     assert np.mean([lm[s] for s in last]) < 0.7 * np.mean([lm[s] for s in first])
@@ -86,6 +86,11 @@ def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_th
     img = pipe("a red square", height=32, width=32, num_inference_steps=3, progress=False).images[0]
     assert img.size == (32, 32)
     assert (out / "checkpoints" / "step_0000030" / "trainer.json").is_file()
+    # intermediate exports (for accuracy-vs-training-time curves) are loadable model dirs of their own step
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_0000010", "step_0000020"]
+    early = NextStepPipeline.from_pretrained(out / "exports" / "step_0000010").model
+    a, b = early.state_dict(), pipe.model.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):

@@ -362,14 +362,15 @@ def evaluate(
                   "types": {edit type: {"success": %, "psnr_outside": dB}}} or None without edits,
         "records": per sample {"kind": "t2i" | "edit", "category": category or edit type, "caption": the text
                    given to the model (caption or instruction), "passed": bool, "psnr_outside": dB or None},
-        "images": the model's image for each record (PIL, aligned with "records"), plus "size" and "seed".
+        "images": the model's image for each record (PIL, aligned with "records"),
+        "sources": the input image of each edit record (None for text-to-image), plus "size" and "seed".
     """
     if n_per_category < 0 or n_edits < 0 or batch_size < 1:
         raise ValueError(f"need n_per_category >= 0, n_edits >= 0, batch_size >= 1; got {n_per_category}, "
                          f"{n_edits}, {batch_size}")
     if n_edits > 0 and edit_fn is None:
         raise ValueError("n_edits > 0 needs an edit_fn")
-    categories, records, images = {}, [], []
+    categories, records, images, sources = {}, [], [], []
     if n_per_category:
         for category in CATEGORIES:
             accuracy, recs, outs = _evaluate_category(generate_fn, category, n_per_category, seed, size,
@@ -377,14 +378,16 @@ def evaluate(
             categories[category] = accuracy
             records += recs
             images += outs
+    sources += [None] * len(records)
     edits = None
     if n_edits:
-        edits, recs, outs = _evaluate_edits(edit_fn, n_edits, seed, size, batch_size, progress)
+        edits, recs, outs, srcs = _evaluate_edits(edit_fn, n_edits, seed, size, batch_size, progress)
         records += recs
         images += outs
+        sources += srcs
     overall = float(np.mean(list(categories.values()))) if categories else float("nan")
     return {"size": size, "seed": seed, "categories": categories, "overall": overall, "edits": edits,
-            "records": records, "images": images}
+            "records": records, "images": images, "sources": sources}
 
 
 def _evaluate_category(generate_fn, category, n, seed, size, batch_size, progress):
@@ -398,7 +401,7 @@ def _evaluate_category(generate_fn, category, n, seed, size, batch_size, progres
 
 
 def _evaluate_edits(edit_fn, n, seed, size, batch_size, progress):
-    """(summary, records, images) of the editor on ``edit_set(n, seed, size)``."""
+    """(summary, records, images, sources) of the editor on ``edit_set(n, seed, size)``."""
     cases = edit_set(n, seed, size)
     outputs = _batched(edit_fn, [[s for s, _, _ in cases], [i for _, i, _ in cases]], batch_size, "edits", progress)
     records = []
@@ -414,7 +417,7 @@ def _evaluate_edits(edit_fn, n, seed, size, batch_size, progress):
                         "psnr_outside": _mean_psnr([r["psnr_outside"] for r in recs])}
     summary = {"success": _percent([r["passed"] for r in records]),
                "psnr_outside": _mean_psnr([r["psnr_outside"] for r in records]), "types": types}
-    return summary, records, outputs
+    return summary, records, outputs, [source for source, _, _ in cases]
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -438,7 +441,7 @@ def format_table(results: Mapping[str, Any]) -> str:
 GRID_CELL_MIN = 128  # images are enlarged (nearest neighbour) to at least this many pixels across
 GRID_BORDER = 3
 GRID_TEXT_LINES = 4
-PASS_COLOR, FAIL_COLOR = (40, 170, 60), (210, 40, 40)
+PASS_COLOR, FAIL_COLOR, INPUT_COLOR = (40, 170, 60), (210, 40, 40), (150, 150, 150)
 
 
 def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
@@ -456,27 +459,34 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
 
 
 def save_grid(records: Sequence[Mapping[str, Any]], images: Sequence[Image.Image], path: str | Path,
-              cols: int = 8) -> Image.Image:
+              cols: int = 8, sources: Sequence[Image.Image | None] | None = None) -> Image.Image:
     """Write a PNG grid: each image (enlarged to >= GRID_CELL_MIN px) framed green (passed) or red (failed),
-    with its record's "caption" wrapped below. Returns the grid image."""
+    with its record's "caption" wrapped below. With ``sources`` (aligned with ``records``, None where there is no
+    input image), an edit's input comes first in a gray frame, then its output. Returns the grid image."""
     if len(records) != len(images) or not images:
         raise ValueError(f"need one record per image and at least one image, got {len(records)} and {len(images)}")
+    if sources is not None and len(sources) != len(images):
+        raise ValueError(f"need one source (or None) per image, got {len(sources)} for {len(images)} images")
     if cols < 1:
         raise ValueError(f"cols must be >= 1, got {cols}")
+    cells = []  # (image, caption, frame colour)
+    for i, (rec, im) in enumerate(zip(records, images)):
+        if sources is not None and sources[i] is not None:
+            cells.append((sources[i], "input", INPUT_COLOR))
+        cells.append((im, rec["caption"], PASS_COLOR if rec["passed"] else FAIL_COLOR))
     w, h = images[0].size
     scale = max(1, math.ceil(GRID_CELL_MIN / w))
     font = ImageFont.load_default()
     line_h = font.getbbox("Ag")[3] + 2
     cell_w, cell_h = w * scale + 2 * GRID_BORDER, h * scale + 2 * GRID_BORDER + GRID_TEXT_LINES * line_h + 4
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (min(cols, len(images)) * cell_w, rows * cell_h), "white")
+    rows = math.ceil(len(cells) / cols)
+    grid = Image.new("RGB", (min(cols, len(cells)) * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (rec, im) in enumerate(zip(records, images)):
+    for i, (im, caption, color) in enumerate(cells):
         x, y = (i % cols) * cell_w, (i // cols) * cell_h
-        color = PASS_COLOR if rec["passed"] else FAIL_COLOR
         draw.rectangle([x, y, x + cell_w - 1, y + h * scale + 2 * GRID_BORDER - 1], fill=color)
         grid.paste(im.convert("RGB").resize((w * scale, h * scale), Image.NEAREST), (x + GRID_BORDER, y + GRID_BORDER))
-        for j, line in enumerate(_wrap(rec["caption"], font, cell_w - 4, draw)):
+        for j, line in enumerate(_wrap(caption, font, cell_w - 4, draw)):
             draw.text((x + 2, y + h * scale + 2 * GRID_BORDER + 2 + j * line_h), line, fill="black", font=font)
     grid.save(path, format="PNG")
     return grid

@@ -156,6 +156,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
             if run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps:
                 save_checkpoint(out, done, trainable, optimizer, ema,
                                 {"config": to_dict(cfg), "data_position": done}, info, run.keep_checkpoints)
+            if run.export_every and done % run.export_every == 0 and done != run.steps:
+                export(cfg, trainable, ema, vae, tok, out / "exports" / f"step_{done:07d}", info)
     finally:
         bar.close()
     return export(cfg, trainable, ema, vae, tok, out / "final", info)

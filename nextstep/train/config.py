@@ -99,6 +99,7 @@ class RunConfig:
     sample_every: int = 0  # 0 = never
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    export_every: int = 0  # 0 = only at the end; else also OUT/exports/step_N (loadable model dirs)
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
@@ -106,7 +107,7 @@ class RunConfig:
         _check(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("log_every", "sample_every", "ckpt_every"):
+        for name in ("log_every", "sample_every", "ckpt_every", "export_every"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
 
