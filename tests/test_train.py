@@ -93,6 +93,22 @@ def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_th
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_vae_decoder_only_finetune_keeps_the_encoder(world, tmp_path, one_thread):
+    cfg = {"run": {"out_dir": str(tmp_path / "dec"), "steps": 6, "batch_size": 2, "log_every": 1, "ckpt_every": 0,
+                   "ema_decay": 0.99},
+           "data": {"source": "folder", "path": str(world["data"]), "image_size": 32},
+           "optim": {"lr": 2e-3, "warmup_steps": 1}, "holdout": 2, "init_from": str(world["vae"]),
+           "train_encoder": False}
+    before, after = VAE.from_pretrained(world["vae"]), VAE.from_pretrained(
+        train_vae(from_dict(VAETrainConfig, cfg), progress=False))
+    for (name, p), q in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(p, q) == name.startswith("encoder."), name  # encoder exact, decoder trained
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(before.encode(x).mode(), after.encode(x).mode())  # cached latents stay valid
+    with pytest.raises(ConfigError, match="init_from"):
+        from_dict(VAETrainConfig, {"train_encoder": False})
+
+
 def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):
     cfg = {"run": {"out_dir": str(tmp_path / "vae"), "steps": 40, "batch_size": 4, "log_every": 1,
                    "ckpt_every": 0},

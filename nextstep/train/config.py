@@ -170,6 +170,7 @@ class VAETrainConfig:
     disc_weight: float = 0.0
     disc_start: int = 0  # step from which the patch discriminator is trained and used
     holdout: int = 64  # held-out images for PSNR / SSIM
+    train_encoder: bool = True  # False: fine-tune the decoder only (latents, and models trained on them, stay valid)
 
     def __post_init__(self) -> None:
         _coerce(self, "run", RunConfig)
@@ -181,6 +182,8 @@ class VAETrainConfig:
         _check(self.perceptual_weight == 0 or bool(self.perceptual_weights),
                "perceptual_weight > 0 needs perceptual_weights: a VGG16 features state dict (never downloaded)")
         _check(self.disc_start >= 0 and self.holdout >= 0, "disc_start and holdout must be >= 0")
+        _check(self.train_encoder or self.init_from is not None,
+               "train_encoder: false fine-tunes the decoder of an existing VAE: set init_from")
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(**self.vae)

@@ -89,7 +89,8 @@ class EMA:
         n = float(self.shadow["_updates"])
         decay = min(self.decay, (1 + n) / (10 + n))
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach(), 1 - decay)
+            if p.requires_grad:  # frozen parameters keep their value (exactly)
+                self.shadow[name].lerp_(p.detach(), 1 - decay)
         self.shadow["_updates"] += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -39,7 +39,8 @@ class VAELoss(nn.Module):
 
     def forward(self, x: torch.Tensor, seeds: list[int]):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        post = self.vae.encode(x)
+        with nullcontext() if self.cfg.train_encoder else torch.no_grad():
+            post = self.vae.encode(x)
         det = self.vae.config.deterministic
         z = post.mode() if det else torch.cat([post_i for post_i in _per_image_samples(post, gens)])
         z = torch.cat([self.vae.perturb(zi[None], self.cfg.noise_gamma, g) for zi, g in zip(z, gens)])
@@ -129,6 +130,8 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
             torch.manual_seed(run.seed)
             vae = VAE(cfg.vae_config())
     vae = vae.to(info.device).train()
+    if not cfg.train_encoder:  # decoder-only fine-tuning: the encoder (and so every cached latent) stays as it is
+        vae.encoder.requires_grad_(False)
     perceptual = VGGPerceptual(cfg.perceptual_weights).to(info.device) if cfg.perceptual_weight > 0 else None
     if info.is_main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
