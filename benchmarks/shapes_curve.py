@@ -54,8 +54,9 @@ def models_of(run: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def score(model_dir: Path, settings: SamplingConfig, n: int, edits: int, seed: int, size: int) -> dict:
-    pipe = NextStepPipeline.from_pretrained(model_dir)
+def score(model_dir: Path, settings: SamplingConfig, n: int, edits: int, seed: int, size: int,
+          vae: Path | None = None) -> dict:
+    pipe = NextStepPipeline.from_pretrained(model_dir, vae)
     pipe.defaults = settings
     gen = torch.Generator().manual_seed(seed)
 
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--settings", type=Path, default=None,
                    help="a model dir whose generation_config.json gives the sampling settings (default: bundled)")
+    p.add_argument("--vae", type=Path, default=None, help="decode every model with this VAE (default: its vae/)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
@@ -126,7 +128,7 @@ def main() -> None:
             sys.exit(f"{run}: no metrics.jsonl records")
         for step, model_dir in models_of(run):
             t = times.get(step, max(times.values()))
-            r = score(model_dir, settings, args.n, args.edits, args.seed, args.size)
+            r = score(model_dir, settings, args.n, args.edits, args.seed, args.size, args.vae)
             points.append({"model": str(model_dir), "step": step0 + step, "minutes": (time0 + t) / 60, **r})
             print(f"{model_dir}: step {step0 + step}, {(time0 + t) / 60:.0f} min, overall {r['overall']:.1f}%",
                   file=sys.stderr, flush=True)

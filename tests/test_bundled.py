@@ -15,6 +15,8 @@ from nextstep.pipeline import NextStepPipeline, bundled_model_dir
 MEASURED = {"single_object": 0.0, "two_objects": 10.0, "counting": 0.0, "colors": 30.0, "position": 0.0,
             "color_attribution": 0.0}
 TOLERANCE = 10.0  # one prompt of ten
+# edits on `evaluate(n_edits=12, seed=0)` (same call): success (%) within one edit, mean PSNR outside within 1 dB
+MEASURED_EDITS_N, MEASURED_EDITS, MEASURED_EDITS_PSNR = 12, None, None
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,11 @@ def test_bundled_model_draws_shapes(pipe):
 
 def test_evaluation_subset_matches_measured_numbers(pipe, one_thread):
     gen = torch.Generator().manual_seed(0)
-    res = evaluate(lambda caps: pipe(caps, generator=gen, progress=False).images, 10, 0, progress=False)
+    res = evaluate(lambda caps: pipe(caps, generator=gen, progress=False).images, 10, 0, progress=False,
+                   edit_fn=lambda srcs, ins: pipe(ins, image=srcs, generator=gen, progress=False).images,
+                   n_edits=MEASURED_EDITS_N)
     got = {k: v for k, v in res["categories"].items()}
     for k, v in MEASURED.items():
         assert abs(got[k] - v) <= TOLERANCE, (k, got[k], v)
+    assert abs(res["edits"]["success"] - MEASURED_EDITS) <= 100 / MEASURED_EDITS_N + 1e-6, res["edits"]
+    assert abs(res["edits"]["psnr_outside"] - MEASURED_EDITS_PSNR) <= 1.0, res["edits"]
