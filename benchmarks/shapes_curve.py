@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from nextstep.config import SamplingConfig
 from nextstep.data.shapes import CATEGORIES
-from nextstep.eval.shapes import evaluate
+from nextstep.eval.shapes import evaluate_pipeline
 from nextstep.pipeline import NextStepPipeline, bundled_model_dir
 
 
@@ -41,16 +41,15 @@ def wall_time_per_step(run: Path) -> dict[int, float]:
     return out
 
 
-def models_of(run: Path) -> list[tuple[int, Path]]:
-    """(step within the run, model dir) of the exports and the final model, by step."""
+def models_of(run: Path, last_step: int) -> list[tuple[int, Path]]:
+    """(step within the run, model dir) of the exports and the final model (at ``last_step``), by step."""
     found = []
     for d in sorted((run / "exports").glob("step_*")):
         m = re.fullmatch(r"step_(\d+)", d.name)
         if m and (d / "config.json").is_file():
             found.append((int(m.group(1)), d))
-    times = wall_time_per_step(run)
-    if (run / "final" / "config.json").is_file() and times:
-        found.append((max(times), run / "final"))
+    if (run / "final" / "config.json").is_file():
+        found.append((last_step, run / "final"))
     return found
 
 
@@ -58,15 +57,7 @@ def score(model_dir: Path, settings: SamplingConfig, n: int, edits: int, seed: i
           vae: Path | None = None) -> dict:
     pipe = NextStepPipeline.from_pretrained(model_dir, vae)
     pipe.defaults = settings
-    gen = torch.Generator().manual_seed(seed)
-
-    def generate(captions):
-        return pipe(captions, height=size, width=size, generator=gen, progress=False).images
-
-    def edit(sources, instructions):
-        return pipe(instructions, image=sources, height=size, width=size, generator=gen, progress=False).images
-
-    res = evaluate(generate, n, seed, size=size, edit_fn=edit if edits else None, n_edits=edits, progress=False)
+    res = evaluate_pipeline(pipe, n, seed, size=size, n_edits=edits, progress=False)
     return {"categories": res["categories"], "overall": res["overall"],
             "edit_success": res["edits"]["success"] if res["edits"] else None,
             "edit_psnr": res["edits"]["psnr_outside"] if res["edits"] else None}
@@ -126,7 +117,7 @@ def main() -> None:
         times = wall_time_per_step(run)
         if not times:
             sys.exit(f"{run}: no metrics.jsonl records")
-        for step, model_dir in models_of(run):
+        for step, model_dir in models_of(run, max(times)):
             t = times.get(step, max(times.values()))
             r = score(model_dir, settings, args.n, args.edits, args.seed, args.size, args.vae)
             points.append({"model": str(model_dir), "step": step0 + step, "minutes": (time0 + t) / 60, **r})

@@ -104,21 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_eval(args) -> list[Path]:
-    from .eval.shapes import evaluate, format_table, save_grid
+    from .eval.shapes import evaluate_pipeline, format_table, save_grid
 
-    pipe = load_pipeline(args)
-    gen = torch.Generator().manual_seed(args.seed)
-    settings = dict(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                    time_shift=args.shift, sampler=args.sampler, generator=gen, progress=False)
-
-    def generate(captions):
-        return pipe(captions, **settings).images
-
-    def edit(sources, instructions):
-        return pipe(instructions, image=sources, image_guidance_scale=args.image_cfg, **settings).images
-
-    results = evaluate(generate, args.n, args.seed, size=args.size, edit_fn=edit if args.edits else None,
-                       n_edits=args.edits, batch_size=args.batch, progress=not args.quiet)
+    results = evaluate_pipeline(load_pipeline(args), args.n, args.seed, size=args.size, n_edits=args.edits,
+                                batch_size=args.batch, progress=not args.quiet, image_guidance_scale=args.image_cfg,
+                                num_inference_steps=args.steps, guidance_scale=args.cfg, time_shift=args.shift,
+                                sampler=args.sampler)
     print(format_table(results))
     written = []
     if args.json:

@@ -40,8 +40,9 @@ def main() -> None:
     NextStep.from_pretrained(src).to(torch.bfloat16).save_pretrained(DEST)
     VAE.from_pretrained(args.vae or src / "vae").save_pretrained(DEST / "vae")
     Tokenizer.from_pretrained(src).save_pretrained(DEST)
+    edit_cfg = args.cfg if args.edit_cfg is None else args.edit_cfg
     SamplingConfig(guidance_scale=args.cfg, num_inference_steps=args.steps, time_shift=args.shift,
-                   sampler=args.sampler, edit_guidance_scale=args.cfg if args.edit_cfg is None else args.edit_cfg, edit_image_guidance_scale=args.image_cfg,
+                   sampler=args.sampler, edit_guidance_scale=edit_cfg, edit_image_guidance_scale=args.image_cfg,
                    edit_time_shift=args.edit_shift, edit_negative_prompt="").save(DEST)
     size = sum(f.stat().st_size for f in DEST.rglob("*") if f.is_file())
     print(f"bundled {src} -> {DEST} ({size / 2**20:.1f} MiB)")

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 from nextstep.cli import main
-from nextstep.eval.shapes import analyze, evaluate
+from nextstep.eval.shapes import analyze, evaluate_pipeline
 from nextstep.pipeline import NextStepPipeline, bundled_model_dir
 
-# accuracy (%) per category on `evaluate(n_per_category=10, seed=0)` at the bundled defaults, one thread
+# accuracy (%) per category on `evaluate_pipeline(pipe, 10, seed=0)` at the bundled defaults, one thread
 MEASURED = {"single_object": 20.0, "two_objects": 50.0, "counting": 10.0, "colors": 50.0, "position": 20.0,
             "color_attribution": 20.0}
 TOLERANCE = 10.0  # one prompt of ten
-# edits on `evaluate(n_edits=12, seed=0)` (same call): success (%) within one edit, mean PSNR outside within 1 dB
+# edits on `evaluate_pipeline(..., n_edits=12)` (same call): success (%) within one edit, mean PSNR outside within 1 dB
 MEASURED_EDITS_N, MEASURED_EDITS, MEASURED_EDITS_PSNR = 12, 16.67, 24.24
 
 
@@ -42,10 +42,7 @@ def test_bundled_model_draws_shapes(pipe):
 
 
 def test_evaluation_subset_matches_measured_numbers(pipe, one_thread):
-    gen = torch.Generator().manual_seed(0)
-    res = evaluate(lambda caps: pipe(caps, generator=gen, progress=False).images, 10, 0, progress=False,
-                   edit_fn=lambda srcs, ins: pipe(ins, image=srcs, generator=gen, progress=False).images,
-                   n_edits=MEASURED_EDITS_N)
+    res = evaluate_pipeline(pipe, 10, 0, n_edits=MEASURED_EDITS_N, progress=False)
     got = {k: v for k, v in res["categories"].items()}
     for k, v in MEASURED.items():
         assert abs(got[k] - v) <= TOLERANCE, (k, got[k], v)

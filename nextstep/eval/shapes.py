@@ -390,6 +390,27 @@ def evaluate(
             "records": records, "images": images, "sources": sources}
 
 
+def evaluate_pipeline(pipe, n_per_category: int, seed: int, size: int = 64, n_edits: int = 0, batch_size: int = 16,
+                      progress: bool = True, image_guidance_scale: float | None = None, **settings: Any
+                      ) -> dict[str, Any]:
+    """``evaluate`` for a ``NextStepPipeline``: one generator seeded with ``seed`` for all its calls, ``size`` x
+    ``size`` images; ``settings`` (steps, guidance, ...) go to every call, ``image_guidance_scale`` to edits only.
+    Settings left out take the pipeline's defaults (``pipe.defaults``)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(height=size, width=size, generator=gen, progress=False, **settings)
+
+    def generate(captions):
+        return pipe(captions, **kw).images
+
+    def edit(sources, instructions):
+        return pipe(instructions, image=sources, image_guidance_scale=image_guidance_scale, **kw).images
+
+    return evaluate(generate, n_per_category, seed, size=size, edit_fn=edit if n_edits else None, n_edits=n_edits,
+                    batch_size=batch_size, progress=progress)
+
+
 def _evaluate_category(generate_fn, category, n, seed, size, batch_size, progress):
     """(accuracy %, records, images) of the generator on ``prompt_set(category, n, seed, size)``."""
     prompts = prompt_set(category, n, seed, size)
