@@ -177,6 +177,12 @@ class NextStepConfig:
     lm_loss_weight: float = 0.01
     im_loss_weight: float = 1.0
     use_mlp_before_lm_head: bool = False
+    # Std of the Gaussian noise added to the tokens of the image being generated where they are read back as
+    # inputs (training: every position of a generated image; sampling: each sampled token before it is fed back).
+    # The flow loss's targets stay clean. Without it a small model learns to copy faint whole-image traces that
+    # the VAE encoder (attention, GroupNorm) leaves in every token instead of reading the prompt (see README,
+    # "Training the bundled model"). 0 is the reference behaviour.
+    context_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.transformer, dict):
@@ -189,6 +195,8 @@ class NextStepConfig:
             i = getattr(self, name)
             _check(isinstance(i, int) and 0 <= i < v, f"NextStepConfig.{name}={i!r} is outside the vocabulary [0, {v})")
         _check(self.lm_loss_weight >= 0 and self.im_loss_weight >= 0, "loss weights must be >= 0")
+        _check(isinstance(self.context_noise, (int, float)) and 0 <= self.context_noise < float("inf"),
+               f"NextStepConfig.context_noise must be a finite number >= 0, got {self.context_noise!r}")
         _check(not self.use_mlp_before_lm_head, "use_mlp_before_lm_head=True is not supported by this implementation")
 
     @property
@@ -306,6 +314,7 @@ _ALIASES: list[tuple[tuple[str, ...], str]] = [
     (("pad_token_id",), "pad_id"),
     (("eos_token_id",), "eos_id"),
     (("use_mlp_before_lm_head",), "use_mlp_before_lm_head"),
+    (("context_noise",), "context_noise"),
     (("vocab_size",), "transformer.vocab_size"),
     (("hidden_size",), "transformer.hidden_size"),
     (("num_hidden_layers",), "transformer.num_layers"),
@@ -417,6 +426,8 @@ def _to_official(cfg: NextStepConfig, schema: str) -> dict[str, Any]:
         "base_image_grid_size": cfg.base_image_grid_size,
         "fm_head_mlp_ratio": h.mlp_ratio,
     }
+    if cfg.context_noise:  # our extension; written only when used so official-format files stay unchanged
+        out["context_noise"] = cfg.context_noise
     if schema == "v1":
         out.update(fm_head_dim=h.width, fm_head_layers=h.depth, fm_head_batch_mul=h.batch_mul,
                    latent_channels=cfg.latent_channels, latent_patch_size=cfg.patch_size,

@@ -314,6 +314,8 @@ class NextStepPipeline:
                 callback(k + 1, total, tokens[:, : k + 1])
             if k + 1 < total:
                 with clock("backbone"):
+                    if model.config.context_noise > 0:  # read back as in training (NextStepConfig.context_noise)
+                        x = x + model.config.context_noise * noise()
                     e = model.embed_image_tokens(x.to(model.dtype))[:, None]  # (n, 1, D)
                     h = model(torch.cat([e] * copies), cache=cache)[:, -1]
         return tokens

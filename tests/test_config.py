@@ -143,9 +143,10 @@ def test_to_official_round_trip_non_default_fields():
         head=FlowHeadConfig(width=48, depth=3, mlp_ratio=2.0, batch_mul=2),
         latent_channels=4, patch_size=1, base_image_grid_size=20, use_gen_pos_embed=True,
         boi_id=500, eoi_id=501, image_placeholder_id=502, pad_id=503, eos_id=7,
-        lm_loss_weight=0.1, im_loss_weight=2.0)
+        lm_loss_weight=0.1, im_loss_weight=2.0, context_noise=0.4)
     for schema in ("v1", "v1.1"):
         assert NextStepConfig.from_official(cfg.to_official(schema)) == cfg
+    assert "context_noise" not in preset("tiny").to_official()  # our extension: absent unless used
     with pytest.raises(ConfigError, match="schema"):
         cfg.to_official("v2")
 
@@ -202,6 +203,9 @@ def test_dataclass_validation():
         NextStepConfig(pad_id=2000)
     with pytest.raises(ConfigError, match="width"):
         FlowHeadConfig(width=0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="context_noise"):
+            NextStepConfig(context_noise=bad)
     with pytest.raises(ConfigError, match="unknown NextStepConfig keys.*'bogus'"):
         NextStepConfig.from_dict({"bogus": 1})
     cfg = preset("tiny")

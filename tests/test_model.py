@@ -131,6 +131,29 @@ def test_training_loss_backpropagates_to_every_part(model):
     assert out.im_loss > 0 and out.lm_loss > 0
 
 
+def test_context_noise_perturbs_only_generated_images_inputs(model):
+    """context_noise: the tokens of images with a loss weight are read back noised (std = context_noise), an edit's
+    source is read clean, the flow targets stay clean, and each image's noise comes from its own generator."""
+    m = copy.deepcopy(model)
+    m.config.context_noise = 0.5
+    grids = [(4, 4), (4, 4)]
+    z = [torch.randn(16, 8, 8), torch.randn(16, 8, 8)]
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    noise = m._context_noise(z, torch.tensor([0.0, 1.0]), gens)
+    assert noise.shape == (32, 64)
+    assert torch.equal(noise[:16], torch.zeros(16, 64))  # the source: clean
+    assert abs(noise[16:].std().item() - 0.5) < 0.05
+    alone = m._context_noise(z[1:], torch.tensor([1.0]), [torch.Generator().manual_seed(2)])
+    assert torch.equal(alone, noise[16:])  # independent of the other images in the batch
+    ids = torch.tensor([[5, 6, 7, 757] + [759] * 4 + [758, 0]])
+    lat = torch.randn(1, 16, 4, 4)
+    losses = []
+    for sigma in (0.0, 0.5, 0.0):
+        m.config.context_noise = sigma
+        losses.append(m.loss(ids, lat, generator=[torch.Generator().manual_seed(3)]).loss.item())
+    assert losses[0] == losses[2] and losses[1] != losses[0]  # 0 is exactly the reference path
+
+
 def test_embed_errors(model):
     ids = torch.tensor([[1, 759, 759, 2]])
     with pytest.raises(ValueError, match="no latents"):

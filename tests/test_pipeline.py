@@ -106,6 +106,32 @@ def test_cached_decoding_equals_uncached_forward(pipe):
     assert maxdiff(cached, uncached) <= 1e-5
 
 
+def test_context_noise_is_added_to_the_tokens_fed_back(pipe):
+    """With NextStepConfig.context_noise each sampled token is fed back with that much Gaussian noise (as in
+    training); the returned tokens stay clean and the first token (nothing fed back yet) is unchanged."""
+    model = pipe.model
+    kw = dict(height=32, width=48, num_inference_steps=3, guidance_scale=1.0, token_norm=True, output_type="pt",
+              progress=False)
+    clean = pipe("a red circle", generator=seeded(5), **kw)
+    fed = []
+    hook = model.image_in_projector.register_forward_hook(lambda m, i, o: fed.append(i[0].detach().clone()))
+    model.config.context_noise = 0.5
+    try:
+        noisy = pipe("a red circle", generator=seeded(5), **kw)
+        batch = pipe(["a red circle", "blue"], generator=[seeded(5), seeded(6)], **kw)
+    finally:
+        model.config.context_noise = 0.0
+        hook.remove()
+    n = noisy.grid[0] * noisy.grid[1]
+    inputs = torch.cat(fed[: n - 1])  # (n - 1, token_dim): the tokens fed back in the single-prompt run
+    assert torch.equal(noisy.tokens[0, 0], clean.tokens[0, 0])
+    assert not torch.equal(noisy.tokens, clean.tokens)
+    err = inputs - noisy.tokens[0, : n - 1]
+    assert abs(err.std().item() - 0.5) < 0.06 and abs(err.mean().item()) < 0.06
+    assert (noisy.tokens.std(-1, correction=0) - 1).abs().max() < 1e-3  # returned tokens are the clean (token-normed) samples
+    assert maxdiff(batch.tokens[:1], noisy.tokens) <= 1e-3  # per-prompt generators: batch == alone still holds
+
+
 def test_non_square_size_and_layout(pipe):
     out = pipe("wide", height=32, width=64, num_inference_steps=2, guidance_scale=1.0, generator=seeded(0),
                output_type="pt", progress=False)

@@ -87,10 +87,11 @@ class NextStep(nn.Module):
             toks.append(patchify(z, p)[0])
         return torch.cat(toks, 0), grids
 
-    def embed(self, input_ids: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor] | None = None
-              ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
+              token_noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) embeddings; image placeholders take ``image_in_projector`` of the image tokens,
-        filled in raster order over the batch (row 0's images first)."""
+        filled in raster order over the batch (row 0's images first). ``token_noise`` (N, token_dim), one row per
+        image token, is added to the tokens first (``config.context_noise``)."""
         is_img = input_ids == self.config.image_placeholder_id
         n_slots = int(is_img.sum())
         if latents is None or (not isinstance(latents, torch.Tensor) and len(latents) == 0):
@@ -100,6 +101,8 @@ class NextStep(nn.Module):
         tokens, _ = self.image_tokens(latents)
         if tokens.shape[0] != n_slots:
             raise ValueError(f"input_ids hold {n_slots} image placeholders but the latents give {tokens.shape[0]} tokens")
+        if token_noise is not None:
+            tokens = tokens + token_noise.to(tokens)
         out = torch.zeros(*input_ids.shape, self.config.transformer.hidden_size, device=self.device, dtype=self.dtype)
         out[~is_img] = self.embed_tokens(input_ids[~is_img])
         out[is_img] = self.image_in_projector(tokens.to(self.dtype)).to(out.dtype)
@@ -155,7 +158,10 @@ class NextStep(nn.Module):
         instead of the local ones (distributed training divides by the global counts).
         """
         cfg = self.config
-        embeds = self.embed(input_ids, latents)
+        noise = None
+        if cfg.context_noise > 0 and latents is not None:
+            noise = self._context_noise(latents, image_loss_mask, generator)
+        embeds = self.embed(input_ids, latents, noise)
         hidden = self.forward(embeds, attention_mask=attention_mask)[:, :-1]  # (B, L-1, D)
         next_is_img = (input_ids == cfg.image_placeholder_id)[:, 1:]
         labels = (input_ids if labels is None else labels)[:, 1:]
@@ -174,6 +180,25 @@ class NextStep(nn.Module):
         im_loss = im_sum / max(im_norm, 1e-8)
         loss = lm_loss * cfg.lm_loss_weight + im_loss * cfg.im_loss_weight
         return LossOutput(loss, lm_loss.detach(), im_loss.detach(), lm_count, im_count)
+
+    def _context_noise(self, latents, image_loss_mask, generator) -> torch.Tensor:
+        """(N, token_dim) input noise: ``context_noise`` * N(0, 1) on the tokens of every image with a loss weight
+        (the images being generated), zero on the others (an edit's source). Drawn before the head's noise, from
+        the image's own generator when there is one per image."""
+        _, grids = self.image_tokens(latents)
+        weights = [1.0] * len(grids) if image_loss_mask is None else image_loss_mask.tolist()
+        gens = list(generator) if isinstance(generator, Sequence) else [generator] * len(grids)
+        if len(gens) != len(grids):
+            raise ValueError(f"got {len(gens)} generators for {len(grids)} images")
+        d, parts = self.config.token_dim, []
+        for (h, w), wt, g in zip(grids, weights, gens):
+            if wt > 0:
+                gen_device = g.device if g is not None else self.device
+                parts.append(torch.randn(h * w, d, generator=g, device=gen_device).to(self.device)
+                             * self.config.context_noise)
+            else:
+                parts.append(torch.zeros(h * w, d, device=self.device))
+        return torch.cat(parts)
 
     def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator):
         """hidden (N, D): states before each image token, in image order -> (sum of weighted row losses, weight)."""

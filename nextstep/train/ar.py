@@ -76,6 +76,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
         model.config.lm_loss_weight, model.config.im_loss_weight = over.lm_loss_weight, over.im_loss_weight
         if cfg.batch_mul is not None:
             model.config.head.batch_mul = cfg.batch_mul
+        if cfg.context_noise is not None:
+            model.config.context_noise = cfg.context_noise
     else:
         model = NextStep(cfg.model_config()).init_weights(generator=torch.Generator().manual_seed(cfg.run.seed))
     s, c = tok.special, model.config

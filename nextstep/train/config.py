@@ -126,6 +126,7 @@ class TrainConfig:
     lm_loss_weight: float | None = None  # override the model config's
     im_loss_weight: float | None = None
     batch_mul: int | None = None
+    context_noise: float | None = None  # override the model config's (NextStepConfig.context_noise)
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square above a green triangle"])
 
     def __post_init__(self) -> None:
@@ -138,6 +139,7 @@ class TrainConfig:
             v = getattr(self, name)
             _check(v is None or v >= 0, f"{name} must be >= 0")
         _check(self.batch_mul is None or self.batch_mul >= 1, "batch_mul must be >= 1")
+        _check(self.context_noise is None or self.context_noise >= 0, "context_noise must be >= 0")
         if self.init_from is None:
             self.model_config()  # validate early
 
@@ -149,6 +151,8 @@ class TrainConfig:
             cfg.im_loss_weight = self.im_loss_weight
         if self.batch_mul is not None:
             cfg.head.batch_mul = self.batch_mul
+        if self.context_noise is not None:
+            cfg.context_noise = self.context_noise
         return cfg
 
 
