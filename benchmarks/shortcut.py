@@ -43,7 +43,8 @@ def leak(pipe: NextStepPipeline) -> np.ndarray:
 
 @torch.no_grad()
 def teacher_forced(pipe: NextStepPipeline, items, steps: int, guidance: float, seed: int):
-    """Sample every token of each ground-truth image given its true earlier tokens (no feedback of samples)."""
+    """Sample every token of each ground-truth image given its true earlier tokens (no feedback of samples), read
+    back with the model's context noise like sampled ones."""
     model, tok = pipe.model, pipe.tokenizer
     z = pipe.vae.scale(pipe.vae.encode(pixels([scene for _, _, scene in items])).mode())
     grid = token_grid(tuple(z.shape[-2:]), model.config.patch_size)
@@ -52,12 +53,15 @@ def teacher_forced(pipe: NextStepPipeline, items, steps: int, guidance: float, s
             for c, _, _ in items]
     rows += [generation_suffix_ids(tok, grid) + [tok.special.placeholder] * total] * n  # unconditional branch
     batch = left_pad(rows, tok.special.pad)
-    hidden = model(model.embed(batch.input_ids, torch.cat([z, z])), attention_mask=batch.attention_mask)
+    g = torch.Generator().manual_seed(seed)
+    d = model.config.token_dim
+    noise = model.config.context_noise * torch.randn(n * total, d, generator=g)  # read back as in sampling
+    hidden = model(model.embed(batch.input_ids, torch.cat([z, z]), torch.cat([noise, noise])),
+                   attention_mask=batch.attention_mask)
     before = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     before[:, :-1] = batch.input_ids[:, 1:] == tok.special.placeholder  # positions whose next token is an image token
     hs = hidden[before].reshape(2 * n, total, -1)
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n, total, model.config.token_dim)
+    out = torch.empty(n, total, d)
     for k in range(total):
         cond = model.condition(hs[:, k], torch.full((2 * n,), k), grid)
 
