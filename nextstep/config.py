@@ -180,8 +180,8 @@ class NextStepConfig:
     # Std of the Gaussian noise added to the tokens of the image being generated where they are read back as
     # inputs (training: every position of a generated image; sampling: each sampled token before it is fed back).
     # The flow loss's targets stay clean. Without it a small model learns to copy faint whole-image traces that
-    # the VAE encoder (attention, GroupNorm) leaves in every token instead of reading the prompt (see README,
-    # "Training the bundled model"). 0 is the reference behaviour.
+    # the VAE encoder (attention, GroupNorm) leaves in every token instead of reading the prompt (README, "Bundled
+    # model"; benchmarks/shortcut.py measures it). 0 is the reference behaviour.
     context_noise: float = 0.0
 
     def __post_init__(self) -> None:
