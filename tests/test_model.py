@@ -136,7 +136,6 @@ def test_context_noise_perturbs_only_generated_images_inputs(model):
     source is read clean, the flow targets stay clean, and each image's noise comes from its own generator."""
     m = copy.deepcopy(model)
     m.config.context_noise = 0.5
-    grids = [(4, 4), (4, 4)]
     z = [torch.randn(16, 8, 8), torch.randn(16, 8, 8)]
     gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
     noise = m._context_noise(z, torch.tensor([0.0, 1.0]), gens)
@@ -147,11 +146,15 @@ def test_context_noise_perturbs_only_generated_images_inputs(model):
     assert torch.equal(alone, noise[16:])  # independent of the other images in the batch
     ids = torch.tensor([[5, 6, 7, 757] + [759] * 4 + [758, 0]])
     lat = torch.randn(1, 16, 4, 4)
-    losses = []
+    losses, targets = [], []
+    row_losses = m.image_head.row_losses
+    m.image_head.row_losses = lambda target, *a: targets.append(target.clone()) or row_losses(target, *a)
     for sigma in (0.0, 0.5, 0.0):
         m.config.context_noise = sigma
         losses.append(m.loss(ids, lat, generator=[torch.Generator().manual_seed(3)]).loss.item())
     assert losses[0] == losses[2] and losses[1] != losses[0]  # 0 is exactly the reference path
+    assert torch.equal(targets[1], targets[0])  # the flow targets stay clean
+    assert torch.equal(targets[0], patchify(lat, 2)[0].repeat(m.config.head.batch_mul, 1))
 
 
 def test_embed_errors(model):

@@ -128,7 +128,8 @@ def test_context_noise_is_added_to_the_tokens_fed_back(pipe):
     assert not torch.equal(noisy.tokens, clean.tokens)
     err = inputs - noisy.tokens[0, : n - 1]
     assert abs(err.std().item() - 0.5) < 0.06 and abs(err.mean().item()) < 0.06
-    assert (noisy.tokens.std(-1, correction=0) - 1).abs().max() < 1e-3  # returned tokens are the clean (token-normed) samples
+    # the returned tokens are the clean (token-normed) samples
+    assert (noisy.tokens.std(-1, correction=0) - 1).abs().max() < 1e-3
     assert maxdiff(batch.tokens[:1], noisy.tokens) <= 1e-3  # per-prompt generators: batch == alone still holds
 
 

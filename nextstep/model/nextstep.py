@@ -185,19 +185,20 @@ class NextStep(nn.Module):
         """(N, token_dim) input noise: ``context_noise`` * N(0, 1) on the tokens of every image with a loss weight
         (the images being generated), zero on the others (an edit's source). Drawn before the head's noise, from
         the image's own generator when there is one per image."""
-        _, grids = self.image_tokens(latents)
-        weights = [1.0] * len(grids) if image_loss_mask is None else image_loss_mask.tolist()
-        gens = list(generator) if isinstance(generator, Sequence) else [generator] * len(grids)
-        if len(gens) != len(grids):
-            raise ValueError(f"got {len(gens)} generators for {len(grids)} images")
+        p = self.config.patch_size
+        counts = [(z.shape[-2] // p) * (z.shape[-1] // p) for z in latents]  # tokens per image (shapes only)
+        weights = [1.0] * len(counts) if image_loss_mask is None else image_loss_mask.tolist()
+        gens = list(generator) if isinstance(generator, Sequence) else [generator] * len(counts)
+        if len(gens) != len(counts):
+            raise ValueError(f"got {len(gens)} generators for {len(counts)} images")
         d, parts = self.config.token_dim, []
-        for (h, w), wt, g in zip(grids, weights, gens):
+        for n, wt, g in zip(counts, weights, gens):
             if wt > 0:
                 gen_device = g.device if g is not None else self.device
-                parts.append(torch.randn(h * w, d, generator=g, device=gen_device).to(self.device)
+                parts.append(torch.randn(n, d, generator=g, device=gen_device).to(self.device)
                              * self.config.context_noise)
             else:
-                parts.append(torch.zeros(h * w, d, device=self.device))
+                parts.append(torch.zeros(n, d, device=self.device))
         return torch.cat(parts)
 
     def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator):
