@@ -20,15 +20,16 @@ import torch.nn.functional as F
 
 from nextstep.data.shapes import Obj, Scene, generate_t2i, render
 from nextstep.eval.shapes import analyze, check
-from nextstep.images import to_unit
+from nextstep.images import load_image, to_pil, to_unit
 from nextstep.model.latents import patchify, token_grid
 from nextstep.pipeline import TOKEN_NORM_EPS, NextStepPipeline
 from nextstep.prompt import caption_ids, generation_suffix_ids, left_pad
 from nextstep.sampling.flow import integrate
+from nextstep.sampling.guidance import Guidance
 
 
 def pixels(images) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+    return torch.stack([load_image(im) for im in images])
 
 
 @torch.no_grad()
@@ -62,17 +63,17 @@ def teacher_forced(pipe: NextStepPipeline, items, steps: int, guidance: float, s
     before[:, :-1] = batch.input_ids[:, 1:] == tok.special.placeholder  # positions whose next token is an image token
     hs = hidden[before].reshape(2 * n, total, -1)
     out = torch.empty(n, total, d)
+    cfg = Guidance(text_scale=guidance)  # rows [cond; uncond_all], as built above
     for k in range(total):
         cond = model.condition(hs[:, k], torch.full((2 * n,), k), grid)
 
         def velocity(x, t):
-            c, u = model.image_head(torch.cat([x, x]), t.expand(2 * n), cond).chunk(2)
-            return u + guidance * (c - u)
+            return cfg.combine(model.image_head(torch.cat([x, x]), t.expand(2 * n), cond), guidance, 1.0)
 
         x = integrate("sde", velocity, torch.randn(n, out.shape[-1], generator=g), steps, 1.0,
                       lambda: torch.randn(n, out.shape[-1], generator=g))
         out[:, k] = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
-    return pipe._format(to_unit(pipe.decode(out, grid)), "pil")
+    return to_pil(to_unit(pipe.decode(out, grid)))
 
 
 def main() -> None:
