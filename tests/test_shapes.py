@@ -74,6 +74,30 @@ def test_dataset_items_mix_and_errors():
         S.ShapesDataset(5, seed=0, size=16)
 
 
+def test_dataset_backgrounds_change_only_the_picked_t2i_backgrounds():
+    plain, mixed = S.ShapesDataset(80, seed=2), S.ShapesDataset(80, seed=2, backgrounds=0.5)
+    changed = 0
+    for i in range(80):
+        a, b = plain[i], mixed[i]
+        if a["kind"] == "edit" or _same_item(a, b):
+            continue
+        changed += 1
+        bg = re.fullmatch(r".* on an? (black|gray) background", b["caption"]).group(1)
+        assert b["caption"] == a["caption"].removesuffix(" on a white background") + f" on a {bg} background"
+        pa, pb = _pixels(a["image"]), _pixels(b["image"])
+        white = (pa == 255).all(-1)
+        assert white.mean() > 0.5  # the objects leave most of the canvas to the background
+        assert (pb[white] == S.BACKGROUND_COLORS[bg]).all() and np.array_equal(pb[~white], pa[~white])
+        assert E.analyze(b["image"]).background == bg
+    n_t2i = sum(plain[i]["kind"] == "t2i" for i in range(80))
+    assert 0.3 * n_t2i < changed < 0.7 * n_t2i
+    every = S.ShapesDataset(30, seed=2, backgrounds=1.0)
+    assert all(not it["caption"].endswith("white background") and (_pixels(it["image"])[0, 0] != 255).all()
+               for it in (every[i] for i in range(30)) if it["kind"] == "t2i")
+    with pytest.raises(ValueError, match="backgrounds"):
+        S.ShapesDataset(5, seed=0, backgrounds=1.5)
+
+
 def test_evaluation_sets_are_fixed():
     assert S.prompt_set("counting", 10, seed=3) == S.prompt_set("counting", 10, seed=3)
     assert S.prompt_set("counting", 10, seed=3) != S.prompt_set("counting", 10, seed=4)

@@ -193,7 +193,8 @@ def test_bad_input(world, tmp_path):
     for bad, match in [({"run": {"steps": 0}}, "steps"), ({"optim": {"lr": -1}}, "lr"),
                        ({"data": {"source": "web"}}, "data.source"), ({"data": {"caption_dropout": 1.5}}, "dropout"),
                        ({"run": {"precision": "fp8"}}, "precision"), ({"bogus": 1}, "unknown keys"),
-                       ({"run": {"bogus": 1}}, "run.bogus")]:
+                       ({"run": {"bogus": 1}}, "run.bogus"), ({"data": {"backgrounds": 0.3}}, "shapes source"),
+                       ({"data": {"source": "shapes", "backgrounds": 2}}, "data.backgrounds")]:
         cfg = {**base, **{k: ({**base.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in bad.items()}}
         with pytest.raises(ConfigError, match=match):
             from_dict(TrainConfig, cfg)

@@ -68,7 +68,7 @@ _MAX_SCENE_TRIES = 500
 _MAX_OBJECT_TRIES = 50
 _MAX_EDIT_TRIES = 50
 # Independent random streams per use, so the training set and the evaluation sets never share draws.
-_STREAM_DATASET, _STREAM_PROMPTS, _STREAM_EDITS = 0, 1, 2
+_STREAM_DATASET, _STREAM_PROMPTS, _STREAM_EDITS, _STREAM_BACKGROUNDS = 0, 1, 2, 3
 
 
 class NoRoom(RuntimeError):
@@ -612,12 +612,18 @@ class ShapesDataset:
            {"kind": "edit", "source": PIL RGB, "target": PIL RGB, "instruction": str}.
     ``mix`` weighs the two kinds (missing kinds weigh 0); a t2i sample draws its category uniformly from
     ``CATEGORIES``, an edit its type uniformly from ``EDIT_TYPES``.
+    ``backgrounds``: the fraction of t2i samples redrawn on a black or gray background that the caption then names
+    (drawn from a separate random stream, so 0 gives exactly the samples of earlier versions and a fraction p
+    changes only the samples it picks). Without it those backgrounds appear only as edit targets.
     """
 
-    def __init__(self, num_samples: int, seed: int, size: int = 64, mix: Mapping[str, float] = DEFAULT_MIX):
+    def __init__(self, num_samples: int, seed: int, size: int = 64, mix: Mapping[str, float] = DEFAULT_MIX,
+                 backgrounds: float = 0.0):
         _check_count("num_samples", num_samples)
         _check_seed(seed)
         _check_side(size)
+        if not 0 <= backgrounds <= 1:
+            raise ValueError(f"backgrounds must be a fraction in [0, 1], got {backgrounds!r}")
         unknown = set(mix) - {"t2i", "edit"}
         if unknown:
             raise ValueError(f"mix keys must be 't2i' and/or 'edit', got unknown {sorted(unknown)}")
@@ -626,6 +632,7 @@ class ShapesDataset:
             raise ValueError(f"mix weights must be >= 0 and not all zero, got {dict(mix)}")
         self.num_samples, self.seed, self.size = int(num_samples), int(seed), int(size)
         self.p_t2i = weights[0] / sum(weights)
+        self.backgrounds = float(backgrounds)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -636,9 +643,20 @@ class ShapesDataset:
         rng = _rng(self.seed, _STREAM_DATASET, i)
         if rng.random() < self.p_t2i:
             caption, _, scene = generate_t2i(_choice(rng, CATEGORIES), rng, self.size)
+            if self.backgrounds > 0:
+                caption, scene = self._maybe_recolor_background(i, caption, scene)
             return {"kind": "t2i", "image": render(scene), "caption": caption}
         source, instruction, target, _ = generate_edit(_choice(rng, EDIT_TYPES), rng, self.size)
         return {"kind": "edit", "source": render(source), "target": render(target), "instruction": instruction}
+
+
+    def _maybe_recolor_background(self, i: int, caption: str, scene: Scene) -> tuple[str, Scene]:
+        rng = _rng(self.seed, _STREAM_BACKGROUNDS, i)
+        if rng.random() >= self.backgrounds:
+            return caption, scene
+        background = _choice(rng, EDIT_BACKGROUNDS)
+        caption = caption.removesuffix(_ON_WHITE) + f" on {_a(background)} background"
+        return caption, Scene(scene.objects, background, scene.size)
 
 
 def prompt_set(category: str, n: int, seed: int, size: int = 64) -> list[tuple[str, dict]]:

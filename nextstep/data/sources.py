@@ -148,10 +148,11 @@ def _split_key(name: str) -> tuple[str, str]:
 class ShapesSource:
     """The procedural shapes world (``nextstep.data.shapes``) as a source."""
 
-    def __init__(self, num_samples: int, seed: int, size: int, mix: dict[str, float]):
+    def __init__(self, num_samples: int, seed: int, size: int, mix: dict[str, float], backgrounds: float = 0.0):
         from .shapes import ShapesDataset
 
-        self.ds = ShapesDataset(num_samples, seed, size=size, mix={k: v for k, v in mix.items() if k != "text"})
+        self.ds = ShapesDataset(num_samples, seed, size=size, mix={k: v for k, v in mix.items() if k != "text"},
+                                backgrounds=backgrounds)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -166,4 +167,4 @@ def open_source(cfg) -> FolderSource | TarShardSource | ShapesSource:
         return FolderSource(cfg.path)
     if cfg.source == "shards":
         return TarShardSource(cfg.path)
-    return ShapesSource(cfg.num_samples, cfg.seed, cfg.image_size, cfg.mix)
+    return ShapesSource(cfg.num_samples, cfg.seed, cfg.image_size, cfg.mix, cfg.backgrounds)

@@ -56,7 +56,10 @@ def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int
 
 def prepare_records(cfg: TrainConfig, vae: VAE, out: Path, info: DistInfo, progress: bool):
     """Encode the dataset once (main rank) and cache it; every rank then reads the cache."""
-    key = hashlib.sha256(json.dumps([to_dict(cfg.data), str(Path(cfg.vae).resolve())], sort_keys=True,
+    data = to_dict(cfg.data)
+    if not data["backgrounds"]:  # added later: leave the keys of caches written before it unchanged
+        del data["backgrounds"]
+    key = hashlib.sha256(json.dumps([data, str(Path(cfg.vae).resolve())], sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     path = out / f"latents-{key}.safetensors"
     skipped = 0

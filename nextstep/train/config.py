@@ -40,6 +40,7 @@ class DataConfig:
     caption_dropout: float = 0.1
     image_dropout: float = 0.1  # edits: drop the source image too (for image guidance)
     seed: int = 0
+    backgrounds: float = 0.0  # shapes only: fraction of t2i samples on a black/gray background named in the caption
 
     def __post_init__(self) -> None:
         _check(self.source in ("folder", "shards", "shapes"),
@@ -57,6 +58,9 @@ class DataConfig:
         for name in ("caption_dropout", "image_dropout"):
             v = getattr(self, name)
             _check(0 <= v < 1, f"data.{name} must be in [0, 1), got {v}")
+        _check(0 <= self.backgrounds <= 1, f"data.backgrounds must be in [0, 1], got {self.backgrounds}")
+        _check(self.backgrounds == 0 or self.source == "shapes",
+               f"data.backgrounds only applies to the shapes source, not {self.source!r}")
 
     @property
     def bucket_sizes(self) -> list[tuple[int, int]]:
