@@ -7,7 +7,9 @@ Each RUN_DIR contributes its intermediate exports (``exports/step_N``, written w
 wall time add up. Wall time comes from ``metrics.jsonl`` (its clock restarts at each resume; the segments are
 summed). Every model is sampled with the same settings: those of ``--settings`` (default: the bundled model's
 ``generation_config.json``), so the curve measures training, not tuning. Prints a markdown table; ``--json`` and
-``--plot`` (a PNG line chart, drawn with Pillow) write the same numbers.
+``--plot`` (a PNG line chart, drawn with Pillow) write the same numbers. ``--reuse`` takes the points of models
+already scored in an earlier ``--json`` file (same settings, prompt counts, seed and size) instead of sampling them
+again, so adding a stage costs only its own models.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from nextstep.config import SamplingConfig
@@ -61,6 +62,18 @@ def score(model_dir: Path, settings: SamplingConfig, n: int, edits: int, seed: i
     return {"categories": res["categories"], "overall": res["overall"],
             "edit_success": res["edits"]["success"] if res["edits"] else None,
             "edit_psnr": res["edits"]["psnr_outside"] if res["edits"] else None}
+
+
+def reusable_points(path: Path, settings: SamplingConfig, args: argparse.Namespace) -> dict[str, dict]:
+    """{model dir: its scores} from an earlier --json file; an error if it was made with other settings."""
+    old = json.loads(path.read_text())
+    made = (old["settings"], old["n"], old["edits"], old.get("seed", 0), old.get("size", 64))
+    asked = (dataclasses.asdict(settings), args.n, args.edits, args.seed, args.size)
+    if json.loads(json.dumps(made)) != json.loads(json.dumps(asked)):
+        sys.exit(f"{path} was scored with other settings or prompt counts ({made}), not {asked}: "
+                 "drop --reuse to score every model again")
+    keys = ("categories", "overall", "edit_success", "edit_psnr")
+    return {q["model"]: {k: q[k] for k in keys} for q in old["points"]}
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -110,8 +123,10 @@ def main() -> None:
     p.add_argument("--vae", type=Path, default=None, help="decode every model with this VAE (default: its vae/)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--reuse", type=Path, default=None, help="an earlier --json file whose points to keep")
     args = p.parse_args()
     settings = SamplingConfig.from_model_dir(args.settings or bundled_model_dir())
+    known = reusable_points(args.reuse, settings, args) if args.reuse else {}
     points, step0, time0 = [], 0, 0.0
     for run in args.runs:
         times = wall_time_per_step(run)
@@ -119,7 +134,8 @@ def main() -> None:
             sys.exit(f"{run}: no metrics.jsonl records")
         for step, model_dir in models_of(run, max(times)):
             t = times.get(step, max(times.values()))
-            r = score(model_dir, settings, args.n, args.edits, args.seed, args.size, args.vae)
+            r = known.get(str(model_dir)) or score(model_dir, settings, args.n, args.edits, args.seed, args.size,
+                                                   args.vae)
             points.append({"model": str(model_dir), "step": step0 + step, "minutes": (time0 + t) / 60, **r})
             print(f"{model_dir}: step {step0 + step}, {(time0 + t) / 60:.0f} min, overall {r['overall']:.1f}%",
                   file=sys.stderr, flush=True)
@@ -134,7 +150,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps({"settings": dataclasses.asdict(settings), "n": args.n, "edits": args.edits,
-                                         "points": points}, indent=2))
+                                         "seed": args.seed, "size": args.size, "points": points}, indent=2))
     if args.plot and points:
         plot(points, args.plot)
 
