@@ -8,8 +8,9 @@ wall time add up. Wall time comes from ``metrics.jsonl`` (its clock restarts at 
 summed). Every model is sampled with the same settings: those of ``--settings`` (default: the bundled model's
 ``generation_config.json``), so the curve measures training, not tuning. Prints a markdown table; ``--json`` and
 ``--plot`` (a PNG line chart, drawn with Pillow) write the same numbers. ``--reuse`` takes the points of models
-already scored in an earlier ``--json`` file (same settings, prompt counts, seed and size) instead of sampling them
-again, so adding a stage costs only its own models.
+already scored in an earlier ``--json`` file (same settings, prompt counts, seed, size and ``--vae``) instead of
+sampling them again, so adding a stage costs only its own models. Points are matched by model path: do not reuse
+across a run directory trained again in place.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def score(model_dir: Path, settings: SamplingConfig, n: int, edits: int, seed: i
 def reusable_points(path: Path, settings: SamplingConfig, args: argparse.Namespace) -> dict[str, dict]:
     """{model dir: its scores} from an earlier --json file; an error if it was made with other settings."""
     old = json.loads(path.read_text())
-    made = (old["settings"], old["n"], old["edits"], old.get("seed", 0), old.get("size", 64))
-    asked = (dataclasses.asdict(settings), args.n, args.edits, args.seed, args.size)
+    fields = ("settings", "n", "edits", "seed", "size", "vae")
+    if any(f not in old for f in fields):
+        sys.exit(f"{path} does not record {', '.join(f for f in fields if f not in old)}: drop --reuse")
+    made = tuple(old[f] for f in fields)
+    asked = (dataclasses.asdict(settings), args.n, args.edits, args.seed, args.size, args.vae and str(args.vae))
     if json.loads(json.dumps(made)) != json.loads(json.dumps(asked)):
         sys.exit(f"{path} was scored with other settings or prompt counts ({made}), not {asked}: "
                  "drop --reuse to score every model again")
@@ -134,10 +138,11 @@ def main() -> None:
             sys.exit(f"{run}: no metrics.jsonl records")
         for step, model_dir in models_of(run, max(times)):
             t = times.get(step, max(times.values()))
-            r = known.get(str(model_dir)) or score(model_dir, settings, args.n, args.edits, args.seed, args.size,
-                                                   args.vae)
+            r = known.get(str(model_dir))
+            reused = " (reused)" if r else ""
+            r = r or score(model_dir, settings, args.n, args.edits, args.seed, args.size, args.vae)
             points.append({"model": str(model_dir), "step": step0 + step, "minutes": (time0 + t) / 60, **r})
-            print(f"{model_dir}: step {step0 + step}, {(time0 + t) / 60:.0f} min, overall {r['overall']:.1f}%",
+            print(f"{model_dir}: step {step0 + step}, {(time0 + t) / 60:.0f} min, overall {r['overall']:.1f}%{reused}",
                   file=sys.stderr, flush=True)
         step0, time0 = step0 + max(times), time0 + max(times.values())
     head = ["step", "minutes", *CATEGORIES, "edits", "PSNR out"]
@@ -150,7 +155,8 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps({"settings": dataclasses.asdict(settings), "n": args.n, "edits": args.edits,
-                                         "seed": args.seed, "size": args.size, "points": points}, indent=2))
+                                         "seed": args.seed, "size": args.size,
+                                         "vae": args.vae and str(args.vae), "points": points}, indent=2))
     if args.plot and points:
         plot(points, args.plot)
 

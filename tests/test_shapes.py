@@ -80,6 +80,7 @@ def test_dataset_backgrounds_change_only_the_picked_t2i_backgrounds():
     for i in range(80):
         a, b = plain[i], mixed[i]
         if a["kind"] == "edit" or _same_item(a, b):
+            assert _same_item(a, b)  # edits never change
             continue
         changed += 1
         bg = re.fullmatch(r".* on an? (black|gray) background", b["caption"]).group(1)
@@ -94,8 +95,9 @@ def test_dataset_backgrounds_change_only_the_picked_t2i_backgrounds():
     every = S.ShapesDataset(30, seed=2, backgrounds=1.0)
     assert all(not it["caption"].endswith("white background") and (_pixels(it["image"])[0, 0] != 255).all()
                for it in (every[i] for i in range(30)) if it["kind"] == "t2i")
-    with pytest.raises(ValueError, match="backgrounds"):
-        S.ShapesDataset(5, seed=0, backgrounds=1.5)
+    for bad in (1.5, -0.1, "0.5", None, True):
+        with pytest.raises(ValueError, match="backgrounds"):
+            S.ShapesDataset(5, seed=0, backgrounds=bad)
 
 
 def test_evaluation_sets_are_fixed():

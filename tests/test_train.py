@@ -302,3 +302,17 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(world):
     gb = {k.replace("_checkpoint_wrapped_module.", ""): p for k, p in b.named_parameters()}[
         "transformer.layers.0.mlp.up_proj.weight"].grad
     assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_latent_cache_key_is_stable():
+    """Existing caches stay valid: the key of a recipe without ``data.backgrounds`` is the one it had before the
+    option existed (pinned), and the option, when used, names another cache."""
+    from nextstep.train.ar import cache_key
+
+    base = {"vae": "/nonexistent/vae", "tokenizer": "/nonexistent/tok", "data": {"source": "shapes", "seed": 5}}
+    assert cache_key(from_dict(TrainConfig, base)) == "fd05a2415769"
+    with_bg = {**base, "data": {**base["data"], "backgrounds": 0.2}}
+    assert cache_key(from_dict(TrainConfig, with_bg)) != "fd05a2415769"
+    as_int = {**base, "data": {**base["data"], "backgrounds": 1}}
+    assert cache_key(from_dict(TrainConfig, as_int)) == cache_key(
+        from_dict(TrainConfig, {**base, "data": {**base["data"], "backgrounds": 1.0}}))

@@ -606,7 +606,7 @@ def _rng(seed: int, stream: int, *index: int) -> np.random.Generator:
 
 
 class ShapesDataset:
-    """``num_samples`` procedural samples, sample i a pure function of (seed, i, size, mix).
+    """``num_samples`` procedural samples, sample i a pure function of (seed, i, size, mix, backgrounds).
 
     Items: {"kind": "t2i", "image": PIL RGB, "caption": str} or
            {"kind": "edit", "source": PIL RGB, "target": PIL RGB, "instruction": str}.
@@ -622,7 +622,7 @@ class ShapesDataset:
         _check_count("num_samples", num_samples)
         _check_seed(seed)
         _check_side(size)
-        if not 0 <= backgrounds <= 1:
+        if isinstance(backgrounds, bool) or not isinstance(backgrounds, (int, float)) or not 0 <= backgrounds <= 1:
             raise ValueError(f"backgrounds must be a fraction in [0, 1], got {backgrounds!r}")
         unknown = set(mix) - {"t2i", "edit"}
         if unknown:
@@ -649,8 +649,8 @@ class ShapesDataset:
         source, instruction, target, _ = generate_edit(_choice(rng, EDIT_TYPES), rng, self.size)
         return {"kind": "edit", "source": render(source), "target": render(target), "instruction": instruction}
 
-
     def _maybe_recolor_background(self, i: int, caption: str, scene: Scene) -> tuple[str, Scene]:
+        """With probability ``backgrounds`` (own stream): the scene on black or gray, the caption naming it."""
         rng = _rng(self.seed, _STREAM_BACKGROUNDS, i)
         if rng.random() >= self.backgrounds:
             return caption, scene

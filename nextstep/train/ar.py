@@ -54,14 +54,18 @@ def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int
     return text, float(sum(w * n for w, n in zip(batch.image_loss_mask.tolist(), tokens))) * batch_mul
 
 
-def prepare_records(cfg: TrainConfig, vae: VAE, out: Path, info: DistInfo, progress: bool):
-    """Encode the dataset once (main rank) and cache it; every rank then reads the cache."""
+def cache_key(cfg: TrainConfig) -> str:
+    """Names the latent cache: a hash of the data recipe and the VAE's path."""
     data = to_dict(cfg.data)
     if not data["backgrounds"]:  # added later: leave the keys of caches written before it unchanged
         del data["backgrounds"]
-    key = hashlib.sha256(json.dumps([data, str(Path(cfg.vae).resolve())], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
-    path = out / f"latents-{key}.safetensors"
+    return hashlib.sha256(json.dumps([data, str(Path(cfg.vae).resolve())], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:12]
+
+
+def prepare_records(cfg: TrainConfig, vae: VAE, out: Path, info: DistInfo, progress: bool):
+    """Encode the dataset once (main rank) and cache it; every rank then reads the cache."""
+    path = out / f"latents-{cache_key(cfg)}.safetensors"
     skipped = 0
     if info.is_main and not path.is_file():
         records, skipped = encode_samples(open_source(cfg.data), vae, cfg.data.bucket_sizes, progress=progress)

@@ -58,7 +58,9 @@ class DataConfig:
         for name in ("caption_dropout", "image_dropout"):
             v = getattr(self, name)
             _check(0 <= v < 1, f"data.{name} must be in [0, 1), got {v}")
-        _check(0 <= self.backgrounds <= 1, f"data.backgrounds must be in [0, 1], got {self.backgrounds}")
+        _check(not isinstance(self.backgrounds, bool) and isinstance(self.backgrounds, (int, float))
+               and 0 <= self.backgrounds <= 1, f"data.backgrounds must be a number in [0, 1], got {self.backgrounds!r}")
+        self.backgrounds = float(self.backgrounds)  # 1 and 1.0 give the same latent cache
         _check(self.backgrounds == 0 or self.source == "shapes",
                f"data.backgrounds only applies to the shapes source, not {self.source!r}")
 
