@@ -99,9 +99,11 @@ def plot(points: list[dict], path: Path) -> None:
         d.text((8, xy(0, a)[1] - 6), f"{a}%", fill="black", font=font)
     d.line([xy(0, 0), xy(xmax, 0)], fill="black")
     d.line([xy(0, 0), xy(0, 100)], fill="black")
-    for p in points:
-        x, y = xy(p["minutes"], 0)
-        d.text((x - 10, y + 6), f"{p['minutes']:.0f}", fill="black", font=font)
+    tick = next(t for t in (15, 30, 60, 120, 240, 480, 10**9) if xmax / t <= 8)  # round minutes, <= 8 labels
+    for m in range(0, int(xmax) + 1, tick):
+        x, y = xy(m, 0)
+        d.line([(x, y), (x, y + 3)], fill="black")
+        d.text((x - 10, y + 6), str(m), fill="black", font=font)
     d.text((L + (W - L - R) // 2 - 60, H - 16), "training minutes", fill="black", font=font)
     for i, (name, pts) in enumerate(series.items()):
         c = colors[i % len(colors)]
