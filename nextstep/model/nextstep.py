@@ -8,6 +8,7 @@ Data flow (training and sampling share every step):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -185,8 +186,7 @@ class NextStep(nn.Module):
         """(N, token_dim) input noise: ``context_noise`` * N(0, 1) on the tokens of every image with a loss weight
         (the images being generated), zero on the others (an edit's source). Drawn before the head's noise, from
         the image's own generator when there is one per image."""
-        p = self.config.patch_size
-        counts = [(z.shape[-2] // p) * (z.shape[-1] // p) for z in latents]  # tokens per image (shapes only)
+        counts = [math.prod(token_grid(tuple(z.shape[-2:]), self.config.patch_size)) for z in latents]
         weights = [1.0] * len(counts) if image_loss_mask is None else image_loss_mask.tolist()
         gens = list(generator) if isinstance(generator, Sequence) else [generator] * len(counts)
         if len(gens) != len(counts):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..images import grid_image, save_png, to_pil
 from ..model.flow_head import VelocityNet
+from ..model.latents import token_grid
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
 from ..model.vae import VAE
@@ -50,7 +52,7 @@ def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int
     """(text positions in the CE sum, weighted head rows in the flow-loss sum), from the batch alone."""
     nxt_ids, nxt_mask = batch.input_ids[:, 1:], batch.attention_mask[:, 1:]
     text = float(((nxt_ids != placeholder) & (nxt_mask == 1)).sum())
-    tokens = [(z.shape[-2] // patch) * (z.shape[-1] // patch) for z in batch.latents]
+    tokens = [math.prod(token_grid(tuple(z.shape[-2:]), patch)) for z in batch.latents]
     return text, float(sum(w * n for w, n in zip(batch.image_loss_mask.tolist(), tokens))) * batch_mul
 
 
