@@ -100,6 +100,37 @@ def test_dataset_backgrounds_change_only_the_picked_t2i_backgrounds():
             S.ShapesDataset(5, seed=0, backgrounds=bad)
 
 
+def _plural(caption: str) -> bool:
+    """Only counting captions name shapes in the plural."""
+    return re.search(r"\b(circle|square|triangle)s\b", caption) is not None
+
+
+def test_dataset_weights_pick_categories_and_edit_types():
+    plain, unweighted = S.ShapesDataset(60, seed=4), S.ShapesDataset(60, seed=4, weights={})
+    assert all(_same_item(plain[i], unweighted[i]) for i in range(60))  # no weights: the samples of before
+    edits_weighted = S.ShapesDataset(60, seed=4, weights={"move": 3.0})
+    t2i = [i for i in range(60) if plain[i]["kind"] == "t2i"]
+    assert t2i and all(_same_item(plain[i], edits_weighted[i]) for i in t2i)  # edit weights leave t2i untouched
+    counting_only = {c: 0 for c in S.CATEGORIES if c != "counting"}
+    ds = S.ShapesDataset(40, seed=4, mix={"t2i": 1.0}, weights=counting_only)
+    for i in range(40):
+        found = E.analyze(ds[i]["image"]).objects
+        assert len(found) >= 2 and len({(d.shape, d.color) for d in found}) == 1  # n objects of one kind
+        assert _plural(ds[i]["caption"])
+    ds = S.ShapesDataset(30, seed=4, mix={"edit": 1.0}, weights={t: 0 for t in S.EDIT_TYPES if t != "background"})
+    for i in range(30):
+        source, target = E.analyze(ds[i]["source"]), E.analyze(ds[i]["target"])
+        assert source.background == "white" and target.background in S.EDIT_BACKGROUNDS
+        assert source.objects == target.objects
+    heavy = S.ShapesDataset(600, seed=4, mix={"t2i": 1.0}, weights={"counting": 5.0})
+    share = sum(_plural(heavy[i]["caption"]) for i in range(600)) / 600
+    assert 0.4 < share < 0.6  # 5 / 10, where uniform would give 1/6
+    for bad in ({"bogus": 1}, {"counting": -1}, {"counting": "2"}, {"counting": True}, {"counting": float("nan")},
+                {c: 0 for c in S.CATEGORIES}, ["counting"]):
+        with pytest.raises(ValueError, match="weights"):
+            S.ShapesDataset(5, seed=0, weights=bad)
+
+
 def test_evaluation_sets_are_fixed():
     assert S.prompt_set("counting", 10, seed=3) == S.prompt_set("counting", 10, seed=3)
     assert S.prompt_set("counting", 10, seed=3) != S.prompt_set("counting", 10, seed=4)

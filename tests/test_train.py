@@ -194,7 +194,11 @@ def test_bad_input(world, tmp_path):
                        ({"data": {"source": "web"}}, "data.source"), ({"data": {"caption_dropout": 1.5}}, "dropout"),
                        ({"run": {"precision": "fp8"}}, "precision"), ({"bogus": 1}, "unknown keys"),
                        ({"run": {"bogus": 1}}, "run.bogus"), ({"data": {"backgrounds": 0.3}}, "shapes source"),
-                       ({"data": {"source": "shapes", "backgrounds": 2}}, "data.backgrounds")]:
+                       ({"data": {"source": "shapes", "backgrounds": 2}}, "data.backgrounds"),
+                       ({"data": {"weights": {"counting": 2}}}, "shapes source"),
+                       ({"data": {"source": "shapes", "weights": {"bogus": 1}}}, "data.weights.*bogus"),
+                       ({"data": {"source": "shapes", "weights": {"counting": -1}}}, "data.weights"),
+                       ({"data": {"source": "shapes", "weights": [1, 2]}}, "data.weights")]:
         cfg = {**base, **{k: ({**base.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in bad.items()}}
         with pytest.raises(ConfigError, match=match):
             from_dict(TrainConfig, cfg)
@@ -305,8 +309,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(world):
 
 
 def test_latent_cache_key_is_stable():
-    """Existing caches stay valid: the key of a recipe without ``data.backgrounds`` is the one it had before the
-    option existed (pinned), and the option, when used, names another cache."""
+    """Existing caches stay valid: the key of a recipe without ``data.backgrounds`` or ``data.weights`` is the one it
+    had before the options existed (pinned), and each option, when used, names another cache."""
     from nextstep.train.ar import cache_key
 
     base = {"vae": "/nonexistent/vae", "tokenizer": "/nonexistent/tok", "data": {"source": "shapes", "seed": 5}}
@@ -316,3 +320,7 @@ def test_latent_cache_key_is_stable():
     as_int = {**base, "data": {**base["data"], "backgrounds": 1}}
     assert cache_key(from_dict(TrainConfig, as_int)) == cache_key(
         from_dict(TrainConfig, {**base, "data": {**base["data"], "backgrounds": 1.0}}))
+    weighted = {**base, "data": {**base["data"], "weights": {"counting": 2}}}
+    assert cache_key(from_dict(TrainConfig, weighted)) not in ("fd05a2415769", cache_key(from_dict(TrainConfig, with_bg)))
+    assert cache_key(from_dict(TrainConfig, weighted)) == cache_key(
+        from_dict(TrainConfig, {**base, "data": {**base["data"], "weights": {"counting": 2.0}}}))

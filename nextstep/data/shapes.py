@@ -605,20 +605,41 @@ def _rng(seed: int, stream: int, *index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), stream, *(int(i) for i in index)])
 
 
+def _draw_weights(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray | None:
+    """Probabilities over ``names`` (missing names weigh 1), or None when no name is weighted (uniform draw)."""
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"weights must map names to numbers, got {weights!r}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ValueError(f"weights must be finite numbers >= 0, got {name}: {w!r}")
+    if not set(weights) & set(names):
+        return None
+    w = np.array([float(weights.get(n, 1.0)) for n in names])
+    if w.sum() <= 0:
+        raise ValueError(f"weights of {names} are all zero")
+    return w / w.sum()
+
+
+def _weighted(rng: np.random.Generator, names: Sequence[str], p: np.ndarray | None) -> str:
+    return _choice(rng, names) if p is None else names[int(rng.choice(len(names), p=p))]
+
+
 class ShapesDataset:
-    """``num_samples`` procedural samples, sample i a pure function of (seed, i, size, mix, backgrounds).
+    """``num_samples`` procedural samples, sample i a pure function of (seed, i, size, mix, weights, backgrounds).
 
     Items: {"kind": "t2i", "image": PIL RGB, "caption": str} or
            {"kind": "edit", "source": PIL RGB, "target": PIL RGB, "instruction": str}.
-    ``mix`` weighs the two kinds (missing kinds weigh 0); a t2i sample draws its category uniformly from
-    ``CATEGORIES``, an edit its type uniformly from ``EDIT_TYPES``.
+    ``mix`` weighs the two kinds (missing kinds weigh 0); a t2i sample draws its category from
+    ``CATEGORIES``, an edit its type from ``EDIT_TYPES``, by ``weights``.
+    ``weights``: relative weights of t2i categories and edit types by name (names left out weigh 1); empty keeps the
+    uniform draw of earlier versions, so the same samples.
     ``backgrounds``: the fraction of t2i samples redrawn on a black or gray background that the caption then names
     (drawn from a separate random stream, so 0 gives exactly the samples of earlier versions and a fraction p
     changes only the samples it picks). Without it those backgrounds appear only as edit targets.
     """
 
     def __init__(self, num_samples: int, seed: int, size: int = 64, mix: Mapping[str, float] = DEFAULT_MIX,
-                 backgrounds: float = 0.0):
+                 backgrounds: float = 0.0, weights: Mapping[str, float] | None = None):
         _check_count("num_samples", num_samples)
         _check_seed(seed)
         _check_side(size)
@@ -627,12 +648,18 @@ class ShapesDataset:
         unknown = set(mix) - {"t2i", "edit"}
         if unknown:
             raise ValueError(f"mix keys must be 't2i' and/or 'edit', got unknown {sorted(unknown)}")
-        weights = [float(mix.get("t2i", 0.0)), float(mix.get("edit", 0.0))]
-        if min(weights) < 0 or sum(weights) <= 0:
+        kinds = [float(mix.get("t2i", 0.0)), float(mix.get("edit", 0.0))]
+        if min(kinds) < 0 or sum(kinds) <= 0:
             raise ValueError(f"mix weights must be >= 0 and not all zero, got {dict(mix)}")
         self.num_samples, self.seed, self.size = int(num_samples), int(seed), int(size)
-        self.p_t2i = weights[0] / sum(weights)
+        self.p_t2i = kinds[0] / sum(kinds)
         self.backgrounds = float(backgrounds)
+        self.p_category = _draw_weights(weights or {}, CATEGORIES)
+        self.p_edit = _draw_weights(weights or {}, EDIT_TYPES)
+        unknown = set(weights or {}) - set(CATEGORIES) - set(EDIT_TYPES)
+        if unknown:
+            raise ValueError(f"weights names must be categories {CATEGORIES} or edit types {EDIT_TYPES}, "
+                             f"got unknown {sorted(unknown)}")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -642,11 +669,11 @@ class ShapesDataset:
             raise IndexError(f"index {i!r} out of range for {self.num_samples} samples")
         rng = _rng(self.seed, _STREAM_DATASET, i)
         if rng.random() < self.p_t2i:
-            caption, _, scene = generate_t2i(_choice(rng, CATEGORIES), rng, self.size)
+            caption, _, scene = generate_t2i(_weighted(rng, CATEGORIES, self.p_category), rng, self.size)
             if self.backgrounds > 0:
                 caption, scene = self._maybe_recolor_background(i, caption, scene)
             return {"kind": "t2i", "image": render(scene), "caption": caption}
-        source, instruction, target, _ = generate_edit(_choice(rng, EDIT_TYPES), rng, self.size)
+        source, instruction, target, _ = generate_edit(_weighted(rng, EDIT_TYPES, self.p_edit), rng, self.size)
         return {"kind": "edit", "source": render(source), "target": render(target), "instruction": instruction}
 
     def _maybe_recolor_background(self, i: int, caption: str, scene: Scene) -> tuple[str, Scene]:

@@ -148,11 +148,12 @@ def _split_key(name: str) -> tuple[str, str]:
 class ShapesSource:
     """The procedural shapes world (``nextstep.data.shapes``) as a source."""
 
-    def __init__(self, num_samples: int, seed: int, size: int, mix: dict[str, float], backgrounds: float = 0.0):
+    def __init__(self, num_samples: int, seed: int, size: int, mix: dict[str, float], backgrounds: float = 0.0,
+                 weights: dict[str, float] | None = None):
         from .shapes import ShapesDataset
 
         self.ds = ShapesDataset(num_samples, seed, size=size, mix={k: v for k, v in mix.items() if k != "text"},
-                                backgrounds=backgrounds)
+                                backgrounds=backgrounds, weights=weights)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -167,4 +168,4 @@ def open_source(cfg) -> FolderSource | TarShardSource | ShapesSource:
         return FolderSource(cfg.path)
     if cfg.source == "shards":
         return TarShardSource(cfg.path)
-    return ShapesSource(cfg.num_samples, cfg.seed, cfg.image_size, cfg.mix, cfg.backgrounds)
+    return ShapesSource(cfg.num_samples, cfg.seed, cfg.image_size, cfg.mix, cfg.backgrounds, cfg.weights)

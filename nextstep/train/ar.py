@@ -59,8 +59,9 @@ def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int
 def cache_key(cfg: TrainConfig) -> str:
     """Names the latent cache: a hash of the data recipe and the VAE's path."""
     data = to_dict(cfg.data)
-    if not data["backgrounds"]:  # added later: leave the keys of caches written before it unchanged
-        del data["backgrounds"]
+    for later in ("backgrounds", "weights"):  # added later: unused, they leave the keys of older caches unchanged
+        if not data[later]:
+            del data[later]
     return hashlib.sha256(json.dumps([data, str(Path(cfg.vae).resolve())], sort_keys=True,
                                      default=str).encode()).hexdigest()[:12]
 

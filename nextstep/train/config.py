@@ -41,6 +41,7 @@ class DataConfig:
     image_dropout: float = 0.1  # edits: drop the source image too (for image guidance)
     seed: int = 0
     backgrounds: float = 0.0  # shapes only: fraction of t2i samples on a black/gray background named in the caption
+    weights: dict[str, float] = field(default_factory=dict)  # shapes only: {category or edit type: weight}, else 1
 
     def __post_init__(self) -> None:
         _check(self.source in ("folder", "shards", "shapes"),
@@ -63,6 +64,17 @@ class DataConfig:
         self.backgrounds = float(self.backgrounds)  # 1 and 1.0 give the same latent cache
         _check(self.backgrounds == 0 or self.source == "shapes",
                f"data.backgrounds only applies to the shapes source, not {self.source!r}")
+        _check(isinstance(self.weights, dict), f"data.weights must be an object, got {self.weights!r}")
+        _check(not self.weights or self.source == "shapes",
+               f"data.weights only applies to the shapes source, not {self.source!r}")
+        if self.weights:
+            from ..data.shapes import ShapesDataset
+
+            try:  # the dataset's own checks (names, values), reported as a config error
+                ShapesDataset(1, 0, mix={"t2i": 1.0}, weights=self.weights)
+            except ValueError as e:
+                raise ConfigError(f"data.weights: {e}") from None
+            self.weights = {k: float(v) for k, v in self.weights.items()}  # 2 and 2.0 give the same latent cache
 
     @property
     def bucket_sizes(self) -> list[tuple[int, int]]:
