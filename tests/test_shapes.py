@@ -343,6 +343,15 @@ def _oracle(n: int, seed: int, size: int):
     return lambda captions: [S.render(S.scene_for_spec(specs[c], rng, size)) for c in captions]
 
 
+def test_describe_says_what_the_evaluator_read():
+    scene = S.Scene((S.Obj("circle", "red", 16, 14, 14), S.Obj("square", "blue", 44, 46, 14)), "black")
+    assert E.describe(E.analyze(S.render(scene))) == "red circle, blue square on black"
+    pixels = np.array(S.render(S.Scene(scene.objects[:1])))
+    pixels[40:50, 30:60] = S.OBJECT_COLORS["green"]  # a 10 x 30 bar is no shape the evaluator knows
+    assert E.describe(E.analyze(Image.fromarray(pixels))) == "red circle, green ? on white"
+    assert E.describe(E.analyze(Image.new("RGB", (64, 64), "white"))) == "nothing on white"
+
+
 def test_evaluate_end_to_end(tmp_path):
     results = E.evaluate(_oracle(6, 11, 64), n_per_category=6, seed=11, edit_fn=lambda srcs, _: list(srcs),
                          n_edits=12, batch_size=4, progress=False)
@@ -351,6 +360,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert results["edits"]["psnr_outside"] == E.PSNR_CAP_DB  # ... but preserves everything
     assert len(results["records"]) == len(results["images"]) == 6 * 6 + 12
     assert {r["kind"] for r in results["records"]} == {"t2i", "edit"}
+    assert all(r["found"] == E.describe(E.analyze(im)) for r, im in zip(results["records"], results["images"]))
     table = E.format_table(results)
     assert "| counting | 100.0 |" in table and "| **all** | **0.0** |" in table
     grid = E.save_grid(results["records"][:10], results["images"][:10], tmp_path / "grid.png", cols=4)

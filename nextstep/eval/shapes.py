@@ -198,6 +198,12 @@ def analyze(image: Image.Image) -> Analysis:
     return Analysis(background, objects, w, h)
 
 
+def describe(analysis: Analysis) -> str:
+    """What ``analyze`` read, in words: "red circle, blue ? on white" ("?" = a shape it could not name)."""
+    names = [f"{d.color} {d.shape if d.shape != 'unknown' else '?'}" for d in analysis.objects]
+    return f"{', '.join(names) or 'nothing'} on {analysis.background}"
+
+
 # -- scoring -----------------------------------------------------------------------------------------------------
 
 
@@ -415,9 +421,10 @@ def _evaluate_category(generate_fn, category, n, seed, size, batch_size, progres
     """(accuracy %, records, images) of the generator on ``prompt_set(category, n, seed, size)``."""
     prompts = prompt_set(category, n, seed, size)
     outputs = _batched(generate_fn, [[c for c, _ in prompts]], batch_size, category, progress)
-    passed = [check(spec, analyze(im)) for (_, spec), im in zip(prompts, outputs)]
-    records = [{"kind": "t2i", "category": category, "caption": c, "passed": ok, "psnr_outside": None}
-               for (c, _), ok in zip(prompts, passed)]
+    analyses = [analyze(im) for im in outputs]
+    passed = [check(spec, a) for (_, spec), a in zip(prompts, analyses)]
+    records = [{"kind": "t2i", "category": category, "caption": c, "passed": ok, "psnr_outside": None,
+                "found": describe(a)} for (c, _), ok, a in zip(prompts, passed, analyses)]
     return _percent(passed), records, outputs
 
 
@@ -429,7 +436,7 @@ def _evaluate_edits(edit_fn, n, seed, size, batch_size, progress):
     for (source, instruction, spec), out in zip(cases, outputs):
         ok, value = check_edit(spec, source, out)
         records.append({"kind": "edit", "category": spec["edit"], "caption": instruction, "passed": ok,
-                        "psnr_outside": value})
+                        "psnr_outside": value, "found": describe(analyze(out))})
     types = {}
     for t in EDIT_TYPES:
         recs = [r for r in records if r["category"] == t]
