@@ -106,11 +106,22 @@ def _plural(caption: str) -> bool:
 
 
 def test_dataset_weights_pick_categories_and_edit_types():
-    plain, unweighted = S.ShapesDataset(60, seed=4), S.ShapesDataset(60, seed=4, weights={})
-    assert all(_same_item(plain[i], unweighted[i]) for i in range(60))  # no weights: the samples of before
-    edits_weighted = S.ShapesDataset(60, seed=4, weights={"move": 3.0})
+    plain = S.ShapesDataset(60, seed=4)
+    # the samples of the versions before weights existed (pinned), with no weights or with weights of 1
+    assert [plain[i].get("caption", plain[i].get("instruction")) for i in range(6)] == [
+        "give it a gray background", "one circle and one triangle", "a circle together with a triangle",
+        "a square placed right of a triangle", "make the background black", "a circle beneath a square"]
+    for same in ({}, {"move": 1, "counting": 1.0}):
+        other = S.ShapesDataset(60, seed=4, weights=same)
+        assert all(_same_item(plain[i], other[i]) for i in range(60))
     t2i = [i for i in range(60) if plain[i]["kind"] == "t2i"]
-    assert t2i and all(_same_item(plain[i], edits_weighted[i]) for i in t2i)  # edit weights leave t2i untouched
+    edits = [i for i in range(60) if plain[i]["kind"] == "edit"]
+    assert len(t2i) > 10 and len(edits) > 5
+    edits_weighted, t2i_weighted = (S.ShapesDataset(60, seed=4, weights=w) for w in ({"move": 3}, {"counting": 3}))
+    assert all(_same_item(plain[i], edits_weighted[i]) for i in t2i)  # edit weights leave t2i samples alone
+    assert all(_same_item(plain[i], t2i_weighted[i]) for i in edits)  # and category weights the edits
+    assert not all(_same_item(plain[i], edits_weighted[i]) for i in edits)
+    assert not all(_same_item(plain[i], t2i_weighted[i]) for i in t2i)
     counting_only = {c: 0 for c in S.CATEGORIES if c != "counting"}
     ds = S.ShapesDataset(40, seed=4, mix={"t2i": 1.0}, weights=counting_only)
     for i in range(40):
@@ -126,7 +137,7 @@ def test_dataset_weights_pick_categories_and_edit_types():
     share = sum(_plural(heavy[i]["caption"]) for i in range(600)) / 600
     assert 0.4 < share < 0.6  # 5 / 10, where uniform would give 1/6
     for bad in ({"bogus": 1}, {"counting": -1}, {"counting": "2"}, {"counting": True}, {"counting": float("nan")},
-                {c: 0 for c in S.CATEGORIES}, ["counting"]):
+                {"counting": float("inf")}, {"counting": 10**400}, {c: 0 for c in S.CATEGORIES}, ["counting"], []):
         with pytest.raises(ValueError, match="weights"):
             S.ShapesDataset(5, seed=0, weights=bad)
 
@@ -360,7 +371,13 @@ def test_evaluate_end_to_end(tmp_path):
     assert results["edits"]["psnr_outside"] == E.PSNR_CAP_DB  # ... but preserves everything
     assert len(results["records"]) == len(results["images"]) == 6 * 6 + 12
     assert {r["kind"] for r in results["records"]} == {"t2i", "edit"}
-    assert all(r["found"] == E.describe(E.analyze(im)) for r, im in zip(results["records"], results["images"]))
+    t2i = [r for r in results["records"] if r["kind"] == "t2i"]
+    assert all(r["found"].endswith(" on white") and "?" not in r["found"] for r in t2i)
+    single = next(r for r in t2i if r["category"] == "single_object")
+    spec = dict(S.prompt_set("single_object", 6, 11))[single["caption"]]
+    assert single["found"] == f"{spec['objects'][0]['color']} {spec['objects'][0]['shape']} on white"
+    assert all(r["found"] == E.describe(E.analyze(src)) for r, src in zip(results["records"], results["sources"])
+               if r["kind"] == "edit")  # this editor returns its input
     table = E.format_table(results)
     assert "| counting | 100.0 |" in table and "| **all** | **0.0** |" in table
     grid = E.save_grid(results["records"][:10], results["images"][:10], tmp_path / "grid.png", cols=4)

@@ -320,6 +320,8 @@ def test_latent_cache_key_is_stable():
     as_int = {**base, "data": {**base["data"], "backgrounds": 1}}
     assert cache_key(from_dict(TrainConfig, as_int)) == cache_key(
         from_dict(TrainConfig, {**base, "data": {**base["data"], "backgrounds": 1.0}}))
+    ones = {**base, "data": {**base["data"], "weights": {"counting": 1, "move": 1.0}}}
+    assert cache_key(from_dict(TrainConfig, ones)) == "fd05a2415769"  # weights of 1 are the default
     weighted = {**base, "data": {**base["data"], "weights": {"counting": 2}}}
     assert cache_key(from_dict(TrainConfig, weighted)) not in ("fd05a2415769", cache_key(from_dict(TrainConfig, with_bg)))
     assert cache_key(from_dict(TrainConfig, weighted)) == cache_key(

@@ -19,6 +19,7 @@ one per sample from ``(seed, stream, index)``, so sample i never depends on whic
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -69,6 +70,7 @@ _MAX_OBJECT_TRIES = 50
 _MAX_EDIT_TRIES = 50
 # Independent random streams per use, so the training set and the evaluation sets never share draws.
 _STREAM_DATASET, _STREAM_PROMPTS, _STREAM_EDITS, _STREAM_BACKGROUNDS = 0, 1, 2, 3
+_MAX_WEIGHT = 1e6  # data weights are relative; a bound keeps their sum finite
 
 
 class NoRoom(RuntimeError):
@@ -605,19 +607,33 @@ def _rng(seed: int, stream: int, *index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), stream, *(int(i) for i in index)])
 
 
-def _draw_weights(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray | None:
-    """Probabilities over ``names`` (missing names weigh 1), or None when no name is weighted (uniform draw)."""
+def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` as {name: float}, or ValueError naming what is wrong."""
     if not isinstance(weights, Mapping):
         raise ValueError(f"weights must map names to numbers, got {weights!r}")
+    unknown = set(weights) - set(CATEGORIES) - set(EDIT_TYPES)
+    if unknown:
+        raise ValueError(f"weights: names must be categories {CATEGORIES} or edit types {EDIT_TYPES}, "
+                         f"got unknown {sorted(unknown)}")
+    out = {}
     for name, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
-            raise ValueError(f"weights must be finite numbers >= 0, got {name}: {w!r}")
-    if not set(weights) & set(names):
-        return None
-    w = np.array([float(weights.get(n, 1.0)) for n in names])
-    if w.sum() <= 0:
-        raise ValueError(f"weights of {names} are all zero")
-    return w / w.sum()
+        ok = not isinstance(w, bool) and isinstance(w, numbers.Real)
+        try:
+            out[name] = float(w) if ok else math.nan
+        except OverflowError:
+            out[name] = math.inf
+        if not (0 <= out[name] <= _MAX_WEIGHT):
+            raise ValueError(f"weights must be numbers in [0, {_MAX_WEIGHT:g}], got {name}: {w!r}")
+    return out
+
+
+def _draw_weights(weights: Mapping[str, float], names: Sequence[str], what: str) -> np.ndarray | None:
+    """Probabilities over ``names`` (missing names weigh 1), or None when all weigh the same (the uniform draw of
+    ``_choice``, so the samples of before)."""
+    w = np.array([weights.get(n, 1.0) for n in names])
+    if w.max() <= 0:
+        raise ValueError(f"weights: every {what} weighs 0; give at least one a weight > 0")
+    return None if (w == w[0]).all() else w / w.sum()
 
 
 def _weighted(rng: np.random.Generator, names: Sequence[str], p: np.ndarray | None) -> str:
@@ -631,8 +647,9 @@ class ShapesDataset:
            {"kind": "edit", "source": PIL RGB, "target": PIL RGB, "instruction": str}.
     ``mix`` weighs the two kinds (missing kinds weigh 0); a t2i sample draws its category from
     ``CATEGORIES``, an edit its type from ``EDIT_TYPES``, by ``weights``.
-    ``weights``: relative weights of t2i categories and edit types by name (names left out weigh 1); empty keeps the
-    uniform draw of earlier versions, so the same samples.
+    ``weights``: relative weights of t2i categories and edit types by name (names left out weigh 1, at most
+    ``_MAX_WEIGHT``); where all of a kind weigh the same, that kind keeps the uniform draw of earlier versions, so the
+    same samples.
     ``backgrounds``: the fraction of t2i samples redrawn on a black or gray background that the caption then names
     (drawn from a separate random stream, so 0 gives exactly the samples of earlier versions and a fraction p
     changes only the samples it picks). Without it those backgrounds appear only as edit targets.
@@ -654,12 +671,9 @@ class ShapesDataset:
         self.num_samples, self.seed, self.size = int(num_samples), int(seed), int(size)
         self.p_t2i = kinds[0] / sum(kinds)
         self.backgrounds = float(backgrounds)
-        self.p_category = _draw_weights(weights or {}, CATEGORIES)
-        self.p_edit = _draw_weights(weights or {}, EDIT_TYPES)
-        unknown = set(weights or {}) - set(CATEGORIES) - set(EDIT_TYPES)
-        if unknown:
-            raise ValueError(f"weights names must be categories {CATEGORIES} or edit types {EDIT_TYPES}, "
-                             f"got unknown {sorted(unknown)}")
+        weights = _check_weights({} if weights is None else weights)
+        self.p_category = _draw_weights(weights, CATEGORIES, "category")
+        self.p_edit = _draw_weights(weights, EDIT_TYPES, "edit type")
 
     def __len__(self) -> int:
         return self.num_samples

@@ -199,9 +199,13 @@ def analyze(image: Image.Image) -> Analysis:
 
 
 def describe(analysis: Analysis) -> str:
-    """What ``analyze`` read, in words: "red circle, blue ? on white" ("?" = a shape it could not name)."""
-    names = [f"{d.color} {d.shape if d.shape != 'unknown' else '?'}" for d in analysis.objects]
-    return f"{', '.join(names) or 'nothing'} on {analysis.background}"
+    """What ``analyze`` read, in words: "red circle, blue ? on white" ("?" = a colour, shape or background it could
+    not name)."""
+    def word(name: str) -> str:
+        return "?" if name == "unknown" else name
+
+    names = [f"{word(d.color)} {word(d.shape)}" for d in analysis.objects]
+    return f"{', '.join(names) or 'nothing'} on {word(analysis.background)}"
 
 
 # -- scoring -----------------------------------------------------------------------------------------------------
@@ -367,7 +371,8 @@ def evaluate(
         "edits": {"success": %, "psnr_outside": mean dB (inf counted as PSNR_CAP_DB),
                   "types": {edit type: {"success": %, "psnr_outside": dB}}} or None without edits,
         "records": per sample {"kind": "t2i" | "edit", "category": category or edit type, "caption": the text
-                   given to the model (caption or instruction), "passed": bool, "psnr_outside": dB or None},
+                   given to the model (caption or instruction), "passed": bool, "psnr_outside": dB or None,
+                   "found": what the evaluator read in the model's image (``describe``)},
         "images": the model's image for each record (PIL, aligned with "records"),
         "sources": the input image of each edit record (None for text-to-image), plus "size" and "seed".
     """

@@ -73,8 +73,9 @@ class DataConfig:
             try:  # the dataset's own checks (names, values), reported as a config error
                 ShapesDataset(1, 0, mix={"t2i": 1.0}, weights=self.weights)
             except ValueError as e:
-                raise ConfigError(f"data.weights: {e}") from None
-            self.weights = {k: float(v) for k, v in self.weights.items()}  # 2 and 2.0 give the same latent cache
+                raise ConfigError(f"data.{e}") from None
+            # 2 and 2.0 give the same latent cache, and a weight of 1 (the default) none of its own
+            self.weights = {k: float(v) for k, v in self.weights.items() if float(v) != 1.0}
 
     @property
     def bucket_sizes(self) -> list[tuple[int, int]]:
