@@ -1,6 +1,6 @@
 """Copy a trained model into the package (``nextstep/assets/model``) as the bundled default model.
 
-    python scripts/bundle_model.py runs/shapes-ar5/final --vae runs/shapes-vae-dec/final --steps 50 --cfg 3 \
+    python scripts/bundle_model.py runs/shapes-ar7/final --vae runs/shapes-vae-dec/final --steps 50 --cfg 3 \
         --edit-cfg 3 --image-cfg 3
 
 Weights are stored in bfloat16 (they load into float32 models); the sampling settings given here become the
