@@ -111,7 +111,8 @@ def test_dataset_weights_pick_categories_and_edit_types():
     assert [plain[i].get("caption", plain[i].get("instruction")) for i in range(6)] == [
         "give it a gray background", "one circle and one triangle", "a circle together with a triangle",
         "a square placed right of a triangle", "make the background black", "a circle beneath a square"]
-    for same in ({}, {"move": 1, "counting": 1.0}):
+    assert S.data_weights({"counting": 2, "colors": 1, "move": 1, **{t: 3 for t in S.EDIT_TYPES}}) == {"counting": 2.0}
+    for same in ({}, {"move": 1, "counting": 1.0}, {c: 2 for c in S.CATEGORIES}):
         other = S.ShapesDataset(60, seed=4, weights=same)
         assert all(_same_item(plain[i], other[i]) for i in range(60))
     t2i = [i for i in range(60) if plain[i]["kind"] == "t2i"]

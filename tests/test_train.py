@@ -311,6 +311,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(world):
 def test_latent_cache_key_is_stable():
     """Existing caches stay valid: the key of a recipe without ``data.backgrounds`` or ``data.weights`` is the one it
     had before the options existed (pinned), and each option, when used, names another cache."""
+    from nextstep.data.shapes import EDIT_TYPES
     from nextstep.train.ar import cache_key
 
     base = {"vae": "/nonexistent/vae", "tokenizer": "/nonexistent/tok", "data": {"source": "shapes", "seed": 5}}
@@ -320,8 +321,8 @@ def test_latent_cache_key_is_stable():
     as_int = {**base, "data": {**base["data"], "backgrounds": 1}}
     assert cache_key(from_dict(TrainConfig, as_int)) == cache_key(
         from_dict(TrainConfig, {**base, "data": {**base["data"], "backgrounds": 1.0}}))
-    ones = {**base, "data": {**base["data"], "weights": {"counting": 1, "move": 1.0}}}
-    assert cache_key(from_dict(TrainConfig, ones)) == "fd05a2415769"  # weights of 1 are the default
+    for same in ({"counting": 1, "move": 1.0}, {t: 2 for t in EDIT_TYPES}):  # weights that draw uniformly
+        assert cache_key(from_dict(TrainConfig, {**base, "data": {**base["data"], "weights": same}})) == "fd05a2415769"
     weighted = {**base, "data": {**base["data"], "weights": {"counting": 2}}}
     assert cache_key(from_dict(TrainConfig, weighted)) not in ("fd05a2415769", cache_key(from_dict(TrainConfig, with_bg)))
     assert cache_key(from_dict(TrainConfig, weighted)) == cache_key(

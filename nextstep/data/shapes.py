@@ -607,33 +607,36 @@ def _rng(seed: int, stream: int, *index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), stream, *(int(i) for i in index)])
 
 
-def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """``weights`` as {name: float}, or ValueError naming what is wrong."""
+def data_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Checked, canonical ``ShapesDataset`` weights: {name: float} for the categories and edit types whose draw they
+    change. A kind whose weights are all equal (names left out weigh 1) is dropped, as are weights of 1, so two
+    mappings that give the same samples give the same dict. ValueError names what is wrong."""
+    weights = {} if weights is None else weights
     if not isinstance(weights, Mapping):
         raise ValueError(f"weights must map names to numbers, got {weights!r}")
     unknown = set(weights) - set(CATEGORIES) - set(EDIT_TYPES)
     if unknown:
         raise ValueError(f"weights: names must be categories {CATEGORIES} or edit types {EDIT_TYPES}, "
                          f"got unknown {sorted(unknown)}")
-    out = {}
     for name, w in weights.items():
-        ok = not isinstance(w, bool) and isinstance(w, numbers.Real)
-        try:
-            out[name] = float(w) if ok else math.nan
-        except OverflowError:
-            out[name] = math.inf
-        if not (0 <= out[name] <= _MAX_WEIGHT):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 <= w <= _MAX_WEIGHT:  # NaN fails too
             raise ValueError(f"weights must be numbers in [0, {_MAX_WEIGHT:g}], got {name}: {w!r}")
+    out = {}
+    for names, what in ((CATEGORIES, "category"), (EDIT_TYPES, "edit type")):
+        w = [float(weights.get(n, 1.0)) for n in names]
+        if max(w) <= 0:
+            raise ValueError(f"weights: every {what} weighs 0; give at least one a weight > 0")
+        if len(set(w)) > 1:
+            out.update({n: v for n, v in zip(names, w) if v != 1.0})
     return out
 
 
-def _draw_weights(weights: Mapping[str, float], names: Sequence[str], what: str) -> np.ndarray | None:
-    """Probabilities over ``names`` (missing names weigh 1), or None when all weigh the same (the uniform draw of
-    ``_choice``, so the samples of before)."""
+def _draw_weights(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray | None:
+    """Probabilities over ``names`` from ``data_weights`` output, or None for the uniform draw of ``_choice``."""
+    if not set(weights) & set(names):
+        return None
     w = np.array([weights.get(n, 1.0) for n in names])
-    if w.max() <= 0:
-        raise ValueError(f"weights: every {what} weighs 0; give at least one a weight > 0")
-    return None if (w == w[0]).all() else w / w.sum()
+    return w / w.sum()
 
 
 def _weighted(rng: np.random.Generator, names: Sequence[str], p: np.ndarray | None) -> str:
@@ -671,9 +674,9 @@ class ShapesDataset:
         self.num_samples, self.seed, self.size = int(num_samples), int(seed), int(size)
         self.p_t2i = kinds[0] / sum(kinds)
         self.backgrounds = float(backgrounds)
-        weights = _check_weights({} if weights is None else weights)
-        self.p_category = _draw_weights(weights, CATEGORIES, "category")
-        self.p_edit = _draw_weights(weights, EDIT_TYPES, "edit type")
+        weights = data_weights(weights)
+        self.p_category = _draw_weights(weights, CATEGORIES)
+        self.p_edit = _draw_weights(weights, EDIT_TYPES)
 
     def __len__(self) -> int:
         return self.num_samples

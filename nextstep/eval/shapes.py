@@ -306,12 +306,17 @@ def check_edit(spec: Mapping[str, Any], source: Image.Image, output: Image.Image
     background. psnr_outside (dB): source vs output outside the edited region; for a background change, over
     the source's object pixels instead (eroded by one pixel). inf when those pixels are unchanged.
     """
+    return _check_edit(spec, source, output, analyze(output))
+
+
+def _check_edit(spec: Mapping[str, Any], source: Image.Image, output: Image.Image, result: Analysis
+                ) -> tuple[bool, float]:
+    """``check_edit`` given ``result = analyze(output)``."""
     if spec.get("edit") not in EDIT_TYPES or "expected" not in spec:
         raise ValueError(f"not an edit spec (edit among {EDIT_TYPES} and expected): {spec!r}")
     src, out = _rgb_array(source), _rgb_array(output)
     if src.shape != out.shape:
         raise ValueError(f"output is {out.shape[1]}x{out.shape[0]} but the source is {src.shape[1]}x{src.shape[0]}")
-    result = analyze(output)
     side = result.side
     success = (result.background == spec["background"]
                and _assign(spec["expected"], result.objects, lambda w, d: _stays(w, d, side)) is not None)
@@ -439,9 +444,10 @@ def _evaluate_edits(edit_fn, n, seed, size, batch_size, progress):
     outputs = _batched(edit_fn, [[s for s, _, _ in cases], [i for _, i, _ in cases]], batch_size, "edits", progress)
     records = []
     for (source, instruction, spec), out in zip(cases, outputs):
-        ok, value = check_edit(spec, source, out)
+        result = analyze(out)
+        ok, value = _check_edit(spec, source, out, result)
         records.append({"kind": "edit", "category": spec["edit"], "caption": instruction, "passed": ok,
-                        "psnr_outside": value, "found": describe(analyze(out))})
+                        "psnr_outside": value, "found": describe(result)})
     types = {}
     for t in EDIT_TYPES:
         recs = [r for r in records if r["category"] == t]

@@ -67,15 +67,12 @@ class DataConfig:
         _check(isinstance(self.weights, dict), f"data.weights must be an object, got {self.weights!r}")
         _check(not self.weights or self.source == "shapes",
                f"data.weights only applies to the shapes source, not {self.source!r}")
-        if self.weights:
-            from ..data.shapes import ShapesDataset
+        from ..data.shapes import data_weights
 
-            try:  # the dataset's own checks (names, values), reported as a config error
-                ShapesDataset(1, 0, mix={"t2i": 1.0}, weights=self.weights)
-            except ValueError as e:
-                raise ConfigError(f"data.{e}") from None
-            # 2 and 2.0 give the same latent cache, and a weight of 1 (the default) none of its own
-            self.weights = {k: float(v) for k, v in self.weights.items() if float(v) != 1.0}
+        try:  # checked, and canonical: weights that give the same samples give the same latent cache
+            self.weights = data_weights(self.weights)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
 
     @property
     def bucket_sizes(self) -> list[tuple[int, int]]:
