@@ -11,7 +11,7 @@ import torch
 
 from .images import grid_image, save_png
 from .pipeline import NextStepPipeline, bundled_model_dir
-from .train.state import TrainingError
+from .errors import TrainingError
 
 
 

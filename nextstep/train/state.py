@@ -30,13 +30,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
+from ..errors import TrainingError  # noqa: F401  (re-exported for the trainers)
 from .distributed import DistInfo, barrier
 
 CKPT_PREFIX = "step_"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (for example a non-finite loss); the last good checkpoint is kept."""
 
 
 def start_run(run, info: DistInfo) -> Path:
