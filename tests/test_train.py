@@ -93,6 +93,24 @@ def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_th
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_init_from_keeps_the_checkpoints_loss_weights_unless_the_recipe_sets_them(world, tmp_path):
+    """Fine-tuning starts from the loaded model's own config; only the recipe's explicit values override it."""
+    from nextstep.config import preset
+    from nextstep.model.nextstep import NextStep
+    from nextstep.train.ar import build_model
+    from nextstep.tokenizer import Tokenizer
+
+    cfg = preset("tiny")
+    cfg.lm_loss_weight, cfg.im_loss_weight, cfg.context_noise, cfg.head.batch_mul = 0.05, 2.0, 0.25, 2
+    NextStep(cfg).init_weights(generator=torch.Generator().manual_seed(0)).save_pretrained(tmp_path / "m")
+    tok = Tokenizer.from_pretrained(world["tok"])
+    recipe = {**ar_config(world, tmp_path / "unused"), "init_from": str(tmp_path / "m")}
+    kept = build_model(from_dict(TrainConfig, recipe), tok).config
+    assert (kept.lm_loss_weight, kept.im_loss_weight, kept.context_noise, kept.head.batch_mul) == (0.05, 2.0, 0.25, 2)
+    over = build_model(from_dict(TrainConfig, {**recipe, "im_loss_weight": 0.5, "batch_mul": 3}), tok).config
+    assert (over.lm_loss_weight, over.im_loss_weight, over.context_noise, over.head.batch_mul) == (0.05, 0.5, 0.25, 3)
+
+
 def test_vae_decoder_only_finetune_keeps_the_encoder(world, tmp_path, one_thread):
     cfg = {"run": {"out_dir": str(tmp_path / "dec"), "steps": 6, "batch_size": 2, "log_every": 1, "ckpt_every": 0,
                    "ema_decay": 0.99},

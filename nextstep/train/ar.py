@@ -82,12 +82,7 @@ def prepare_records(cfg: TrainConfig, vae: VAE, out: Path, info: DistInfo, progr
 def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
     if cfg.init_from:
         model = NextStep.from_pretrained(cfg.init_from)
-        over = cfg.model_config()
-        model.config.lm_loss_weight, model.config.im_loss_weight = over.lm_loss_weight, over.im_loss_weight
-        if cfg.batch_mul is not None:
-            model.config.head.batch_mul = cfg.batch_mul
-        if cfg.context_noise is not None:
-            model.config.context_noise = cfg.context_noise
+        cfg.apply_overrides(model.config)
     else:
         model = NextStep(cfg.model_config()).init_weights(generator=torch.Generator().manual_seed(cfg.run.seed))
     s, c = tok.special, model.config

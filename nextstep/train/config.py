@@ -139,10 +139,11 @@ class TrainConfig:
     init_from: str | None = None  # a model directory (official or ours) to fine-tune from
     vae: str = ""  # the VAE directory (required)
     tokenizer: str = ""  # directory with tokenizer.json (default: init_from)
-    lm_loss_weight: float | None = None  # override the model config's
+    # None keeps the model config's value (the preset's, or init_from's checkpoint's); a number overrides it
+    lm_loss_weight: float | None = None
     im_loss_weight: float | None = None
     batch_mul: int | None = None
-    context_noise: float | None = None  # override the model config's (NextStepConfig.context_noise)
+    context_noise: float | None = None  # NextStepConfig.context_noise
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square above a green triangle"])
 
     def __post_init__(self) -> None:
@@ -160,15 +161,18 @@ class TrainConfig:
             self.model_config()  # validate early
 
     def model_config(self) -> NextStepConfig:
+        """The config of a model trained from scratch: ``model`` (a preset or a dict) with the recipe's overrides."""
         cfg = preset(self.model) if isinstance(self.model, str) else NextStepConfig.from_dict(dict(self.model))
-        if self.lm_loss_weight is not None:
-            cfg.lm_loss_weight = self.lm_loss_weight
-        if self.im_loss_weight is not None:
-            cfg.im_loss_weight = self.im_loss_weight
+        return self.apply_overrides(cfg)
+
+    def apply_overrides(self, cfg: NextStepConfig) -> NextStepConfig:
+        """Set the fields the recipe gives explicitly on ``cfg`` (in place); a None leaves ``cfg``'s own value, so
+        a model loaded with ``init_from`` keeps its checkpoint's loss weights, head batch and context noise."""
+        for name in ("lm_loss_weight", "im_loss_weight", "context_noise"):
+            if getattr(self, name) is not None:
+                setattr(cfg, name, getattr(self, name))
         if self.batch_mul is not None:
             cfg.head.batch_mul = self.batch_mul
-        if self.context_noise is not None:
-            cfg.context_noise = self.context_noise
         return cfg
 
 
