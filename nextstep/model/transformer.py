@@ -30,12 +30,12 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) integer positions -> cos, sin of shape (B, 1, T, head_dim) (halves repeated, as in Llama)."""
+    """(T,) integer positions -> cos, sin of shape (T, head_dim) (halves repeated, as in Llama)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
                                 / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    freqs = positions[:, None].float() * inv_freq  # (T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,19 +58,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, input_pos: torch.Tensor | None = None
+                ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, D)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(layer, start, k, v)  # (B, KV, S, hd)
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:
-            k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.num_heads, k.shape[2], self.head_dim)
-            v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.num_heads, v.shape[2], self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and t > 1)
+            k, v = cache.write(layer, input_pos, k, v)  # (B, KV, S, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and t > 1,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -94,18 +92,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, bias, cache=None, layer=0, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, layer, start)
+    def forward(self, x, cos, sin, bias, cache=None, layer=0, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, layer, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_bias(key_valid: torch.Tensor, q_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(key_valid: torch.Tensor, key_slots: torch.Tensor, q_slots: torch.Tensor, dtype: torch.dtype
+                   ) -> torch.Tensor:
     """Additive mask (B, 1, T, S): 0 where key slot j <= query slot i and key j is valid, else the dtype's min.
 
+    ``key_valid`` (B, S); ``key_slots`` (S,) = arange(S); ``q_slots`` (T,). Device tensors only (no host sync).
     Rows whose keys are all masked (queries at left padding) end up uniform, never NaN; their outputs are unused.
     """
-    s = key_valid.shape[1]
-    causal = torch.arange(s, device=key_valid.device)[None, :] <= q_slots[:, None]  # (T, S)
+    causal = key_slots[None, :] <= q_slots[:, None]  # (T, S)
     allowed = causal[None] & key_valid[:, None, :]  # (B, T, S)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
@@ -123,13 +122,16 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         p = self.norm.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        rope = rope_cos_sin(torch.arange(max_len, device=device), self.config.head_dim, self.config.rope_theta, dtype)
         return KVCache(self.config.num_layers, batch, max_len, self.config.num_kv_heads, self.config.head_dim,
-                       dtype=dtype or p.dtype, device=device or p.device)
+                       rope, dtype=dtype, device=device)
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask`` (B, T): 1 for real tokens, 0 for (left) padding. With ``cache``, the T tokens are
-        appended after those already cached.
+        written at slots ``input_pos`` (T,) (a device tensor: the compiled decoding step passes it), or appended
+        after ``cache.length`` when it is None.
 
         The RoPE position of a token is its slot in the sequence (cache), padding included, as in the reference.
         RoPE only sees differences of positions, so the constant offset that left padding adds to a row cancels:
@@ -139,17 +141,16 @@ class Transformer(nn.Module):
         mask = (torch.ones(b, t, dtype=torch.bool, device=embeds.device) if attention_mask is None
                 else attention_mask.to(device=embeds.device, dtype=torch.bool))
         if cache is not None:
-            start = cache.reserve(mask)
-            slots = torch.arange(start, start + t, device=embeds.device)
-            bias = attention_bias(cache.valid, slots, embeds.dtype)
+            if input_pos is None:
+                input_pos = cache.next_positions(t)
+            cache.mark(input_pos, mask)
+            bias = attention_bias(cache.valid, cache.slots, input_pos, embeds.dtype)
+            cos, sin = cache.cos[input_pos], cache.sin[input_pos]
         else:
-            start = 0
             slots = torch.arange(t, device=embeds.device)
-            bias = None if bool(mask.all()) else attention_bias(mask, slots, embeds.dtype)
-        cos, sin = rope_cos_sin(slots.expand(b, t), self.config.head_dim, self.config.rope_theta, embeds.dtype)
+            bias = None if bool(mask.all()) else attention_bias(mask, slots, slots, embeds.dtype)
+            cos, sin = rope_cos_sin(slots, self.config.head_dim, self.config.rope_theta, embeds.dtype)
         h = embeds
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, bias, cache, i, start)
-        if cache is not None:
-            cache.commit(t)
+            h = layer(h, cos, sin, bias, cache, i, input_pos)
         return self.norm(h)
