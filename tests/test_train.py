@@ -308,6 +308,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(world):
     from nextstep.model.nextstep import NextStep
     from nextstep.model.transformer import DecoderLayer
     from nextstep.train.distributed import apply_activation_checkpointing
+    from nextstep.train.state import plain_key
 
     cfg = from_dict(TrainConfig, ar_config(world, Path("unused"))).model_config()
     a = NextStep(cfg).init_weights(generator=torch.Generator().manual_seed(0)).train()
@@ -321,9 +322,32 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(world):
     lb.loss.backward()
     assert torch.allclose(la.loss, lb.loss, atol=1e-6)
     ga = dict(a.named_parameters())["transformer.layers.0.mlp.up_proj.weight"].grad
-    gb = {k.replace("_checkpoint_wrapped_module.", ""): p for k, p in b.named_parameters()}[
-        "transformer.layers.0.mlp.up_proj.weight"].grad
+    gb = {plain_key(k): p for k, p in b.named_parameters()}["transformer.layers.0.mlp.up_proj.weight"].grad
     assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_plain_state_dict_names_the_owners_weights_as_the_plain_model_does():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from nextstep.train.state import EMA, plain_state_dict
+
+    class Wrapped(torch.nn.Module):  # a loss module: the trained model beside a frozen helper network
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+            self.perceptual = torch.nn.Linear(2, 2)
+
+    w = Wrapped()
+    apply_activation_checkpointing(w, check_fn=lambda m: isinstance(m, torch.nn.Linear))
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    state = {k: v.clone() for k, v in plain_state_dict(w, None, "model").items()}
+    assert state.keys() == plain.state_dict().keys()
+    plain.load_state_dict(state)  # strict
+    ema = EMA(w, 0.5)
+    with torch.no_grad():
+        for p in w.parameters():
+            p.add_(1.0)
+    assert torch.equal(plain_state_dict(w, ema, "model")["0.bias"], state["0.bias"])  # EMA weights, not live ones
 
 
 def test_latent_cache_key_is_stable():

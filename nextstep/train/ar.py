@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.sequences import (BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records,
+                              save_records)
+from ..data.sources import open_source
+from ..errors import TrainingError
 from ..images import grid_image, save_png, to_pil
 from ..model.flow_head import VelocityNet
 from ..model.latents import token_grid
@@ -24,13 +28,10 @@ from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
 from ..model.vae import VAE
 from ..tokenizer import Tokenizer
-from ..data.sequences import (BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records,
-                              save_records)
-from ..data.sources import open_source
 from .config import TrainConfig, to_dict
-from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
-from .state import (EMA, Progress, TrainingError, checkpoints, full_state_dict, load_checkpoint, lr_at,
-                    make_optimizer, resume_step, save_checkpoint, start_run)
+from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
+from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
+                    resume_step, save_checkpoint, start_run)
 
 
 class LossModule(nn.Module):
@@ -174,21 +175,12 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def _clean(key: str) -> str:
-    """Parameter name without the wrappers' prefixes (DDP, our LossModule, activation checkpointing)."""
-    key = key.replace("_checkpoint_wrapped_module.", "")
-    return key.removeprefix("module.").removeprefix("model.")
-
-
 def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
     """A plain CPU copy of the (EMA) weights on the main rank; every rank must call (FSDP gathers)."""
-    state = {_clean(k): v for k, v in full_state_dict(trainable).items()}
-    if ema is not None:
-        for k, v in ema.weights().items():
-            state[_clean(k)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    state = plain_state_dict(trainable, ema, "model")
+    if state is None:
         return None
-    model = NextStep(trainable_config(trainable))
+    model = NextStep(unwrap(trainable).model.config)
     model.load_state_dict(state)
     return model.eval()
 
@@ -204,11 +196,6 @@ def _sample_grid(cfg: TrainConfig, trainable, ema, vae, tok, path: Path, info: D
     out = pipe(cfg.sample_prompts, height=height, width=width, num_inference_steps=20, guidance_scale=3.0,
                generator=torch.Generator().manual_seed(0), progress=False, output_type="pt")
     save_png(grid_image(to_pil(out.images)), path)
-
-
-def trainable_config(trainable: nn.Module):
-    inner = getattr(trainable, "module", trainable)
-    return inner.model.config
 
 
 def export(cfg: TrainConfig, trainable, ema, vae: VAE, tok: Tokenizer, final: Path, info: DistInfo) -> Path:

@@ -12,14 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, NextStepConfig, VAEConfig, preset
+from ..config import ConfigError, NextStepConfig, VAEConfig, _check, preset
 
 KINDS = ("t2i", "edit", "text")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from ..errors import TrainingError  # noqa: F401  (re-exported for the trainers)
 from .distributed import DistInfo, barrier
 
 CKPT_PREFIX = "step_"
@@ -167,6 +166,30 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, in
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (every rank must call; FSDP gathers)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def plain_key(key: str) -> str:
+    """A parameter name without the wrappers' parts: DDP's ``module.`` prefix, activation checkpointing's
+    ``_checkpoint_wrapped_module.`` and ``torch.compile``'s ``_orig_mod.`` (FSDP2 keeps names as they are)."""
+    return key.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "").removeprefix("module.")
+
+
+def plain_state_dict(trainable: nn.Module, ema: EMA | None, owner: str) -> dict[str, torch.Tensor] | None:
+    """The unsharded CPU weights of the model held as attribute ``owner`` of the wrapped loss module (``"model"``,
+    ``"vae"``), named as that model names them; the EMA weights instead where there are some. Other attributes
+    (e.g. a frozen perceptual network) are left out. Every rank must call (FSDP gathers); None except on rank 0."""
+    prefix = owner + "."
+
+    def mine(items):
+        return {plain_key(k).removeprefix(prefix): v for k, v in items if plain_key(k).startswith(prefix)}
+
+    state = mine(full_state_dict(trainable).items())
+    if ema is not None:
+        state.update(mine((k, (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu())
+                          for k, v in ema.weights().items()))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    return state
 
 
 class Progress:

@@ -18,14 +18,15 @@ import torch
 from torch import nn
 
 from ..data.sources import SampleError, open_source
+from ..errors import TrainingError
 from ..eval.metrics import mean_finite, psnr, ssim
 from ..images import fit_image, load_image
 from ..model.vae import VAE, ResnetBlock
 from .config import VAETrainConfig, to_dict
 from .distributed import DistInfo, all_sum, barrier, wrap
 from .losses import PatchDiscriminator, VGGPerceptual, hinge_d_loss, hinge_g_loss
-from .state import (EMA, Progress, TrainingError, checkpoints, full_state_dict, load_checkpoint, lr_at,
-                    make_optimizer, resume_step, save_checkpoint, start_run)
+from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
+                    resume_step, save_checkpoint, start_run)
 
 IMAGE_KEYS = {"t2i": ("image",), "edit": ("source", "target"), "text": ()}
 
@@ -204,15 +205,9 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
 
 
 def _plain_vae(trainable: nn.Module, ema: EMA | None, config) -> VAE | None:
-    def clean(k: str) -> str:
-        return k.removeprefix("module.").removeprefix("vae.")
-
-    state = {clean(k): v for k, v in full_state_dict(trainable).items() if not clean(k).startswith("perceptual.")}
-    if ema is not None:
-        for k, v in ema.weights().items():
-            if not clean(k).startswith("perceptual."):
-                state[clean(k)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    """A plain CPU copy of the (EMA) VAE weights on the main rank; every rank must call (FSDP gathers)."""
+    state = plain_state_dict(trainable, ema, "vae")
+    if state is None:
         return None
     vae = VAE(config)
     vae.load_state_dict(state)
