@@ -156,6 +156,7 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(ar_config(world, tmp_path / "a", steps=16, ckpt_every=4)))
@@ -176,6 +177,7 @@ def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
         assert abs(resumed[s] - reference[s]) <= 1e-5, (s, resumed[s], reference[s])
 
 
+@pytest.mark.slow  # torchrun with 2 processes against 1
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(world, tmp_path, strategy):
     cfg = ar_config(world, tmp_path / "one", steps=3, parallel=strategy)
