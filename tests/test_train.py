@@ -224,6 +224,16 @@ def test_bad_input(world, tmp_path):
             from_dict(TrainConfig, cfg)
 
 
+def test_every_recipe_in_configs_loads():
+    """``configs/`` holds the recipes the README runs; each must pass the checks ``nextstep train(-vae)`` applies."""
+    from nextstep.train.config import load_recipe
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
+    assert recipes
+    for path in recipes:
+        load_recipe(path, VAETrainConfig if path.name.startswith("shapes-vae") else TrainConfig)
+
+
 def test_corrupt_samples_are_skipped_and_counted(world, tmp_path, capsys):
     out = tmp_path / "c"
     train_ar(from_dict(TrainConfig, ar_config(world, out, steps=1)), progress=True)
