@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             written = run_training(args)
         elif args.command == "serve":
             try:
-                from .serve.app import serve
+                from .serve.runner import serve
             except ImportError as e:
                 raise SystemExit(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})")
             serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype)

@@ -31,7 +31,8 @@ need(importlib.util.find_spec("fastapi") is not None, "the server needs the 'ser
 from playwright import sync_api  # noqa: E402
 
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
-from nextstep.serve.app import create_app, running_server  # noqa: E402
+from nextstep.serve.routes import create_app  # noqa: E402
+from nextstep.serve.runner import running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")

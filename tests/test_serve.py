@@ -28,8 +28,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
-from nextstep.serve import app as serve_app  # noqa: E402
-from nextstep.serve.app import create_app, running_server  # noqa: E402
+from nextstep.serve import limits, parsing  # noqa: E402
+from nextstep.serve.routes import create_app  # noqa: E402
+from nextstep.serve.runner import running_server, serve  # noqa: E402
 
 FAST = {"steps": 2}  # two flow steps per token: the fixture model draws noise anyway
 
@@ -84,7 +85,7 @@ def events(lines) -> list[tuple[str, dict]]:
 def assert_error(r, status: int, *words: str):
     assert r.status_code == status, (r.status_code, r.text)
     err = r.json()["error"]
-    assert set(err) == {"message", "type"} and err["type"] == serve_app.ERROR_TYPES[status]
+    assert set(err) == {"message", "type"} and err["type"] == limits.ERROR_TYPES[status]
     for w in words:
         assert w.lower() in err["message"].lower(), (w, err["message"])
 
@@ -95,7 +96,7 @@ def test_health(client):
     assert h["status"] == "ok"
     assert h["queue"] == {"depth": 0, "waiting": 0, "running": False, "capacity": 4}
     assert h["model"]["size_multiple"] == 16
-    assert h["limits"]["max_size"] == serve_app.MAX_SIZE and h["limits"]["max_n"] == serve_app.MAX_N
+    assert h["limits"]["max_size"] == limits.MAX_SIZE and h["limits"]["max_n"] == limits.MAX_N
     assert h["defaults"]["edit"]["negative_prompt"] == "Copy original image."
 
 
@@ -112,7 +113,7 @@ def test_generation_returns_n_pngs_of_the_requested_size(client):
 
 def test_generation_without_seed_reports_the_one_drawn(client):
     out = client.post("/v1/images/generations", json={"prompt": "a square", "size": "16x16", **FAST}).json()
-    assert 0 <= out["seed"] <= serve_app.MAX_SEED and len(out["data"]) == 1
+    assert 0 <= out["seed"] <= limits.MAX_SEED and len(out["data"]) == 1
 
 
 def test_edit_keeps_the_input_size_or_takes_the_requested_one(client):
@@ -170,30 +171,32 @@ def test_page_and_assets(client):
 
 
 # ---- limits and bad input ----------------------------------------------------------------------------------------
-LONG = "x" * (serve_app.MAX_PROMPT_CHARS + 1)
+LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
 
 
 @pytest.mark.parametrize("body, status, words", [
     ({"prompt": ""}, 400, ["prompt is empty"]),
     ({"prompt": "   "}, 400, ["prompt is empty"]),
-    ({"prompt": LONG}, 400, ["prompt", "characters", str(serve_app.MAX_PROMPT_CHARS)]),
+    ({"prompt": LONG}, 400, ["prompt", "characters", str(limits.MAX_PROMPT_CHARS)]),
     ({"prompt": "a", "negative_prompt": LONG}, 400, ["negative_prompt", "characters"]),
     ({"prompt": "a <image> b"}, 400, ["<image>"]),
     ({"prompt": "a", "size": "65x64"}, 400, ["multiple of 16"]),
     ({"prompt": "a", "size": "0x64"}, 400, ["multiple of 16"]),
-    ({"prompt": "a", "size": "1024x512"}, 400, ["1024", f"limit of {serve_app.MAX_SIZE}"]),
+    ({"prompt": "a", "size": "1024x512"}, 400, ["1024", f"limit of {limits.MAX_SIZE}"]),
     ({"prompt": "a", "size": "512"}, 400, ["WIDTHxHEIGHT"]),
     ({"prompt": "a", "size": "-16x16"}, 400, ["WIDTHxHEIGHT"]),
     ({"prompt": "a", "n": 0}, 400, ["n must be in [1, 4]"]),
-    ({"prompt": "a", "n": serve_app.MAX_N + 1}, 400, ["n must be in"]),
+    ({"prompt": "a", "n": limits.MAX_N + 1}, 400, ["n must be in"]),
     ({"prompt": "a", "steps": 0}, 400, ["steps must be in"]),
-    ({"prompt": "a", "steps": serve_app.MAX_STEPS + 1}, 400, ["steps must be in"]),
+    ({"prompt": "a", "steps": limits.MAX_STEPS + 1}, 400, ["steps must be in"]),
     ({"prompt": "a", "steps": 1}, 400, ["sde", ">= 2"]),
     ({"prompt": "a", "guidance_scale": -1}, 400, ["guidance_scale"]),
     ({"prompt": "a", "guidance_scale": 1e6}, 400, ["guidance_scale"]),
-    ({"prompt": "a", "time_shift": 0}, 400, ["time_shift"]),
+    ({"prompt": "a", "time_shift": 0}, 400, [f"time_shift must be in (0, {limits.MAX_TIME_SHIFT:g}]"]),
     ({"prompt": "a", "seed": -1}, 400, ["seed"]),
     ({"prompt": "a", "seed": 2**40}, 400, ["seed"]),
+    ({"prompt": "a", "n": 0, "steps": 0}, 400, ["n must be in", "steps must be in"]),  # every bound, at once
+    ({"prompt": "a", "n": "2", "steps": 0}, 422, ["'n'", "integer"]),  # a wrong type first, alone
     ({"prompt": "a", "sampler": "euler"}, 400, ["sampler must be one of"]),
     ({"prompt": "a", "response_format": "url"}, 400, ["'url' is not supported", "b64_json"]),
     ({}, 422, ["missing required field 'prompt'"]),
@@ -226,15 +229,15 @@ def test_malformed_json(client, content, words):
 
 
 def test_json_body_too_large(client):
-    r = client.post("/v1/images/generations", content=b" " * (serve_app.MAX_JSON_BYTES + 1))
-    assert_error(r, 413, str(serve_app.MAX_JSON_BYTES))
+    r = client.post("/v1/images/generations", content=b" " * (limits.MAX_JSON_BYTES + 1))
+    assert_error(r, 413, str(limits.MAX_JSON_BYTES))
 
 
 def test_edit_upload_limits(client, monkeypatch):
     def edit(files=None, data=None, **kw):
         return client.post("/v1/images/edits", files=files, data=data or {"prompt": "make it blue", **FAST}, **kw)
 
-    huge = b"\x89PNG" + b"\0" * serve_app.MAX_UPLOAD_BYTES
+    huge = b"\x89PNG" + b"\0" * limits.MAX_UPLOAD_BYTES
     assert_error(edit({"image": ("big.png", huge, "image/png")}), 413, "limit")
     assert_error(edit({"image": ("a.txt", b"hello, not an image", "text/plain")}), 400, "not a readable image")
     assert_error(edit({"image": ("a.png", png_bytes(32, 32)[:40], "image/png")}), 400, "not a readable image")
@@ -250,11 +253,12 @@ def test_edit_upload_limits(client, monkeypatch):
     assert_error(edit(files, {"steps": "2"}), 422, "missing required field 'prompt'")
     assert_error(edit(files, {"prompt": "x", "steps": "two"}), 422, "'steps'", "integer")
     assert_error(edit(files, {"prompt": "x", "image_guidance_scale": "-1"}), 400, "image_guidance_scale")
+    assert_error(edit(files, {"prompt": "x", "n": "0"}), 400, f"n must be in [1, {limits.MAX_N}], got 0")
     assert_error(edit(files, {"prompt": "x", "guidance_scale": "nan"}), 422, "guidance_scale")
     assert_error(edit(files, {"prompt": "x <image> <image>"}), 400, "<image>")
     odd = {"image": ("a.png", png_bytes(40, 30), "image/png")}
     assert_error(edit(odd), 400, "input image is 40x30", "pass size")
-    monkeypatch.setattr(serve_app, "MAX_INPUT_PIXELS", 32 * 32 - 1)
+    monkeypatch.setattr(parsing, "MAX_INPUT_PIXELS", 32 * 32 - 1)
     assert_error(edit(files), 400, "32x32 pixels")
 
 
@@ -418,11 +422,34 @@ def test_generation_failures_are_reported(pipe, error, status):
             ev = events(r.iter_lines())
         assert [n for n, _ in ev] == ["queued", "started", "error"]
         err = ev[-1][1]["error"]
-        assert err["type"] == serve_app.ERROR_TYPES[status] and str(error) in err["message"]
+        assert err["type"] == limits.ERROR_TYPES[status] and str(error) in err["message"]
         assert c.get("/health").json()["stats"]["failed"] == 2
         assert c.get("/health").json()["queue"]["depth"] == 0
 
 
+def test_openapi_schema_shows_the_limits(client):
+    """The bounds live in the request schemas, so API clients see them without reading the docs."""
+    paths = client.app.openapi()["paths"]
+
+    def fields(path: str, content: str) -> dict[str, dict]:
+        """Each field's schema, the non-null alternative of an optional one."""
+        props = paths[path]["post"]["requestBody"]["content"][content]["schema"]["properties"]
+        return {k: next(a for a in p.get("anyOf", [p]) if a.get("type") != "null") for k, p in props.items()}
+
+    for path in ("/v1/images/generations", "/v1/images/generations/stream"):
+        gen = fields(path, "application/json")
+        assert gen["n"] | {"minimum": 1, "maximum": limits.MAX_N} == gen["n"]
+        assert gen["steps"] | {"minimum": 1, "maximum": limits.MAX_STEPS} == gen["steps"]
+        assert gen["guidance_scale"] | {"minimum": 0, "maximum": limits.MAX_GUIDANCE} == gen["guidance_scale"]
+        assert gen["time_shift"] | {"exclusiveMinimum": 0, "maximum": limits.MAX_TIME_SHIFT} == gen["time_shift"]
+        assert gen["seed"] | {"minimum": 0, "maximum": limits.MAX_SEED} == gen["seed"]
+        assert gen["prompt"] | {"minLength": 1, "maxLength": limits.MAX_PROMPT_CHARS} == gen["prompt"]
+        assert gen["negative_prompt"]["maxLength"] == limits.MAX_PROMPT_CHARS
+    edit = fields("/v1/images/edits", "multipart/form-data")
+    assert edit["image_guidance_scale"] | {"minimum": 0, "maximum": limits.MAX_GUIDANCE} == edit["image_guidance_scale"]
+    assert edit["n"]["maximum"] == limits.MAX_N and edit["image"]["format"] == "binary"
+
+
 def test_serve_refuses_a_missing_model(tmp_path):
     with pytest.raises(FileNotFoundError):
-        serve_app.serve(tmp_path / "no-such-model", port=0)
+        serve(tmp_path / "no-such-model", port=0)

@@ -1,0 +1,24 @@
+"""The server's limits, each a named constant: every one is enforced with a 4xx JSON error that names it, and
+``GET /health`` lists them."""
+
+from __future__ import annotations
+
+MAX_SIZE = 512  # pixels per side
+MAX_N = 4  # images per request
+MAX_STEPS = 100  # flow steps per image token
+MAX_GUIDANCE = 30.0  # text and image guidance scales, each in [0, MAX_GUIDANCE]
+MAX_TIME_SHIFT = 20.0
+MAX_SEED = 2**32 - 1  # exact in JavaScript numbers
+MAX_PROMPT_CHARS = 2000  # prompt and negative prompt, each
+MAX_JSON_BYTES = 64 * 1024  # JSON request bodies
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the edit input image file
+MAX_FORM_BYTES = MAX_UPLOAD_BYTES + 64 * 1024  # whole multipart body: the image plus the text fields
+MAX_INPUT_PIXELS = 4096 * 4096  # decoded input image (checked from the header, before decoding)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders allowed for uploads (no EPS/PDF helpers)
+QUEUE_SIZE = 8  # requests waiting behind the running one; more get 429
+PREVIEWS_PER_IMAGE = 16  # stream previews spread over the image tokens (each costs one VAE decode)
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+# the ``type`` of the JSON error body for each HTTP status the server answers with
+ERROR_TYPES = {400: "invalid_request_error", 413: "request_too_large", 422: "validation_error", 429: "queue_full",
+               404: "not_found", 405: "method_not_allowed", 500: "server_error", 503: "cancelled"}

@@ -1,0 +1,163 @@
+"""The HTTP API around one loaded model (``create_app``): one worker thread, a bounded queue, OpenAI-style routes.
+
+Endpoints
+    GET  /                                   the single-page UI (static files held in memory)
+    GET  /health                             status, model info, queue depth, limits, counters
+    POST /v1/images/generations              JSON in, ``{"created", "seed", "data": [{"b64_json": PNG}]}`` out
+    POST /v1/images/edits                    multipart/form-data: ``image`` file + the same fields as text
+    POST /v1/images/generations/stream       same input; Server-Sent Events out (see below)
+    POST /v1/images/edits/stream             same input as edits; Server-Sent Events out
+
+Request fields (JSON types; multipart sends them as text): ``prompt`` (str, required), ``n`` (int, 1..MAX_N),
+``size`` ("WxH", multiples of the model's 16-pixel token, at most MAX_SIZE a side; default: the model's native
+size capped at MAX_SIZE, or for edits the input image's size), ``response_format`` ("b64_json" only),
+``negative_prompt`` (str), ``steps`` (int, 1..MAX_STEPS; the "sde" sampler needs >= 2), ``guidance_scale``
+(0..MAX_GUIDANCE), ``seed`` (int 0..MAX_SEED; omitted: drawn at random and returned), ``sampler``
+("sde" | "ode" | "heun"), ``time_shift`` (0 < s <= MAX_TIME_SHIFT); edits add ``image_guidance_scale``.
+Sampling settings left out take the model's defaults (``GET /health`` lists them). Unknown fields are rejected.
+The bounds are in the request schemas (``nextstep.serve.schemas``), so the OpenAPI schema shows them.
+
+Stream events, in order: ``queued`` {position: jobs ahead}, ``started`` {total}, then per image token
+``progress`` {step, total} and every few tokens ``preview`` {step, total, images: [b64 PNG]} (tokens not yet
+generated are zeros, the mean of the normalised latent space: a plain area in the preview), then exactly one of
+``final`` (the same object as the non-streaming response) or ``error`` {error: {message, type}}; then the stream
+ends. Closing the connection cancels the generation (it stops at the next image token, the worker moves on).
+
+Errors are ``{"error": {"message": ..., "type": ...}}`` with:
+    400 invalid_request_error  body is not valid JSON / not an object / not valid multipart; a value outside the
+                               limits or not supported (size, n, steps, prompt, response_format "url", ...); the
+                               upload is not a readable image
+    413 request_too_large      body over MAX_JSON_BYTES, or upload over MAX_UPLOAD_BYTES
+    422 validation_error       a required field is missing, a field is unknown, or a value has the wrong type
+    429 queue_full             QUEUE_SIZE requests are already waiting; retry later
+    404 not_found, 405 method_not_allowed
+    500 server_error           the generation itself failed (the message says how)
+    503 cancelled              the server shut down before the request finished (or the client left)
+No field names a path: nothing a request sends is read from or written to disk (uploads stay in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..pipeline import NextStepPipeline
+from ..sampling.flow import SAMPLERS
+from .limits import (MAX_GUIDANCE, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS,
+                     MAX_TIME_SHIFT, MAX_UPLOAD_BYTES, QUEUE_SIZE)
+from .parsing import build_job_kwargs, read_edit_request, read_json_request
+from .responses import event_stream, json_result
+from .schemas import ApiError, EditRequest, GenerationRequest
+from .worker import Job, Worker
+
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+                "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+                "/app.css": ("app.css", "text/css; charset=utf-8")}
+
+
+def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_every: int | None = None,
+               model_name: str = "nextstep") -> FastAPI:
+    """The ASGI app around one loaded pipeline. ``queue_size`` requests may wait behind the running one;
+    ``preview_every`` image tokens between stream previews (default: PREVIEWS_PER_IMAGE per image). The worker
+    thread starts and stops with the app's lifespan."""
+    multiple = pipe.size_multiple
+    native = multiple * pipe.model.config.base_image_grid_size
+    default_side = max(multiple, min(native, MAX_SIZE) // multiple * multiple)
+    default_size = (default_side, default_side)
+    worker = Worker(pipe, queue_size, preview_every)
+    model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
+                  "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
+                  "native_size": native}
+    d = pipe.defaults
+    defaults = {"generation": {"steps": d.num_inference_steps, "guidance_scale": d.guidance_scale,
+                               "time_shift": d.time_shift, "sampler": d.sampler, "negative_prompt": None},
+                "edit": {"steps": d.num_inference_steps, "guidance_scale": d.edit_guidance_scale,
+                         "image_guidance_scale": d.edit_image_guidance_scale, "time_shift": d.edit_time_shift,
+                         "sampler": d.sampler, "negative_prompt": d.edit_negative_prompt}}
+    static = {route: ((STATIC_DIR / name).read_bytes(), mime) for route, (name, mime) in STATIC_FILES.items()}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="NextStep", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    for route, (content, mime) in static.items():
+        app.add_api_route(route, _static_handler(content, mime), methods=["GET"], include_in_schema=False)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok",
+                "model": model_info,
+                "queue": {"depth": worker.depth, "waiting": worker.waiting, "running": worker.current is not None,
+                          "capacity": worker.capacity},
+                "defaults": {"size": f"{default_size[0]}x{default_size[1]}", **defaults},
+                "limits": {"max_size": MAX_SIZE, "max_n": MAX_N, "max_steps": MAX_STEPS,
+                           "max_guidance": MAX_GUIDANCE, "max_time_shift": MAX_TIME_SHIFT, "max_seed": MAX_SEED,
+                           "max_prompt_chars": MAX_PROMPT_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES,
+                           "max_input_pixels": MAX_INPUT_PIXELS, "queue_size": worker.capacity,
+                           "samplers": sorted(SAMPLERS)},
+                "stats": dict(worker.stats)}
+
+    def submit(req: GenerationRequest, image: Image.Image | None, stream: bool) -> tuple[Job, int]:
+        kwargs, seed = build_job_kwargs(req, pipe, default_size, image)
+        job = Job(kwargs, seed, stream, asyncio.get_running_loop())
+        return job, worker.submit(job)
+
+    json_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerationRequest.model_json_schema()}}}}
+    form_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "prompt"],
+        "properties": {"image": {"type": "string", "format": "binary"},
+                       **EditRequest.model_json_schema()["properties"]}}}}}}
+
+    @app.post("/v1/images/generations", openapi_extra=json_body)
+    async def generations(request: Request):
+        job, _ = submit(await read_json_request(request, GenerationRequest), None, stream=False)
+        return await json_result(job, request)
+
+    @app.post("/v1/images/generations/stream", openapi_extra=json_body)
+    async def generations_stream(request: Request):
+        job, ahead = submit(await read_json_request(request, GenerationRequest), None, stream=True)
+        return event_stream(job, ahead)
+
+    @app.post("/v1/images/edits", openapi_extra=form_body)
+    async def edits(request: Request):
+        req, image = await read_edit_request(request)
+        job, _ = submit(req, image, stream=False)
+        return await json_result(job, request)
+
+    @app.post("/v1/images/edits/stream", openapi_extra=form_body)
+    async def edits_stream(request: Request):
+        req, image = await read_edit_request(request)
+        job, ahead = submit(req, image, stream=True)
+        return event_stream(job, ahead)
+
+    return app
+
+
+def _static_handler(content: bytes, mime: str):
+    async def handler():
+        return Response(content, media_type=mime, headers={"Cache-Control": "no-cache"})
+
+    return handler

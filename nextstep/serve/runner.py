@@ -1,0 +1,93 @@
+"""Running the server: ``serve()`` loads a model and runs it under uvicorn until interrupted (``nextstep serve``);
+``running_server()`` runs an app on a background thread for tests and notebooks."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import uvicorn
+
+from ..pipeline import NextStepPipeline
+from .limits import QUEUE_SIZE
+from .routes import create_app
+
+log = logging.getLogger("nextstep.serve")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+          dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE) -> None:
+    """Load a model (default: the bundled one) and serve it until interrupted. ``device`` defaults to CUDA when
+    available; ``dtype`` to bfloat16 on GPU, float32 on CPU. Binds to loopback unless told otherwise: the server
+    has no authentication."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device)
+    name = Path(model_dir).name if model_dir is not None else "bundled"
+    app = create_app(pipe, queue_size=queue_size, model_name=name)
+    if not _is_loopback(host):
+        log.warning("serving on %s: the server has no authentication; anyone who can reach it can use it", host)
+    print(f"nextstep: serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/ ({device}, {dtype})")
+    try:
+        _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)).run()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
+        pass
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, cancelling the app's generations as soon as shutdown begins, so open streams end with an 'error'
+    event right away instead of being cut when the graceful-shutdown timeout runs out."""
+
+    def handle_exit(self, sig, frame) -> None:
+        self.cancel_jobs()
+        super().handle_exit(sig, frame)
+
+    def cancel_jobs(self) -> None:
+        worker = getattr(getattr(self.config.app, "state", None), "worker", None)
+        if worker is not None:
+            worker.cancel_all()
+
+
+@contextlib.contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a background thread (port 0: a free one); yields its base URL and stops it on
+    exit. For tests and notebooks."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
+    finally:
+        server.cancel_jobs()
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

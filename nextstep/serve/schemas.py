@@ -1,0 +1,104 @@
+"""What goes over the wire: the request models (their bounds are the server's limits, so the OpenAPI schema shows
+them) and the JSON error every failure is answered with."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+
+from .limits import ERROR_TYPES, MAX_GUIDANCE, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, MAX_TIME_SHIFT
+
+# pydantic error types that mean "the right type, outside the limits": a 400, like every other limit; the rest
+# (missing, unknown or wrongly typed fields) are a 422
+BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than_equal", "string_too_short", "string_too_long"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind or ERROR_TYPES.get(status, "error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class GenerationRequest(BaseModel):
+    """Text to image. Types are checked strictly for JSON (``"2"`` is not an int); multipart text is converted.
+    Sampling settings left out take the model's defaults (``pipe.defaults``, edit settings for edits)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(1, ge=1, le=MAX_N)
+    size: str | None = None
+    response_format: str = "b64_json"
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    sampler: str | None = None
+    time_shift: float | None = Field(None, gt=0, le=MAX_TIME_SHIFT)
+
+
+class EditRequest(GenerationRequest):
+    """Image editing: adds the image guidance scale."""
+
+    image_guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
+
+
+RequestModel = TypeVar("RequestModel", bound=GenerationRequest)
+
+
+def validate_request(schema: type[RequestModel], data: dict[str, Any], *, strict: bool) -> RequestModel:
+    """Fields -> request, or ApiError: 422 when a field is missing, unknown or of the wrong type, else 400 when a
+    value is outside the limits (the message gives the accepted range)."""
+    try:
+        return schema.model_validate(data, strict=strict)
+    except ValidationError as err:
+        errors = err.errors()
+        wrong = [e for e in errors if e["type"] not in BOUND_ERRORS]
+        if wrong:  # alone: a value of the wrong type has no range to report
+            raise ApiError(422, "; ".join(_type_message(e, schema) for e in wrong)) from None
+        raise ApiError(400, "; ".join(_bound_message(e, schema) for e in errors)) from None
+
+
+def _field_name(error: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in error["loc"]) or "body"
+
+
+def _type_message(error: dict[str, Any], schema: type[BaseModel]) -> str:
+    name = _field_name(error)
+    if error["type"] == "missing":
+        return f"missing required field '{name}'"
+    if error["type"] == "extra_forbidden":
+        return f"unknown field '{name}' (accepted: {', '.join(schema.model_fields)})"
+    got = repr(error.get("input"))
+    return f"field '{name}': {error['msg']} (got {got[:60] + '...' if len(got) > 60 else got})"
+
+
+def _bound_message(error: dict[str, Any], schema: type[BaseModel]) -> str:
+    name, value = _field_name(error), error["input"]
+    if error["type"] == "string_too_short":
+        return f"{name} is empty"
+    if error["type"] == "string_too_long":
+        return f"{name} is {len(value)} characters long; the limit is {error['ctx']['max_length']}"
+    return f"{name} must be in {_interval(schema.model_fields[name])}, got {value}"
+
+
+def _interval(info: FieldInfo) -> str:
+    """A field's numeric bounds as ``[lo, hi]``, or ``(lo, hi]`` when the lower bound is excluded."""
+    bounds = {key: getattr(m, key) for m in info.metadata for key in ("ge", "gt", "le") if hasattr(m, key)}
+    lo = bounds["gt"] if "gt" in bounds else bounds["ge"]
+    return f"{'(' if 'gt' in bounds else '['}{_number(lo)}, {_number(bounds['le'])}]"
+
+
+def _number(v: float) -> str:
+    """Short for floats (30.0 -> 30), exact for ints (MAX_SEED is ten digits)."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
