@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from nextstep.data import shapes as S
+from nextstep.data.shapes.scene import _apart, _gap, _inside
 from nextstep.eval import shapes as E
 
 N_GT = 120  # ground-truth samples per category / edit type at 64 px
@@ -167,8 +168,8 @@ def test_render_is_exact_and_scenes_are_valid():
     for category in S.CATEGORIES:  # objects inside the canvas and apart
         for _, _, scene in _t2i(category, 20):
             for i, a in enumerate(scene.objects):
-                assert S._inside(a, 64)
-                assert all(S._apart(a, b, S._gap(64)) for b in scene.objects[i + 1:])
+                assert _inside(a, 64)
+                assert all(_apart(a, b, _gap(64)) for b in scene.objects[i + 1:])
 
 
 # -- ground truth is scored (almost) perfectly -------------------------------------------------------------------
