@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 
 class ConfigError(ValueError):
@@ -235,10 +238,62 @@ class NextStepConfig:
         return cls.from_official(d)
 
 
+MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only amplifies noise; a larger value is surely a typo
+MAX_INFERENCE_STEPS = 1000
+MAX_TIME_SHIFT = 100.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every sampling setting of one generation call, resolved from the model's defaults and the caller's
+    overrides (:meth:`SamplingConfig.resolve`) and validated here, in one place."""
+
+    guidance_scale: float
+    image_guidance_scale: float
+    guidance_schedule: str
+    num_inference_steps: int
+    time_shift: float
+    sampler: str
+    token_norm: bool
+    negative_prompt: str
+
+    def __post_init__(self) -> None:
+        from .sampling.flow import SAMPLERS, min_steps
+        from .sampling.guidance import SCHEDULES
+
+        for name in ("guidance_scale", "image_guidance_scale"):
+            v = getattr(self, name)
+            _input(_is_number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
+                   f"{name} must be a number >= 0 and <= {MAX_GUIDANCE_SCALE:g}, got {v!r}")
+        _input(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        _input(self.guidance_schedule in SCHEDULES,
+               f"guidance_schedule must be one of {SCHEDULES}, got {self.guidance_schedule!r}")
+        n, lo = self.num_inference_steps, min_steps(self.sampler)
+        _input(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_INFERENCE_STEPS,
+               f"num_inference_steps must be an integer >= 1 and <= {MAX_INFERENCE_STEPS}, got {n!r}")
+        _input(n >= lo, f"the {self.sampler!r} sampler needs num_inference_steps >= {lo}, got {n}")
+        _input(_is_number(self.time_shift) and 0 < self.time_shift <= MAX_TIME_SHIFT,
+               f"time_shift must be > 0 and <= {MAX_TIME_SHIFT:g}, got {self.time_shift!r}")
+        _input(isinstance(self.token_norm, bool), f"token_norm must be true or false, got {self.token_norm!r}")
+        _input(isinstance(self.negative_prompt, str), f"negative_prompt must be a string, got {self.negative_prompt!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _input(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InputError(msg)
+
+
 @dataclass
 class SamplingConfig:
     """Default generation settings of a model (official NextStep-1 text-to-image defaults unless the model directory's
-    ``generation_config.json`` has a ``"nextstep"`` section, e.g. a small model tuned for fewer steps)."""
+    ``generation_config.json`` has a ``"nextstep"`` section, e.g. a small model tuned for fewer steps).
+
+    The ``edit_*`` fields apply when an input image is given. :meth:`resolve` turns these defaults plus a call's
+    overrides into validated :class:`Settings`; both modes are checked when the config is made (at model load)."""
 
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.0
@@ -254,10 +309,25 @@ class SamplingConfig:
     edit_negative_prompt: str = "Copy original image."
 
     def __post_init__(self) -> None:
-        _check(min(self.guidance_scale, self.image_guidance_scale, self.edit_guidance_scale,
-                   self.edit_image_guidance_scale) >= 0, "guidance scales must be >= 0")
-        _check(self.num_inference_steps >= 1, "num_inference_steps must be >= 1")
-        _check(self.time_shift > 0 and self.edit_time_shift > 0, "time shifts must be > 0")
+        for edit in (False, True):
+            try:
+                self.resolve(edit)
+            except InputError as e:
+                raise ConfigError(f"sampling defaults{' for editing' if edit else ''}: {e}") from None
+
+    def resolve(self, edit: bool, **overrides: Any) -> Settings:
+        """The settings of one call: ``overrides`` (any :class:`Settings` field; None means "the default") on top of
+        the text-to-image or the editing defaults. Raises :class:`InputError` naming the first invalid value."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Settings)})
+        if unknown:
+            raise TypeError(f"unknown sampling settings: {unknown}")
+        base = dict(guidance_scale=self.edit_guidance_scale if edit else self.guidance_scale,
+                    image_guidance_scale=self.edit_image_guidance_scale if edit else self.image_guidance_scale,
+                    guidance_schedule=self.guidance_schedule, num_inference_steps=self.num_inference_steps,
+                    time_shift=self.edit_time_shift if edit else self.time_shift, sampler=self.sampler,
+                    token_norm=self.token_norm, negative_prompt=self.edit_negative_prompt if edit else "")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings(**base)
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "SamplingConfig":
@@ -272,7 +342,10 @@ class SamplingConfig:
         unknown = sorted(set(section) - known)
         if unknown:
             raise ConfigError(f"{f}: unknown keys in the 'nextstep' section: {unknown}")
-        return cls(**section)
+        try:
+            return cls(**section)
+        except ConfigError as e:
+            raise ConfigError(f"{f}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         f = Path(path) / "generation_config.json"

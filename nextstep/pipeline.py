@@ -10,32 +10,35 @@ Reading order of ``NextStepPipeline.__call__``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import require_dir
-from .config import SamplingConfig
+from .config import SamplingConfig, Settings
+from .errors import InputError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
+from .model.kv_cache import KVCache
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
-from .prompt import caption_ids, generation_suffix_ids, left_pad
-from .sampling.flow import SAMPLERS, integrate
-from .sampling.guidance import SCHEDULES, Guidance
+from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad
+from .sampling.guidance import Guidance
+from .sampling.noise import Generators, NoiseSource
+from .sampling.token import TokenSampler
+from .think import think as self_cot
 from .tokenizer import Tokenizer
 
 OUTPUT_TYPES = ("pil", "pt", "np")
-TOKEN_NORM_EPS = 1e-6
 
 
 @dataclass
@@ -44,7 +47,8 @@ class PipelineOutput:
     tokens: torch.Tensor  # (B, h*w, token_dim) sampled image tokens, B = prompts x images per prompt
     grid: tuple[int, int]  # token grid (rows, cols)
     thoughts: list[str] | None = None  # self-CoT text per prompt (think=True)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, prefill, backbone, head, decode
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (timings=True): encode, prefill,
+    #                                                          backbone, head, decode
 
 
 def bundled_model_dir() -> Path | None:
@@ -54,53 +58,28 @@ def bundled_model_dir() -> Path | None:
 
 
 class Stopwatch:
-    """Accumulates wall time per named phase (synchronising CUDA so GPU work is charged to its phase)."""
+    """Accumulates wall time per named phase when enabled (synchronising CUDA so GPU work is charged to its phase);
+    disabled, a phase costs nothing and forces no synchronisation."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.totals: dict[str, float] = defaultdict(float)
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        return _Phase(self, name)
-
-
-class _Phase:
-    def __init__(self, watch: Stopwatch, name: str):
-        self.watch, self.name = watch, name
-
-    def __enter__(self):
+        if not self.enabled:
+            yield
+            return
         _sync()
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
+        t0 = time.perf_counter()
+        yield
         _sync()
-        self.watch.totals[self.name] += time.perf_counter() - self.t0
+        self.totals[name] += time.perf_counter() - t0
 
 
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-
-
-class NoiseSource:
-    """Gaussian noise for n images per prompt. One generator draws for the whole batch at once (independent noise
-    for every image); a list gives each prompt its own generator, so a prompt's images do not depend on what else
-    is in the batch. A single prompt with one generator draws exactly as the reference's seeded global RNG."""
-
-    def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None, prompts: int, per_prompt: int,
-                 dim: int, device: torch.device):
-        if isinstance(generator, Sequence):
-            if len(generator) != prompts:
-                raise ValueError(f"got {len(generator)} generators for {prompts} prompts")
-        self.generator, self.prompts, self.per_prompt, self.dim, self.device = generator, prompts, per_prompt, dim, device
-
-    def __call__(self) -> torch.Tensor:
-        if isinstance(self.generator, Sequence):
-            return torch.cat([self._draw(self.per_prompt, g) for g in self.generator])
-        return self._draw(self.prompts * self.per_prompt, self.generator)
-
-    def _draw(self, n: int, g: torch.Generator | None) -> torch.Tensor:
-        gen_device = g.device if g is not None else torch.device("cpu")
-        return torch.randn(n, self.dim, generator=g, device=gen_device).to(self.device)
 
 
 class NextStepPipeline:
@@ -109,12 +88,11 @@ class NextStepPipeline:
         self.model = model.eval()
         self.vae = vae.eval()
         self.tokenizer = tokenizer
-        s, c = tokenizer.special, model.config
-        if (s.boi, s.eoi, s.placeholder) != (c.boi_id, c.eoi_id, c.image_placeholder_id):
-            raise ValueError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) differ "
-                             f"from the model config ({c.boi_id}, {c.eoi_id}, {c.image_placeholder_id})")
-        if vae.config.z_channels != c.latent_channels:
-            raise ValueError(f"VAE has {vae.config.z_channels} latent channels, the model expects {c.latent_channels}")
+        check_special_ids(tokenizer, model.config)
+        if vae.config.z_channels != model.config.latent_channels:
+            raise ValueError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
+                             f"{model.config.latent_channels}")
+        self._decode_step = self.decode_step  # replaced by a compiled version in compile()
 
     # ---- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -150,6 +128,13 @@ class NextStepPipeline:
         """Pixels per image token along a side (16 for an f8 VAE with 2x2 patches)."""
         return self.vae.config.downsample * self.model.config.patch_size
 
+    def compile(self, **options) -> "NextStepPipeline":
+        """Compile the per-token backbone step with ``torch.compile`` (``options`` are passed on, e.g.
+        ``mode="reduce-overhead"`` for CUDA graphs). The step has static shapes and keeps its position on the
+        device, so one compilation serves every token of every call with the same batch layout."""
+        self._decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **options)
+        return self
+
     # ---- the call -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -174,73 +159,56 @@ class NextStepPipeline:
         positive_prompt: str | None = None,
         think: bool = False,
         max_think_tokens: int = 64,
+        timings: bool = False,
     ) -> PipelineOutput:
-        d, edit = self.defaults, image is not None  # settings left at None take the model's defaults
-        if guidance_scale is None:
-            guidance_scale = d.edit_guidance_scale if edit else d.guidance_scale
-        if image_guidance_scale is None:
-            image_guidance_scale = d.edit_image_guidance_scale if edit else d.image_guidance_scale
-        if time_shift is None:
-            time_shift = d.edit_time_shift if edit else d.time_shift
-        if negative_prompt is None and edit:
-            negative_prompt = d.edit_negative_prompt
-        guidance_schedule = guidance_schedule or d.guidance_schedule
-        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        token_norm = d.token_norm if token_norm is None else token_norm
-        sampler = sampler or d.sampler
+        """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
+        given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase)."""
+        settings = self.defaults.resolve(
+            image is not None, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+            guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps, time_shift=time_shift,
+            token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        images = self._check(prompts, image, num_images_per_prompt, num_inference_steps, sampler, output_type,
-                             guidance_schedule, time_shift)
+        images = self._check(prompts, image, num_images_per_prompt, output_type)
         height, width = self._size(height, width, images)
         grid = (height // self.size_multiple, width // self.size_multiple)
-        guidance = Guidance(guidance_scale, image_guidance_scale, has_image=images is not None,
-                            schedule=guidance_schedule)
+        guidance = Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=images is not None,
+                            schedule=settings.guidance_schedule)
         source = [fit_image(x, height, width) for x in images] if images is not None else None
 
-        clock = Stopwatch()
+        clock = Stopwatch(timings)
         thoughts = None
         captions = [p if not positive_prompt else f"{p} {positive_prompt}" for p in prompts]
         cond_ids = [caption_ids(self.tokenizer, c, [grid] if source is not None else []) for c in captions]
         if think:
-            cond_ids, thoughts = self._think(cond_ids, source, max_think_tokens, generator)
-        rows = self._rows(cond_ids, negative_prompt or "", grid, guidance, num_images_per_prompt)
+            latents = self._encode(source, Guidance(), 1) if source is not None else None
+            cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
+        rows = self._rows(cond_ids, settings.negative_prompt, grid, guidance, num_images_per_prompt)
         with clock("encode"):
             latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
-        tokens = self._generate(rows, latents, grid, guidance, len(prompts), num_images_per_prompt,
-                                num_inference_steps, time_shift, token_norm, sampler, generator, progress, callback,
-                                clock)
+        noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
+        tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock)
         with clock("decode"):
             pixels = to_unit(self.decode(tokens, grid))
         return PipelineOutput(images=self._format(pixels, output_type), tokens=tokens, grid=grid, thoughts=thoughts,
                               timings=dict(clock.totals))
 
     # ---- steps ----------------------------------------------------------------------------------------------------
-    def _check(self, prompts, image, n, steps, sampler, output_type, schedule, shift):
+    def _check(self, prompts, image, n, output_type) -> list[torch.Tensor] | None:
         if not prompts:
-            raise ValueError("prompt list is empty")
+            raise InputError("prompt list is empty")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if sampler == "sde" and steps < 2:
-            raise ValueError("the 'sde' sampler needs num_inference_steps >= 2")
+            raise InputError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if not shift > 0:
-            raise ValueError(f"time_shift must be > 0, got {shift!r}")
+            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if image is None:
             return None
         images = [image] if not isinstance(image, list) else image
         if len(images) == 1 and len(prompts) > 1:
             images = images * len(prompts)
         if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} input images for {len(prompts)} prompts (give one, or one per prompt)")
+            raise InputError(f"got {len(images)} input images for {len(prompts)} prompts (give one, or one per prompt)")
         return [load_image(x) for x in images]
 
     def _size(self, height, width, images) -> tuple[int, int]:
@@ -248,22 +216,21 @@ class NextStepPipeline:
         if height is None and width is None and images is not None:
             height, width = images[0].shape[-2:]
             if height % m or width % m:
-                raise ValueError(f"input image is {width}x{height}, not a multiple of {m}: pass height and width "
+                raise InputError(f"input image is {width}x{height}, not a multiple of {m}: pass height and width "
                                  f"(it is then resized to cover them and center-cropped)")
         default = m * self.model.config.base_image_grid_size  # the model's native size (512 for NextStep-1)
         height = default if height is None else height
         width = default if width is None else width
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % m:
-                raise ValueError(f"{name} must be a positive multiple of {m}, got {v!r}")
+                raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
         return height, width
 
     def _rows(self, cond_ids: list[list[int]], negative: str, grid, guidance: Guidance, n: int) -> list[list[int]]:
         """Token ids of every row, branch blocks stacked: [cond; uncond_text; uncond_all], each prompt x n."""
-        neg = caption_ids(self.tokenizer, negative)
         blocks = {"cond": cond_ids,
-                  "uncond_text": [caption_ids(self.tokenizer, "<image>" + negative, [grid])] * len(cond_ids),
-                  "uncond_all": [neg] * len(cond_ids)}
+                  "uncond_text": [caption_ids(self.tokenizer, negative, [grid])] * len(cond_ids),  # image + negative
+                  "uncond_all": [caption_ids(self.tokenizer, negative)] * len(cond_ids)}
         suffix = generation_suffix_ids(self.tokenizer, grid)
         return [ids + suffix for b in guidance.branches for ids in blocks[b] for _ in range(n)]
 
@@ -275,78 +242,55 @@ class NextStepPipeline:
         carriers = sum(b in ("cond", "uncond_text") for b in guidance.branches)
         return per_row * carriers
 
-    def _prefill(self, rows: list[list[int]], latents, extra: int):
+    def _prefill(self, rows: list[list[int]], latents, extra: int) -> tuple[torch.Tensor, KVCache]:
+        """Run the prompts into a fresh cache sized for ``extra`` more tokens; returns the last hidden states
+        (rows, 1, D): the (B, 1, D) layout the reference feeds to the output projector (with 4+ rows the math library
+        rounds a (B, D) view differently, and the difference grows over the image)."""
         batch = left_pad(rows, self.tokenizer.special.pad)
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         limit = self.model.config.transformer.max_position_embeddings
         if ids.shape[1] + extra > limit:
-            raise ValueError(f"prompt ({ids.shape[1]} tokens) + image ({extra} tokens) exceeds the model's "
+            raise InputError(f"prompt ({ids.shape[1]} tokens) + image ({extra} tokens) exceeds the model's "
                              f"{limit} positions: use a smaller size or a shorter prompt")
         cache = self.model.new_cache(ids.shape[0], ids.shape[1] + extra)
         hidden = self.model(self.model.embed(ids, latents), attention_mask=mask, cache=cache)
-        return hidden[:, -1], cache
+        return hidden[:, -1:], cache
 
-    def _generate(self, rows, latents, grid, guidance: Guidance, prompts: int, n: int, steps: int, shift: float,
-                  token_norm: bool, sampler: str, generator, progress: bool, callback, clock: "Stopwatch"
-                  ) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed sampled tokens (n, token_dim) back, once per guidance branch, at slot ``input_pos`` (1,): the hot
+        per-token backbone step -> hidden states (copies * n, 1, D). Static shapes, no host state: compilable."""
         model = self.model
+        e = model.embed_image_tokens(tokens.to(model.dtype))[:, None]  # (n, 1, D)
+        copies = cache.batch // tokens.shape[0]
+        return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
+
+    def _generate(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
+                  progress: bool, callback, clock: Stopwatch) -> torch.Tensor:
+        model, device = self.model, self.device
         total = grid[0] * grid[1]
-        d = model.config.token_dim
         with clock("prefill"):
             h, cache = self._prefill(rows, latents, total)
-        noise = NoiseSource(generator, prompts, n, d, self.device)
-        copies = len(guidance.branches)
-        tokens = torch.empty(prompts * n, total, d, device=self.device)
+        sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype)
+        context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
+        draws = sample.draws + (1 if context_noise > 0 else 0)
+        index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
+        input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back
+        tokens = torch.empty(noise.rows, total, model.config.token_dim, device=device)
         for k in tqdm(range(total), disable=not progress, desc="image tokens", leave=False):
-            cond = model.condition(h, torch.full((h.shape[0],), k, device=self.device), grid)  # (rows, D)
-            s_text, s_img = guidance.scales_at(k, total)
-
-            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                v = model.image_head(torch.cat([x] * copies).to(cond.dtype), t.expand(cond.shape[0]).to(cond), cond)
-                return guidance.combine(v.float(), s_text, s_img)
-
+            cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
+            eps = noise.block(draws)  # (draws, n, token_dim): this token's noise, drawn at once
             with clock("head"):
-                x = integrate(sampler, velocity, noise(), steps, shift, noise)
-                if token_norm:
-                    x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
+                x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
             tokens[:, k] = x
             if callback is not None:
                 callback(k + 1, total, tokens[:, : k + 1])
             if k + 1 < total:
                 with clock("backbone"):
-                    if model.config.context_noise > 0:  # read back as in training (NextStepConfig.context_noise)
-                        x = x + model.config.context_noise * noise()
-                    e = model.embed_image_tokens(x.to(model.dtype))[:, None]  # (n, 1, D)
-                    h = model(torch.cat([e] * copies), cache=cache)[:, -1]
+                    if context_noise > 0:
+                        x = x + context_noise * eps[-1]
+                    h = self._decode_step(x, input_pos, cache)
+                    input_pos += 1
         return tokens
-
-    def _think(self, cond_ids, source, max_tokens: int, generator):
-        """Self-CoT: let the model write after each prompt until it starts an image; returns extended ids + text."""
-        model, s = self.model, self.tokenizer.special
-        stop = {s.boi, s.image_area, model.config.eos_id}
-        latents = self._encode(source, Guidance(), 1) if source is not None else None
-        batch = left_pad(cond_ids, s.pad)
-        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-        cache = model.new_cache(len(cond_ids), ids.shape[1] + max_tokens)
-        h = model(model.embed(ids, latents), attention_mask=mask, cache=cache)[:, -1]
-        written: list[list[int]] = [[] for _ in cond_ids]
-        done = torch.zeros(len(cond_ids), dtype=torch.bool, device=self.device)
-        g = generator[0] if isinstance(generator, Sequence) else generator
-        for _ in range(max_tokens):
-            probs = torch.softmax(model.logits(h).float(), -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=g if g is None or g.device.type == "cpu" else None)[:, 0]
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    if t in stop:
-                        done[i] = True
-                    else:
-                        written[i].append(t)
-            if bool(done.all()):
-                break
-            h = model(model.embed(nxt.to(self.device)[:, None]), attention_mask=(~done).long()[:, None],
-                      cache=cache)[:, -1]
-        text = [self.tokenizer.decode(w) for w in written]
-        return [c + w for c, w in zip(cond_ids, written)], text
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped)."""

@@ -17,8 +17,21 @@ from .tokenizer import Tokenizer
 IMAGE_TAG = "<image>"
 
 
+def area_text(grid: tuple[int, int]) -> str:
+    """The text after ``<|image_area|>`` that states a token grid: rows*cols."""
+    return f"{grid[0]}*{grid[1]}"
+
+
 def image_area_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
-    return [tok.special.image_area] + tok.encode(f"{grid[0]}*{grid[1]}")
+    return [tok.special.image_area] + tok.encode(area_text(grid))
+
+
+def check_special_ids(tok: Tokenizer, config) -> None:
+    """The tokenizer and the model (``NextStepConfig``) must agree on the image protocol's ids."""
+    s, c = tok.special, config
+    if (s.boi, s.eoi, s.placeholder) != (c.boi_id, c.eoi_id, c.image_placeholder_id):
+        raise ValueError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) differ from "
+                         f"the model config ({c.boi_id}, {c.eoi_id}, {c.image_placeholder_id})")
 
 
 def image_block_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
@@ -35,7 +48,8 @@ def generation_suffix_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
 def caption_ids(tok: Tokenizer, caption: str, image_grids: list[tuple[int, int]] = ()) -> list[int]:
     """Caption text -> ids, with one image block per ``<image>`` tag (in order).
 
-    Images without a tag in the caption are prepended (reference behaviour for editing prompts)."""
+    Images without a tag in the caption are prepended (reference behaviour for editing prompts), so
+    ``caption_ids(tok, text, [grid])`` is an edit prompt whether or not ``text`` names the image."""
     n_tags = caption.count(IMAGE_TAG)
     grids = list(image_grids)
     if n_tags > len(grids):

@@ -113,7 +113,8 @@ def test_flow_loss_formula_and_noise_order_match_reference(model, ref):
         cond = hidden[next_img].repeat(4, 1)
         target = patchify(ref["in.latents"], 2)[0].repeat(4, 1)
         torch.manual_seed(4321)
-        loss = model.image_head.loss(target, cond, torch.ones(len(target)))
+        noise, u = model.image_head.draw(len(target))  # the reference's order: noise, then t's normal
+        loss = model.image_head.row_losses(target, cond, noise, u).mean()
     assert abs(loss.item() - ref["out.train_im_loss"].item()) <= TOL
 
 

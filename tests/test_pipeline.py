@@ -86,7 +86,8 @@ def test_cached_decoding_equals_uncached_forward(pipe):
     """Teacher-force the sampled tokens through a full forward: the conditions must equal the cached ones."""
     model = pipe.model
     seen = []
-    hook = model.image_out_projector.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    hook = model.image_out_projector.register_forward_hook(  # (rows, 1, D) per token, the reference's layout
+        lambda m, i, o: seen.append(o.detach().reshape(-1, o.shape[-1]).clone()))
     try:
         out = pipe("a red circle", height=32, width=48, num_inference_steps=3, guidance_scale=1.0,
                    generator=seeded(5), token_norm=True, progress=False)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..images import fit_image, load_image
 from ..model.latents import token_grid
-from ..prompt import caption_ids, generation_suffix_ids
+from ..prompt import caption_ids, image_block_ids
 from ..tokenizer import Tokenizer
 from .sources import SampleError
 
@@ -160,17 +160,16 @@ def build_example(rec: Record, tok: Tokenizer, patch: int, seed: int, caption_dr
                   image_dropout: float) -> Example:
     """The token sequence of one record (the prompt protocol of ``prompt.py``), with guidance dropout."""
     rng = np.random.default_rng(seed)
-    eoi, ph = tok.special.eoi, tok.special.placeholder
     if rec.kind == "text":
         eos = [tok.special.eos] if tok.special.eos is not None else []
         return Example(tok.encode(rec.text) + eos, [], [])
     text = "" if rng.random() < caption_dropout else rec.text
     target = rec.latents[-1]
     grid = token_grid(tuple(target.shape[-2:]), patch)
-    body = generation_suffix_ids(tok, grid) + [ph] * (grid[0] * grid[1]) + [eoi]
+    body = image_block_ids(tok, grid)  # the image to generate: area, boi, placeholders, eoi
     if rec.kind == "edit" and rng.random() >= image_dropout:
         src = rec.latents[0]
-        ids = caption_ids(tok, "<image>" + text, [token_grid(tuple(src.shape[-2:]), patch)]) + body
+        ids = caption_ids(tok, text, [token_grid(tuple(src.shape[-2:]), patch)]) + body
         return Example(ids, [src, target], [0.0, 1.0])
     return Example(caption_ids(tok, text) + body, [target], [1.0])
 

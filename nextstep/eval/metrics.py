@@ -1,4 +1,5 @@
-"""Reconstruction metrics on images in [0, 1]: PSNR and SSIM (Gaussian window, as in Wang et al. 2004)."""
+"""Image metrics: PSNR (any value range; the one PSNR of the package) and SSIM on images in [0, 1] (Gaussian
+window, as in Wang et al. 2004)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> (B,) PSNR in dB (inf for identical images)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
+    """(B, ...) images with values in [0, peak] -> (B,) PSNR in dB over all values of each image: inf for identical
+    images, nan for images with no values. Computed in the inputs' floating dtype, at least float32 (pass uint8
+    pixels as float64 to keep their squared errors exact). To compare only some pixels, select them first."""
+    dtype = torch.promote_types(torch.result_type(a, b), torch.float32)
+    mse = (a.to(dtype) - b.to(dtype)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(peak**2 / mse)
 
 
 def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

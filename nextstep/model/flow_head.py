@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import FlowHeadConfig
+from ..sampling.noise import randn
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -72,8 +73,12 @@ class VelocityNet(nn.Module):
         self.final_layer = FinalLayer(cfg.width, token_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.velocity(x, self.time_embed(t) + self.cond_embed(c))
+
+    def velocity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, token_dim) and y = time_embed(t) + cond_embed(c) (N, width) -> (N, token_dim). Samplers compute
+        the two embeddings once (per call and per token) instead of at every step."""
         h = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)
@@ -95,7 +100,7 @@ class VelocityNet(nn.Module):
 
 
 class FlowHead(nn.Module):
-    """Holds the velocity network (``net``, the official key prefix) and the flow-matching loss."""
+    """Holds the velocity network (``net``, the official key prefix) and the flow-matching loss per row."""
 
     def __init__(self, token_dim: int, cond_dim: int, cfg: FlowHeadConfig):
         super().__init__()
@@ -108,10 +113,7 @@ class FlowHead(nn.Module):
     def draw(self, rows: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss's randomness for ``rows`` rows, in the reference's order: noise (rows, token_dim), then u (rows,)."""
-        gen_device = generator.device if generator is not None else device
-        noise = torch.randn(rows, self.token_dim, generator=generator, device=gen_device, dtype=dtype)
-        u = torch.randn(rows, generator=generator, device=gen_device)
-        return noise.to(device), u.to(device)
+        return randn((rows, self.token_dim), generator, device, dtype), randn((rows,), generator, device)
 
     def row_losses(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, u: torch.Tensor
                    ) -> torch.Tensor:
@@ -123,13 +125,3 @@ class FlowHead(nn.Module):
         x_t = tt * target + (1 - tt) * noise
         err = (self.net(x_t, t, cond).float() - (target - noise).float()) ** 2
         return err.mean(dim=1)
-
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Masked mean of :meth:`row_losses` with noise drawn from ``generator`` (see :meth:`draw`)."""
-        noise, u = self.draw(target.shape[0], generator, target.device, target.dtype)
-        per_row = self.row_losses(target, cond, noise, u)
-        if mask is None:
-            return per_row.mean()
-        mask = mask.to(per_row)
-        return (per_row * mask).sum() / (mask.sum() + 1e-8)

@@ -45,6 +45,7 @@ class NextStep(nn.Module):
         self.image_in_projector = nn.Linear(config.token_dim, t.hidden_size)
         self.image_out_projector = nn.Linear(t.hidden_size, t.hidden_size)
         self.image_head = FlowHead(config.token_dim, t.hidden_size, config.head)
+        self._position_tables: dict[tuple, torch.Tensor] = {}  # (grid, device, dtype) -> (h*w, D), made once
 
     # ---- construction -------------------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "NextStep":
@@ -115,9 +116,9 @@ class NextStep(nn.Module):
 
     # ---- backbone and heads -------------------------------------------------------------------------------------
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, D) embeddings -> (B, T, D) final hidden states (see ``Transformer.forward``)."""
-        return self.transformer(embeds, attention_mask=attention_mask, cache=cache)
+        return self.transformer(embeds, attention_mask=attention_mask, cache=cache, input_pos=input_pos)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return self.transformer.new_cache(batch, max_len)
@@ -126,8 +127,12 @@ class NextStep(nn.Module):
         return self.lm_head(hidden)
 
     def position_embedding(self, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(N,) raster indices of image tokens in a ``grid`` = (rows, cols) -> (N, D) 2-D sin/cos embedding."""
-        table = sincos_2d_table(self.config.transformer.hidden_size, *grid).to(self.device, self.dtype)
+        """(...) raster indices of image tokens in a ``grid`` = (rows, cols) -> (..., D) 2-D sin/cos embedding."""
+        key = (tuple(grid), self.device, self.dtype)
+        table = self._position_tables.get(key)
+        if table is None:  # built once per grid, device and dtype, not at every token
+            table = sincos_2d_table(self.config.transformer.hidden_size, *grid).to(self.device, self.dtype)
+            self._position_tables[key] = table
         return table[index]
 
     def condition(self, hidden: torch.Tensor, index: torch.Tensor | None = None,

@@ -26,12 +26,14 @@ ends. Closing the connection cancels the generation (it stops at the next image 
 Errors are ``{"error": {"message": ..., "type": ...}}`` with:
     400 invalid_request_error  body is not valid JSON / not an object / not valid multipart; a value outside the
                                limits or not supported (size, n, steps, prompt, response_format "url", ...); the
-                               upload is not a readable image
+                               upload is not a readable image; the model refuses the input (an ``InputError``, such
+                               as a prompt too long for its context)
     413 request_too_large      body over MAX_JSON_BYTES, or upload over MAX_UPLOAD_BYTES
     422 validation_error       a required field is missing, a field is unknown, or a value has the wrong type
     429 queue_full             QUEUE_SIZE requests are already waiting; retry later
     404 not_found, 405 method_not_allowed
-    500 server_error           the generation itself failed (the message says how)
+    500 server_error           the generation failed for any other reason (out of memory, a broken model config,
+                               a bug): the message names the exception type, the server log has the traceback
     503 cancelled              the server shut down before the request finished (or the client left)
 No field names a path: nothing a request sends is read from or written to disk (uploads stay in memory).
 """

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
 from .limits import PREVIEWS_PER_IMAGE
@@ -142,13 +143,15 @@ class Worker:
                       "data": [{"b64_json": png_b64(im)} for im in out.images]}
         except Cancelled:
             return self._cancelled(job)
-        except ValueError as e:  # the pipeline's verdict on input the limits let through (e.g. prompt too long)
+        except InputError as e:  # the pipeline's verdict on input the limits let through (e.g. prompt too long)
             self.stats["failed"] += 1
             return "error", ApiError(400, str(e))
-        except Exception as e:
-            log.exception("generation failed")
+        except Exception as e:  # anything else is ours, not the client's (a plain ValueError, a ConfigError too)
+            log.exception("generation failed (%dx%d, %d image(s))", job.kwargs["width"], job.kwargs["height"],
+                          job.kwargs["num_images_per_prompt"])
             self.stats["failed"] += 1
-            return "error", ApiError(500, f"generation failed: {type(e).__name__}: {e}")
+            return "error", ApiError(500, f"the generation failed on the server ({type(e).__name__}); the server log "
+                                          f"has the details")
         self.stats["completed"] += 1
         return "final", result
 

@@ -1,0 +1,46 @@
+"""Where sampling noise comes from: one rule for every draw (pipeline, training loss, context noise).
+
+A draw uses the generator's own device (so a seeded CPU generator gives the same numbers whatever the model's
+device) and is then moved to the target device; with no generator it is drawn on the target device from that
+device's default generator.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, 1) of ``shape`` on ``device`` (see the module docstring for which generator draws it)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class NoiseSource:
+    """Gaussian noise for ``prompts`` x ``per_prompt`` rows. One generator draws for the whole batch (independent
+    noise for every row); a list gives each prompt its own generator, so a prompt's images do not depend on what
+    else is in the batch. A single prompt with one CPU generator draws exactly as the reference's seeded global RNG.
+    """
+
+    def __init__(self, generator: Generators, prompts: int, per_prompt: int, dim: int, device: torch.device):
+        if isinstance(generator, Sequence) and len(generator) != prompts:
+            raise ValueError(f"got {len(generator)} generators for {prompts} prompts")
+        self.generator, self.prompts, self.per_prompt, self.dim, self.device = generator, prompts, per_prompt, dim, device
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.per_prompt
+
+    def block(self, k: int) -> torch.Tensor:
+        """(k, rows, dim): the next k draws of (rows, dim) each, taken in one call per generator.
+
+        On the CPU, torch draws normals in blocks of 16 values, so one (k, rows, dim) call gives the same numbers as k
+        calls of (rows, dim) whenever rows * dim is a multiple of 16 (always for 64-value image tokens)."""
+        if isinstance(self.generator, Sequence):
+            return torch.cat([randn((k, self.per_prompt, self.dim), g, self.device) for g in self.generator], dim=1)
+        return randn((k, self.rows, self.dim), self.generator, self.device)

@@ -1,0 +1,57 @@
+"""Sampling ONE image token from the backbone's condition: the flow head's guided velocity integrated over time.
+
+This is the seam where other ways of producing a token plug in: a distilled few-step head, a compiled or
+CUDA-graphed head, multi-token prediction. A ``TokenSampler`` is made once per generation call (the time grid and
+the head's time embeddings of that grid are computed then, on the model's device); each call samples one token from
+its (rows, D) condition, computing the head's condition embedding once for all steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Settings
+from ..model.flow_head import FlowHead
+from .flow import noise_draws, run, times
+from .guidance import Guidance
+
+TOKEN_NORM_EPS = 1e-6
+
+
+class TokenSampler:
+    """Samples image tokens with ``head`` under ``guidance`` and the call's ``settings`` (sampler, steps, shift,
+    token norm)."""
+
+    def __init__(self, head: FlowHead, guidance: Guidance, settings: Settings, rows: int, device: torch.device,
+                 dtype: torch.dtype):
+        """``rows``: condition rows per token (guidance branches x images)."""
+        self.head, self.guidance, self.settings = head, guidance, settings
+        self.copies = len(guidance.branches)
+        self.ts = times(settings.sampler, settings.num_inference_steps, settings.time_shift).to(device)
+        # One (rows, width) block per grid time, made once per call. Each is computed on ``rows`` equal rows, not
+        # as one (S, width) table: the math library rounds a matrix product differently for 1-3 rows than for more,
+        # and reproducing the reference bit for bit needs the same layout. t is rounded to the head's dtype first.
+        t = self.ts.to(dtype)
+        self.time_emb = [head.net.time_embed(t[i].expand(rows)) for i in range(len(t))]
+
+    @property
+    def draws(self) -> int:
+        """Noise vectors of (rows, token_dim) one token consumes: the start x0, then the sampler's own."""
+        return 1 + noise_draws(self.settings.sampler, self.settings.num_inference_steps)
+
+    def __call__(self, cond: torch.Tensor, scales: tuple[float, float], noise: torch.Tensor) -> torch.Tensor:
+        """cond (copies * n, D) stacked guidance branches; noise (draws, n, token_dim) -> token (n, token_dim)."""
+        net, guidance, copies = self.head.net, self.guidance, self.copies
+        cond_emb = net.cond_embed(cond)  # (copies * n, width), the same at every step
+        text, image = scales
+
+        def field(x: torch.Tensor, i: int) -> torch.Tensor:
+            v = net.velocity(torch.cat([x] * copies).to(cond.dtype), self.time_emb[i] + cond_emb)
+            return guidance.combine(v.float(), text, image)
+
+        rest = iter(noise[1:])
+        x = run(self.settings.sampler, field, noise[0], self.ts, lambda: next(rest))
+        if self.settings.token_norm:
+            x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
+        return x
