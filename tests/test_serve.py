@@ -6,6 +6,7 @@ import base64
 import importlib
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,8 @@ httpx = need("httpx", "pip install -e '.[dev]'")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from nextstep.config import ConfigError  # noqa: E402
+from nextstep.errors import InputError  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve import limits, parsing  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
@@ -412,19 +415,31 @@ class Failing:
         raise self.error
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError("out of memory"), 500), (ValueError("prompt too long"), 400)])
-def test_generation_failures_are_reported(pipe, error, status):
+@pytest.mark.parametrize("error, status", [
+    (InputError("bad"), 400),  # the pipeline's verdict on the request: the client reads what to fix
+    (ValueError("internal"), 500),  # any other error is the server's, whatever its type
+    (ConfigError("internal: the model config is broken"), 500),
+    (RuntimeError("out of memory"), 500),
+])
+def test_generation_failures_are_reported(pipe, caplog, error, status):
+    caplog.set_level(logging.ERROR, logger="nextstep.serve")
     body = {"prompt": "a", "size": "16x16", **FAST}
     with TestClient(create_app(Failing(pipe, error), queue_size=1)) as c:
-        assert_error(c.post("/v1/images/generations", json=body), status, str(error))
+        plain = c.post("/v1/images/generations", json=body)
         with c.stream("POST", "/v1/images/generations/stream", json=body) as r:
             assert r.status_code == 200
             ev = events(r.iter_lines())
         assert [n for n, _ in ev] == ["queued", "started", "error"]
-        err = ev[-1][1]["error"]
-        assert err["type"] == limits.ERROR_TYPES[status] and str(error) in err["message"]
         assert c.get("/health").json()["stats"]["failed"] == 2
         assert c.get("/health").json()["queue"]["depth"] == 0
+    if status == 400:
+        assert_error(plain, 400, str(error))
+    else:  # the type says what kind of failure; the details (paths, internals) stay in the log
+        assert_error(plain, 500, type(error).__name__, "server log")
+        assert str(error) not in plain.json()["error"]["message"]
+    assert ev[-1][1] == plain.json()  # the stream ends with the same error
+    logged = [rec for rec in caplog.records if rec.name == "nextstep.serve" and rec.exc_info]
+    assert [rec.exc_info[1] for rec in logged] == ([error, error] if status == 500 else [])
 
 
 def test_openapi_schema_shows_the_limits(client):
