@@ -22,10 +22,11 @@ from nextstep.data.shapes import Obj, Scene, generate_t2i, render
 from nextstep.eval.shapes import analyze, check
 from nextstep.images import load_image, to_pil, to_unit
 from nextstep.model.latents import patchify, token_grid
-from nextstep.pipeline import TOKEN_NORM_EPS, NextStepPipeline
+from nextstep.pipeline import NextStepPipeline
 from nextstep.prompt import caption_ids, generation_suffix_ids, left_pad
 from nextstep.sampling.flow import integrate
 from nextstep.sampling.guidance import Guidance
+from nextstep.sampling.token import TOKEN_NORM_EPS
 
 
 def pixels(images) -> torch.Tensor:
