@@ -11,6 +11,9 @@ import torch
 
 from .images import grid_image, save_png
 from .pipeline import NextStepPipeline, bundled_model_dir
+from .prompt import area_text
+from .sampling.flow import SAMPLERS
+from .sampling.guidance import SCHEDULES
 from .errors import TrainingError
 
 
@@ -38,8 +41,8 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
                    help="negative prompt" + (" (default: the model's, 'Copy original image.')" if edit else ""))
     p.add_argument("--shift", type=float, default=None,
                    help="time shift (default: the model's; NextStep-1: 1.0, 3.2 for edits)")
-    p.add_argument("--schedule", default=None, choices=["constant", "linear"], help="guidance schedule")
-    p.add_argument("--sampler", default=None, choices=["sde", "ode", "heun"], help="default: the model's (sde)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="guidance schedule (default: the model's)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the model's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
     p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
@@ -48,6 +51,8 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the per-token backbone step with torch.compile (pays off on large models/images)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cfg", type=float, default=None)
     ev.add_argument("--image-cfg", type=float, default=None)
     ev.add_argument("--shift", type=float, default=None)
-    ev.add_argument("--sampler", default=None, choices=["sde", "ode", "heun"])
+    ev.add_argument("--sampler", default=None, choices=sorted(SAMPLERS))
     ev.add_argument("--json", default=None, help="write the results (without images) to this JSON file")
     ev.add_argument("--save-grid", default=None, help="write a PNG grid of generations with pass/fail marks")
     ev.add_argument("--model", default=None)
@@ -137,7 +142,8 @@ def make_tokenizer(args) -> list[Path]:
         texts = [s.get("caption", s.get("instruction", "")) for s in (ds[i] for i in range(len(ds)))]
     if not texts:
         raise ValueError("no texts to train the tokenizer on")
-    tok = train_tokenizer(texts + [f"{h}*{w}" for h in range(1, 65) for w in range(1, 65)], args.vocab)
+    areas = [area_text((h, w)) for h in range(1, 65) for w in range(1, 65)]  # so every grid's area is few tokens
+    tok = train_tokenizer(texts + areas, args.vocab)
     tok.save_pretrained(args.out)
     return [Path(args.out) / "tokenizer.json"]
 
@@ -189,6 +195,8 @@ def run(args) -> list[Path]:
     if args.command == "edit" and not Path(args.image).is_file():
         raise SystemExit(f"nextstep: input image not found: {args.image}")
     pipe = load_pipeline(args)
+    if args.compile:
+        pipe.compile()
     width, height = args.size if args.size else (None, None)
     kwargs = dict(negative_prompt=args.negative, height=height, width=width, num_images_per_prompt=args.num_images,
                   guidance_scale=args.cfg, guidance_schedule=args.schedule, time_shift=args.shift,

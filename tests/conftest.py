@@ -41,12 +41,29 @@ def ref(fixture) -> dict:
     return load_file(str(fixture / "reference.safetensors"))
 
 
-@pytest.fixture
-def one_thread():
-    """The fixtures were computed with one thread; reductions split over threads round differently."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_process():
+    """Tiny models on two cores: several threads per matrix product only contend (the bundled-model test took ~85 s
+    with the default threads and ~3 s with one). Subprocesses inherit it through OMP_NUM_THREADS."""
     import torch
 
     n = torch.get_num_threads()
+    old = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(n)
+    if old is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """The fixtures were computed with one thread; reductions split over threads round differently. (Every test
+    runs with one thread already; parity tests name this fixture to say that they depend on it.)"""
+    import torch
+
+    assert torch.get_num_threads() == 1
+    yield

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import NextStepConfig
+from ..sampling.noise import randn
 from .flow_head import FlowHead
 from .kv_cache import KVCache
 from .latents import patchify, sincos_2d_table, token_grid
@@ -199,9 +200,7 @@ class NextStep(nn.Module):
         d, parts = self.config.token_dim, []
         for n, wt, g in zip(counts, weights, gens):
             if wt > 0:
-                gen_device = g.device if g is not None else self.device
-                parts.append(torch.randn(n, d, generator=g, device=gen_device).to(self.device)
-                             * self.config.context_noise)
+                parts.append(randn((n, d), g, self.device) * self.config.context_noise)
             else:
                 parts.append(torch.zeros(n, d, device=self.device))
         return torch.cat(parts)
