@@ -265,7 +265,8 @@ class Settings:
             v = getattr(self, name)
             _input(_is_number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
                    f"{name} must be a number >= 0 and <= {MAX_GUIDANCE_SCALE:g}, got {v!r}")
-        _input(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        _input(self.sampler in SAMPLERS,
+               f"unknown sampler {self.sampler!r}: sampler must be one of {sorted(SAMPLERS)}")
         _input(self.guidance_schedule in SCHEDULES,
                f"guidance_schedule must be one of {SCHEDULES}, got {self.guidance_schedule!r}")
         n, lo = self.num_inference_steps, min_steps(self.sampler)

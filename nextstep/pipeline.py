@@ -272,19 +272,19 @@ class NextStepPipeline:
             h, cache = self._prefill(rows, latents, total)
         sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
-        draws = sample.draws + (1 if context_noise > 0 else 0)
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
         input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back
         tokens = torch.empty(noise.rows, total, model.config.token_dim, device=device)
         for k in tqdm(range(total), disable=not progress, desc="image tokens", leave=False):
             cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
-            eps = noise.block(draws)  # (draws, n, token_dim): this token's noise, drawn at once
+            fed_back = k + 1 < total  # the last token is not fed back (and draws no context noise)
+            eps = noise.block(sample.draws + (context_noise > 0 and fed_back))  # (draws, n, token_dim), one call
             with clock("head"):
                 x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
             tokens[:, k] = x
             if callback is not None:
                 callback(k + 1, total, tokens[:, : k + 1])
-            if k + 1 < total:
+            if fed_back:
                 with clock("backbone"):
                     if context_noise > 0:
                         x = x + context_noise * eps[-1]

@@ -41,6 +41,7 @@ def test_bundled_model_draws_shapes(pipe):
     assert (far > 0.01).sum() >= 2 and (far < 0.5).all(), far
 
 
+@pytest.mark.slow
 def test_evaluation_subset_matches_measured_numbers(pipe, one_thread):
     res = evaluate_pipeline(pipe, 10, 0, n_edits=MEASURED_EDITS_N, progress=False)
     got = {k: v for k, v in res["categories"].items()}

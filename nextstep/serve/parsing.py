@@ -15,9 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
-from ..sampling.flow import SAMPLERS
 from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_SEED, MAX_SIZE,
                      MAX_UPLOAD_BYTES)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
@@ -77,10 +77,12 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     if req.response_format != "b64_json":
         raise ApiError(400, f"response_format {req.response_format!r} is not supported: this server keeps no "
                             f"files to link to; use 'b64_json'")
-    if req.sampler is not None and req.sampler not in SAMPLERS:
-        raise ApiError(400, f"sampler must be one of {sorted(SAMPLERS)}, got {req.sampler!r}")
-    if req.steps is not None and (req.sampler or pipe.defaults.sampler) == "sde" and req.steps < 2:
-        raise ApiError(400, "steps must be >= 2 with the 'sde' sampler (use 'ode' for a single step)")
+    try:  # the pipeline's own validation of the sampling settings, before the request is queued
+        pipe.defaults.resolve(edit, sampler=req.sampler, num_inference_steps=req.steps,
+                              guidance_scale=req.guidance_scale, time_shift=req.time_shift,
+                              image_guidance_scale=getattr(req, "image_guidance_scale", None))
+    except InputError as e:
+        raise ApiError(400, str(e)) from None
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
     w, h = _output_size(req, pipe.size_multiple, default_size, image)
     kwargs: dict[str, Any] = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,

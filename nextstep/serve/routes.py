@@ -49,6 +49,7 @@ from fastapi.responses import Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import Settings
 from ..pipeline import NextStepPipeline
 from ..sampling.flow import SAMPLERS
 from .limits import (MAX_GUIDANCE, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS,
@@ -64,6 +65,16 @@ STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
                 "/app.css": ("app.css", "text/css; charset=utf-8")}
 
 
+def _api_settings(s: Settings, edit: bool) -> dict:
+    """The settings a request gets for the fields it leaves out, under the API's field names."""
+    out = {"steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "time_shift": s.time_shift,
+           "sampler": s.sampler, "guidance_schedule": s.guidance_schedule, "token_norm": s.token_norm,
+           "negative_prompt": s.negative_prompt or None}
+    if edit:
+        out["image_guidance_scale"] = s.image_guidance_scale
+    return out
+
+
 def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_every: int | None = None,
                model_name: str = "nextstep") -> FastAPI:
     """The ASGI app around one loaded pipeline. ``queue_size`` requests may wait behind the running one;
@@ -77,12 +88,8 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
                   "native_size": native}
-    d = pipe.defaults
-    defaults = {"generation": {"steps": d.num_inference_steps, "guidance_scale": d.guidance_scale,
-                               "time_shift": d.time_shift, "sampler": d.sampler, "negative_prompt": None},
-                "edit": {"steps": d.num_inference_steps, "guidance_scale": d.edit_guidance_scale,
-                         "image_guidance_scale": d.edit_image_guidance_scale, "time_shift": d.edit_time_shift,
-                         "sampler": d.sampler, "negative_prompt": d.edit_negative_prompt}}
+    defaults = {"generation": _api_settings(pipe.defaults.resolve(False), edit=False),
+                "edit": _api_settings(pipe.defaults.resolve(True), edit=True)}
     static = {route: ((STATIC_DIR / name).read_bytes(), mime) for route, (name, mime) in STATIC_FILES.items()}
 
     @contextlib.asynccontextmanager
