@@ -12,7 +12,7 @@ Examples (from the repository root):
 
 For every combination of --size x --batch x --steps x --cfg x --sampler: one warm-up call, then --repeats timed
 calls (``progress=False``, ``generator=torch.Generator().manual_seed(0)``, ``output_type="pt"``); the table shows
-medians. Phase shares come from ``PipelineOutput.timings`` (prefill, backbone, head, decode) divided by the
+medians. Phase shares come from ``PipelineOutput.timings`` (``timings=True``) (prefill, backbone, head, decode) divided by the
 median wall time of the whole call.
 """
 
@@ -41,6 +41,7 @@ from nextstep.config import PRESETS, VAEConfig, preset  # noqa: E402
 from nextstep.model.nextstep import NextStep  # noqa: E402
 from nextstep.model.vae import VAE  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
+from nextstep.prompt import check_special_ids  # noqa: E402
 from nextstep.sampling.flow import SAMPLERS  # noqa: E402
 from nextstep.tokenizer import Tokenizer  # noqa: E402
 
@@ -149,12 +150,12 @@ def build_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.d
 
     cfg = model_config(args)
     tok = Tokenizer.from_pretrained(args.tokenizer)
-    s = tok.special
-    if (s.boi, s.eoi, s.placeholder) != (cfg.boi_id, cfg.eoi_id, cfg.image_placeholder_id):
-        raise SystemExit(f"preset {args.preset!r} uses special ids (boi {cfg.boi_id}, eoi {cfg.eoi_id}, placeholder "
-                         f"{cfg.image_placeholder_id}) but the tokenizer {tok.source} has ({s.boi}, {s.eoi}, "
-                         f"{s.placeholder}): pass a matching --tokenizer, or use --preset tiny with --hidden/--layers/"
-                         f"--head-width/--head-depth for a bigger random model")
+    try:
+        check_special_ids(tok, cfg)
+    except ValueError as e:
+        raise SystemExit(f"preset {args.preset!r} and tokenizer {tok.source}: {e}: pass a matching --tokenizer, or "
+                         f"use --preset tiny with --hidden/--layers/--head-width/--head-depth for a bigger random "
+                         f"model") from None
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = NextStep(cfg).init_weights()
@@ -187,7 +188,7 @@ def run_one(pipe: NextStepPipeline, args, size, batch, steps, cfg, sampler, devi
     t0 = time.perf_counter()
     out = pipe(args.prompt, height=h, width=w, num_images_per_prompt=batch, guidance_scale=cfg,
                num_inference_steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
-               output_type="pt", progress=False)
+               output_type="pt", progress=False, timings=True)
     sync(device)
     return time.perf_counter() - t0, dict(out.timings)
 

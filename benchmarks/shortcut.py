@@ -16,17 +16,16 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nextstep.data.shapes import Obj, Scene, generate_t2i, render
 from nextstep.eval.shapes import analyze, check
 from nextstep.images import load_image, to_pil, to_unit
 from nextstep.model.latents import patchify, token_grid
 from nextstep.pipeline import NextStepPipeline
-from nextstep.prompt import caption_ids, generation_suffix_ids, left_pad
-from nextstep.sampling.flow import integrate
+from nextstep.prompt import caption_ids, image_block_ids, left_pad
 from nextstep.sampling.guidance import Guidance
-from nextstep.sampling.token import TOKEN_NORM_EPS
+from nextstep.sampling.noise import NoiseSource
+from nextstep.sampling.token import TokenSampler
 
 
 def pixels(images) -> torch.Tensor:
@@ -51,9 +50,8 @@ def teacher_forced(pipe: NextStepPipeline, items, steps: int, guidance: float, s
     z = pipe.vae.scale(pipe.vae.encode(pixels([scene for _, _, scene in items])).mode())
     grid = token_grid(tuple(z.shape[-2:]), model.config.patch_size)
     n, total = len(items), grid[0] * grid[1]
-    rows = [caption_ids(tok, c) + generation_suffix_ids(tok, grid) + [tok.special.placeholder] * total
-            for c, _, _ in items]
-    rows += [generation_suffix_ids(tok, grid) + [tok.special.placeholder] * total] * n  # unconditional branch
+    image = image_block_ids(tok, grid)[:-1]  # the ground-truth image up to its last token (no <eoi>)
+    rows = [caption_ids(tok, c) + image for c, _, _ in items] + [image] * n  # [cond; uncond_all]
     batch = left_pad(rows, tok.special.pad)
     g = torch.Generator().manual_seed(seed)
     d = model.config.token_dim
@@ -63,17 +61,15 @@ def teacher_forced(pipe: NextStepPipeline, items, steps: int, guidance: float, s
     before = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     before[:, :-1] = batch.input_ids[:, 1:] == tok.special.placeholder  # positions whose next token is an image token
     hs = hidden[before].reshape(2 * n, total, -1)
+    cfg = Guidance(text_scale=guidance)
+    settings = pipe.defaults.resolve(False, sampler="sde", num_inference_steps=steps, guidance_scale=guidance,
+                                     time_shift=1.0, token_norm=True)
+    sample = TokenSampler(model.image_head, cfg, settings, 2 * n, model.device, model.dtype)
+    source = NoiseSource(g, 1, n, d, model.device)
     out = torch.empty(n, total, d)
-    cfg = Guidance(text_scale=guidance)  # rows [cond; uncond_all], as built above
     for k in range(total):
         cond = model.condition(hs[:, k], torch.full((2 * n,), k), grid)
-
-        def velocity(x, t):
-            return cfg.combine(model.image_head(torch.cat([x, x]), t.expand(2 * n), cond), guidance, 1.0)
-
-        x = integrate("sde", velocity, torch.randn(n, out.shape[-1], generator=g), steps, 1.0,
-                      lambda: torch.randn(n, out.shape[-1], generator=g))
-        out[:, k] = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
+        out[:, k] = sample(cond, (guidance, 1.0), source.block(sample.draws))
     return to_pil(to_unit(pipe.decode(out, grid)))
 
 

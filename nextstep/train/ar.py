@@ -27,6 +27,7 @@ from ..model.latents import token_grid
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
 from ..model.vae import VAE
+from ..prompt import check_special_ids
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
@@ -86,12 +87,10 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
         cfg.apply_overrides(model.config)
     else:
         model = NextStep(cfg.model_config()).init_weights(generator=torch.Generator().manual_seed(cfg.run.seed))
-    s, c = tok.special, model.config
-    if (s.boi, s.eoi, s.placeholder) != (c.boi_id, c.eoi_id, c.image_placeholder_id):
-        raise ValueError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) differ from "
-                         f"the model config ({c.boi_id}, {c.eoi_id}, {c.image_placeholder_id})")
-    if len(tok) > c.transformer.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary {c.transformer.vocab_size}")
+    check_special_ids(tok, model.config)
+    vocab = model.config.transformer.vocab_size
+    if len(tok) > vocab:
+        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary {vocab}")
     return model.train()
 
 
