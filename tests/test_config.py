@@ -163,6 +163,7 @@ def test_to_official_round_trip_non_default_fields():
     ({"image_placeholder_id": 1024}, "image_placeholder_id=1024"),
     ({"boi": -1}, "boi_id=-1"),
     ({"genloss_type": "diffusion"}, "genloss_type"),
+    ({"use_mlp_before_lm_head": True}, "use_mlp_before_lm_head=true is not supported"),
 ])
 def test_from_official_refuses(official, update, match):
     with pytest.raises(ConfigError, match=match):
