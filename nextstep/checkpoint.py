@@ -1,4 +1,6 @@
-"""Reading and writing weights: official formats and ours (safetensors + config.json).
+"""Weight files, model-agnostic: safetensors (single or sharded) and weights-only torch files read and written
+safely, strict assignment into a module, atomic writes. Each model's key mapping lives beside the model
+(``NextStep.from_pretrained``, ``VAE.from_pretrained``).
 
 Loading never holds two copies of a model: modules are built on the ``meta`` device and the tensors read from
 the file (memory-mapped by safetensors) are assigned in place, cast to the requested dtype one at a time.
@@ -165,76 +167,22 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-# ---- the NextStep model: official key names <-> ours ------------------------------------------------------------
-# Official checkpoints keep the backbone at the top level (``layers.N.*``, ``norm.*``); ours nests it under
-# ``transformer.``. These two functions are the only place that knows it.
-_BACKBONE_PREFIXES = ("layers.", "norm.")
-OFFICIAL_IGNORED_KEYS = ("gen_pos_embed",)  # a buffer we recompute for the real grid
-
-
-def official_to_ours(key: str) -> str:
-    return "transformer." + key if key.startswith(_BACKBONE_PREFIXES) else key
-
-
-def ours_to_official(key: str) -> str:
-    return key[len("transformer."):] if key.startswith("transformer.") else key
-
-
-def load_nextstep(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
-    """Build a ``NextStep`` from a model directory (official NextStep-1/1.1 layout or ours)."""
-    from .config import NextStepConfig
-    from .model.nextstep import NextStep
-
-    model_dir = require_dir(path, "model")
-    config = NextStepConfig.from_official(read_json(model_dir / "config.json", "model config.json"))
-    files = safetensors_files(model_dir)
-    with torch.device("meta"):
-        model = NextStep(config)
-    tied = config.transformer.tie_word_embeddings
-    tensors = ((official_to_ours(k), t) for k, t in iter_safetensors(files)
-               if not (tied and k == "lm_head.weight"))
-    if tied:
-        # a tied lm_head shares the embedding: load it once, then re-tie after assignment
-        del model.lm_head.weight
-        model.lm_head.register_parameter("weight", None)
-    assign_state_dict(model, tensors, source=str(model_dir), dtype=dtype, device=device,
-                      ignore=OFFICIAL_IGNORED_KEYS)
-    if tied:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
-
-
-def save_nextstep(model, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
-    """Write ``config.json`` (official NextStep-1 schema) and safetensors with official key names.
-
-    With ``max_shard_bytes`` the weights are split into ``model-0000i-of-0000n.safetensors`` shards plus
-    ``model.safetensors.index.json``, as Hugging Face does.
-    """
-    from .model.latents import sincos_2d_table
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    state = {ours_to_official(k): v for k, v in model.state_dict().items()}
-    if cfg.transformer.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    g = cfg.base_image_grid_size
-    state["gen_pos_embed"] = sincos_2d_table(cfg.transformer.hidden_size, g, g)[None]  # for the official loader
+def save_safetensors_sharded(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None = None) -> None:
+    """``out/model.safetensors``, or with ``max_shard_bytes`` the ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json`` as Hugging Face writes them; stale weight files of an earlier save go first."""
     shards = _split_shards(state, max_shard_bytes)
     for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         stale.unlink()
     if len(shards) == 1:
         save_safetensors(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors(shard, out / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-                   out / "model.safetensors.index.json")
-    write_json(cfg.to_official("v1"), out / "config.json")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(shard, out / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

@@ -9,13 +9,17 @@ Data flow (training and sampling share every step):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import (assign_state_dict, iter_safetensors, read_json, require_dir, safetensors_files,
+                          save_safetensors_sharded, write_json)
 from ..config import NextStepConfig
 from ..sampling.noise import randn
 from .flow_head import FlowHead
@@ -229,10 +233,50 @@ class NextStep(nn.Module):
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu") -> "NextStep":
-        from ..checkpoint import load_nextstep
-        return load_nextstep(path, dtype=dtype, device=device)
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> "NextStep":
+        """Build from a model directory (official NextStep-1/1.1 layout or ours): ``config.json`` + safetensors."""
+        model_dir = require_dir(path, "model")
+        config = NextStepConfig.from_official(read_json(model_dir / "config.json", "model config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        tied = config.transformer.tie_word_embeddings
+        tensors = ((official_to_ours(k), t) for k, t in iter_safetensors(safetensors_files(model_dir))
+                   if not (tied and k == "lm_head.weight"))
+        if tied:  # a tied lm_head shares the embedding: load it once, then re-tie after assignment
+            del model.lm_head.weight
+            model.lm_head.register_parameter("weight", None)
+        assign_state_dict(model, tensors, source=str(model_dir), dtype=dtype, device=device,
+                          ignore=OFFICIAL_IGNORED_KEYS)
+        if tied:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval()
 
-    def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
-        from ..checkpoint import save_nextstep
-        save_nextstep(self, path, max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` (official NextStep-1 schema) and safetensors with official key names (sharded as
+        Hugging Face does with ``max_shard_bytes``), plus the ``gen_pos_embed`` buffer the official loader wants."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        state = {ours_to_official(k): v for k, v in self.state_dict().items()}
+        if cfg.transformer.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        g = cfg.base_image_grid_size
+        state["gen_pos_embed"] = sincos_2d_table(cfg.transformer.hidden_size, g, g)[None]
+        save_safetensors_sharded(state, out, max_shard_bytes)
+        write_json(cfg.to_official("v1"), out / "config.json")
+
+
+# ---- official key names <-> ours ---------------------------------------------------------------------------------
+# Official checkpoints keep the backbone at the top level (``layers.N.*``, ``norm.*``); ours nests it under
+# ``transformer.``. These two functions are the only place that knows it.
+_BACKBONE_PREFIXES = ("layers.", "norm.")
+OFFICIAL_IGNORED_KEYS = ("gen_pos_embed",)  # a buffer we recompute for the real grid
+
+
+def official_to_ours(key: str) -> str:
+    return "transformer." + key if key.startswith(_BACKBONE_PREFIXES) else key
+
+
+def ours_to_official(key: str) -> str:
+    return key[len("transformer."):] if key.startswith("transformer.") else key
