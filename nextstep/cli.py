@@ -14,6 +14,7 @@ from .pipeline import NextStepPipeline, bundled_model_dir
 from .prompt import area_text
 from .sampling.flow import SAMPLERS
 from .sampling.guidance import SCHEDULES
+from .config import SamplingConfig
 from .errors import TrainingError
 
 
@@ -194,17 +195,21 @@ def run(args) -> list[Path]:
     paths, grid_path = output_paths(args.output, args.num_images)
     if args.command == "edit" and not Path(args.image).is_file():
         raise SystemExit(f"nextstep: input image not found: {args.image}")
+    edit = args.command == "edit"
+    settings = dict(negative_prompt=args.negative, guidance_scale=args.cfg, guidance_schedule=args.schedule,
+                    time_shift=args.shift, token_norm=False if args.no_token_norm else None, sampler=args.sampler,
+                    num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None)
+    model_dir = args.model or bundled_model_dir()
+    if model_dir is not None:  # bad settings fail here, before minutes of loading a large model
+        SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)
     pipe = load_pipeline(args)
     if args.compile:
         pipe.compile()
     width, height = args.size if args.size else (None, None)
-    kwargs = dict(negative_prompt=args.negative, height=height, width=width, num_images_per_prompt=args.num_images,
-                  guidance_scale=args.cfg, guidance_schedule=args.schedule, time_shift=args.shift,
-                  token_norm=False if args.no_token_norm else None, sampler=args.sampler, think=args.think,
-                  generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet)
-    kwargs["num_inference_steps"] = args.steps
-    if args.command == "edit":
-        out = pipe(args.instruction, image=args.image, image_guidance_scale=args.image_cfg, **kwargs)
+    kwargs = dict(height=height, width=width, num_images_per_prompt=args.num_images, think=args.think,
+                  generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet, **settings)
+    if edit:
+        out = pipe(args.instruction, image=args.image, **kwargs)
     else:
         out = pipe(args.prompt, **kwargs)
     for im, path in zip(out.images, paths):

@@ -303,6 +303,8 @@ class SamplingConfig:
             section = json.loads(f.read_text()).get("nextstep", {})
         except (json.JSONDecodeError, AttributeError) as e:
             raise ConfigError(f"{f} is not a valid generation config: {e}") from None
+        if not isinstance(section, dict):
+            raise ConfigError(f"{f}: the 'nextstep' section must be a JSON object, got {section!r}")
         known = {x.name for x in dataclasses.fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:

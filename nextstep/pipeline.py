@@ -93,6 +93,7 @@ class NextStepPipeline:
             raise ValueError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
                              f"{model.config.latent_channels}")
         self._decode_step = self.decode_step  # replaced by a compiled version in compile()
+        self._cache_bucket = 1  # KV-cache lengths are rounded up to a multiple of this (compile(): fewer shapes)
 
     # ---- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -128,10 +129,15 @@ class NextStepPipeline:
         """Pixels per image token along a side (16 for an f8 VAE with 2x2 patches)."""
         return self.vae.config.downsample * self.model.config.patch_size
 
-    def compile(self, **options) -> "NextStepPipeline":
-        """Compile the per-token backbone step with ``torch.compile`` (``options`` are passed on, e.g.
-        ``mode="reduce-overhead"`` for CUDA graphs). The step has static shapes and keeps its position on the
-        device, so one compilation serves every token of every call with the same batch layout."""
+    def compile(self, cache_bucket: int = 256, **options) -> "NextStepPipeline":
+        """Compile the per-token backbone step with ``torch.compile`` (``options`` are passed on). The step has
+        static shapes and keeps its position on the device, so one compilation serves every token; KV caches are
+        then sized in multiples of ``cache_bucket`` slots, so prompts of different lengths share a compilation
+        (a new one comes with a new batch layout or a longer bucket). Masked slots change no output beyond float
+        rounding. CUDA graphs (``mode="reduce-overhead"``) additionally need a cache reused across calls: not yet."""
+        if not isinstance(cache_bucket, int) or cache_bucket < 1:
+            raise InputError(f"cache_bucket must be a positive integer, got {cache_bucket!r}")
+        self._cache_bucket = cache_bucket
         self._decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **options)
         return self
 
@@ -252,7 +258,8 @@ class NextStepPipeline:
         if ids.shape[1] + extra > limit:
             raise InputError(f"prompt ({ids.shape[1]} tokens) + image ({extra} tokens) exceeds the model's "
                              f"{limit} positions: use a smaller size or a shorter prompt")
-        cache = self.model.new_cache(ids.shape[0], ids.shape[1] + extra)
+        size = -(-(ids.shape[1] + extra) // self._cache_bucket) * self._cache_bucket  # rounded up to the bucket
+        cache = self.model.new_cache(ids.shape[0], min(size, limit))
         hidden = self.model(self.model.embed(ids, latents), attention_mask=mask, cache=cache)
         return hidden[:, -1:], cache
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 from .tokenizer import Tokenizer
 
 IMAGE_TAG = "<image>"
@@ -53,7 +54,7 @@ def caption_ids(tok: Tokenizer, caption: str, image_grids: list[tuple[int, int]]
     n_tags = caption.count(IMAGE_TAG)
     grids = list(image_grids)
     if n_tags > len(grids):
-        raise ValueError(f"caption has {n_tags} {IMAGE_TAG} tags but only {len(grids)} images were given")
+        raise InputError(f"caption has {n_tags} {IMAGE_TAG} tags but only {len(grids)} images were given")
     if n_tags < len(grids):
         caption = IMAGE_TAG * (len(grids) - n_tags) + caption
     parts = caption.split(IMAGE_TAG)

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import InputError
 from .model.nextstep import NextStep
 from .prompt import left_pad
 from .sampling.noise import Generators
@@ -26,8 +27,10 @@ def think(model: NextStep, tok: Tokenizer, cond_ids: list[list[int]], latents: l
           max_tokens: int, generator: Generators) -> tuple[list[list[int]], list[str]]:
     """Sample up to ``max_tokens`` text tokens after each prompt's ids (one generator, or one per prompt); a row stops
     at ``<boi>``, ``<|image_area|>`` or EOS. Returns the extended ids and the text each row wrote."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise InputError(f"max_think_tokens must be an integer >= 0, got {max_tokens!r}")
     if isinstance(generator, Sequence) and len(generator) != len(cond_ids):
-        raise ValueError(f"got {len(generator)} generators for {len(cond_ids)} prompts")
+        raise InputError(f"got {len(generator)} generators for {len(cond_ids)} prompts")
     s, device = tok.special, model.device
     stop = {s.boi, s.image_area, model.config.eos_id}
     batch = left_pad(cond_ids, s.pad)

@@ -304,3 +304,36 @@ def test_noise_without_a_generator_follows_the_default_generator(pipe):
     torch.manual_seed(11)
     b = pipe("x", **kw).tokens
     assert torch.equal(a, b) and not torch.equal(a, pipe("x", **kw).tokens)
+
+
+def test_timings_only_when_asked(pipe):
+    kw = dict(height=16, width=32, num_inference_steps=2, output_type="pt", progress=False)
+    assert pipe("x", **kw).timings == {}
+    assert set(pipe("x", timings=True, **kw).timings) == {"encode", "prefill", "head", "backbone", "decode"}
+
+
+def test_settings_are_resolved_and_checked_in_one_place(pipe, fixture, tmp_path):
+    import json
+    import shutil
+
+    from nextstep.config import ConfigError
+    from nextstep.errors import InputError
+
+    s = pipe.defaults.resolve(True, num_inference_steps=3, guidance_scale=None)
+    assert (s.num_inference_steps, s.guidance_scale, s.negative_prompt) == (3, 7.5, "Copy original image.")
+    assert pipe.defaults.resolve(False).negative_prompt == ""
+    with pytest.raises(TypeError, match="unknown sampling settings"):
+        pipe.defaults.resolve(False, steps=3)
+    for bad in (dict(guidance_scale=101.0), dict(num_inference_steps=1001), dict(time_shift=float("inf")),
+                dict(token_norm="yes"), dict(num_inference_steps=True)):
+        with pytest.raises(InputError):
+            pipe.defaults.resolve(False, **bad)
+    with pytest.raises(InputError, match="max_think_tokens"):
+        pipe("x", think=True, max_think_tokens=-1, height=16, width=16, progress=False)
+    # a model directory with a bad generation config fails when it loads, naming the file
+    model_dir = tmp_path / "model"
+    shutil.copytree(fixture / "model", model_dir)
+    for section in ({"sampler": "dpm"}, None, {"num_inference_steps": 0}):
+        (model_dir / "generation_config.json").write_text(json.dumps({"nextstep": section}))
+        with pytest.raises(ConfigError, match="generation_config.json"):
+            NextStepPipeline.from_pretrained(model_dir, fixture / "vae")

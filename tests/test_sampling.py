@@ -359,3 +359,26 @@ def test_edit_guidance_is_continuous_in_the_image_scale():
     at_one = Guidance(3.0, 1.0, has_image=True).combine(torch.cat([c, u1]), 3.0, 1.0)
     near = Guidance(3.0, 1.0 + 1e-6, has_image=True).combine(torch.cat([c, u1, u2]), 3.0, 1.0 + 1e-6)
     assert (at_one - near).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", [c for c in FM_SAMPLE_CASES if "noise_repeat1" not in c])
+def test_token_sampler_matches_reference_fm_sample(case, model, ref, ref_meta, one_thread):
+    """The pipeline's own path (TokenSampler: embeddings computed once, noise drawn as one block) gives the
+    reference sampler's numbers (cases whose noise rows are independent, i.e. noise_repeat == rows)."""
+    from nextstep.config import SamplingConfig
+    from nextstep.sampling.noise import NoiseSource
+    from nextstep.sampling.token import TokenSampler
+
+    kwargs, rows = parse_fm_sample(ref_meta[f"out.fm_sample.{case}"]["description"])
+    cfg, cfg2 = kwargs["cfg"], kwargs["cfg2"]
+    c = torch.cat([ref[name] for name in rows])
+    g = Guidance(text_scale=cfg, image_scale=cfg2, has_image=(cfg2 != 1))
+    settings = SamplingConfig().resolve(False, sampler="sde", num_inference_steps=kwargs["num_sampling_steps"],
+                                        time_shift=kwargs.get("timesteps_shift", 1.0), token_norm=False)
+    sample = TokenSampler(model.image_head, g, settings, c.shape[0], c.device, c.dtype)
+    torch.manual_seed(1234)
+    noise = NoiseSource(None, 1, c.shape[0] // len(g.branches), 64, c.device).block(sample.draws)
+    x = sample(c, (cfg, cfg2), noise)
+    diff = (x - ref[f"out.fm_sample.{case}"]).abs().max().item()
+    assert diff <= TOL, (case, diff)

@@ -14,8 +14,8 @@ class KVCache:
 
     Writes go to device-tensor positions (``input_pos``, ``index_copy_``) and attention always reads all
     ``max_len`` slots under the mask, so a decoding step has static shapes and no host-side state: it can be
-    compiled or captured in a CUDA graph. ``length`` is a convenience for eager callers that append without
-    naming positions (prefill, tests); the compiled step never reads it.
+    compiled. ``length`` is a convenience for eager callers that append without naming positions (prefill,
+    tests); writes at explicit ``input_pos`` (the decoding step) neither read nor advance it.
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,

@@ -50,7 +50,7 @@ class NextStep(nn.Module):
         self.image_in_projector = nn.Linear(config.token_dim, t.hidden_size)
         self.image_out_projector = nn.Linear(t.hidden_size, t.hidden_size)
         self.image_head = FlowHead(config.token_dim, t.hidden_size, config.head)
-        self._position_tables: dict[tuple, torch.Tensor] = {}  # (grid, device, dtype) -> (h*w, D), made once
+        self._position_table: tuple[tuple, torch.Tensor] | None = None  # the last grid's (key, (h*w, D) table)
 
     # ---- construction -------------------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "NextStep":
@@ -134,11 +134,10 @@ class NextStep(nn.Module):
     def position_embedding(self, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(...) raster indices of image tokens in a ``grid`` = (rows, cols) -> (..., D) 2-D sin/cos embedding."""
         key = (tuple(grid), self.device, self.dtype)
-        table = self._position_tables.get(key)
-        if table is None:  # built once per grid, device and dtype, not at every token
+        if self._position_table is None or self._position_table[0] != key:  # one table kept: not rebuilt per token
             table = sincos_2d_table(self.config.transformer.hidden_size, *grid).to(self.device, self.dtype)
-            self._position_tables[key] = table
-        return table[index]
+            self._position_table = (key, table)
+        return self._position_table[1][index]
 
     def condition(self, hidden: torch.Tensor, index: torch.Tensor | None = None,
                   grid: tuple[int, int] | None = None) -> torch.Tensor:

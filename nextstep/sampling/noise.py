@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -29,7 +31,7 @@ class NoiseSource:
 
     def __init__(self, generator: Generators, prompts: int, per_prompt: int, dim: int, device: torch.device):
         if isinstance(generator, Sequence) and len(generator) != prompts:
-            raise ValueError(f"got {len(generator)} generators for {prompts} prompts")
+            raise InputError(f"got {len(generator)} generators for {prompts} prompts")
         self.generator, self.prompts, self.per_prompt, self.dim, self.device = generator, prompts, per_prompt, dim, device
 
     @property
@@ -37,10 +39,17 @@ class NoiseSource:
         return self.prompts * self.per_prompt
 
     def block(self, k: int) -> torch.Tensor:
-        """(k, rows, dim): the next k draws of (rows, dim) each, taken in one call per generator.
+        """(k, rows, dim): the next k draws of (rows, dim) each, in one call per CPU generator.
 
         On the CPU, torch draws normals in blocks of 16 values, so one (k, rows, dim) call gives the same numbers as k
-        calls of (rows, dim) whenever rows * dim is a multiple of 16 (always for 64-value image tokens)."""
+        calls of (rows, dim) whenever rows * dim is a multiple of 16 (always for 64-value image tokens). Other
+        generators (CUDA's maps values to threads by the call's size) and other sizes draw k times."""
         if isinstance(self.generator, Sequence):
-            return torch.cat([randn((k, self.per_prompt, self.dim), g, self.device) for g in self.generator], dim=1)
-        return randn((k, self.rows, self.dim), self.generator, self.device)
+            return torch.cat([_block(k, self.per_prompt, self.dim, g, self.device) for g in self.generator], dim=1)
+        return _block(k, self.rows, self.dim, self.generator, self.device)
+
+
+def _block(k: int, rows: int, dim: int, g: torch.Generator | None, device) -> torch.Tensor:
+    if g is not None and g.device.type == "cpu" and (rows * dim) % 16 == 0:
+        return randn((k, rows, dim), g, device)
+    return torch.stack([randn((rows, dim), g, device) for _ in range(k)])
