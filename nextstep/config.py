@@ -117,9 +117,9 @@ class VAEConfig:
 
     # official tokenizer schema (checkpoint.pt + config.json): nextstep/official.py
     @classmethod
-    def from_official(cls, d: dict[str, Any]) -> "VAEConfig":
+    def from_official(cls, d: dict[str, Any], format: str = "v1") -> "VAEConfig":
         from .official import vae_from_official
-        return vae_from_official(d)
+        return vae_from_official(d, format)
 
     def to_official(self) -> dict[str, Any]:
         from .official import vae_to_official
@@ -220,6 +220,7 @@ class Settings:
     sampler: str
     token_norm: bool
     negative_prompt: str
+    noise_level: float  # the 1.1 samplers' ("flow_sde", "cps") noise level in [0, 1]
 
     def __post_init__(self) -> None:
         from .sampling.flow import SAMPLERS, min_steps
@@ -241,6 +242,8 @@ class Settings:
                f"time_shift must be > 0 and <= {MAX_TIME_SHIFT:g}, got {self.time_shift!r}")
         _input(isinstance(self.token_norm, bool), f"token_norm must be true or false, got {self.token_norm!r}")
         _input(isinstance(self.negative_prompt, str), f"negative_prompt must be a string, got {self.negative_prompt!r}")
+        _input(_is_number(self.noise_level) and 0 <= self.noise_level <= 1,
+               f"noise_level must be a number in [0, 1], got {self.noise_level!r}")
 
 
 def _is_number(v: Any) -> bool:
@@ -254,8 +257,9 @@ def _input(cond: bool, msg: str) -> None:
 
 @dataclass
 class SamplingConfig:
-    """Default generation settings of a model (official NextStep-1 text-to-image defaults unless the model directory's
-    ``generation_config.json`` has a ``"nextstep"`` section, e.g. a small model tuned for fewer steps).
+    """Default generation settings of a model: the official defaults of its format (:meth:`for_format`: NextStep-1's
+    or NextStep-1.1's), with the model directory's ``generation_config.json`` ``"nextstep"`` section on top (e.g. a
+    small model tuned for fewer steps).
 
     The ``edit_*`` fields apply when an input image is given. :meth:`resolve` turns these defaults plus a call's
     overrides into validated :class:`Settings`; both modes are checked when the config is made (at model load)."""
@@ -272,6 +276,7 @@ class SamplingConfig:
     edit_image_guidance_scale: float = 2.0
     edit_time_shift: float = 3.2
     edit_negative_prompt: str = "Copy original image."
+    noise_level: float = 0.8  # read by the 1.1 samplers
 
     def __post_init__(self) -> None:
         for edit in (False, True):
@@ -290,15 +295,34 @@ class SamplingConfig:
                     image_guidance_scale=self.edit_image_guidance_scale if edit else self.image_guidance_scale,
                     guidance_schedule=self.guidance_schedule, num_inference_steps=self.num_inference_steps,
                     time_shift=self.edit_time_shift if edit else self.time_shift, sampler=self.sampler,
-                    token_norm=self.token_norm, negative_prompt=self.edit_negative_prompt if edit else "")
+                    token_norm=self.token_norm, negative_prompt=self.edit_negative_prompt if edit else "",
+                    noise_level=self.noise_level)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**base)
 
     @classmethod
+    def for_format(cls, version: str) -> "SamplingConfig":
+        """The official defaults of a checkpoint format. "v1": NextStep-1 (guidance 7.5, 50 steps, its SDE sampler,
+        token norm on; editing 7.5 / 2.0, shift 3.2, "Copy original image."). "v1.1": the NextStep-1.1 inference
+        script (guidance 7.5, 30 steps, the "flow_sde" sampler at noise level 0.8, token norm off; 1.1 is a
+        text-to-image model, an edit keeps NextStep-1's edit guidance with the 1.1 sampler)."""
+        if version == "v1":
+            return cls()
+        if version == "v1.1":
+            return cls(num_inference_steps=30, sampler="flow_sde", token_norm=False, noise_level=0.8)
+        raise ConfigError(f"unknown checkpoint format {version!r} (known: 'v1', 'v1.1')")
+
+    @classmethod
     def from_model_dir(cls, path: str | Path) -> "SamplingConfig":
+        """The defaults of the model in ``path``: its format's (read from ``config.json``), then its
+        ``generation_config.json``."""
+        from .official import schema_of  # the config.json schema tells NextStep-1 from 1.1
+
+        model_config = Path(path) / "config.json"
+        base = cls.for_format(schema_of(json.loads(model_config.read_text())) if model_config.is_file() else "v1")
         f = Path(path) / "generation_config.json"
         if not f.is_file():
-            return cls()
+            return base
         try:
             section = json.loads(f.read_text()).get("nextstep", {})
         except (json.JSONDecodeError, AttributeError) as e:
@@ -310,7 +334,7 @@ class SamplingConfig:
         if unknown:
             raise ConfigError(f"{f}: unknown keys in the 'nextstep' section: {unknown}")
         try:
-            return cls(**section)
+            return dataclasses.replace(base, **section)
         except ConfigError as e:
             raise ConfigError(f"{f}: {e}") from None
 

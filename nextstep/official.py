@@ -66,6 +66,15 @@ _ALIASES: list[tuple[tuple[str, ...], str]] = [
 ]
 
 
+V11_KEYS = ("genloss_width", "genloss_depth", "genloss_batch_mul", "num_channels", "patch_size", "image_size",
+            "image_loss_weight")  # NextStep-1.1 model-card names (NextStep-1 spells them fm_head_*, latent_*)
+
+
+def schema_of(d: dict[str, Any]) -> str:
+    """"v1.1" for a config.json in NextStep-1.1's spelling, else "v1" (NextStep-1's, which ours also writes)."""
+    return "v1.1" if isinstance(d, dict) and any(k in d for k in V11_KEYS) else "v1"
+
+
 def _same_value(a: Any, b: Any) -> bool:
     """Equal as config values: 1 == 1.0, but a bool only equals a bool (true is not 1)."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -180,7 +189,11 @@ _VAE_OFFICIAL = ("resolution", "in_channels", "ch", "out_ch", "ch_mult", "num_re
                  "scaling_factor", "shift_factor", "deterministic")
 
 
-def vae_from_official(d: dict[str, Any]) -> VAEConfig:
+def vae_from_official(d: dict[str, Any], format: str = "v1") -> VAEConfig:
+    """A tokenizer ``config.json`` -> VAEConfig. Without any normalisation key, NextStep-1's code normalises nothing
+    while NextStep-1.1's applies a layer norm over the channels at each latent position (its defaults
+    ``encoder_norm=True, psz=1``): ``format`` ("v1" or "v1.1", the model's release) picks which."""
+    _check(format in ("v1", "v1.1"), f"format must be 'v1' or 'v1.1', got {format!r}")
     d = dict(d)
     kw: dict[str, Any] = {k: d.pop(k) for k in _VAE_OFFICIAL if k in d}
     # Two spellings of the latent normalisation (FORMATS.md): encoder_norm + psz, or norm_fn/norm_level.
@@ -199,7 +212,7 @@ def vae_from_official(d: dict[str, Any]) -> VAEConfig:
     elif encoder_norm is not None:
         kw["norm"] = "layer_norm" if encoder_norm else "none"
     else:
-        kw["norm"] = "none"
+        kw["norm"] = "layer_norm" if format == "v1.1" else "none"
     kw["norm_patch"] = int(psz) if psz else 1
     for k in ("norm_eps",):
         if k in d:

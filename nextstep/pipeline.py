@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import require_dir
+from .checkpoint import read_json, require_dir
 from .config import SamplingConfig, Settings
 from .errors import InputError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
@@ -31,6 +31,7 @@ from .model.kv_cache import KVCache
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
+from .official import schema_of
 from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad
 from .sampling.guidance import Guidance
 from .sampling.noise import Generators, NoiseSource
@@ -83,8 +84,14 @@ def _sync() -> None:
 
 
 class NextStepPipeline:
-    def __init__(self, model: NextStep, vae: VAE, tokenizer: Tokenizer, defaults: SamplingConfig | None = None):
-        self.defaults = defaults or SamplingConfig()  # what a call uses for the settings it leaves at None
+    def __init__(self, model: NextStep, vae: VAE, tokenizer: Tokenizer, defaults: SamplingConfig | None = None,
+                 format: str = "v1"):
+        """``format``: the checkpoint's release, "v1" (NextStep-1) or "v1.1" (NextStep-1.1): 1.1 prompts start with
+        the tokenizer's BOS token when it has one. ``from_pretrained`` reads it from the model's config.json."""
+        if format not in ("v1", "v1.1"):
+            raise ValueError(f"format must be 'v1' or 'v1.1', got {format!r}")
+        self.format = format
+        self.defaults = defaults or SamplingConfig.for_format(format)  # what a call uses for settings left at None
         self.model = model.eval()
         self.vae = vae.eval()
         self.tokenizer = tokenizer
@@ -112,8 +119,9 @@ class NextStepPipeline:
             if not vae_dir.is_dir():
                 raise FileNotFoundError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
         model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device)
-        vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device)
-        return cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir))
+        fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
+        vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
+        return cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NextStepPipeline":
         self.model.to(device=device, dtype=dtype)
@@ -184,7 +192,7 @@ class NextStepPipeline:
         clock = Stopwatch(timings)
         thoughts = None
         captions = [p if not positive_prompt else f"{p} {positive_prompt}" for p in prompts]
-        cond_ids = [caption_ids(self.tokenizer, c, [grid] if source is not None else []) for c in captions]
+        cond_ids = [self._caption(c, [grid] if source is not None else []) for c in captions]
         if think:
             latents = self._encode(source, Guidance(), 1) if source is not None else None
             cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
@@ -232,11 +240,14 @@ class NextStepPipeline:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
         return height, width
 
+    def _caption(self, text: str, grids: list[tuple[int, int]] = ()) -> list[int]:
+        return caption_ids(self.tokenizer, text, grids, bos=self.format == "v1.1")
+
     def _rows(self, cond_ids: list[list[int]], negative: str, grid, guidance: Guidance, n: int) -> list[list[int]]:
         """Token ids of every row, branch blocks stacked: [cond; uncond_text; uncond_all], each prompt x n."""
         blocks = {"cond": cond_ids,
-                  "uncond_text": [caption_ids(self.tokenizer, negative, [grid])] * len(cond_ids),  # image + negative
-                  "uncond_all": [caption_ids(self.tokenizer, negative)] * len(cond_ids)}
+                  "uncond_text": [self._caption(negative, [grid])] * len(cond_ids),  # image + negative
+                  "uncond_all": [self._caption(negative)] * len(cond_ids)}
         suffix = generation_suffix_ids(self.tokenizer, grid)
         return [ids + suffix for b in guidance.branches for ids in blocks[b] for _ in range(n)]
 

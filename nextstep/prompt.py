@@ -46,11 +46,13 @@ def generation_suffix_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:
     return image_area_ids(tok, grid) + [tok.special.boi]
 
 
-def caption_ids(tok: Tokenizer, caption: str, image_grids: list[tuple[int, int]] = ()) -> list[int]:
+def caption_ids(tok: Tokenizer, caption: str, image_grids: list[tuple[int, int]] = (), bos: bool = False
+                ) -> list[int]:
     """Caption text -> ids, with one image block per ``<image>`` tag (in order).
 
     Images without a tag in the caption are prepended (reference behaviour for editing prompts), so
-    ``caption_ids(tok, text, [grid])`` is an edit prompt whether or not ``text`` names the image."""
+    ``caption_ids(tok, text, [grid])`` is an edit prompt whether or not ``text`` names the image. ``bos``: start
+    with the tokenizer's BOS token when it has one (NextStep-1.1 prompts; NextStep-1's never carry one)."""
     n_tags = caption.count(IMAGE_TAG)
     grids = list(image_grids)
     if n_tags > len(grids):
@@ -58,7 +60,8 @@ def caption_ids(tok: Tokenizer, caption: str, image_grids: list[tuple[int, int]]
     if n_tags < len(grids):
         caption = IMAGE_TAG * (len(grids) - n_tags) + caption
     parts = caption.split(IMAGE_TAG)
-    ids = tok.encode(parts[0]) if parts[0] else []
+    ids = [tok.special.bos] if bos and tok.special.bos is not None else []
+    ids += tok.encode(parts[0]) if parts[0] else []
     for grid, text in zip(grids, parts[1:]):
         ids += image_block_ids(tok, grid)
         if text:

@@ -6,6 +6,7 @@ tokenizer (ids 151665...) and small ones (the fixture's 755...).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,11 @@ class SpecialIds:
     placeholder: int
     pad: int
     eos: int | None  # end of text, when the tokenizer has one
+    bos: int | None = None  # tokenizer_config.json's bos_token (Qwen2's and the fixtures' have none)
 
 
 class Tokenizer:
-    def __init__(self, tok: _HFTokenizer, source: str = "<memory>"):
+    def __init__(self, tok: _HFTokenizer, source: str = "<memory>", bos_token: str | None = None):
         self._tok = tok
         self.source = source
         ids = {}
@@ -44,7 +46,12 @@ class Tokenizer:
         if pad is None:
             raise ValueError(f"tokenizer {source} has no padding token (looked for {PAD_CANDIDATES})")
         eos = next((tok.token_to_id(e) for e in EOS_CANDIDATES if tok.token_to_id(e) is not None), None)
-        self.special = SpecialIds(pad=pad, eos=eos, **ids)
+        bos = None
+        if bos_token is not None:
+            bos = tok.token_to_id(bos_token)
+            if bos is None:
+                raise ValueError(f"tokenizer {source}: its bos_token {bos_token!r} is not in the vocabulary")
+        self.special = SpecialIds(pad=pad, eos=eos, bos=bos, **ids)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -52,7 +59,7 @@ class Tokenizer:
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():
             raise FileNotFoundError(f"tokenizer.json not found in {p}")
-        return cls(_HFTokenizer.from_file(str(f)), source=str(f))
+        return cls(_HFTokenizer.from_file(str(f)), source=str(f), bos_token=_bos_token(f.parent))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -67,6 +74,18 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def _bos_token(directory: Path) -> str | None:
+    """``bos_token`` of a Hugging Face ``tokenizer_config.json`` (a string or {"content": ...}), if any."""
+    f = directory / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    try:
+        bos = json.loads(f.read_text()).get("bos_token")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{f} is not a valid tokenizer config: {e}") from None
+    return bos.get("content") if isinstance(bos, dict) else bos
 
 
 SPECIAL_TOKENS = ("<|endoftext|>", "[PAD]", IMAGE_AREA, BOI, EOI, IMAGE_PLACEHOLDER)  # ids 0..5 in a new tokenizer

@@ -355,11 +355,13 @@ class VAE(nn.Module):
     # -- files --
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "VAE":
+                        device: torch.device | str = "cpu", format: str = "v1") -> "VAE":
         """Load a VAE directory: ``config.json`` (official schema) + ``model.safetensors`` (ours) or
-        ``checkpoint.pt`` (official). Returns the model in eval mode on ``device`` (cast to ``dtype`` if given)."""
+        ``checkpoint.pt`` (official). Returns the model in eval mode on ``device`` (cast to ``dtype`` if given).
+        ``format``: the release whose default applies to a config without normalisation keys (see
+        ``official.vae_from_official``)."""
         root = require_dir(path, "VAE")
-        config = VAEConfig.from_official(read_json(root / "config.json", "VAE config.json"))
+        config = VAEConfig.from_official(read_json(root / "config.json", "VAE config.json"), format)
         with torch.device("meta"):
             model = cls(config)
         if (root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file():

@@ -10,18 +10,31 @@ Two ways in:
     flow head's time embeddings, ``sampling.token``) indexes them by ``i``.
 
 Samplers:
-    "sde"  the NextStep-1 reference sampler: Euler-Maruyama on the score form of the rectified-flow SDE
-           (drift (1 + t) v - x, diffusion sqrt(2 (1 - t))) over linspace(0, 1 - 0.04, steps) shifted,
-           then one deterministic Euler step of 0.04. ``steps`` velocity evaluations and ``steps - 1`` noise
-           draws, the arithmetic in the reference's order, so seeded runs reproduce it.
-    "ode"  Euler on the probability-flow ODE over ``steps`` intervals ending exactly at t = 1.
-    "heun" Heun's second-order method (Euler last step, as in EDM): about 2x the evaluations per step and far
-           fewer steps for the same error.
+    "sde"      the NextStep-1 reference sampler: Euler-Maruyama on the score form of the rectified-flow SDE
+               (drift (1 + t) v - x, diffusion sqrt(2 (1 - t))) over linspace(0, 1 - 0.04, steps) shifted,
+               then one deterministic Euler step of 0.04. ``steps`` velocity evaluations and ``steps - 1`` noise
+               draws, the arithmetic in the reference's order, so seeded runs reproduce it.
+    "ode"      Euler on the probability-flow ODE over ``steps`` intervals ending exactly at t = 1.
+    "heun"     Heun's second-order method (Euler last step, as in EDM): about 2x the evaluations per step and far
+               fewer steps for the same error.
+    "flow_sde" NextStep-1.1's default (official ``sde_type="sde"``, after Flow-GRPO): with x0 = x - v t (the noise
+               end) and x1 = x + v (1 - t) (the data end) of the straight path through x, sigma = 1 - t, h = t' - t,
+                   std = noise_level * sqrt(sigma / (1 - sigma)) (sigma = 1 at t = 0 uses 1 - sigma_max instead,
+                         sigma_max = the last grid time before 1, as the official code writes it)
+                   x' = x0 (1 - t') + x1 t' - std^2 h / (2 sigma) x0  +  std sqrt(h) w.
+    "cps"      NextStep-1.1's coefficients-preserving sampler (``sde_type="cps"``, Flow-CPS):
+                   std = (1 - t') sin(noise_level pi / 2),   x' = x0 sqrt((1 - t')^2 - std^2) + x1 t' + std w.
+    Both 1.1 samplers walk linspace(0, 1, steps + 1)[:-1] shifted, then 1: ``steps`` velocity evaluations, each
+    followed by one draw w ~ N(0, I) (1 + steps draws per token with the start), so seeded runs reproduce the
+    official 1.1 code. Their steps are exact Gaussian transitions: :func:`transition` gives the mean and standard
+    deviation of x' given x (what RL post-training needs for log-probabilities).
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import math
 
 import torch
 
@@ -45,6 +58,8 @@ def times(sampler: str, steps: int, shift: float) -> torch.Tensor:
     """The time grid a sampler walks for ``steps`` steps (float32, on the CPU; move it once per call)."""
     if sampler == "sde":
         return time_grid(steps, shift, 1 - REFERENCE_LAST_STEP)
+    if sampler in NEXTSTEP_11_SAMPLERS:  # as the 1.1 code builds it: the shifted grid without its end, then 1
+        return torch.cat([shift_times(torch.linspace(0, 1, steps + 1)[:-1], shift), torch.ones(1)])
     return time_grid(steps + 1, shift)
 
 
@@ -81,7 +96,51 @@ def ode_heun(field: Field, x: torch.Tensor, ts: torch.Tensor, noise: Noise | Non
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"sde": sde_reference, "ode": ode_euler, "heun": ode_heun}
+def flow_sde_transition(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                        noise_level: float, sigma_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One "flow_sde" step from x (N, D) at time t with velocity v: (mean (N, D), std (0-d)) of x' at t_next.
+    ``sigma_max`` is the grid's last time before 1 (see the module docstring)."""
+    x0, x1 = x - v * t, x + v * (1 - t)
+    sigma, h = 1 - t, t_next - t
+    std = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+    return x0 * (1 - t_next) + x1 * t_next - std ** 2 * h / (2 * sigma) * x0, std * torch.sqrt(h)
+
+
+def cps_transition(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, noise_level: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One "cps" step from x (N, D) at time t with velocity v: (mean (N, D), std (0-d)) of x' at t_next."""
+    x0, x1 = x - v * t, x + v * (1 - t)
+    std = (1 - t_next) * math.sin(noise_level * math.pi / 2)
+    return x0 * torch.sqrt((1 - t_next) ** 2 - std ** 2) + x1 * t_next, std
+
+
+def transition(sampler: str, x: torch.Tensor, v: torch.Tensor, ts: torch.Tensor, i: int, noise_level: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the Gaussian step i (x at ``ts[i]`` -> x' at ``ts[i + 1]``) of a 1.1
+    sampler, given the (guided) velocity v at x; x' = mean + std * w with w ~ N(0, I)."""
+    if sampler == "flow_sde":
+        return flow_sde_transition(x, v, ts[i], ts[i + 1], noise_level, ts[-2])
+    if sampler == "cps":
+        return cps_transition(x, v, ts[i], ts[i + 1], noise_level)
+    raise ValueError(f"{sampler!r} has no Gaussian transitions; these do: {NEXTSTEP_11_SAMPLERS}")
+
+
+def _gaussian_steps(sampler: str):
+    def sample(field: Field, x: torch.Tensor, ts: torch.Tensor, noise: Noise, noise_level: float = 0.8
+               ) -> torch.Tensor:
+        for i in range(len(ts) - 1):
+            mean, std = transition(sampler, x, field(x, i), ts, i, noise_level)
+            x = mean + std * noise()  # drawn after the velocity evaluation, as the 1.1 code does
+        return x
+    return sample
+
+
+NEXTSTEP_11_SAMPLERS = ("flow_sde", "cps")
+STOCHASTIC = ("sde",) + NEXTSTEP_11_SAMPLERS  # samplers that draw noise after the start
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"sde": sde_reference, "ode": ode_euler, "heun": ode_heun,
+                                                    "flow_sde": _gaussian_steps("flow_sde"),
+                                                    "cps": _gaussian_steps("cps")}
+DEFAULT_NOISE_LEVEL = 0.8  # NextStep-1.1's
 
 
 def min_steps(sampler: str) -> int:
@@ -96,28 +155,36 @@ def evaluations(sampler: str, steps: int) -> int:
 
 def noise_draws(sampler: str, steps: int) -> int:
     """Gaussian draws per sampled token after the starting point x0."""
+    if sampler in NEXTSTEP_11_SAMPLERS:
+        return steps
     return steps - 1 if sampler == "sde" else 0
 
 
-def check(sampler: str, steps: int, shift: float) -> None:
+def check(sampler: str, steps: int, shift: float, noise_level: float = DEFAULT_NOISE_LEVEL) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not isinstance(steps, int) or steps < min_steps(sampler):
         raise ValueError(f"{sampler!r} needs steps >= {min_steps(sampler)}, got {steps!r}")
     if shift <= 0:
         raise ValueError(f"time shift must be > 0, got {shift}")
+    if not 0 <= noise_level <= 1:
+        raise ValueError(f"noise_level must be in [0, 1], got {noise_level}")
 
 
-def run(sampler: str, field: Field, x0: torch.Tensor, ts: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
-    """Carry x0 (N, D) at t = 0 to t = 1 with the named sampler over the grid ``ts`` (from :func:`times`)."""
-    if sampler == "sde" and noise is None:
+def run(sampler: str, field: Field, x0: torch.Tensor, ts: torch.Tensor, noise: Noise | None = None,
+        noise_level: float = DEFAULT_NOISE_LEVEL) -> torch.Tensor:
+    """Carry x0 (N, D) at t = 0 to t = 1 with the named sampler over the grid ``ts`` (from :func:`times`).
+    ``noise_level`` is read by the 1.1 samplers only."""
+    if sampler in STOCHASTIC and noise is None:
         raise ValueError(f"the {sampler!r} sampler needs a noise source")
+    if sampler in NEXTSTEP_11_SAMPLERS:
+        return SAMPLERS[sampler](field, x0, ts, noise, noise_level)
     return SAMPLERS[sampler](field, x0, ts, noise)
 
 
 def integrate(sampler: str, velocity: Velocity, x0: torch.Tensor, steps: int, shift: float = 1.0,
-              noise: Noise | None = None) -> torch.Tensor:
+              noise: Noise | None = None, noise_level: float = DEFAULT_NOISE_LEVEL) -> torch.Tensor:
     """Carry x0 (N, D) at t = 0 to t = 1 with the named sampler, for any ``velocity(x, t)``."""
-    check(sampler, steps, shift)
+    check(sampler, steps, shift, noise_level)
     ts = times(sampler, steps, shift)
-    return run(sampler, lambda x, i: velocity(x, ts[i]), x0, ts, noise)
+    return run(sampler, lambda x, i: velocity(x, ts[i]), x0, ts, noise, noise_level)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "linear", "rising")
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,17 @@ class Guidance:
         return ("cond",)
 
     def scales_at(self, k: int, total: int) -> tuple[float, float]:
-        """(text, image) scales for image token k of ``total``. "linear" decays from the scale to 1 (NextStep-1,
-        after Muse): s_k = 1 + (s - 1) (total - k) / total."""
+        """(text, image) scales for image token k of ``total``.
+            "constant"  s_k = s
+            "linear"    decays from s to 1 (NextStep-1, after Muse): s_k = 1 + (s - 1) (total - k) / total
+            "rising"    NextStep-1.1's "linear": s_k = max(s / 2, 1 + (s - 1) k / total), rising to s"""
+        s_t, s_i = self.text_scale, self.image_scale
         if self.schedule == "constant":
-            return self.text_scale, self.image_scale
+            return s_t, s_i
+        if self.schedule == "rising":
+            return max(s_t / 2, 1 + (s_t - 1) * k / total), max(s_i / 2, 1 + (s_i - 1) * k / total)
         frac = (total - k) / total
-        return 1 + (self.text_scale - 1) * frac, 1 + (self.image_scale - 1) * frac
+        return 1 + (s_t - 1) * frac, 1 + (s_i - 1) * frac
 
     def combine(self, v: torch.Tensor, text: float, image: float) -> torch.Tensor:
         """(len(branches) * n, D) stacked velocities -> (n, D) guided velocity."""

@@ -51,7 +51,7 @@ class TokenSampler:
             return guidance.combine(v.float(), text, image)
 
         rest = iter(noise[1:])
-        x = run(self.settings.sampler, field, noise[0], self.ts, lambda: next(rest))
+        x = run(self.settings.sampler, field, noise[0], self.ts, lambda: next(rest), self.settings.noise_level)
         if self.settings.token_norm:
             x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
         return x
