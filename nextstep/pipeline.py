@@ -166,6 +166,7 @@ class NextStepPipeline:
         time_shift: float | None = None,
         token_norm: bool | None = None,
         sampler: str | None = None,
+        noise_level: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -180,7 +181,7 @@ class NextStepPipeline:
         settings = self.defaults.resolve(
             image is not None, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps, time_shift=time_shift,
-            token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt)
+            token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt, noise_level=noise_level)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = self._check(prompts, image, num_images_per_prompt, output_type)
         height, width = self._size(height, width, images)
