@@ -12,9 +12,9 @@ import torch
 from .images import grid_image, save_png
 from .pipeline import NextStepPipeline, bundled_model_dir
 from .prompt import area_text
-from .sampling.flow import SAMPLERS
+from .sampling.flow import NEXTSTEP_11_SAMPLERS, SAMPLERS
 from .sampling.guidance import SCHEDULES
-from .config import SamplingConfig
+from .config import SamplingConfig, Settings
 from .errors import TrainingError
 
 
@@ -43,7 +43,10 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("--shift", type=float, default=None,
                    help="time shift (default: the model's; NextStep-1: 1.0, 3.2 for edits)")
     p.add_argument("--schedule", default=None, choices=SCHEDULES, help="guidance schedule (default: the model's)")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the model's")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="default: the model's (NextStep-1: sde; NextStep-1.1: flow_sde)")
+    p.add_argument("--noise-level", type=float, default=None,
+                   help="noise level of the 1.1 samplers flow_sde and cps, in [0, 1] (default: the model's, 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
     p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
@@ -180,6 +183,15 @@ def load_pipeline(args) -> NextStepPipeline:
     return NextStepPipeline.from_pretrained(model_dir, args.vae, dtype=dtype, device=args.device)
 
 
+def describe(s: Settings, edit: bool) -> str:
+    """One line with the sampling settings a run uses (the model's defaults merged with the options given)."""
+    sampler = f"{s.sampler} (noise level {s.noise_level:g})" if s.sampler in NEXTSTEP_11_SAMPLERS else s.sampler
+    guidance = f"{s.guidance_scale:g}" + (f" text / {s.image_guidance_scale:g} image" if edit else "")
+    return (f"sampler {sampler}, {s.num_inference_steps} steps, guidance {guidance} ({s.guidance_schedule}), "
+            f"shift {s.time_shift:g}, token norm {'on' if s.token_norm else 'off'}"
+            + (f", negative prompt {s.negative_prompt!r}" if s.negative_prompt else ""))
+
+
 def output_paths(output: str, n: int) -> tuple[list[Path], Path | None]:
     out = Path(output)
     if out.suffix.lower() != ".png":
@@ -198,10 +210,13 @@ def run(args) -> list[Path]:
     edit = args.command == "edit"
     settings = dict(negative_prompt=args.negative, guidance_scale=args.cfg, guidance_schedule=args.schedule,
                     time_shift=args.shift, token_norm=False if args.no_token_norm else None, sampler=args.sampler,
-                    num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None)
+                    num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None,
+                    noise_level=args.noise_level)
     model_dir = args.model or bundled_model_dir()
     if model_dir is not None:  # bad settings fail here, before minutes of loading a large model
-        SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)
+        in_force = SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)
+        if not args.quiet:
+            print(f"nextstep: {describe(in_force, edit)}", file=sys.stderr)
     pipe = load_pipeline(args)
     if args.compile:
         pipe.compile()

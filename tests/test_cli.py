@@ -73,3 +73,17 @@ def test_generate_imports_no_training_code(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
     assert out_png.is_file()
+
+
+def test_generate_says_which_settings_are_in_force(tmp_path, capsys, fixtures_dir):
+    from nextstep.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "x", "--steps", "2", "--size", "16x16", "-o", str(out)]) == 0
+    assert "sampler sde, 2 steps, guidance 3 (constant)" in capsys.readouterr().err  # the bundled model's defaults
+    v11 = fixtures_dir / "official-v11-a"
+    assert main(["generate", "x", "--model", str(v11 / "model"), "--vae", str(v11 / "vae"), "--size", "16x16",
+                 "--steps", "2", "-o", str(out)]) == 0
+    assert "sampler flow_sde (noise level 0.8), 2 steps, guidance 7.5 (constant)" in capsys.readouterr().err
+    assert main(["generate", "x", "--noise-level", "2", "-o", str(out)]) == 2  # refused before loading
+    assert "noise_level must be a number in [0, 1]" in capsys.readouterr().err

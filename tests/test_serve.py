@@ -101,6 +101,7 @@ def test_health(client):
     assert h["model"]["size_multiple"] == 16
     assert h["limits"]["max_size"] == limits.MAX_SIZE and h["limits"]["max_n"] == limits.MAX_N
     assert h["defaults"]["edit"]["negative_prompt"] == "Copy original image."
+    assert h["defaults"]["generation"]["noise_level"] == 0.8 and "flow_sde" in h["limits"]["samplers"]
 
 
 def test_generation_returns_n_pngs_of_the_requested_size(client):
@@ -201,6 +202,7 @@ LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
     ({"prompt": "a", "n": 0, "steps": 0}, 400, ["n must be in", "steps must be in"]),  # every bound, at once
     ({"prompt": "a", "n": "2", "steps": 0}, 422, ["'n'", "integer"]),  # a wrong type first, alone
     ({"prompt": "a", "sampler": "euler"}, 400, ["sampler must be one of"]),
+    ({"prompt": "a", "noise_level": 1.5}, 400, ["noise_level must be in"]),
     ({"prompt": "a", "response_format": "url"}, 400, ["'url' is not supported", "b64_json"]),
     ({}, 422, ["missing required field 'prompt'"]),
     ({"prompt": 5}, 422, ["'prompt'", "string"]),

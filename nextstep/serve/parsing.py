@@ -80,6 +80,7 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     try:  # the pipeline's own validation of the sampling settings, before the request is queued
         pipe.defaults.resolve(edit, sampler=req.sampler, num_inference_steps=req.steps,
                               guidance_scale=req.guidance_scale, time_shift=req.time_shift,
+                              noise_level=req.noise_level,
                               image_guidance_scale=getattr(req, "image_guidance_scale", None))
     except InputError as e:
         raise ApiError(400, str(e)) from None
@@ -88,7 +89,7 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     kwargs: dict[str, Any] = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
                                   num_images_per_prompt=req.n, num_inference_steps=req.steps,
                                   guidance_scale=req.guidance_scale, time_shift=req.time_shift, sampler=req.sampler,
-                                  generator=torch.Generator().manual_seed(seed))
+                                  noise_level=req.noise_level, generator=torch.Generator().manual_seed(seed))
     if edit:
         kwargs.update(image=image, image_guidance_scale=req.image_guidance_scale)
     return kwargs, seed

@@ -13,7 +13,8 @@ Request fields (JSON types; multipart sends them as text): ``prompt`` (str, requ
 size capped at MAX_SIZE, or for edits the input image's size), ``response_format`` ("b64_json" only),
 ``negative_prompt`` (str), ``steps`` (int, 1..MAX_STEPS; the "sde" sampler needs >= 2), ``guidance_scale``
 (0..MAX_GUIDANCE), ``seed`` (int 0..MAX_SEED; omitted: drawn at random and returned), ``sampler``
-("sde" | "ode" | "heun"), ``time_shift`` (0 < s <= MAX_TIME_SHIFT); edits add ``image_guidance_scale``.
+("sde" | "ode" | "heun" | "flow_sde" | "cps"), ``time_shift`` (0 < s <= MAX_TIME_SHIFT), ``noise_level`` (0..1, the
+1.1 samplers'); edits add ``image_guidance_scale``.
 Sampling settings left out take the model's defaults (``GET /health`` lists them). Unknown fields are rejected.
 The bounds are in the request schemas (``nextstep.serve.schemas``), so the OpenAPI schema shows them.
 
@@ -68,8 +69,8 @@ STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 def _api_settings(s: Settings, edit: bool) -> dict:
     """The settings a request gets for the fields it leaves out, under the API's field names."""
     out = {"steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "time_shift": s.time_shift,
-           "sampler": s.sampler, "guidance_schedule": s.guidance_schedule, "token_norm": s.token_norm,
-           "negative_prompt": s.negative_prompt or None}
+           "sampler": s.sampler, "noise_level": s.noise_level, "guidance_schedule": s.guidance_schedule,
+           "token_norm": s.token_norm, "negative_prompt": s.negative_prompt or None}
     if edit:
         out["image_guidance_scale"] = s.image_guidance_scale
     return out

@@ -45,6 +45,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     sampler: str | None = None
     time_shift: float | None = Field(None, gt=0, le=MAX_TIME_SHIFT)
+    noise_level: float | None = Field(None, ge=0, le=1)  # the NextStep-1.1 samplers' ("flow_sde", "cps")
 
 
 class EditRequest(GenerationRequest):
