@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import atomic_path
 
 
 class ConfigError(ValueError):
@@ -342,7 +343,8 @@ class SamplingConfig:
         f = Path(path) / "generation_config.json"
         d = json.loads(f.read_text()) if f.is_file() else {}
         d["nextstep"] = dataclasses.asdict(self)
-        f.write_text(json.dumps(d, indent=2) + "\n")
+        with atomic_path(f) as tmp:
+            tmp.write_text(json.dumps(d, indent=2) + "\n")
 
 
 # ---- named presets ----------------------------------------------------------------------------------------------

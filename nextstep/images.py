@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from .files import atomic_paths
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
 
@@ -73,13 +74,12 @@ def grid_image(images: list[Image.Image]) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically: a temporary file next to the target, then rename (no partial files on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (no partial file on failure; permissions from the umask)."""
+    save_pngs([image], [path])
+
+
+def save_pngs(images: list[Image.Image], paths: list[Path]) -> None:
+    """Write several PNGs: all of them or, if any write fails, none."""
+    with atomic_paths([Path(p) for p in paths]) as temps:
+        for image, tmp in zip(images, temps):
+            image.save(tmp, format="PNG")

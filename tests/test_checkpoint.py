@@ -303,3 +303,32 @@ def test_corrupt_weights_file_is_named(model_dir, tmp_path, size):
 def test_path_is_a_file(model_dir):
     with pytest.raises(NotADirectoryError, match="config.json"):
         NextStep.from_pretrained(model_dir / "config.json")
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    """Images, weights, JSON and caches get 0666 minus the umask (a bare mkstemp file would stay 0600), and a set of
+    PNGs is written whole or not at all."""
+    import os
+
+    from PIL import Image
+
+    from nextstep.checkpoint import save_safetensors, write_json
+    from nextstep.images import save_png, save_pngs
+
+    old = os.umask(0o022)
+    try:
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png")
+        save_safetensors({"x": torch.zeros(2)}, tmp_path / "w.safetensors")
+        write_json({"a": 1}, tmp_path / "c.json")
+        for name in ("a.png", "w.safetensors", "c.json"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    finally:
+        os.umask(old)
+
+    class Broken:
+        def save(self, *a, **k):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_pngs([Image.new("RGB", (4, 4)), Broken()], [tmp_path / "x_0.png", tmp_path / "x_1.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.json", "w.safetensors"]  # no x_*, no temps

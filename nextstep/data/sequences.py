@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..checkpoint import save_safetensors
 from ..images import fit_image, load_image
 from ..model.latents import token_grid
 from ..prompt import caption_ids, image_block_ids
@@ -108,10 +108,7 @@ def encode_samples(source, vae, buckets: list[tuple[int, int]], batch_size: int 
 def save_records(records: list[Record], path: Path) -> None:
     tensors = {f"{i}.{j}": z.contiguous() for i, r in enumerate(records) for j, z in enumerate(r.latents)}
     meta = [{"kind": r.kind, "text": r.text, "n": len(r.latents)} for r in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp), metadata={"records": json.dumps(meta)})
-    tmp.replace(path)
+    save_safetensors(tensors or {"_empty": torch.zeros(1)}, path, metadata={"records": json.dumps(meta)})
 
 
 def load_records(path: Path) -> list[Record]:
