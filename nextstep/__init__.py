@@ -3,8 +3,9 @@
 from .config import ConfigError, FlowHeadConfig, NextStepConfig, TransformerConfig, VAEConfig, preset
 from .model.nextstep import NextStep
 from .model.vae import VAE
+from .pipeline import NextStepPipeline, PipelineOutput
 from .tokenizer import Tokenizer
 
-__all__ = ["ConfigError", "FlowHeadConfig", "NextStep", "NextStepConfig", "Tokenizer", "TransformerConfig", "VAE",
-           "VAEConfig", "preset"]
+__all__ = ["ConfigError", "FlowHeadConfig", "NextStep", "NextStepConfig", "NextStepPipeline", "PipelineOutput",
+           "Tokenizer", "TransformerConfig", "VAE", "VAEConfig", "preset"]
 __version__ = "0.1.0"

@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from .images import grid_image, save_png
+from . import hub
+from .config import SamplingConfig, Settings
+from .errors import InputError, TrainingError
+from .images import grid_image, save_pngs
 from .pipeline import NextStepPipeline, bundled_model_dir
 from .prompt import area_text
 from .sampling.flow import NEXTSTEP_11_SAMPLERS, SAMPLERS
 from .sampling.guidance import SCHEDULES
-from .config import SamplingConfig, Settings
-from .errors import TrainingError
 
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+# the pipeline's argument names -> this CLI's flags, so errors speak the user's words
+FLAGS = {"guidance_scale": "--cfg", "image_guidance_scale": "--image-cfg", "num_inference_steps": "--steps",
+         "time_shift": "--shift", "guidance_schedule": "--schedule", "noise_level": "--noise-level",
+         "negative_prompt": "--negative", "num_images_per_prompt": "-n", "sampler": "--sampler",
+         "height": "--size height", "width": "--size width"}
+
+
+class UsageError(Exception):
+    """A bad command line or environment for it: printed as one line, exit code 2."""
+
+
+def cli_words(message: str) -> str:
+    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], message)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -173,14 +190,42 @@ def run_training(args) -> list[Path]:
         shutdown()
 
 
-def load_pipeline(args) -> NextStepPipeline:
-    model_dir = args.model or bundled_model_dir()
-    if model_dir is None:
-        raise SystemExit("nextstep: no bundled model in this installation; pass --model DIR (a NextStep checkpoint "
-                         "directory) and --vae DIR (its tokenizer VAE) if the model has no vae/ subdirectory")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    return NextStepPipeline.from_pretrained(model_dir, args.vae, dtype=dtype, device=args.device)
+def model_path(args) -> Path:
+    """--model as a directory (a hub id is fetched into or read from the hub cache), else the bundled model."""
+    if args.model:
+        return hub.resolve(args.model)
+    bundled = bundled_model_dir()
+    if bundled is None:
+        raise UsageError("no bundled model in this installation; pass --model DIR (a NextStep checkpoint directory or "
+                         "a Hugging Face Hub id) and --vae DIR if the model has no vae/ subdirectory")
+    return bundled
+
+
+def pick_device(name: str) -> torch.device:
+    """--device, checked against what this machine has (a clear error instead of a CUDA stack trace)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: supported device types are cpu, cuda and mps")
+    return device
+
+
+def load_pipeline(args, model_dir: Path | None = None) -> NextStepPipeline:
+    device = pick_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    vae = hub.resolve(args.vae, "VAE") if args.vae else None
+    return NextStepPipeline.from_pretrained(model_dir or model_path(args), vae, dtype=dtype, device=device)
 
 
 def describe(s: Settings, edit: bool) -> str:
@@ -193,31 +238,44 @@ def describe(s: Settings, edit: bool) -> str:
 
 
 def output_paths(output: str, n: int) -> tuple[list[Path], Path | None]:
+    """The files a run writes, checked before anything is generated: a .png path whose directory exists (or can be
+    made) and is writable, and that is not itself a directory."""
     out = Path(output)
     if out.suffix.lower() != ".png":
-        raise SystemExit(f"nextstep: output must be a .png file, got {output}")
-    if n == 1:
-        return [out], None
-    return [out.with_name(f"{out.stem}_{i}.png") for i in range(n)], out.with_name(f"{out.stem}_grid.png")
+        raise UsageError(f"-o must name a .png file, got {output}")
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}.png") for i in range(n)]
+    grid = None if n == 1 else out.with_name(f"{out.stem}_grid.png")
+    for p in paths + ([grid] if grid else []):
+        if p.is_dir():
+            raise UsageError(f"-o {output}: {p} is a directory")
+    parent = out.parent.resolve()
+    existing = next(d for d in (parent, *parent.parents) if d.exists())
+    if not existing.is_dir():
+        raise UsageError(f"-o {output}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {output}: cannot write in {existing}")
+    return paths, grid
 
 
 def run(args) -> list[Path]:
     if args.num_images < 1:
-        raise SystemExit("nextstep: -n must be >= 1")
+        raise UsageError(f"-n must be >= 1, got {args.num_images}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
     paths, grid_path = output_paths(args.output, args.num_images)
-    if args.command == "edit" and not Path(args.image).is_file():
-        raise SystemExit(f"nextstep: input image not found: {args.image}")
     edit = args.command == "edit"
+    if edit and not Path(args.image).is_file():
+        raise UsageError(f"input image not found: {args.image}")
+    pick_device(args.device)
     settings = dict(negative_prompt=args.negative, guidance_scale=args.cfg, guidance_schedule=args.schedule,
                     time_shift=args.shift, token_norm=False if args.no_token_norm else None, sampler=args.sampler,
                     num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None,
                     noise_level=args.noise_level)
-    model_dir = args.model or bundled_model_dir()
-    if model_dir is not None:  # bad settings fail here, before minutes of loading a large model
-        in_force = SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)
-        if not args.quiet:
-            print(f"nextstep: {describe(in_force, edit)}", file=sys.stderr)
-    pipe = load_pipeline(args)
+    model_dir = model_path(args)
+    in_force = SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)  # bad settings fail before loading
+    if not args.quiet:
+        print(f"nextstep: {describe(in_force, edit)}; seed {args.seed}", file=sys.stderr)
+    pipe = load_pipeline(args, model_dir)
     if args.compile:
         pipe.compile()
     width, height = args.size if args.size else (None, None)
@@ -227,12 +285,9 @@ def run(args) -> list[Path]:
         out = pipe(args.instruction, image=args.image, **kwargs)
     else:
         out = pipe(args.prompt, **kwargs)
-    for im, path in zip(out.images, paths):
-        save_png(im, path)
-    written = list(paths)
-    if grid_path is not None:
-        save_png(grid_image(out.images), grid_path)
-        written.append(grid_path)
+    images = list(out.images) + ([grid_image(out.images)] if grid_path is not None else [])
+    written = paths + ([grid_path] if grid_path is not None else [])
+    save_pngs(images, written)  # all files or none
     if out.thoughts:
         print(f"thoughts: {out.thoughts[0]}")
     return written
@@ -256,9 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             written = make_tokenizer(args)
         else:
             written = run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
-        print(f"nextstep: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
+        print(f"nextstep: error: {cli_words(str(e)) if isinstance(e, InputError) else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("nextstep: interrupted (nothing written)" if args.command in ("generate", "edit")
+              else "nextstep: interrupted", file=sys.stderr)
+        return 130
     for p in written:
         print(p)
     return 0

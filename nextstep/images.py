@@ -11,9 +11,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
 from .files import atomic_paths
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
+# Largest input image accepted, checked from the file header before anything is decoded (PIL's own bomb guard
+# only warns below twice its limit): 8192 x 8192. The pipeline then resizes to the output size before encoding.
+MAX_INPUT_PIXELS = 8192 * 8192
+
+
+def _check_pixels(w: int, h: int, what: str) -> None:
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(f"{what} is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                         f"{MAX_INPUT_PIXELS / 1e6:.0f} (8192x8192): downscale it first")
 
 
 def load_image(image: ImageInput) -> torch.Tensor:
@@ -21,7 +31,8 @@ def load_image(image: ImageInput) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         t = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
         if t.dim() != 3 or t.shape[0] != 3:
-            raise ValueError(f"image tensors must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+            raise InputError(f"image tensors must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+        _check_pixels(t.shape[2], t.shape[1], "the input image")
         return (t.float() - 0.5) / 0.5
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -29,11 +40,13 @@ def load_image(image: ImageInput) -> torch.Tensor:
             raise FileNotFoundError(f"input image not found: {path}")
         try:
             with Image.open(path) as im:
+                _check_pixels(*im.size, f"input image {path}")  # from the header: nothing decoded yet
                 image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read input image {path}: {e}") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            raise InputError(f"cannot read input image {path}: {e}") from None
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
+    _check_pixels(*image.size, "the input image")
     arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
     t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
     return (t - 0.5) / 0.5

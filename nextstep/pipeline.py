@@ -11,6 +11,7 @@ Reading order of ``NextStepPipeline.__call__``:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import defaultdict
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import hub
 from .checkpoint import read_json, require_dir
 from .config import SamplingConfig, Settings
 from .errors import InputError
@@ -39,7 +41,7 @@ from .sampling.token import TokenSampler
 from .think import think as self_cot
 from .tokenizer import Tokenizer
 
-OUTPUT_TYPES = ("pil", "pt", "np")
+OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 
 
 @dataclass
@@ -105,15 +107,24 @@ class NextStepPipeline:
     # ---- loading --------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
-                        *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> "NextStepPipeline":
-        """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model). The VAE comes
-        from ``vae_dir``, else the model's ``vae/`` subdirectory."""
+                        *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                        torch_dtype: torch.dtype | None = None) -> "NextStepPipeline":
+        """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model); a Hugging Face
+        Hub id such as ``"stepfun-ai/NextStep-1.1"`` is fetched into (or read from) the hub cache. The VAE comes
+        from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
+        accepted as another name for ``dtype`` (the diffusers spelling)."""
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one")
+            dtype = torch_dtype
         if model_dir is None:
             model_dir = bundled_model_dir()
             if model_dir is None:
                 raise FileNotFoundError("no bundled model in this installation: pass a model directory "
                                         "(e.g. NextStep-1-Large) and its VAE (e.g. NextStep-1-f8ch16-Tokenizer)")
-        model_dir = require_dir(model_dir, "model")
+        model_dir = require_dir(hub.resolve(model_dir, "model"), "model")
+        if vae_dir is not None:
+            vae_dir = hub.resolve(vae_dir, "VAE")
         if vae_dir is None:
             vae_dir = model_dir / "vae"
             if not vae_dir.is_dir():
@@ -198,14 +209,17 @@ class NextStepPipeline:
             latents = self._encode(source, Guidance(), 1) if source is not None else None
             cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
         rows = self._rows(cond_ids, settings.negative_prompt, grid, guidance, num_images_per_prompt)
+        self._check_length(rows, grid)  # before any image is encoded
         with clock("encode"):
             latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
         tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock)
-        with clock("decode"):
-            pixels = to_unit(self.decode(tokens, grid))
-        return PipelineOutput(images=self._format(pixels, output_type), tokens=tokens, grid=grid, thoughts=thoughts,
-                              timings=dict(clock.totals))
+        if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
+            images = unpatchify(tokens, grid, self.model.config.patch_size)
+        else:
+            with clock("decode"):
+                images = self._format(to_unit(self.decode(tokens, grid)), output_type)
+        return PipelineOutput(images=images, tokens=tokens, grid=grid, thoughts=thoughts, timings=dict(clock.totals))
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     def _check(self, prompts, image, n, output_type) -> list[torch.Tensor] | None:
@@ -241,6 +255,15 @@ class NextStepPipeline:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
         return height, width
 
+    def _check_length(self, rows: list[list[int]], grid: tuple[int, int]) -> None:
+        longest, tokens = max(len(r) for r in rows), grid[0] * grid[1]
+        limit = self.model.config.transformer.max_position_embeddings
+        if longest + tokens > limit:
+            side = int(math.sqrt(max(limit - longest, 0))) * self.size_multiple
+            raise InputError(f"prompt ({longest} tokens) + image ({tokens} tokens) exceeds the model's {limit} "
+                             f"positions: use a smaller size (at most about {side}x{side} with this prompt) or a "
+                             f"shorter prompt")
+
     def _caption(self, text: str, grids: list[tuple[int, int]] = ()) -> list[int]:
         return caption_ids(self.tokenizer, text, grids, bos=self.format == "v1.1")
 
@@ -267,9 +290,6 @@ class NextStepPipeline:
         batch = left_pad(rows, self.tokenizer.special.pad)
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         limit = self.model.config.transformer.max_position_embeddings
-        if ids.shape[1] + extra > limit:
-            raise InputError(f"prompt ({ids.shape[1]} tokens) + image ({extra} tokens) exceeds the model's "
-                             f"{limit} positions: use a smaller size or a shorter prompt")
         size = -(-(ids.shape[1] + extra) // self._cache_bucket) * self._cache_bucket  # rounded up to the bucket
         cache = self.model.new_cache(ids.shape[0], min(size, limit))
         hidden = self.model(self.model.embed(ids, latents), attention_mask=mask, cache=cache)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -46,17 +48,18 @@ def test_errors_leave_no_files(tmp_path, dirs, capsys):
     assert main(["generate", "x", "-o", str(out), "--steps", "0", "--quiet", *dirs]) == 2
     assert main(["generate", "x", "-o", str(out), "--model", str(tmp_path / "none")]) == 2
     assert "model directory not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="not found"):
-        main(["edit", str(tmp_path / "missing.png"), "x", "-o", str(out), *dirs])
-    with pytest.raises(SystemExit, match=".png"):
-        main(["generate", "x", "-o", str(tmp_path / "x.jpg"), *dirs])
+    capsys.readouterr()
+    assert main(["edit", str(tmp_path / "missing.png"), "x", "-o", str(out), *dirs]) == 2  # every usage error: 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["generate", "x", "-o", str(tmp_path / "x.jpg"), *dirs]) == 2
+    assert ".png" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_without_a_model_the_message_says_what_to_pass(tmp_path, monkeypatch):
+def test_without_a_model_the_message_says_what_to_pass(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("nextstep.cli.bundled_model_dir", lambda: None)
-    with pytest.raises(SystemExit, match="--model DIR"):
-        main(["generate", "x", "-o", str(tmp_path / "x.png")])
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--model DIR" in capsys.readouterr().err
 
 
 def test_generate_imports_no_training_code(tmp_path):
@@ -86,4 +89,76 @@ def test_generate_says_which_settings_are_in_force(tmp_path, capsys, fixtures_di
                  "--steps", "2", "-o", str(out)]) == 0
     assert "sampler flow_sde (noise level 0.8), 2 steps, guidance 7.5 (constant)" in capsys.readouterr().err
     assert main(["generate", "x", "--noise-level", "2", "-o", str(out)]) == 2  # refused before loading
-    assert "noise_level must be a number in [0, 1]" in capsys.readouterr().err
+    assert "--noise-level must be a number in [0, 1]" in capsys.readouterr().err  # the CLI's flag name
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "cuda:7"], "--device"),
+    (["--device", "tpu"], "not a device name"),
+    (["--seed", "-1"], "--seed"),
+    (["-n", "0"], "-n must be"),
+    (["-o", "out.jpg"], ".png"),
+    (["--cfg", "500"], "--cfg must be"),
+    (["--steps", "0"], "--steps must be"),
+    (["--noise-level", "3"], "--noise-level must be"),
+    (["--size", "4096x4096"], "smaller size"),
+])
+def test_usage_errors_exit_2_in_the_clis_words(argv, match, capsys, tmp_path):
+    from nextstep.cli import main
+
+    out = ["-o", str(tmp_path / "x.png")] if "-o" not in argv else []
+    assert main(["generate", "a red circle", "--quiet", *out, *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_output_path_is_checked_before_generating(tmp_path, capsys, monkeypatch):
+    from nextstep import cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "taken.png").mkdir()
+    assert cli.main(["generate", "x", "-o", str(tmp_path / "taken.png"), "--quiet"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["generate", "x", "-o", str(blocker / "x.png"), "--quiet"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_interrupt_prints_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from nextstep import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.NextStepPipeline, "__call__", interrupted)
+    assert cli.main(["generate", "x", "-n", "2", "-o", str(tmp_path / "x.png"), "--quiet"]) == 130
+    assert capsys.readouterr().err == "nextstep: interrupted (nothing written)\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_hub_ids_resolve_through_the_hub_cache_offline(tmp_path, fixtures_dir):
+    """A hub id works from a hub cache laid out on disk, with HF_HUB_OFFLINE=1 (no network): the library and the CLI."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--acme--tiny-nextstep"
+    snap = repo / "snapshots" / "0123abcd"
+    shutil.copytree(fixtures_dir / "official-v11-a" / "model", snap)
+    shutil.copytree(fixtures_dir / "official-v11-a" / "vae", snap / "vae")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    code = ("import torch; from nextstep import NextStepPipeline; "
+            "p = NextStepPipeline.from_pretrained('acme/tiny-nextstep', torch_dtype=torch.float32); "
+            "print(p.format, p.defaults.sampler)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["v1.1", "flow_sde"], out.stderr
+    png = tmp_path / "x.png"
+    cli = [sys.executable, "-m", "nextstep.cli", "generate", "x", "--model", "acme/tiny-nextstep", "--size", "16x16",
+           "--steps", "2", "--quiet", "-o", str(png)]
+    assert subprocess.run(cli, env=env, capture_output=True, text=True).returncode == 0 and png.is_file()
+    missing = subprocess.run(cli[:6] + ["acme/missing"] + cli[7:], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "neither a local directory nor available" in missing.stderr
