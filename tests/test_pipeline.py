@@ -337,3 +337,22 @@ def test_settings_are_resolved_and_checked_in_one_place(pipe, fixture, tmp_path)
         (model_dir / "generation_config.json").write_text(json.dumps({"nextstep": section}))
         with pytest.raises(ConfigError, match="generation_config.json"):
             NextStepPipeline.from_pretrained(model_dir, fixture / "vae")
+
+
+def test_library_conveniences(pipe, fixture, monkeypatch):
+    import nextstep
+    from nextstep import images
+    from nextstep.errors import InputError
+
+    assert nextstep.NextStepPipeline is NextStepPipeline  # the diffusers-style import
+    lat = pipe("x", height=32, width=48, num_inference_steps=2, output_type="latent", generator=seeded(0),
+               progress=False)
+    assert lat.images.shape == (1, 16, 4, 6)  # latents, not decoded
+    assert torch.equal(lat.images, unpatchify(lat.tokens, lat.grid, 2))
+    with pytest.raises(InputError, match="disagree"):
+        NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae", dtype=torch.float32,
+                                         torch_dtype=torch.bfloat16)
+    # input images are checked from the file header, before decoding (limit lowered here to test it cheaply)
+    monkeypatch.setattr(images, "MAX_INPUT_PIXELS", 32 * 32)
+    with pytest.raises(InputError, match="megapixels"):
+        pipe("make it blue", image=fixture / "edit_input.png", num_inference_steps=2, progress=False)
