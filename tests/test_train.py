@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def ar_config(world, out: Path, **run) -> dict:
 
 def losses(out: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows}  # a resumed run may repeat steps: the last record wins
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"  # also after a resume
+    return {r["step"]: r[key] for r in rows}
 
 
 def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_thread):
@@ -245,6 +248,90 @@ def test_existing_run_needs_resume(world, tmp_path):
     train_ar(cfg, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_ar(cfg, progress=False)
+
+
+def _resume_ar(world, out: Path, recipe: dict | None = None, **run):
+    return train_ar(from_dict(TrainConfig, recipe or ar_config(world, out, **run)), resume=True, progress=False)
+
+
+def test_resume_refuses_changes_to_the_runs_identity_and_names_each(world, tmp_path, capsys, one_thread):
+    out = tmp_path / "r"
+    train_ar(from_dict(TrainConfig, ar_config(world, out, steps=2)), progress=False)
+    saved = (out / "config.json").read_text()
+    changed = ar_config(world, out, steps=2, batch_size=4, seed=1)
+    changed["optim"]["lr"] = 1e-3
+    changed["data"]["mix"] = {"t2i": 1.0}
+    changed["im_loss_weight"] = 0.5
+    with pytest.raises(ConfigError) as e:
+        _resume_ar(world, out, changed)
+    msg = str(e.value)
+    for line in ("run.batch_size: 8 -> 4", "run.seed: 0 -> 1", "optim.lr: 0.002 -> 0.001",
+                 'data.mix.edit: 0.2 -> (absent)', "data.mix.t2i: 0.7 -> 1.0", "im_loss_weight: null -> 0.5"):
+        assert f"\n  {line}" in msg, (line, msg)
+    assert "run.steps" in msg.split("may change on resume:")[1]  # says what would be accepted
+    assert (out / "config.json").read_text() == saved  # a refused resume leaves the run as it was
+    with pytest.raises(ConfigError, match=r"run.steps 1 is below the step of the checkpoint.*--steps\) to 2 or more"):
+        _resume_ar(world, out, steps=1)
+
+    # allowed: a longer run (the CLI's --steps sets run.steps), other intervals, prompts, wrappers that keep the math
+    capsys.readouterr()
+    longer = ar_config(world, out, steps=3, log_every=2, activation_checkpointing=True)
+    longer["sample_prompts"] = ["a green square"]
+    _resume_ar(world, out, longer)
+    err = capsys.readouterr().err
+    assert "resuming" in err and "from step 2" in err
+    assert "run.steps 2 -> 3" in err and "run.log_every 1 -> 2" in err and 'sample_prompts ["a red circle"' in err
+    assert "fields that may change on resume: run.out_dir, run.steps, run.log_every" in err
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert (out / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_resume_without_a_checkpoint_starts_fresh_and_says_so(world, tmp_path, capsys, one_thread):
+    out = tmp_path / "fresh"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # killed before a checkpoint
+    _resume_ar(world, out, steps=1)
+    err = capsys.readouterr().err
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}: starting fresh" in err
+    assert losses(out)[1] != 9.0 and sorted(losses(out)) == [1]
+
+
+def test_metrics_have_each_step_once_after_a_resume_from_an_earlier_checkpoint(world, tmp_path, one_thread):
+    """A run killed after logging steps 4-6 but before checkpointing step 6 resumes from step 3: the steps it repeats
+    replace the old records (same values: the resumed run continues exactly), a torn last line goes too."""
+    out = tmp_path / "m"
+    train_ar(from_dict(TrainConfig, ar_config(world, out, steps=6, ckpt_every=3)), progress=False)
+    before = losses(out)
+    shutil.rmtree(out / "checkpoints" / "step_0000006")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')
+    _resume_ar(world, out, steps=6, ckpt_every=3)
+    after = losses(out)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    assert all(abs(after[s] - before[s]) <= 1e-6 for s in after), (before, after)
+
+
+def test_vae_resume_follows_the_same_rules(world, tmp_path, capsys, one_thread):
+    out = tmp_path / "v"
+
+    def recipe(steps: int, **extra) -> VAETrainConfig:
+        return from_dict(VAETrainConfig, {
+            "run": {"out_dir": str(out), "steps": steps, "batch_size": 2, "log_every": 1, "ckpt_every": 2},
+            "data": {"source": "folder", "path": str(world["data"]), "image_size": 32},
+            "optim": {"lr": 2e-3, "warmup_steps": 1}, "holdout": 2, **extra})
+
+    train_vae(recipe(4), progress=False)
+    before = losses(out)
+    shutil.rmtree(out / "checkpoints" / "step_0000004")  # killed after logging step 4, before checkpointing it
+    with pytest.raises(ConfigError, match="\n  noise_gamma: 0.3 -> 0.1"):
+        train_vae(recipe(4, noise_gamma=0.1), resume=True, progress=False)
+    capsys.readouterr()
+    train_vae(recipe(5), resume=True, progress=False)
+    assert "run.steps 4 -> 5" in capsys.readouterr().err
+    after = losses(out)
+    assert sorted(after) == [1, 2, 3, 4, 5]
+    # resumed from step 2: step 3 is redone exactly; step 4 follows an update made under the longer LR schedule
+    assert all(abs(after[s] - before[s]) <= 1e-6 for s in (1, 2, 3)) and after[4] != before[4], (before, after)
 
 
 def test_ema_warms_up_and_tracks_the_weights():

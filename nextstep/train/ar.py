@@ -32,7 +32,7 @@ from ..tokenizer import Tokenizer
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
 from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
-                    resume_step, save_checkpoint, start_run)
+                    resume_point, save_checkpoint, start_run)
 
 
 class LossModule(nn.Module):
@@ -99,6 +99,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     info = info or DistInfo()
     run = cfg.run
     out = start_run(run, info)
+    ckpt = resume_point(out, cfg, resume, info)
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
     vae = VAE.from_pretrained(cfg.vae, device=info.device)
     records, skipped = prepare_records(cfg, vae, out, info, progress)
@@ -116,7 +117,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
 
-    start = resume_step(out, resume, lambda path: load_checkpoint(path, trainable, optimizer, ema, info))
+    start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
     bar = Progress(out, run.steps, start, info, "train", show=progress)
     if skipped:
         bar.write(f"skipped {skipped} unreadable samples while encoding the dataset")

@@ -1,7 +1,8 @@
 """Training recipes as typed dataclasses, read from and written to JSON (``configs/*.json``).
 
 Every field is checked in ``__post_init__``; an unknown key in a recipe file is an error that names it.
-The resolved recipe is saved next to every checkpoint (``config.json`` in the checkpoint directory).
+The resolved recipe is saved as ``OUT/config.json`` and in every checkpoint's ``trainer.json``, which ``--resume``
+compares with the recipe in force: only the fields in ``MAY_CHANGE_ON_RESUME`` may differ.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import ConfigError, NextStepConfig, VAEConfig, _check, preset
 
 KINDS = ("t2i", "edit", "text")
+# Fields that leave the trained weights as an uninterrupted run would have them (bookkeeping, and wrappers that do not
+# change the math), plus the run's length: extending a run is what resuming is for (the cosine schedule then ends at
+# the new run.steps). Everything else (model, data, seed, batch, precision, parallelism, EMA, optimiser, losses) is
+# the run's identity: changing it on resume would silently train a different run.
+RUN_MAY_CHANGE = ("run.out_dir", "run.steps", "run.log_every", "run.sample_every", "run.ckpt_every",
+                  "run.keep_checkpoints", "run.export_every", "run.compile", "run.activation_checkpointing")
 
 
 @dataclass
@@ -127,6 +134,7 @@ class RunConfig:
 class TrainConfig:
     """``nextstep train``: the autoregressive model on mixed text-to-image / edit / text batches."""
 
+    MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_MAY_CHANGE, "sample_prompts")
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -175,6 +183,7 @@ class TrainConfig:
 class VAETrainConfig:
     """``nextstep train-vae``: the image tokenizer with the paper's robustness recipe."""
 
+    MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = RUN_MAY_CHANGE
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0, warmup_steps=50))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -30,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
+from .config import from_dict, to_dict
 from .distributed import DistInfo, barrier
 
 CKPT_PREFIX = "step_"
@@ -44,13 +47,97 @@ def start_run(run, info: DistInfo) -> Path:
     return out
 
 
-def resume_step(out: Path, resume: bool, load) -> int:
-    """The step to start from: the newest complete checkpoint's (loaded by ``load(path)``) with ``resume``,
-    0 for a fresh run; an existing run without ``resume`` is an error (nothing is overwritten)."""
+def resume_point(out: Path, recipe, resume: bool, info: DistInfo) -> Path | None:
+    """The checkpoint to continue from: the newest complete one with ``resume``, None for a fresh start.
+
+    Without ``resume`` an existing run is an error (nothing is overwritten); with it and no checkpoint the run starts
+    fresh and says so. ``recipe`` (a TrainConfig / VAETrainConfig) must equal the one the checkpoint was trained with
+    except in its class's ``MAY_CHANGE_ON_RESUME`` fields: those changes, and the list of what may change, are said;
+    any other change is a ``ConfigError`` naming each field old -> new. Checked before anything expensive is built."""
     found = checkpoints(out)
     if found and not resume:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new out_dir")
-    return load(found[-1])["step"] if found else 0
+    if not found:
+        if resume:
+            _say(f"--resume: no checkpoint in {out / 'checkpoints'}: starting fresh", info)
+        return None
+    ckpt = found[-1]
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    allowed = type(recipe).MAY_CHANGE_ON_RESUME
+    changes = recipe_changes(_saved_recipe(ckpt, trainer["config"], type(recipe)), recipe)
+    refused = [name for name in changes if not any(name == a or name.startswith(a + ".") for a in allowed)]
+    if refused:
+        lines = "".join(f"\n  {name}: {_show(changes[name][0])} -> {_show(changes[name][1])}" for name in refused)
+        raise ConfigError(f"cannot resume {out} from {ckpt.name}: the recipe differs from the checkpoint's in fields "
+                          f"that must not change on resume:{lines}\nRestore them, or train a new run in another "
+                          f"out_dir (init_from can start it from this run's exported weights). Fields that may "
+                          f"change on resume: {', '.join(allowed)}")
+    if recipe.run.steps < trainer["step"]:
+        raise ConfigError(f"run.steps {recipe.run.steps} is below the step of the checkpoint to resume ({ckpt}): "
+                          f"set run.steps (or --steps) to {trainer['step']} or more")
+    said = ", ".join(f"{n} {_show(a)} -> {_show(b)}" for n, (a, b) in changes.items()) or "none"
+    _say(f"resuming {out} from step {trainer['step']} ({ckpt.name}); recipe changes: {said}\n"
+         f"fields that may change on resume: {', '.join(allowed)} (any other change is refused)", info)
+    return ckpt
+
+
+_ABSENT = object()
+
+
+def recipe_changes(old, new) -> dict[str, tuple[Any, Any]]:
+    """{dotted field name: (old value, new value)} for each field where two recipes differ (nested objects such as
+    ``data.mix`` compared key by key)."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(a, b, name: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in [*a, *(k for k in b if k not in a)]:
+                walk(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{name}.{k}" if name else k)
+        elif a != b:
+            out[name] = (a, b)
+
+    walk(to_dict(old), to_dict(new), "")
+    return out
+
+
+def _saved_recipe(ckpt: Path, saved: dict[str, Any], cls: type):
+    """The recipe in a checkpoint's trainer.json, read as this version reads recipes (defaults for keys it lacks)."""
+    try:
+        return from_dict(cls, saved)
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt / 'trainer.json'}: the recipe this checkpoint was trained with does not load ({e}): "
+                          f"resume it with the nextstep version that wrote it, or start a new out_dir") from None
+
+
+def _show(v: Any) -> str:
+    return "(absent)" if v is _ABSENT else json.dumps(v, default=str)
+
+
+def _say(text: str, info: DistInfo) -> None:
+    if info.is_main:
+        print(text, file=sys.stderr, flush=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps <= ``step`` in a metrics JSONL, rewritten atomically: a run killed after
+    logging steps it had not checkpointed logs them again when resumed from ``step``, and each step must appear once.
+    A line that does not parse (a write cut off by the kill) goes too."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (s := _logged_step(line)) is not None and s <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -193,7 +280,8 @@ def plain_state_dict(trainable: nn.Module, ema: EMA | None, owner: str) -> dict[
 
 
 class Progress:
-    """Progress bar, metrics JSONL and (when installed) TensorBoard, on the main rank only."""
+    """Progress bar, metrics JSONL and (when installed) TensorBoard, on the main rank only. Records after ``start``
+    (logged by an earlier attempt that did not checkpoint them) are dropped from both."""
 
     def __init__(self, out_dir: Path, total: int, start: int, info: DistInfo, desc: str, show: bool = True):
         self.info = info
@@ -203,10 +291,11 @@ class Progress:
         self.tb = None
         self.t0 = time.perf_counter()
         if info.is_main:
+            trim_metrics(self.path, start)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
             except ImportError:
                 pass
 

@@ -26,7 +26,7 @@ from .config import VAETrainConfig, to_dict
 from .distributed import DistInfo, all_sum, barrier, wrap
 from .losses import PatchDiscriminator, VGGPerceptual, hinge_d_loss, hinge_g_loss
 from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
-                    resume_step, save_checkpoint, start_run)
+                    resume_point, save_checkpoint, start_run)
 
 IMAGE_KEYS = {"t2i": ("image",), "edit": ("source", "target"), "text": ()}
 
@@ -123,6 +123,7 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
     info = info or DistInfo()
     run = cfg.run
     out = start_run(run, info)
+    ckpt = resume_point(out, cfg, resume, info)
     pool = ImagePool(open_source(cfg.data), cfg.data.bucket_sizes[0], cfg.holdout, cfg.data.seed)
     if cfg.init_from:
         vae = VAE.from_pretrained(cfg.init_from)
@@ -150,7 +151,7 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
             disc.load_state_dict(torch.load(path / "disc.pt", weights_only=True))
         return load_checkpoint(path, trainable, optimizer, ema, info)
 
-    start = resume_step(out, resume, load)
+    start = load(ckpt)["step"] if ckpt else 0
     bar = Progress(out, run.steps, start, info, "train-vae", show=progress)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     per_rank = run.batch_size // info.world
