@@ -96,6 +96,25 @@ def test_ar_losses_fall_and_export_loads_in_the_pipeline(world, tmp_path, one_th
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_exports_sample_with_the_settings_of_the_runs_sample_grids(world, tmp_path, one_thread):
+    """Every export carries the grids' sampling settings (generation_config.json), not the 14B model's defaults:
+    the final export, loaded as a user would, redraws the step-2 grid exactly with its own defaults."""
+    from nextstep.config import SamplingConfig
+    from nextstep.images import grid_image
+    from nextstep.train.ar import GRID_SAMPLING
+
+    out = tmp_path / "g"
+    cfg = from_dict(TrainConfig, ar_config(world, out, steps=2, sample_every=2, export_every=1))
+    final = train_ar(cfg, progress=False)
+    assert GRID_SAMPLING != SamplingConfig.for_format("v1")
+    for d in (final, out / "exports" / "step_0000001"):
+        assert NextStepPipeline.from_pretrained(d).defaults == GRID_SAMPLING, d
+    pipe = NextStepPipeline.from_pretrained(final)
+    again = pipe(cfg.sample_prompts, height=32, width=32, generator=torch.Generator().manual_seed(0), progress=False)
+    drawn = np.asarray(Image.open(out / "samples" / "step_0000002.png").convert("RGB"))
+    assert np.array_equal(np.asarray(grid_image(again.images).convert("RGB")), drawn)
+
+
 def test_init_from_keeps_the_checkpoints_loss_weights_unless_the_recipe_sets_them(world, tmp_path):
     """Fine-tuning starts from the loaded model's own config; only the recipe's explicit values override it."""
     from nextstep.config import preset

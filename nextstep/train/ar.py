@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.sequences import (BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records,
                               save_records)
+from ..config import SamplingConfig
 from ..data.sources import open_source
 from ..errors import TrainingError
 from ..images import grid_image, save_png, to_pil
@@ -33,6 +34,10 @@ from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
 from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
                     resume_point, save_checkpoint, start_run)
+
+# How the sample grids are drawn, and so the defaults every export carries (its generation_config.json): a freshly
+# trained small model loads with the settings its grids were judged by, not the 14B model's 50 steps at guidance 7.5.
+GRID_SAMPLING = SamplingConfig(num_inference_steps=20, guidance_scale=3.0)
 
 
 class LossModule(nn.Module):
@@ -192,17 +197,19 @@ def _sample_grid(cfg: TrainConfig, trainable, ema, vae, tok, path: Path, info: D
     if model is None:
         return
     height, width = cfg.data.bucket_sizes[0]
-    pipe = NextStepPipeline(model.to(info.device), vae, tok)
-    out = pipe(cfg.sample_prompts, height=height, width=width, num_inference_steps=20, guidance_scale=3.0,
-               generator=torch.Generator().manual_seed(0), progress=False, output_type="pt")
+    pipe = NextStepPipeline(model.to(info.device), vae, tok, defaults=GRID_SAMPLING)
+    out = pipe(cfg.sample_prompts, height=height, width=width, generator=torch.Generator().manual_seed(0),
+               progress=False, output_type="pt")
     save_png(grid_image(to_pil(out.images)), path)
 
 
 def export(cfg: TrainConfig, trainable, ema, vae: VAE, tok: Tokenizer, final: Path, info: DistInfo) -> Path:
-    """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: weights, tokenizer, vae/."""
+    """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: weights, tokenizer, vae/, and
+    the sample grids' settings as its sampling defaults (generation_config.json)."""
     model = _plain_model(trainable, ema)
     if model is not None:
         model.save_pretrained(final)
+        GRID_SAMPLING.save(final)
         tok.save_pretrained(final)
         vae.save_pretrained(final / "vae")
     barrier(info)
