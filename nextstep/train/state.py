@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -32,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..files import atomic_path
 from .config import from_dict, to_dict
 from .distributed import DistInfo, barrier
 
@@ -128,9 +128,8 @@ def trim_metrics(path: Path, step: int) -> None:
     kept = [line for line in lines if (s := _logged_step(line)) is not None and s <= step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _logged_step(line: str) -> int | None:
