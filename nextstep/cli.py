@@ -116,10 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="web page + OpenAI-compatible images API with live previews")
     sv.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     sv.add_argument("--vae", default=None)
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: there is no auth)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default: loopback only; any other needs --api-key or --public-without-key)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default=None)
     sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="clients must send 'Authorization: Bearer KEY' (default: $NEXTSTEP_API_KEY, else none; the "
+                         "variable keeps the key out of the process list)")
+    sv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                    help="let web pages on ORIGIN (e.g. https://app.example:8443) call the API, and accept its host "
+                         "name as this server's; repeatable")
+    sv.add_argument("--public-without-key", action="store_true",
+                    help="allow binding beyond loopback with no API key (only on a network you trust)")
     t = sub.add_parser("make-tokenizer", help="train a small byte-level BPE with the image protocol's tokens")
     t.add_argument("out", help="output directory (tokenizer.json)")
     src = t.add_mutually_exclusive_group(required=True)
@@ -303,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 from .serve.runner import serve
             except ImportError as e:
                 raise SystemExit(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})")
-            serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+            serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                  api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
+                  allow_origins=args.allow_origin, public_without_key=args.public_without_key)
             written = []
         elif args.command == "eval":
             written = run_eval(args)

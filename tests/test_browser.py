@@ -1,7 +1,9 @@
-"""The page in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright), server on loopback."""
+"""The page in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright), server on loopback; also
+behind an API key, which the page asks for."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -13,7 +15,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT_COPY = Path("/tmp/serve_screenshot.png")
-
+KEY = "browser-test-key"
 
 
 def need(ok: bool, why: str) -> None:
@@ -33,23 +35,29 @@ from playwright import sync_api  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server  # noqa: E402
+from nextstep.serve.security import Access  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(fixtures_dir):
+def pipe(fixtures_dir):
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and the cores may be busy
     d = fixtures_dir / "official-v1-a"
-    pipe = NextStepPipeline.from_pretrained(d / "model", d / "vae")
-    with running_server(create_app(pipe, queue_size=2)) as url:
-        yield url
+    yield NextStepPipeline.from_pretrained(d / "model", d / "vae")
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def page(server):
+@pytest.fixture(scope="module")
+def server(pipe):
+    with running_server(create_app(pipe, queue_size=2)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A fresh browser on ``url``; fails the test on any uncaught script error."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
@@ -57,12 +65,18 @@ def page(server):
             page.set_default_timeout(60_000)
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server)
-            page.wait_for_function("document.getElementById('width').value !== ''")  # /health has been read
+            page.goto(url)
             yield page
             assert not errors, errors
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(server):
+    with browser_page(server) as page:
+        page.wait_for_function("document.getElementById('width').value !== ''")  # /health has been read
+        yield page
 
 
 def natural_sizes(page, selector: str) -> list[list[int]]:
@@ -120,3 +134,25 @@ def test_edit_tab_uploads_and_edits(page, tmp_path):
     assert natural_sizes(page, "#gallery figure img") == [[32, 32], [32, 32]]
     assert page.inner_text("#gallery figcaption").startswith("edit: make it red")
     page.screenshot(path=str(tmp_path / "serve_edit.png"), full_page=True)
+
+
+def test_page_asks_for_the_api_key(pipe):
+    """Behind a key the page's own files load; the page asks for the key and sends it with every call."""
+    with running_server(create_app(pipe, queue_size=2, access=Access(api_key=KEY))) as url, browser_page(url) as page:
+        page.wait_for_selector("#key-form:not([hidden])")
+        assert "API key" in page.inner_text("#error")
+        page.fill("#api-key", "wrong")
+        page.click("#key-save")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#api-key", KEY)
+        page.click("#key-save")
+        page.wait_for_function("document.getElementById('width').value !== ''")
+        assert page.is_hidden("#key-form") and page.is_hidden("#error")
+        page.fill("#prompt", "a red circle")
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#gallery img') && "
+                               "document.querySelector('#gallery img').naturalWidth > 0")
+        assert natural_sizes(page, "#gallery figure img") == [[32, 32]]

@@ -1,4 +1,5 @@
-"""The HTTP server on the tiny fixture model: responses, stream events, every limit, the queue, cancellation, load."""
+"""The HTTP server on the tiny fixture model: responses, stream events, every limit, the queue, cancellation, load,
+who may call it (Host, Origin, content type, API key)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve import limits, parsing  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server, serve  # noqa: E402
+from nextstep.serve.security import Access, normalize_origin  # noqa: E402
 
 FAST = {"steps": 2}  # two flow steps per token: the fixture model draws noise anyway
 
@@ -55,9 +57,14 @@ def pipe(fixtures_dir):
     return NextStepPipeline.from_pretrained(d / "model", d / "vae")
 
 
+def local(app) -> TestClient:
+    """A test client that calls the app as a loopback client does (TestClient's own host name is refused)."""
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe, queue_size=4)) as c:
+    with local(create_app(pipe, queue_size=4)) as c:
         yield c
 
 
@@ -88,7 +95,7 @@ def events(lines) -> list[tuple[str, dict]]:
 def assert_error(r, status: int, *words: str):
     assert r.status_code == status, (r.status_code, r.text)
     err = r.json()["error"]
-    assert set(err) == {"message", "type"} and err["type"] == limits.ERROR_TYPES[status]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == limits.ERROR_TYPES[status]
     for w in words:
         assert w.lower() in err["message"].lower(), (w, err["message"])
 
@@ -204,6 +211,12 @@ LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
     ({"prompt": "a", "sampler": "euler"}, 400, ["sampler must be one of"]),
     ({"prompt": "a", "noise_level": 1.5}, 400, ["noise_level must be in"]),
     ({"prompt": "a", "response_format": "url"}, 400, ["'url' is not supported", "b64_json"]),
+    ({"prompt": "a", "output_format": "jpeg"}, 400, ["output_format 'jpeg' is not supported", "png"]),
+    ({"prompt": "a", "background": "transparent"}, 400, ["background 'transparent'", "opaque"]),
+    ({"prompt": "a", "output_compression": 101}, 400, ["output_compression must be in [0, 100]"]),
+    ({"prompt": "a", "partial_images": 4}, 400, [f"partial_images must be in [0, {limits.MAX_PARTIAL_IMAGES}]"]),
+    ({"prompt": "a", "model": "m" * (limits.MAX_LABEL_CHARS + 1)}, 400, ["model is", "characters"]),
+    ({"prompt": "a", "stream": "yes"}, 422, ["'stream'", "boolean"]),
     ({}, 422, ["missing required field 'prompt'"]),
     ({"prompt": 5}, 422, ["'prompt'", "string"]),
     ({"prompt": "a", "n": "2"}, 422, ["'n'", "integer"]),
@@ -211,7 +224,7 @@ LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
     ({"prompt": "a", "n": True}, 422, ["'n'", "integer"]),
     ({"prompt": "a", "guidance_scale": "high"}, 422, ["'guidance_scale'"]),
     ({"prompt": "a", "size": [64, 64]}, 422, ["'size'"]),
-    ({"prompt": "a", "quality": "hd"}, 422, ["unknown field 'quality'"]),
+    ({"prompt": "a", "frame_count": 2}, 422, ["unknown field 'frame_count'"]),
     ({"prompt": "a", "image_guidance_scale": 2}, 422, ["unknown field 'image_guidance_scale'"]),
     ({"prompt": "a", "image": "/etc/passwd"}, 422, ["unknown field 'image'"]),
 ])
@@ -234,7 +247,8 @@ def test_malformed_json(client, content, words):
 
 
 def test_json_body_too_large(client):
-    r = client.post("/v1/images/generations", content=b" " * (limits.MAX_JSON_BYTES + 1))
+    r = client.post("/v1/images/generations", content=b" " * (limits.MAX_JSON_BYTES + 1),
+                    headers={"content-type": "application/json"})
     assert_error(r, 413, str(limits.MAX_JSON_BYTES))
 
 
@@ -251,9 +265,8 @@ def test_edit_upload_limits(client, monkeypatch):
     assert_error(edit({"image": ("a.eps", eps, "application/postscript")}), 400, "not a readable image")
     assert_error(edit({"other": ("a.png", png_bytes(32, 32), "image/png")}), 422, "unknown file field 'other'")
     assert_error(edit({"image": (None, "/etc/hosts")}), 400, "must be a file upload")
-    assert_error(edit(data={"prompt": "x"}, files={"mask": ("m.png", png_bytes(32, 32), "image/png")}), 422, "mask")
-    assert_error(client.post("/v1/images/edits", data={"prompt": "x"}), 400, "multipart/form-data")
-    assert_error(client.post("/v1/images/edits", json={"prompt": "x"}), 400, "multipart/form-data")
+    assert_error(client.post("/v1/images/edits", data={"prompt": "x"}), 415, "multipart/form-data")
+    assert_error(client.post("/v1/images/edits", json={"prompt": "x"}), 415, "multipart/form-data")
     files = {"image": ("a.png", png_bytes(32, 32), "image/png")}
     assert_error(edit(files, {"steps": "2"}), 422, "missing required field 'prompt'")
     assert_error(edit(files, {"prompt": "x", "steps": "two"}), 422, "'steps'", "integer")
@@ -265,6 +278,239 @@ def test_edit_upload_limits(client, monkeypatch):
     assert_error(edit(odd), 400, "input image is 40x30", "pass size")
     monkeypatch.setattr(parsing, "MAX_INPUT_PIXELS", 32 * 32 - 1)
     assert_error(edit(files), 400, "32x32 pixels")
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash(client):
+    """Nesting past the parser's stack used to escape as a RecursionError: a 500 text page."""
+    deep = b"[" * 20000 + b"]" * 20000  # within MAX_JSON_BYTES, deeper than json's recursion limit
+    inside = b'{"prompt": ' + b"[" * 100 + b"]" * 100 + b"}"  # parses, but no request field nests
+    for content in (deep, inside):
+        for path in ("/v1/images/generations", "/v1/images/generations/stream"):
+            r = client.post(path, content=content, headers={"content-type": "application/json"})
+            assert_error(r, 400, f"more than {limits.MAX_JSON_DEPTH} deep")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_json_routes_take_only_json(client, content_type):
+    """A web page may send these content types to any site without a CORS preflight, so they start nothing."""
+    before = client.get("/health").json()["stats"]
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/v1/images/generations", "/v1/images/generations/stream"):
+        r = client.post(path, content=b'{"prompt": "a", "size": "16x16", "steps": 2}', headers=headers)
+        assert_error(r, 415, "application/json")
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    assert client.get("/health").json()["stats"] == before
+
+
+def test_edit_takes_one_image_and_no_mask(client):
+    one = png_bytes(32, 32)
+    data = {"prompt": "make it blue", "steps": "2", "size": "16x16"}
+    r = client.post("/v1/images/edits", files=[("image[]", ("a.png", one, "image/png"))], data=data)
+    assert r.status_code == 200, r.text  # OpenAI's clients send a list of images as "image[]"
+    for two in ([("image[]", ("a.png", one, "image/png")), ("image[]", ("b.png", one, "image/png"))],
+                [("image", ("a.png", one, "image/png")), ("image[]", ("b.png", one, "image/png"))],
+                [("image", ("a.png", one, "image/png")), ("image", ("b.png", one, "image/png"))]):
+        r = client.post("/v1/images/edits", files=two, data=data)
+        assert_error(r, 400, "got 2 images", "one image per request")
+        assert r.json()["error"]["param"] == "image"
+    mask = [("image", ("a.png", one, "image/png")), ("mask", ("m.png", one, "image/png"))]
+    r = client.post("/v1/images/edits", files=mask, data=data)
+    assert_error(r, 400, "masks are not supported")
+    assert r.json()["error"]["param"] == "mask"
+
+
+def test_openai_fields_are_accepted(client):
+    """What OpenAI's clients send: read and ignored, or checked (schemas.OpenAIFields)."""
+    body = {"prompt": "a red circle", "size": "32x16", "seed": 4, **FAST}
+    openai = {"model": "gpt-image-1", "quality": "hd", "style": "vivid", "user": "u1", "safety_identifier": "s",
+              "moderation": "low", "complexity": "low", "background": "opaque", "output_format": "png",
+              "output_compression": 80, "partial_images": 2, "stream": False, "response_format": "b64_json", "n": 1}
+    plain = client.post("/v1/images/generations", json=body).json()
+    r = client.post("/v1/images/generations", json={**body, **openai})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == plain["data"]  # none of them changes the image
+    auto = client.post("/v1/images/generations", json={"prompt": "a", "size": "auto", "n": None, **FAST}).json()
+    default = client.get("/health").json()["defaults"]["size"]
+    assert auto["size"] == default and png_size(auto["data"][0]["b64_json"]) == tuple(map(int, default.split("x")))
+    assert_error(client.post("/v1/images/generations", json={**body, "stream": True}), 400, "stream=true",
+                 "/v1/images/generations/stream")
+    with client.stream("POST", "/v1/images/generations/stream", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and events(r.iter_lines())[-1][0] == "final"
+
+
+def test_response_has_created_size_and_usage(client, pipe):
+    out = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "size": "48x32", **FAST}).json()
+    assert isinstance(out["created"], int) and out["size"] == "48x32" and out["output_format"] == "png"
+    prompt = parsing._prompt_rows(pipe, parsing.GenerationRequest(prompt="a red circle"),
+                                  pipe.defaults.resolve(False), (48, 32), edit=False)[0]
+    tokens = 2 * 3 * 2  # n * (32/16) * (48/16)
+    assert out["usage"] == {"input_tokens": len(prompt), "output_tokens": tokens, "total_tokens": len(prompt) + tokens,
+                            "input_tokens_details": {"text_tokens": len(prompt), "image_tokens": 0},
+                            "output_tokens_details": {"text_tokens": 0, "image_tokens": tokens}}
+    files = {"image": ("in.png", png_bytes(32, 32), "image/png")}
+    edit = client.post("/v1/images/edits", files=files, data={"prompt": "make it blue", "steps": "2"}).json()
+    assert edit["usage"]["input_tokens_details"]["image_tokens"] == 4  # the input image, at the output size
+    assert edit["usage"]["output_tokens"] == 4
+
+
+def test_size_beyond_the_context_is_refused_at_request_time(pipe, monkeypatch):
+    """The model's positions must hold the prompt and the image: refused before queueing, with the largest size that
+    fits, which then works; the worker sees no failure."""
+    monkeypatch.setattr(pipe.model.config.transformer, "max_position_embeddings", 100)
+    with local(create_app(pipe, queue_size=2)) as c:
+        body = {"prompt": "a red circle", "size": "256x256", **FAST}
+        r = c.post("/v1/images/generations", json=body)
+        assert_error(r, 400, "size 256x256 needs", "model holds 100", "the largest square size for this prompt is")
+        assert r.json()["error"]["param"] == "size" and r.json()["error"]["code"] == "context_length_exceeded"
+        side = int(r.json()["error"]["message"].split("is ")[-1].split("x")[0])
+        assert side % 16 == 0 and side > 0
+        assert c.post("/v1/images/generations", json={**body, "size": f"{side}x{side}"}).status_code == 200
+        assert_error(c.post("/v1/images/generations", json={**body, "size": f"{side + 16}x{side + 16}"}), 400, "needs")
+        files = {"image": ("in.png", png_bytes(128, 128), "image/png")}  # an edit's input image counts too
+        assert_error(c.post("/v1/images/edits", files=files, data={"prompt": "make it blue"}), 400, "size 128x128")
+        r = c.post("/v1/images/generations", json={**body, "prompt": "a red circle left of a blue square " * 20, "size": "16x16"})
+        assert_error(r, 400, "no size fits", "shorten the prompt")
+        assert c.get("/health").json()["stats"] == {"completed": 1, "failed": 0, "cancelled": 0, "rejected": 0}
+
+
+def test_openapi_schema_is_served_and_docs_are_not(client):
+    """The schema is the API's reference (README links it); no /docs page, whose Swagger UI loads from a CDN."""
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/images/generations", "/v1/images/edits", "/health"} <= set(schema["paths"])
+    assert_error(client.get("/docs"), 404)
+
+
+def test_unexpected_errors_answer_json(pipe, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nextstep.serve.routes.build_job_kwargs", broken)
+    with TestClient(create_app(pipe), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a"})
+    assert_error(r, 500, "RuntimeError", "server log")
+
+
+# ---- who may call the server -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("host, ok", [
+    ("127.0.0.1:8000", True), ("localhost:8000", True), ("LOCALHOST", True), ("[::1]:8000", True),
+    ("127.0.0.2", True), ("gpu-box:8000", True), ("studio.example:443", True),  # bound host; an allowed origin's
+    ("evil.example:8000", False), ("0.0.0.0:8000", False), ("", False), ("a@127.0.0.1", False),
+    ("127.0.0.1:notaport", False), ("127.0.0.1/x", False),
+])
+def test_host_header_is_checked(pipe, host, ok):
+    """DNS rebinding: a page on evil.example that re-points its name at 127.0.0.1 still sends its own name."""
+    access = Access(allow_origins=("https://studio.example",), bound_host="gpu-box")
+    with local(create_app(pipe, access=access)) as c:
+        r = c.get("/health", headers={"host": host})
+        if ok:
+            assert r.status_code == 200, r.text
+        else:
+            assert_error(r, 403, "is not one of this server's names", "--allow-origin")
+            assert r.json()["error"]["code"] == "host_not_allowed"
+            assert_error(c.post("/v1/images/generations", json={"prompt": "a"}, headers={"host": host}), 403)
+
+
+@pytest.mark.parametrize("origin, ok", [
+    ("http://127.0.0.1:8000", True),  # the page this server serves
+    ("http://127.0.0.1:8000/", True),
+    ("https://studio.example", True), ("https://studio.example:443", True),  # allowed explicitly
+    ("http://127.0.0.1:3000", False),  # another local web app
+    ("http://localhost:8000", False),  # another name: another origin, even on this machine
+    ("https://127.0.0.1:8000", True),  # same host and port behind TLS
+    ("http://evil.example", False), ("null", False), ("", False), ("https://studio.example:8443", False),
+])
+def test_origin_is_checked(pipe, origin, ok):
+    app = create_app(pipe, queue_size=2, access=Access(allow_origins=("https://studio.example",)))
+    with local(app) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a", "size": "16x16", **FAST}, headers={"origin": origin})
+        if ok:
+            assert r.status_code == 200, r.text
+        else:
+            assert_error(r, 403, "not allowed", "--allow-origin")
+            assert r.json()["error"]["code"] == "origin_not_allowed"
+            assert app.state.worker.stats["completed"] == 0
+
+
+def test_allowed_origin_gets_cors(pipe):
+    """A page on an allowed origin can call the API from the browser: preflight answered, responses readable."""
+    with local(create_app(pipe, access=Access(allow_origins=("https://studio.example",), api_key="k"))) as c:
+        pre = c.options("/v1/images/generations", headers={
+            "origin": "https://studio.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://studio.example"
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        r = c.get("/health", headers={"origin": "https://studio.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://studio.example"
+        r = c.get("/health", headers={"origin": "http://127.0.0.1:8000", "authorization": "Bearer k"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # same origin needs none
+
+
+def test_api_key(pipe):
+    key = "s3cret-key"
+    with local(create_app(pipe, queue_size=2, access=Access(api_key=key))) as c:
+        body = {"prompt": "a", "size": "16x16", **FAST}
+        for auth in (None, "Bearer wrong", f"Basic {key}", key, "Bearer ", f"Bearer {key}x"):
+            headers = {"authorization": auth} if auth is not None else {}
+            for r in (c.get("/health", headers=headers),
+                      c.post("/v1/images/generations", json=body, headers=headers),
+                      c.post("/v1/images/generations/stream", json=body, headers=headers),
+                      c.post("/v1/images/edits", files={"image": ("a.png", png_bytes(16, 16), "image/png")},
+                             data={"prompt": "x"}, headers=headers)):
+                assert_error(r, 401, "API key", "Authorization: Bearer")
+                assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        good = {"authorization": f"Bearer {key}"}
+        assert c.get("/health", headers=good).status_code == 200
+        assert c.post("/v1/images/generations", json=body, headers=good).status_code == 200
+        assert c.get("/").status_code == 200 and c.get("/app.js").status_code == 200  # the page asks for the key
+        schema = c.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        assert c.get("/health").json()["error"]["type"] == "authentication_error"
+
+
+def test_access_settings_are_checked():
+    assert normalize_origin("HTTP://Studio.Example:80/") == "http://studio.example"
+    assert normalize_origin("https://[::1]:8443") == "https://[::1]:8443"
+    for bad in ("studio.example", "ftp://studio.example", "http://studio.example/app", "http://", "null",
+                "http://a@studio.example", "http://studio.example:99999"):
+        with pytest.raises(ValueError, match="allowed origin"):
+            Access(allow_origins=(bad,))
+    with pytest.raises(ValueError, match="empty"):
+        Access(api_key=" ")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "gpu-box"])
+def test_serve_refuses_a_public_address_without_a_key(tmp_path, host):
+    """Checked before the model loads (a missing model would otherwise be the error)."""
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ValueError, match="without an API key.*--public-without-key"):
+        serve(missing, host=host, port=0)
+    with pytest.raises(FileNotFoundError):
+        serve(missing, host=host, port=0, api_key="k")
+    with pytest.raises(FileNotFoundError):
+        serve(missing, host=host, port=0, public_without_key=True)
+    with pytest.raises(FileNotFoundError):
+        serve(missing, host="::1", port=0)
+
+
+def test_cli_serve_flags(monkeypatch, capsys):
+    """The key comes from --api-key or NEXTSTEP_API_KEY (read by the CLI only); a public bind without one fails."""
+    from nextstep import cli
+    from nextstep.serve import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "serve", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setenv("NEXTSTEP_API_KEY", "from-env")
+    assert cli.main(["serve", "--allow-origin", "https://a.example", "--allow-origin", "http://b.example:8080"]) == 0
+    assert calls[-1]["api_key"] == "from-env" and calls[-1]["public_without_key"] is False
+    assert calls[-1]["allow_origins"] == ["https://a.example", "http://b.example:8080"]
+    assert cli.main(["serve", "--api-key", "from-flag", "--host", "0.0.0.0", "--public-without-key"]) == 0
+    assert calls[-1]["api_key"] == "from-flag" and calls[-1]["public_without_key"] is True
+    monkeypatch.undo()
+    monkeypatch.delenv("NEXTSTEP_API_KEY", raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
 
 
 def test_malformed_multipart(client):
@@ -305,13 +551,15 @@ def wait_until(check, timeout=15.0, what="condition"):
 def test_full_queue_answers_429(pipe):
     gated = Gated(pipe)
     body = {"prompt": "a", "size": "16x16", **FAST}
-    with TestClient(create_app(gated, queue_size=1)) as c, ThreadPoolExecutor(2) as pool:
+    with local(create_app(gated, queue_size=1)) as c, ThreadPoolExecutor(2) as pool:
         running = pool.submit(c.post, "/v1/images/generations", json=body)
         assert gated.started.wait(15)
         waiting = pool.submit(c.post, "/v1/images/generations", json=body)
         wait_until(lambda: c.get("/health").json()["queue"]["waiting"] == 1, what="the second job to queue")
         assert c.get("/health").json()["queue"] == {"depth": 2, "waiting": 1, "running": True, "capacity": 1}
-        assert_error(c.post("/v1/images/generations", json=body), 429, "busy", "retry")
+        busy = c.post("/v1/images/generations", json=body)
+        assert_error(busy, 429, "busy", "retry")
+        assert busy.headers["retry-after"] == str(limits.RETRY_AFTER_S)
         assert_error(c.post("/v1/images/generations/stream", json=body), 429, "busy")
         files = {"image": ("a.png", png_bytes(16, 16), "image/png")}
         assert_error(c.post("/v1/images/edits", files=files, data={"prompt": "x"}), 429)
@@ -426,7 +674,7 @@ class Failing:
 def test_generation_failures_are_reported(pipe, caplog, error, status):
     caplog.set_level(logging.ERROR, logger="nextstep.serve")
     body = {"prompt": "a", "size": "16x16", **FAST}
-    with TestClient(create_app(Failing(pipe, error), queue_size=1)) as c:
+    with local(create_app(Failing(pipe, error), queue_size=1)) as c:
         plain = c.post("/v1/images/generations", json=body)
         with c.stream("POST", "/v1/images/generations/stream", json=body) as r:
             assert r.status_code == 200

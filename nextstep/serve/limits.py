@@ -11,14 +11,19 @@ MAX_TIME_SHIFT = 20.0
 MAX_SEED = 2**32 - 1  # exact in JavaScript numbers
 MAX_PROMPT_CHARS = 2000  # prompt and negative prompt, each
 MAX_JSON_BYTES = 64 * 1024  # JSON request bodies
+MAX_JSON_DEPTH = 8  # nesting of JSON arrays and objects (requests are flat objects; deep ones exhaust the parser)
+MAX_LABEL_CHARS = 256  # short text fields the server reads and ignores (model, user, quality, ...)
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on partial_images (accepted and ignored: /stream sends previews instead)
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the edit input image file
 MAX_FORM_BYTES = MAX_UPLOAD_BYTES + 64 * 1024  # whole multipart body: the image plus the text fields
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded input image (checked from the header, before decoding)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders allowed for uploads (no EPS/PDF helpers)
 QUEUE_SIZE = 8  # requests waiting behind the running one; more get 429
+RETRY_AFTER_S = 5  # the Retry-After header of a 429: OpenAI's clients wait this long before retrying
 PREVIEWS_PER_IMAGE = 16  # stream previews spread over the image tokens (each costs one VAE decode)
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 # the ``type`` of the JSON error body for each HTTP status the server answers with
-ERROR_TYPES = {400: "invalid_request_error", 413: "request_too_large", 422: "validation_error", 429: "queue_full",
-               404: "not_found", 405: "method_not_allowed", 500: "server_error", 503: "cancelled"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
+               422: "validation_error", 429: "queue_full", 500: "server_error", 503: "cancelled"}

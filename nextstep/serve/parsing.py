@@ -15,28 +15,33 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..config import Settings
 from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
-from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_SEED, MAX_SIZE,
-                     MAX_UPLOAD_BYTES)
+from ..sampling.guidance import Guidance
+from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_SEED,
+                     MAX_SIZE, MAX_UPLOAD_BYTES)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
+
+IMAGE_FIELDS = ("image", "image[]")  # OpenAI's clients send a list of images as repeated "image[]" parts
 
 
 # ---- checking a parsed request -----------------------------------------------------------------------------------
 def _parse_size(text: str, what: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", text)
     if not m:
-        raise ApiError(400, f"{what} must look like WIDTHxHEIGHT (e.g. 512x512), got {text!r}")
+        raise ApiError(400, f"{what} must look like WIDTHxHEIGHT (e.g. 512x512), got {text!r}", param="size")
     return int(m.group(1)), int(m.group(2))
 
 
 def _check_size(w: int, h: int, multiple: int, what: str) -> None:
     for name, v in (("width", w), ("height", h)):
         if v < multiple or v % multiple:
-            raise ApiError(400, f"{what} {w}x{h}: {name} must be a positive multiple of {multiple}")
+            raise ApiError(400, f"{what} {w}x{h}: {name} must be a positive multiple of {multiple}", param="size")
         if v > MAX_SIZE:
-            raise ApiError(400, f"{what} {w}x{h}: {name} {v} is over the limit of {MAX_SIZE} pixels per side")
+            raise ApiError(400, f"{what} {w}x{h}: {name} {v} is over the limit of {MAX_SIZE} pixels per side",
+                           param="size")
 
 
 def _check_text(name: str, text: str | None, tags_allowed: int, required: bool) -> None:
@@ -44,55 +49,115 @@ def _check_text(name: str, text: str | None, tags_allowed: int, required: bool) 
     if text is None:
         return
     if required and not text.strip():
-        raise ApiError(400, f"{name} is empty")
+        raise ApiError(400, f"{name} is empty", param=name)
     if text.count(IMAGE_TAG) > tags_allowed:
         raise ApiError(400, f"{name} may contain {IMAGE_TAG} at most {tags_allowed} time(s) (it marks the input "
-                            f"image of an edit)")
+                            f"image of an edit)", param=name)
 
 
 def _output_size(req: GenerationRequest, multiple: int, default_size: tuple[int, int],
                  image: Image.Image | None) -> tuple[int, int]:
     """(width, height): the requested size, else an edit's input size, else the default; checked."""
-    if req.size is not None:
+    if req.size not in (None, "auto"):
         (w, h), what = _parse_size(req.size, "size"), "size"
     elif image is not None:
         (w, h), what = image.size, "the input image is"
         if w % multiple or h % multiple or w > MAX_SIZE or h > MAX_SIZE:
             raise ApiError(400, f"the input image is {w}x{h}: pass size (multiples of {multiple}, at most "
-                                f"{MAX_SIZE} per side); the image is then resized to cover it and center-cropped")
+                                f"{MAX_SIZE} per side); the image is then resized to cover it and center-cropped",
+                           param="size")
     else:
         (w, h), what = default_size, "size"
     _check_size(w, h, multiple, what)
     return w, h
 
 
+def _check_openai_fields(req: GenerationRequest) -> None:
+    """The OpenAI fields that ask for something this server does not make (the rest are ignored, see schemas)."""
+    if req.response_format not in (None, "b64_json"):
+        raise ApiError(400, f"response_format {req.response_format!r} is not supported: this server keeps no "
+                            f"files to link to; use 'b64_json'", param="response_format")
+    if req.output_format not in (None, "png"):
+        raise ApiError(400, f"output_format {req.output_format!r} is not supported: the images are PNG",
+                       param="output_format")
+    if req.background not in (None, "auto", "opaque"):
+        raise ApiError(400, f"background {req.background!r} is not supported: the images are opaque ('auto' or "
+                            f"'opaque')", param="background")
+
+
+def _prompt_rows(pipe: NextStepPipeline, req: GenerationRequest, settings: Settings, size: tuple[int, int],
+                 edit: bool) -> list[list[int]]:
+    """The token ids of every row the pipeline will prefill (the prompt first, then one per guidance branch), built
+    by the pipeline's own methods so they cannot drift from what it runs."""
+    grid = (size[1] // pipe.size_multiple, size[0] // pipe.size_multiple)
+    guidance = Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
+                        schedule=settings.guidance_schedule)
+    cond = pipe._caption(req.prompt, [grid] if edit else [])
+    return pipe._rows([cond], settings.negative_prompt, grid, guidance, 1)
+
+
+def _positions(rows: list[list[int]], size: tuple[int, int], multiple: int) -> int:
+    """Positions a generation fills: its longest prompt row plus the image tokens it draws."""
+    return max(map(len, rows)) + (size[0] // multiple) * (size[1] // multiple)
+
+
+def _check_context(pipe: NextStepPipeline, req: GenerationRequest, settings: Settings, size: tuple[int, int],
+                   edit: bool) -> list[int]:
+    """Refuse a size the model's positions cannot hold (the prompt, an edit's input image and the new image
+    together), naming the largest square size that fits this prompt; returns the prompt row."""
+    m, limit = pipe.size_multiple, pipe.model.config.transformer.max_position_embeddings
+    rows = _prompt_rows(pipe, req, settings, size, edit)
+    need = _positions(rows, size, m)
+    if need <= limit:
+        return rows[0]
+    fits = (s for s in range(MAX_SIZE // m * m, 0, -m)
+            if _positions(_prompt_rows(pipe, req, settings, (s, s), edit), (s, s), m) <= limit)
+    largest = next(fits, None)
+    hint = (f"the largest square size for this prompt is {largest}x{largest}"
+            if largest else "no size fits: shorten the prompt")
+    raise ApiError(400, f"size {size[0]}x{size[1]} needs {need} positions (prompt and image tokens) but the model "
+                        f"holds {limit}: {hint}", param="size", code="context_length_exceeded")
+
+
+def _usage(prompt_row: list[int], size: tuple[int, int], multiple: int, n: int, edit: bool) -> dict[str, Any]:
+    """OpenAI's ``usage`` object in this model's tokens: the prompt row in, n images of h*w tokens out."""
+    image_tokens = (size[0] // multiple) * (size[1] // multiple)
+    image_in = image_tokens if edit else 0  # an edit's input image is in the prompt at the output size
+    out = n * image_tokens
+    return {"input_tokens": len(prompt_row), "output_tokens": out, "total_tokens": len(prompt_row) + out,
+            "input_tokens_details": {"text_tokens": len(prompt_row) - image_in, "image_tokens": image_in},
+            "output_tokens_details": {"text_tokens": 0, "image_tokens": out}}
+
+
 def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_size: tuple[int, int],
-                     image: Image.Image | None = None) -> tuple[dict[str, Any], int]:
+                     image: Image.Image | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check a parsed request (already within the schema's bounds) against the model; returns the pipeline keyword
-    arguments and the seed used. Settings the request leaves out stay None, so the pipeline applies the model's
-    defaults."""
+    arguments and the fields of the final response besides the images (seed, size, usage). Settings the request
+    leaves out stay None, so the pipeline applies the model's defaults."""
     edit = image is not None
     _check_text("prompt", req.prompt, 1 if edit else 0, required=True)
     _check_text("negative_prompt", req.negative_prompt, 0, required=False)
-    if req.response_format != "b64_json":
-        raise ApiError(400, f"response_format {req.response_format!r} is not supported: this server keeps no "
-                            f"files to link to; use 'b64_json'")
+    _check_openai_fields(req)
     try:  # the pipeline's own validation of the sampling settings, before the request is queued
-        pipe.defaults.resolve(edit, sampler=req.sampler, num_inference_steps=req.steps,
-                              guidance_scale=req.guidance_scale, time_shift=req.time_shift,
-                              noise_level=req.noise_level,
-                              image_guidance_scale=getattr(req, "image_guidance_scale", None))
+        settings = pipe.defaults.resolve(edit, sampler=req.sampler, num_inference_steps=req.steps,
+                                         guidance_scale=req.guidance_scale, time_shift=req.time_shift,
+                                         noise_level=req.noise_level, negative_prompt=req.negative_prompt,
+                                         image_guidance_scale=getattr(req, "image_guidance_scale", None))
     except InputError as e:
         raise ApiError(400, str(e)) from None
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
+    n = 1 if req.n is None else req.n
     w, h = _output_size(req, pipe.size_multiple, default_size, image)
+    prompt_row = _check_context(pipe, req, settings, (w, h), edit)
     kwargs: dict[str, Any] = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
-                                  num_images_per_prompt=req.n, num_inference_steps=req.steps,
+                                  num_images_per_prompt=n, num_inference_steps=req.steps,
                                   guidance_scale=req.guidance_scale, time_shift=req.time_shift, sampler=req.sampler,
                                   noise_level=req.noise_level, generator=torch.Generator().manual_seed(seed))
     if edit:
         kwargs.update(image=image, image_guidance_scale=req.image_guidance_scale)
-    return kwargs, seed
+    response = {"seed": seed, "size": f"{w}x{h}", "output_format": "png", "background": "opaque",
+                "usage": _usage(prompt_row, (w, h), pipe.size_multiple, n, edit)}
+    return kwargs, response
 
 
 # ---- reading request bodies --------------------------------------------------------------------------------------
@@ -113,25 +178,50 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _nesting(obj: Any) -> int:
+    """How deeply JSON arrays and objects nest (level by level, so no recursion to exhaust)."""
+    depth, level = 0, [obj]
+    while level := [o for o in level if isinstance(o, (dict, list))]:
+        depth += 1
+        level = [v for o in level for v in (o.values() if isinstance(o, dict) else o)]
+    return depth
+
+
+def _require_content_type(request: Request, expected: bytes, example: str) -> None:
+    """415 for any other content type: a web page can send text/plain or a form to another site without asking
+    first (no CORS preflight), but not application/json."""
+    ctype, _ = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != expected:
+        raise ApiError(415, f"send {expected.decode()} ({example}), got content type "
+                            f"{request.headers.get('content-type') or 'none'!r}", code="unsupported_media_type")
+
+
 async def read_json_request(request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
+    _require_content_type(request, b"application/json", "a JSON object with a 'prompt'")
     body = await _read_body(request, MAX_JSON_BYTES, "the request body")
+    too_deep = ApiError(400, f"the request body nests arrays or objects more than {MAX_JSON_DEPTH} deep; send a "
+                             f"flat JSON object of fields")
     try:
         obj = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:  # deeper than the parser's stack
+        raise too_deep from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object such as "
                             f'{{"prompt": "a red circle", "size": "256x256"}}') from None
+    if _nesting(obj) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(obj, dict):
         raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(obj).__name__}")
     return validate_request(schema, obj, strict=True)
 
 
-def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, bytes]]:
-    """multipart/form-data -> (text fields, file fields), all in memory. A field given twice is an error."""
-    ctype, options = parse_options_header(content_type)
+def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    """multipart/form-data -> (text fields, file fields: every file under each name), all in memory. A text field
+    given twice, or a name used for both text and files, is an error."""
+    _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(400, f"send multipart/form-data with an 'image' file and a 'prompt' field, got content type "
-                            f"{content_type or 'none'!r}")
+    if not boundary:
+        raise ApiError(400, "malformed multipart body: the content type has no boundary")
     parts: list[tuple[dict[bytes, bytes], bytearray]] = []
     header: list[bytes] = [b"", b""]
 
@@ -160,16 +250,16 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dic
     except MultipartParseError as e:
         raise ApiError(400, f"malformed multipart body: {e}") from None
     fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
+    files: dict[str, list[bytes]] = {}
     for headers, data in parts:
         _, disp = parse_options_header(headers.get(b"content-disposition", b""))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
         if not name:
             raise ApiError(400, "malformed multipart body: a part has no name")
-        if name in fields or name in files:
-            raise ApiError(400, f"field '{name}' is given more than once")
+        if name in fields or (name in files and b"filename" not in disp):
+            raise ApiError(400, f"field '{name}' is given more than once", param=name)
         if b"filename" in disp:
-            files[name] = bytes(data)
+            files.setdefault(name, []).append(bytes(data))
         else:
             try:
                 fields[name] = data.decode("utf-8")
@@ -198,15 +288,30 @@ def read_image(data: bytes) -> Image.Image:
             from None
 
 
+def _edit_image(fields: dict[str, str], files: dict[str, list[bytes]]) -> bytes:
+    """The one image file of an edit, under 'image' or OpenAI's 'image[]'; a clear error for masks, several images
+    or other files."""
+    if "mask" in files or "mask" in fields:
+        raise ApiError(400, "masks are not supported: NextStep edits the whole image from the instruction; leave "
+                            "out 'mask'", param="mask")
+    for name in files:
+        if name not in IMAGE_FIELDS:
+            raise ApiError(422, f"unknown file field '{name}' (only 'image' is accepted)", param=name)
+    for name in IMAGE_FIELDS:
+        if name in fields:
+            raise ApiError(400, f"'{name}' must be a file upload, not a text field", param="image")
+    images = [data for name in IMAGE_FIELDS for data in files.get(name, [])]
+    if not images:
+        raise ApiError(422, "missing required field 'image' (the image file to edit)", param="image")
+    if len(images) > 1:
+        raise ApiError(400, f"got {len(images)} images; this server edits one image per request", param="image")
+    return images[0]
+
+
 async def read_edit_request(request: Request) -> tuple[EditRequest, Image.Image]:
+    _require_content_type(request, b"multipart/form-data", "an 'image' file and a 'prompt' field")
     body = await _read_body(request, MAX_FORM_BYTES, f"the request body (the image may be at most {MAX_UPLOAD_BYTES} "
                                                      f"bytes)")
     fields, files = parse_multipart(body, request.headers.get("content-type", ""))
-    for name in files:
-        if name != "image":
-            raise ApiError(422, f"unknown file field '{name}' (only 'image' is accepted)")
-    if "image" in fields:
-        raise ApiError(400, "'image' must be a file upload, not a text field")
-    if "image" not in files:
-        raise ApiError(422, "missing required field 'image' (the image file to edit)")
-    return validate_request(EditRequest, fields, strict=False), read_image(files["image"])
+    image = _edit_image(fields, files)
+    return validate_request(EditRequest, fields, strict=False), read_image(image)

@@ -3,38 +3,48 @@
 Endpoints
     GET  /                                   the single-page UI (static files held in memory)
     GET  /health                             status, model info, queue depth, limits, counters
-    POST /v1/images/generations              JSON in, ``{"created", "seed", "data": [{"b64_json": PNG}]}`` out
+    GET  /openapi.json                       the OpenAPI schema (no /docs page: Swagger UI would load from a CDN)
+    POST /v1/images/generations              JSON in, ``{"created", "seed", "size", "usage", "data": [{"b64_json"}]}``
     POST /v1/images/edits                    multipart/form-data: ``image`` file + the same fields as text
     POST /v1/images/generations/stream       same input; Server-Sent Events out (see below)
     POST /v1/images/edits/stream             same input as edits; Server-Sent Events out
 
 Request fields (JSON types; multipart sends them as text): ``prompt`` (str, required), ``n`` (int, 1..MAX_N),
-``size`` ("WxH", multiples of the model's 16-pixel token, at most MAX_SIZE a side; default: the model's native
-size capped at MAX_SIZE, or for edits the input image's size), ``response_format`` ("b64_json" only),
-``negative_prompt`` (str), ``steps`` (int, 1..MAX_STEPS; the "sde" sampler needs >= 2), ``guidance_scale``
-(0..MAX_GUIDANCE), ``seed`` (int 0..MAX_SEED; omitted: drawn at random and returned), ``sampler``
-("sde" | "ode" | "heun" | "flow_sde" | "cps"), ``time_shift`` (0 < s <= MAX_TIME_SHIFT), ``noise_level`` (0..1, the
-1.1 samplers'); edits add ``image_guidance_scale``.
+``size`` ("WxH", multiples of the model's 16-pixel token, at most MAX_SIZE a side, and within the model's positions
+with the prompt; "auto" or left out: the model's native size capped at MAX_SIZE, or for edits the input image's
+size), ``response_format`` ("b64_json" only), ``negative_prompt`` (str), ``steps`` (int, 1..MAX_STEPS; the "sde"
+sampler needs >= 2), ``guidance_scale`` (0..MAX_GUIDANCE), ``seed`` (int 0..MAX_SEED; omitted: drawn at random and
+returned), ``sampler`` ("sde" | "ode" | "heun" | "flow_sde" | "cps"), ``time_shift`` (0 < s <= MAX_TIME_SHIFT),
+``noise_level`` (0..1, the 1.1 samplers'); edits add ``image_guidance_scale``. OpenAI's other fields are accepted
+(``schemas.OpenAIFields`` says which are ignored and which checked); edits take OpenAI's ``image[]`` for the image
+(one image per request) and refuse ``mask``.
 Sampling settings left out take the model's defaults (``GET /health`` lists them). Unknown fields are rejected.
 The bounds are in the request schemas (``nextstep.serve.schemas``), so the OpenAPI schema shows them.
 
 Stream events, in order: ``queued`` {position: jobs ahead}, ``started`` {total}, then per image token
 ``progress`` {step, total} and every few tokens ``preview`` {step, total, images: [b64 PNG]} (tokens not yet
 generated are zeros, the mean of the normalised latent space: a plain area in the preview), then exactly one of
-``final`` (the same object as the non-streaming response) or ``error`` {error: {message, type}}; then the stream
-ends. Closing the connection cancels the generation (it stops at the next image token, the worker moves on).
+``final`` (the same object as the non-streaming response) or ``error`` {error: {...}}; then the stream ends.
+Closing the connection cancels the generation (it stops at the next image token, the worker moves on).
 
-Errors are ``{"error": {"message": ..., "type": ...}}`` with:
-    400 invalid_request_error  body is not valid JSON / not an object / not valid multipart; a value outside the
-                               limits or not supported (size, n, steps, prompt, response_format "url", ...); the
-                               upload is not a readable image; the model refuses the input (an ``InputError``, such
-                               as a prompt too long for its context)
+Access (``security.Access``): the ``Host`` and ``Origin`` checks apply to every request; with an API key every
+route but the page's files and ``/openapi.json`` needs ``Authorization: Bearer KEY``.
+
+Errors are ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape) with:
+    400 invalid_request_error  body is not valid JSON / not an object / nested too deeply / not valid multipart; a
+                               value outside the limits or not supported (size, n, steps, prompt, response_format
+                               "url", mask, several images, ...); a size the model's positions cannot hold with the
+                               prompt (code context_length_exceeded); the upload is not a readable image; the model
+                               refuses the input (an ``InputError``)
+    401 authentication_error   the API key is missing or wrong (code invalid_api_key)
+    403 permission_error       the Host or Origin is not allowed (code host_not_allowed / origin_not_allowed)
     413 request_too_large      body over MAX_JSON_BYTES, or upload over MAX_UPLOAD_BYTES
+    415 unsupported_media_type a JSON route sent anything but application/json, an edit anything but multipart
     422 validation_error       a required field is missing, a field is unknown, or a value has the wrong type
-    429 queue_full             QUEUE_SIZE requests are already waiting; retry later
+    429 queue_full             QUEUE_SIZE requests are already waiting; retry after the Retry-After header's seconds
     404 not_found, 405 method_not_allowed
-    500 server_error           the generation failed for any other reason (out of memory, a broken model config,
-                               a bug): the message names the exception type, the server log has the traceback
+    500 server_error           the generation (or the server) failed for any other reason (out of memory, a broken
+                               model config, a bug): the message names the exception type, the log has the traceback
     503 cancelled              the server shut down before the request finished (or the client left)
 No field names a path: nothing a request sends is read from or written to disk (uploads stay in memory).
 """
@@ -45,8 +55,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,6 +70,7 @@ from .limits import (MAX_GUIDANCE, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MA
 from .parsing import build_job_kwargs, read_edit_request, read_json_request
 from .responses import event_stream, json_result
 from .schemas import ApiError, EditRequest, GenerationRequest
+from .security import Access, HostOriginGuard
 from .worker import Job, Worker
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -77,10 +90,11 @@ def _api_settings(s: Settings, edit: bool) -> dict:
 
 
 def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_every: int | None = None,
-               model_name: str = "nextstep") -> FastAPI:
+               model_name: str = "nextstep", access: Access = Access()) -> FastAPI:
     """The ASGI app around one loaded pipeline. ``queue_size`` requests may wait behind the running one;
-    ``preview_every`` image tokens between stream previews (default: PREVIEWS_PER_IMAGE per image). The worker
-    thread starts and stops with the app's lifespan."""
+    ``preview_every`` image tokens between stream previews (default: PREVIEWS_PER_IMAGE per image); ``access``: who
+    may use it (default: loopback clients and the server's own page, no key). The worker thread starts and stops
+    with the app's lifespan."""
     multiple = pipe.size_multiple
     native = multiple * pipe.model.config.base_image_grid_size
     default_side = max(multiple, min(native, MAX_SIZE) // multiple * multiple)
@@ -103,6 +117,10 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
 
     app = FastAPI(title="NextStep", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = worker
+    app.add_middleware(CORSMiddleware, allow_origins=list(access.allow_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
+    app.add_middleware(HostOriginGuard, access=access)  # added last: runs first
+    api = APIRouter(dependencies=[Depends(_key_check(access))] if access.api_key is not None else [])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -112,10 +130,14 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     async def http_error(request: Request, exc: StarletteHTTPException):
         return ApiError(exc.status_code, str(exc.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # a bug: JSON like every answer (the log has it)
+        return ApiError(500, f"the server failed ({type(exc).__name__}); the server log has the details").response()
+
     for route, (content, mime) in static.items():
         app.add_api_route(route, _static_handler(content, mime), methods=["GET"], include_in_schema=False)
 
-    @app.get("/health")
+    @api.get("/health")
     async def health():
         return {"status": "ok",
                 "model": model_info,
@@ -130,8 +152,12 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                 "stats": dict(worker.stats)}
 
     def submit(req: GenerationRequest, image: Image.Image | None, stream: bool) -> tuple[Job, int]:
-        kwargs, seed = build_job_kwargs(req, pipe, default_size, image)
-        job = Job(kwargs, seed, stream, asyncio.get_running_loop())
+        if req.stream and not stream:
+            raise ApiError(400, "stream=true is not supported on this route: POST the same request to "
+                                "/v1/images/generations/stream or /v1/images/edits/stream for Server-Sent Events",
+                           param="stream")
+        kwargs, response = build_job_kwargs(req, pipe, default_size, image)
+        job = Job(kwargs, response, stream, asyncio.get_running_loop())
         return job, worker.submit(job)
 
     json_body = {"requestBody": {"required": True, "content": {
@@ -141,29 +167,41 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
         "properties": {"image": {"type": "string", "format": "binary"},
                        **EditRequest.model_json_schema()["properties"]}}}}}}
 
-    @app.post("/v1/images/generations", openapi_extra=json_body)
+    @api.post("/v1/images/generations", openapi_extra=json_body)
     async def generations(request: Request):
         job, _ = submit(await read_json_request(request, GenerationRequest), None, stream=False)
         return await json_result(job, request)
 
-    @app.post("/v1/images/generations/stream", openapi_extra=json_body)
+    @api.post("/v1/images/generations/stream", openapi_extra=json_body)
     async def generations_stream(request: Request):
         job, ahead = submit(await read_json_request(request, GenerationRequest), None, stream=True)
         return event_stream(job, ahead)
 
-    @app.post("/v1/images/edits", openapi_extra=form_body)
+    @api.post("/v1/images/edits", openapi_extra=form_body)
     async def edits(request: Request):
         req, image = await read_edit_request(request)
         job, _ = submit(req, image, stream=False)
         return await json_result(job, request)
 
-    @app.post("/v1/images/edits/stream", openapi_extra=form_body)
+    @api.post("/v1/images/edits/stream", openapi_extra=form_body)
     async def edits_stream(request: Request):
         req, image = await read_edit_request(request)
         job, ahead = submit(req, image, stream=True)
         return event_stream(job, ahead)
 
+    app.include_router(api)
     return app
+
+
+def _key_check(access: Access):
+    """The API-key dependency (declared as HTTP bearer, so the OpenAPI schema says how to authenticate)."""
+    bearer = HTTPBearer(auto_error=False, description="the server's API key (--api-key / NEXTSTEP_API_KEY)")
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not access.key_matches(credentials.credentials if credentials is not None else None):
+            raise access.key_error()
+
+    return check
 
 
 def _static_handler(content: bytes, mime: str):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import threading
@@ -18,24 +17,29 @@ import uvicorn
 from ..pipeline import NextStepPipeline
 from .limits import QUEUE_SIZE
 from .routes import create_app
+from .security import Access, is_loopback
 
 log = logging.getLogger("nextstep.serve")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def check_exposure(host: str, access: Access, public_without_key: bool) -> None:
+    """Refuse to bind beyond loopback without an API key (anyone who can reach the port could use the GPU), unless
+    the caller says so explicitly (a trusted network, or a proxy in front that authenticates)."""
+    if not is_loopback(host.strip("[]")) and access.api_key is None and not public_without_key:
+        raise ValueError(f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Set "
+                         f"a key (--api-key KEY or the NEXTSTEP_API_KEY environment variable; clients send "
+                         f"'Authorization: Bearer KEY'), or pass --public-without-key if the network is trusted")
 
 
 def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-          dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE) -> None:
+          dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE, api_key: str | None = None,
+          allow_origins: tuple[str, ...] = (), public_without_key: bool = False) -> None:
     """Load a model (default: the bundled one) and serve it until interrupted. ``device`` defaults to CUDA when
-    available; ``dtype`` to bfloat16 on GPU, float32 on CPU. Binds to loopback unless told otherwise: the server
-    has no authentication."""
+    available; ``dtype`` to bfloat16 on GPU, float32 on CPU. ``api_key``: clients must send it as a bearer token;
+    ``allow_origins``: web pages on these origins may call the API (``security``). Binding beyond loopback needs a
+    key or ``public_without_key``; both are checked before the model loads."""
+    access = Access(api_key=api_key, allow_origins=tuple(allow_origins), bound_host=host)
+    check_exposure(host, access, public_without_key)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -45,9 +49,9 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device)
     name = Path(model_dir).name if model_dir is not None else "bundled"
-    app = create_app(pipe, queue_size=queue_size, model_name=name)
-    if not _is_loopback(host):
-        log.warning("serving on %s: the server has no authentication; anyone who can reach it can use it", host)
+    app = create_app(pipe, queue_size=queue_size, model_name=name, access=access)
+    if not is_loopback(host.strip("[]")) and access.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     print(f"nextstep: serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/ ({device}, {dtype})")
     try:
         _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)).run()

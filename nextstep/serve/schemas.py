@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from .limits import ERROR_TYPES, MAX_GUIDANCE, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, MAX_TIME_SHIFT
+from .limits import (ERROR_TYPES, MAX_GUIDANCE, MAX_LABEL_CHARS, MAX_N, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED,
+                     MAX_STEPS, MAX_TIME_SHIFT)
 
 # pydantic error types that mean "the right type, outside the limits": a 400, like every other limit; the rest
 # (missing, unknown or wrongly typed fields) are a 422
@@ -17,28 +18,53 @@ BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than_equal", "string
 
 
 class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "type"}}`` with an HTTP status."""
+    """An error answered in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with an HTTP status:
+    ``param`` names the request field at fault and ``code`` is a stable machine-readable reason (each None when
+    there is none), so OpenAI's clients raise their usual exception types with these attributes filled in."""
 
-    def __init__(self, status: int, message: str, kind: str | None = None):
+    def __init__(self, status: int, message: str, kind: str | None = None, *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind or ERROR_TYPES.get(status, "error")
+        self.param, self.code, self.headers = param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-class GenerationRequest(BaseModel):
+class OpenAIFields(BaseModel):
+    """Fields of OpenAI's images API that mean nothing to this server, accepted so OpenAI's clients work unchanged.
+    ``model``, ``quality``, ``style``, ``user``, ``safety_identifier``, ``moderation`` and ``complexity`` are read and
+    ignored (one model per server; no moderation or per-user accounting here); ``output_compression`` and
+    ``partial_images`` are range-checked and ignored (PNG is lossless; previews come from the /stream routes).
+    ``background``, ``output_format`` and ``stream`` are checked against what the server does (``parsing``)."""
+
+    model: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    quality: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    style: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    user: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    safety_identifier: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    moderation: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    complexity: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    output_compression: int | None = Field(None, ge=0, le=100)
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES)
+    background: str | None = Field(None, max_length=MAX_LABEL_CHARS)  # "auto" or "opaque": the images have no alpha
+    output_format: str | None = Field(None, max_length=MAX_LABEL_CHARS)  # "png" only
+    stream: bool | None = None  # false only: the /stream routes stream
+
+
+class GenerationRequest(OpenAIFields):
     """Text to image. Types are checked strictly for JSON (``"2"`` is not an int); multipart text is converted.
     Sampling settings left out take the model's defaults (``pipe.defaults``, edit settings for edits)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    n: int = Field(1, ge=1, le=MAX_N)
-    size: str | None = None
-    response_format: str = "b64_json"
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    size: str | None = None  # "WxH", or "auto" (as when left out)
+    response_format: str | None = None  # "b64_json" (as when left out)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
@@ -49,9 +75,10 @@ class GenerationRequest(BaseModel):
 
 
 class EditRequest(GenerationRequest):
-    """Image editing: adds the image guidance scale."""
+    """Image editing: adds the image guidance scale (and OpenAI's ``input_fidelity``, read and ignored)."""
 
     image_guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
+    input_fidelity: str | None = Field(None, max_length=MAX_LABEL_CHARS)
 
 
 RequestModel = TypeVar("RequestModel", bound=GenerationRequest)
@@ -66,8 +93,10 @@ def validate_request(schema: type[RequestModel], data: dict[str, Any], *, strict
         errors = err.errors()
         wrong = [e for e in errors if e["type"] not in BOUND_ERRORS]
         if wrong:  # alone: a value of the wrong type has no range to report
-            raise ApiError(422, "; ".join(_type_message(e, schema) for e in wrong)) from None
-        raise ApiError(400, "; ".join(_bound_message(e, schema) for e in errors)) from None
+            raise ApiError(422, "; ".join(_type_message(e, schema) for e in wrong),
+                           param=_field_name(wrong[0])) from None
+        raise ApiError(400, "; ".join(_bound_message(e, schema) for e in errors), param=_field_name(errors[0])) \
+            from None
 
 
 def _field_name(error: dict[str, Any]) -> str:

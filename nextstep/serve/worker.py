@@ -19,7 +19,7 @@ from PIL import Image
 from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
-from .limits import PREVIEWS_PER_IMAGE
+from .limits import PREVIEWS_PER_IMAGE, RETRY_AFTER_S
 from .schemas import ApiError
 
 log = logging.getLogger("nextstep.serve")
@@ -31,8 +31,8 @@ class Cancelled(Exception):
 
 @dataclass(eq=False)
 class Job:
-    kwargs: dict[str, Any]
-    seed: int
+    kwargs: dict[str, Any]  # the pipeline's
+    response: dict[str, Any]  # the final answer's fields besides "created" and "data" (seed, size, usage)
     stream: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -97,7 +97,8 @@ class Worker:
             if self.waiting >= self.capacity:
                 self.stats["rejected"] += 1
                 raise ApiError(429, f"the server is busy: {self.waiting} request(s) waiting, the queue holds "
-                                    f"{self.capacity}; retry later")
+                                    f"{self.capacity}; retry later", code="queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
             self.jobs.put_nowait(job)
             return ahead
 
@@ -139,7 +140,7 @@ class Worker:
 
         try:
             out = self.pipe(**job.kwargs, progress=False, callback=on_token)
-            result = {"created": int(time.time()), "seed": job.seed,
+            result = {"created": int(time.time()), **job.response,
                       "data": [{"b64_json": png_b64(im)} for im in out.images]}
         except Cancelled:
             return self._cancelled(job)

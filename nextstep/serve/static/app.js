@@ -7,6 +7,26 @@ let mode = "generate";
 let info = null;        // GET /health
 let controller = null;  // AbortController of the running request
 let inputSize = null;   // [w, h] of the chosen edit image
+const KEY_STORE = "nextstep-api-key";  // sessionStorage: the key lasts as long as the tab
+let apiKey = sessionStorage.getItem(KEY_STORE) || "";
+
+// The Authorization header, when the server asked for a key and the user gave one.
+function authHeaders() { return apiKey ? { Authorization: `Bearer ${apiKey}` } : {}; }
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("api-key").focus();
+  setError(message);
+}
+
+function useKey(event) {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  sessionStorage.setItem(KEY_STORE, apiKey);
+  $("key-form").hidden = true;
+  setError("");
+  loadInfo();
+}
 
 function setError(message) {
   $("error").textContent = message || "";
@@ -55,7 +75,8 @@ function fitSize(w, h) {
 
 async function loadInfo() {
   try {
-    const res = await fetch("/health");
+    const res = await fetch("/health", { headers: authHeaders() });
+    if (res.status === 401) { askForKey(await errorMessage(res)); return; }
     info = await res.json();
   } catch (e) {
     $("model-info").textContent = "server unreachable";
@@ -168,10 +189,10 @@ async function run(event) {
     form.append("image", file);
     for (const [k, v] of Object.entries(f)) form.append(k, v);
     url = "/v1/images/edits/stream";
-    init = { method: "POST", body: form };
+    init = { method: "POST", headers: authHeaders(), body: form };
   } else {
     url = "/v1/images/generations/stream";
-    init = { method: "POST", headers: { "Content-Type": "application/json" }, body: jsonBody(f) };
+    init = { method: "POST", headers: { ...authHeaders(), "Content-Type": "application/json" }, body: jsonBody(f) };
   }
   controller = new AbortController();
   setBusy(true);
@@ -180,6 +201,7 @@ async function run(event) {
   const started = performance.now();
   try {
     const res = await fetch(url, { ...init, signal: controller.signal });
+    if (res.status === 401) { askForKey(await errorMessage(res)); setStatus(""); return; }
     if (!res.ok) { setError(await errorMessage(res)); setStatus(""); return; }
     let finished = false;
     for await (const { event: name, data } of serverEvents(res)) {
@@ -232,4 +254,5 @@ $("tab-edit").addEventListener("click", () => switchTab("edit"));
 $("form").addEventListener("submit", run);
 $("cancel").addEventListener("click", () => controller && controller.abort());
 $("image").addEventListener("change", pickImage);
+$("key-form").addEventListener("submit", useKey);
 loadInfo();
