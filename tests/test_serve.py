@@ -369,7 +369,8 @@ def test_size_beyond_the_context_is_refused_at_request_time(pipe, monkeypatch):
         assert_error(c.post("/v1/images/generations", json={**body, "size": f"{side + 16}x{side + 16}"}), 400, "needs")
         files = {"image": ("in.png", png_bytes(128, 128), "image/png")}  # an edit's input image counts too
         assert_error(c.post("/v1/images/edits", files=files, data={"prompt": "make it blue"}), 400, "size 128x128")
-        r = c.post("/v1/images/generations", json={**body, "prompt": "a red circle left of a blue square " * 20, "size": "16x16"})
+        long_prompt = "a red circle left of a blue square " * 20
+        r = c.post("/v1/images/generations", json={**body, "prompt": long_prompt, "size": "16x16"})
         assert_error(r, 400, "no size fits", "shorten the prompt")
         assert c.get("/health").json()["stats"] == {"completed": 1, "failed": 0, "cancelled": 0, "rejected": 0}
 

@@ -112,7 +112,8 @@ class Access:
         host = headers.get("host", "")
         if not self.host_allowed(host):
             return ApiError(403, f"host {host!r} is not one of this server's names; start the server with "
-                                 f"--allow-origin http://NAME:PORT to serve under another name", code="host_not_allowed")
+                                 f"--allow-origin http://NAME:PORT to serve under another name",
+                            code="host_not_allowed")
         origin = headers.get("origin")
         if origin is not None and not self.origin_allowed(origin, host):
             return ApiError(403, f"requests from pages at {origin!r} are not allowed; start the server with "
