@@ -255,6 +255,13 @@ class NextStepPipeline:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
         return height, width
 
+    def prompt_rows(self, prompt: str, grid: tuple[int, int], settings: Settings, edit: bool) -> list[list[int]]:
+        """Token ids of every row a call prefills for ``prompt`` drawing one image of ``grid`` tokens (the prompt,
+        then one row per other guidance branch): the model's positions must hold the longest plus the image."""
+        guidance = Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
+                            schedule=settings.guidance_schedule)
+        return self._rows([self._caption(prompt, [grid] if edit else [])], settings.negative_prompt, grid, guidance, 1)
+
     def _check_length(self, rows: list[list[int]], grid: tuple[int, int]) -> None:
         longest, tokens = max(len(r) for r in rows), grid[0] * grid[1]
         limit = self.model.config.transformer.max_position_embeddings

@@ -19,7 +19,6 @@ from ..config import Settings
 from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
-from ..sampling.guidance import Guidance
 from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_SEED,
                      MAX_SIZE, MAX_UPLOAD_BYTES)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
@@ -87,13 +86,10 @@ def _check_openai_fields(req: GenerationRequest) -> None:
 
 def _prompt_rows(pipe: NextStepPipeline, req: GenerationRequest, settings: Settings, size: tuple[int, int],
                  edit: bool) -> list[list[int]]:
-    """The token ids of every row the pipeline will prefill (the prompt first, then one per guidance branch), built
-    by the pipeline's own methods so they cannot drift from what it runs."""
+    """The token ids of every row the pipeline will prefill (the prompt first, then one per guidance branch), from
+    the pipeline itself so they cannot drift from what it runs."""
     grid = (size[1] // pipe.size_multiple, size[0] // pipe.size_multiple)
-    guidance = Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
-                        schedule=settings.guidance_schedule)
-    cond = pipe._caption(req.prompt, [grid] if edit else [])
-    return pipe._rows([cond], settings.negative_prompt, grid, guidance, 1)
+    return pipe.prompt_rows(req.prompt, grid, settings, edit)
 
 
 def _positions(rows: list[list[int]], size: tuple[int, int], multiple: int) -> int:
