@@ -104,9 +104,10 @@ def assert_error(r, status: int, *words: str):
 def test_health(client):
     h = client.get("/health").json()
     assert h["status"] == "ok"
-    assert h["queue"] == {"depth": 0, "waiting": 0, "running": False, "capacity": 4}
+    assert h["queue"] == {"depth": 0, "waiting": 0, "running": False, "batch": 0, "capacity": 4}
     assert h["model"]["size_multiple"] == 16
     assert h["limits"]["max_size"] == limits.MAX_SIZE and h["limits"]["max_n"] == limits.MAX_N
+    assert h["limits"]["max_batch"] == limits.MAX_BATCH
     assert h["defaults"]["edit"]["negative_prompt"] == "Copy original image."
     assert h["defaults"]["generation"]["noise_level"] == 0.8 and "flow_sde" in h["limits"]["samplers"]
 
@@ -557,7 +558,8 @@ def test_full_queue_answers_429(pipe):
         assert gated.started.wait(15)
         waiting = pool.submit(c.post, "/v1/images/generations", json=body)
         wait_until(lambda: c.get("/health").json()["queue"]["waiting"] == 1, what="the second job to queue")
-        assert c.get("/health").json()["queue"] == {"depth": 2, "waiting": 1, "running": True, "capacity": 1}
+        assert c.get("/health").json()["queue"] == {"depth": 2, "waiting": 1, "running": True, "batch": 1,
+                                                    "capacity": 1}
         busy = c.post("/v1/images/generations", json=body)
         assert_error(busy, 429, "busy", "retry")
         assert busy.headers["retry-after"] == str(limits.RETRY_AFTER_S)
@@ -602,18 +604,18 @@ def test_disconnect_cancels_and_frees_the_worker(pipe):
                 if line.startswith("event: progress"):
                     break
         assert held.held.wait(15)
-        wait_until(lambda: worker.current is not None and worker.current.cancelled.is_set(), what="stream cancel")
+        wait_until(lambda: worker.running and worker.running[0].cancelled.is_set(), what="stream cancel")
         held.release.set()
-        wait_until(lambda: worker.stats["cancelled"] == 1 and worker.current is None, what="the worker to free up")
+        wait_until(lambda: worker.stats["cancelled"] == 1 and not worker.running, what="the worker to free up")
         # non-streaming: the client gives up before the answer
         held.held.clear()
         held.release.clear()
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/images/generations", json=body, timeout=httpx.Timeout(30, read=1.0))
         assert held.held.wait(15)
-        wait_until(lambda: worker.current is not None and worker.current.cancelled.is_set(), what="plain cancel")
+        wait_until(lambda: worker.running and worker.running[0].cancelled.is_set(), what="plain cancel")
         held.release.set()
-        wait_until(lambda: worker.stats["cancelled"] == 2 and worker.current is None, what="the worker to free up")
+        wait_until(lambda: worker.stats["cancelled"] == 2 and not worker.running, what="the worker to free up")
         r = http.post("/v1/images/generations", json={**body, "size": "32x32"})
         assert r.status_code == 200 and png_size(r.json()["data"][0]["b64_json"]) == (32, 32)
         h = http.get("/health").json()

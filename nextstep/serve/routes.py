@@ -25,7 +25,11 @@ Stream events, in order: ``queued`` {position: jobs ahead}, ``started`` {total},
 ``progress`` {step, total} and every few tokens ``preview`` {step, total, images: [b64 PNG]} (tokens not yet
 generated are zeros, the mean of the normalised latent space: a plain area in the preview), then exactly one of
 ``final`` (the same object as the non-streaming response) or ``error`` {error: {...}}; then the stream ends.
-Closing the connection cancels the generation (it stops at the next image token, the worker moves on).
+Closing the connection cancels the generation (it stops at the next image token, the worker moves on; in a batch
+the request is answered at once and the others carry on).
+
+Batching: the worker merges queued text-to-image requests that differ only in prompt and seed (same size, ``n`` and
+sampling settings) into one pipeline call of up to MAX_BATCH images, one generator per request (``worker``).
 
 Access (``security.Access``): the ``Host`` and ``Origin`` checks apply to every request; with an API key every
 route but the page's files and ``/openapi.json`` needs ``Authorization: Bearer KEY``.
@@ -65,8 +69,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import Settings
 from ..pipeline import NextStepPipeline
 from ..sampling.flow import SAMPLERS
-from .limits import (MAX_GUIDANCE, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS,
-                     MAX_TIME_SHIFT, MAX_UPLOAD_BYTES, QUEUE_SIZE)
+from .limits import (BATCH_WAIT_S, MAX_BATCH, MAX_GUIDANCE, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED,
+                     MAX_SIZE, MAX_STEPS, MAX_TIME_SHIFT, MAX_UPLOAD_BYTES, QUEUE_SIZE)
 from .parsing import build_job_kwargs, read_edit_request, read_json_request
 from .responses import event_stream, json_result
 from .schemas import ApiError, EditRequest, GenerationRequest
@@ -90,8 +94,11 @@ def _api_settings(s: Settings, edit: bool) -> dict:
 
 
 def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_every: int | None = None,
-               model_name: str = "nextstep", access: Access = Access()) -> FastAPI:
-    """The ASGI app around one loaded pipeline. ``queue_size`` requests may wait behind the running one;
+               model_name: str = "nextstep", access: Access = Access(), max_batch: int = MAX_BATCH,
+               batch_wait_s: float = BATCH_WAIT_S) -> FastAPI:
+    """The ASGI app around one loaded pipeline. ``queue_size`` requests may wait behind the running call;
+    ``max_batch``: images one call may draw for compatible queued requests merged into it, ``batch_wait_s``: how
+    long a request that finds the worker idle waits for such company (``worker``);
     ``preview_every`` image tokens between stream previews (default: PREVIEWS_PER_IMAGE per image); ``access``: who
     may use it (default: loopback clients and the server's own page, no key). The worker thread starts and stops
     with the app's lifespan."""
@@ -99,7 +106,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     native = multiple * pipe.model.config.base_image_grid_size
     default_side = max(multiple, min(native, MAX_SIZE) // multiple * multiple)
     default_size = (default_side, default_side)
-    worker = Worker(pipe, queue_size, preview_every)
+    worker = Worker(pipe, queue_size, preview_every, max_batch, batch_wait_s)
     model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
                   "native_size": native}
@@ -141,13 +148,14 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     async def health():
         return {"status": "ok",
                 "model": model_info,
-                "queue": {"depth": worker.depth, "waiting": worker.waiting, "running": worker.current is not None,
-                          "capacity": worker.capacity},
+                "queue": {"depth": worker.depth, "waiting": worker.waiting, "running": bool(worker.running),
+                          "batch": len(worker.running), "capacity": worker.capacity},
                 "defaults": {"size": f"{default_size[0]}x{default_size[1]}", **defaults},
                 "limits": {"max_size": MAX_SIZE, "max_n": MAX_N, "max_steps": MAX_STEPS,
                            "max_guidance": MAX_GUIDANCE, "max_time_shift": MAX_TIME_SHIFT, "max_seed": MAX_SEED,
                            "max_prompt_chars": MAX_PROMPT_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES,
                            "max_input_pixels": MAX_INPUT_PIXELS, "queue_size": worker.capacity,
+                           "max_batch": worker.max_batch, "batch_wait_s": worker.batch_wait_s,
                            "samplers": sorted(SAMPLERS)},
                 "stats": dict(worker.stats)}
 

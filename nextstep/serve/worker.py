@@ -1,32 +1,45 @@
-"""The worker: one thread runs the generations one at a time (torch never blocks the event loop), fed by a bounded
-queue; each job hands its events (progress, previews, the result or an error) back to its request's event loop."""
+"""The worker: one thread runs the generations, fed by a bounded queue; each job hands its events (progress,
+previews, the result or an error) back to its request's event loop.
+
+Batching: when the worker takes a text-to-image job it also takes the queued jobs that would make exactly the same
+pipeline call but for the prompt and the seed (``batch_key``: same size, images per request, and resolved sampling
+settings), up to ``max_batch`` images, and runs them as one call with one generator per prompt, so each job's noise
+is its own seed's, as when it runs alone. Edits run one at a time. Progress, previews and cancellation stay per job:
+a job cancelled in a running batch is answered at once (its rows finish with the batch); the call stops early only
+when every job in it is cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import dataclasses
 import io
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 from PIL import Image
 
+from ..config import Settings
 from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
-from .limits import PREVIEWS_PER_IMAGE, RETRY_AFTER_S
+from .limits import BATCH_WAIT_S, MAX_BATCH, PREVIEWS_PER_IMAGE, RETRY_AFTER_S
 from .schemas import ApiError
 
 log = logging.getLogger("nextstep.serve")
 
+SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+PER_PROMPT = ("prompt", "generator")  # the pipeline arguments that may differ between the jobs of one batch
+
 
 class Cancelled(Exception):
-    """Raised from the pipeline callback when the client has gone or the server is stopping."""
+    """Raised from the pipeline callback when every job of the call is cancelled (clients gone, server stopping)."""
 
 
 @dataclass(eq=False)
@@ -37,6 +50,13 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = 0.0  # time.monotonic() when submitted
+    started: bool = False  # "started" sent (worker thread only)
+    answered: bool = False  # the terminal event sent (worker thread only): nothing more is emitted
+
+    @property
+    def images(self) -> int:
+        return self.kwargs["num_images_per_prompt"]
 
     def emit(self, name: str, data: Any = None) -> None:
         """Thread-safe: hand an event to the request's event loop."""
@@ -50,111 +70,206 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one at a time on its own thread, so torch never blocks the event loop."""
+    """Runs jobs on its own thread, so torch never blocks the event loop; compatible queued jobs share a call."""
 
-    def __init__(self, pipe: NextStepPipeline, queue_size: int, preview_every: int | None):
+    def __init__(self, pipe: NextStepPipeline, queue_size: int, preview_every: int | None,
+                 max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
         self.pipe, self.capacity, self.preview_every = pipe, queue_size, preview_every
-        self.jobs: queue.Queue[Job | None] = queue.Queue()  # bounded by submit(), so stop() can always add None
-        self.current: Job | None = None
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.pending: collections.deque[Job] = collections.deque()  # bounded by submit()
+        self.running: tuple[Job, ...] = ()  # the jobs of the call in progress not yet answered
         self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "rejected": 0}
         self.thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._ready = threading.Condition()
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="nextstep-worker", daemon=True)
         self.thread.start()
 
     def cancel_all(self) -> None:
         """Cancel what is queued and running: each request ends at once with a 'cancelled' error."""
-        jobs = list(self.jobs.queue)  # one C-level copy under the GIL, no lock: this runs in a signal handler
-        for job in [*jobs, self.current]:
-            if job is not None:
-                job.cancel()
+        jobs = list(self.pending)  # one C-level copy under the GIL, no lock: this runs in a signal handler
+        for job in [*jobs, *self.running]:
+            job.cancel()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything, then end the thread."""
+        """Cancel everything, then end the thread (it answers what is still queued first)."""
         self.cancel_all()
         if self.thread is not None:
-            self.jobs.put(None)
+            with self._ready:
+                self._stopping = True
+                self._ready.notify()
             self.thread.join(timeout)
             self.thread = None
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize()
+        return len(self.pending)
 
     @property
     def depth(self) -> int:
-        """Jobs queued plus the one running."""
-        return self.waiting + (self.current is not None)
+        """Jobs queued plus the ones running."""
+        return self.waiting + len(self.running)
 
     def submit(self, job: Job) -> int:
         """Queue a job; returns how many jobs are ahead of it. Raises ApiError(429) when the queue is full."""
-        with self._lock:
+        with self._ready:
             ahead = self.depth
             if self.waiting >= self.capacity:
                 self.stats["rejected"] += 1
                 raise ApiError(429, f"the server is busy: {self.waiting} request(s) waiting, the queue holds "
                                     f"{self.capacity}; retry later", code="queue_full",
                                headers={"Retry-After": str(RETRY_AFTER_S)})
-            self.jobs.put_nowait(job)
+            job.queued_at = time.monotonic()
+            self.pending.append(job)
+            self._ready.notify()
             return ahead
 
-    def _loop(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            self.current = job
-            try:
-                name, data = self._run(job)
-            finally:
-                self.current = None  # before the answer goes out, so a client never sees its own job still running
-            job.emit(name, data)
+    # ---- batching --------------------------------------------------------------------------------------------------
+    def batch_key(self, job: Job) -> Hashable | None:
+        """What must be equal for jobs to share one pipeline call: every argument but the prompt and the generator,
+        sampling settings compared after the model's defaults fill them in (steps=None and the default steps are the
+        same call). None: the job runs alone (edits: their input images go through the VAE encoder as one batch,
+        not yet shown to equal encoding each alone)."""
+        kw = job.kwargs
+        if kw.get("image") is not None:
+            return None
+        settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
+        rest = tuple(sorted((k, v) for k, v in kw.items() if k not in SETTINGS_FIELDS and k not in PER_PROMPT))
+        return settings, rest
 
-    def _cancelled(self, job: Job) -> tuple[str, ApiError]:
+    def _take(self) -> list[Job] | None:
+        """Wait for the next job; returns it with the queued jobs that can share its call (in queue order, up to
+        ``max_batch`` images), or None when stopping with nothing left to answer. A batchable job that has been
+        queued less than ``batch_wait_s`` (it found the worker idle) waits out the rest of it for company, unless
+        its batch fills first."""
+        with self._ready:
+            while not self.pending:
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            first = self.pending.popleft()
+            batch, key, images = [first], self.batch_key(first), first.images
+            deadline = first.queued_at + self.batch_wait_s
+            while key is not None:
+                for job in list(self.pending):
+                    if images + job.images <= self.max_batch and self.batch_key(job) == key:
+                        self.pending.remove(job)
+                        batch.append(job)
+                        images += job.images
+                left = deadline - time.monotonic()
+                if images >= self.max_batch or left <= 0 or self._stopping:
+                    break
+                self._ready.wait(left)
+            self.running = tuple(batch)  # under the lock: a job is always counted, queued or running
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            except Exception:  # never lose the thread (or a client's answer) to a bug in the worker itself
+                log.exception("the worker failed")
+                for job in batch:
+                    if not job.answered:
+                        self._answer(job, "error", ApiError(500, "the server failed; the server log has the details"))
+            finally:
+                self.running = ()
+
+    # ---- answering -------------------------------------------------------------------------------------------------
+    def _answer(self, job: Job, name: str, data: Any) -> None:
+        """Send the terminal event, after the job leaves ``running`` (a client never sees its own job running)."""
+        job.answered = True
+        self.running = tuple(j for j in self.running if j is not job)
+        job.emit(name, data)
+
+    def _cancel(self, job: Job) -> None:
         job.cancel()
         self.stats["cancelled"] += 1
-        return "error", ApiError(503, "the generation was cancelled (the client left or the server is stopping)",
-                                 "cancelled")
+        self._answer(job, "error", ApiError(503, "the generation was cancelled (the client left or the server is "
+                                                 "stopping)", "cancelled"))
 
-    def _run(self, job: Job) -> tuple[str, Any]:
-        """Generate; returns the terminal event: ("final", response) or ("error", ApiError)."""
-        if job.cancelled.is_set():
-            return self._cancelled(job)
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        if isinstance(e, InputError):  # the pipeline's verdict on input the limits let through
+            error = ApiError(400, str(e))
+        else:  # anything else is ours, not the client's (a plain ValueError, a ConfigError too)
+            kw = jobs[0].kwargs
+            log.error("generation failed (%dx%d, %d request(s) of %d image(s))", kw["width"], kw["height"], len(jobs),
+                      kw["num_images_per_prompt"], exc_info=e)
+            error = ApiError(500, f"the generation failed on the server ({type(e).__name__}); the server log has "
+                                  f"the details")
+        for job in jobs:
+            self.stats["failed"] += 1
+            self._answer(job, "error", error)
+
+    # ---- running ---------------------------------------------------------------------------------------------------
+    def _run(self, batch: list[Job]) -> None:
+        """One pipeline call for the jobs of ``batch`` (one prompt and one generator each); answers every job."""
+        for job in batch:
+            if job.cancelled.is_set():
+                self._cancel(job)
+        jobs = [job for job in batch if not job.answered]
+        if not jobs:
+            return
+        kwargs = dict(jobs[0].kwargs)
+        if len(jobs) > 1:
+            kwargs.update(prompt=[j.kwargs["prompt"] for j in jobs], generator=[j.kwargs["generator"] for j in jobs])
+        n = jobs[0].images
         m = self.pipe.size_multiple
-        grid = (job.kwargs["height"] // m, job.kwargs["width"] // m)
+        grid = (kwargs["height"] // m, kwargs["width"] // m)
         total = grid[0] * grid[1]
         every = self.preview_every or max(1, total // PREVIEWS_PER_IMAGE)
-        job.emit("started", {"total": total})
+        for job in jobs:
+            if not job.started:
+                job.started = True
+                job.emit("started", {"total": total})
 
         def on_token(step: int, total: int, partial: torch.Tensor) -> None:
-            if job.cancelled.is_set():
+            """partial: (len(jobs) * n, k, D), job i's images in rows i*n .. i*n+n-1."""
+            for job in jobs:
+                if not job.answered and job.cancelled.is_set():
+                    self._cancel(job)
+            live = [(i, job) for i, job in enumerate(jobs) if not job.answered]
+            if not live:
                 raise Cancelled
-            if job.stream:
+            streams = [(i, job) for i, job in live if job.stream]
+            for _, job in streams:
                 job.emit("progress", {"step": step, "total": total})
-                if step < total and step % every == 0:
-                    job.emit("preview", {"step": step, "total": total, "images": self._preview(partial, grid)})
+            if streams and step < total and step % every == 0:
+                rows = [i * n + r for i, _ in streams for r in range(n)]
+                images = self._preview(partial[rows] if len(rows) < partial.shape[0] else partial, grid)
+                for s, (_, job) in enumerate(streams):
+                    job.emit("preview", {"step": step, "total": total, "images": images[s * n:(s + 1) * n]})
 
         try:
-            out = self.pipe(**job.kwargs, progress=False, callback=on_token)
-            result = {"created": int(time.time()), **job.response,
-                      "data": [{"b64_json": png_b64(im)} for im in out.images]}
+            out = self.pipe(**kwargs, progress=False, callback=on_token)
         except Cancelled:
-            return self._cancelled(job)
-        except InputError as e:  # the pipeline's verdict on input the limits let through (e.g. prompt too long)
-            self.stats["failed"] += 1
-            return "error", ApiError(400, str(e))
-        except Exception as e:  # anything else is ours, not the client's (a plain ValueError, a ConfigError too)
-            log.exception("generation failed (%dx%d, %d image(s))", job.kwargs["width"], job.kwargs["height"],
-                          job.kwargs["num_images_per_prompt"])
-            self.stats["failed"] += 1
-            return "error", ApiError(500, f"the generation failed on the server ({type(e).__name__}); the server log "
-                                          f"has the details")
-        self.stats["completed"] += 1
-        return "final", result
+            return
+        except Exception as e:
+            live = [job for job in jobs if not job.answered]
+            if len(live) > 1:  # one request's failure is its own: retry them one at a time
+                log.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(live),
+                            type(e).__name__, e)
+                for job in live:
+                    self._run([job])
+            elif live:
+                self._fail(live, e)
+            return
+        created = int(time.time())
+        for i, job in enumerate(jobs):
+            if job.answered:  # cancelled while its rows were computing
+                continue
+            data = [{"b64_json": png_b64(im)} for im in out.images[i * n:(i + 1) * n]]
+            self.stats["completed"] += 1
+            self._answer(job, "final", {"created": created, **job.response, "data": data})
 
     def _preview(self, partial: torch.Tensor, grid: tuple[int, int]) -> list[str]:
         """(B, k, D) tokens so far -> PNGs, the missing tokens zero (plain where nothing is drawn yet)."""
