@@ -47,6 +47,18 @@ from nextstep.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "official-v1-a" / "model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# The speed issue's reference workload "ns34m": a random model in the official layout (9.1M parameters), the f8/16
+# VAE layout, one prompt at 128x128 (64 tokens), SDE sampler, shift 1, no token norm. Rows: (guidance, steps, images)
+# with the official NextStep-1 code's float32 seconds per image on one thread (measured in that issue).
+SHAPES = {"ns34m": dict(
+    transformer=dict(vocab_size=1024, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                     intermediate_size=1408),
+    head=dict(width=512, depth=6),
+    vae=dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
+    size=(128, 128),
+    rows=[(3.0, 10, 1, 6.28), (3.0, 10, 4, 1.97), (1.0, 50, 1, 20.5), (3.0, 50, 1, 25.9)],
+)}
 PHASES = ("prefill", "backbone", "head", "decode")
 
 
@@ -76,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = src.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", type=Path, help="checkpoint directory (config.json, weights, tokenizer.json)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a named configuration")
+    g.add_argument("--shape", choices=sorted(SHAPES), help="a reference workload: its random model and its rows "
+                   "(ns34m: the speed issue's, with the official implementation's seconds per image beside ours)")
     src.add_argument("--vae", type=Path, help="VAE directory for --model (default: the model's vae/ subdirectory)")
     src.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                      help="tokenizer directory for --preset (its special ids must match the preset's)")
@@ -90,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
+    run.add_argument("--exact", action="store_true", help="the reference's head arithmetic (pipe(..., exact=True))")
 
     grid = p.add_argument_group("grid (every combination is run)")
     grid.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="images per prompt")
@@ -140,6 +155,13 @@ def randomise_flow_head_outputs(model: NextStep, std: float = 0.02) -> None:
             nn.init.normal_(lin.bias, std=std)
 
 
+def shape_config(name: str):
+    spec = SHAPES[name]
+    cfg = preset("tiny")
+    return dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, **spec["transformer"]),
+                               head=dataclasses.replace(cfg.head, **spec["head"]))
+
+
 def build_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[NextStepPipeline, str]:
     if args.model is not None:
         for flag in ("hidden", "layers", "head_width", "head_depth"):
@@ -148,7 +170,7 @@ def build_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.d
         pipe = NextStepPipeline.from_pretrained(args.model, args.vae, dtype=dtype, device=device)
         return pipe, f"checkpoint {args.model}" + (f" + VAE {args.vae}" if args.vae else "")
 
-    cfg = model_config(args)
+    cfg = shape_config(args.shape) if args.shape else model_config(args)
     tok = Tokenizer.from_pretrained(args.tokenizer)
     try:
         check_special_ids(tok, cfg)
@@ -160,12 +182,13 @@ def build_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.d
     with torch.device(device):
         model = NextStep(cfg).init_weights()
         randomise_flow_head_outputs(model)
-        vae = VAE(VAEConfig(ch=args.vae_ch, z_channels=cfg.latent_channels))  # PyTorch's default (random) init
+        vae_cfg = SHAPES[args.shape]["vae"] if args.shape else dict(ch=args.vae_ch, z_channels=cfg.latent_channels)
+        vae = VAE(VAEConfig(**vae_cfg))  # PyTorch's default (random) init
     pipe = NextStepPipeline(model.to(dtype=dtype), vae.to(dtype=dtype), tok)
     t, h = cfg.transformer, cfg.head
-    desc = (f"random {args.preset}: hidden {t.hidden_size}, layers {t.num_layers}, heads {t.num_heads}/"
+    desc = (f"random {args.shape or args.preset}: hidden {t.hidden_size}, layers {t.num_layers}, heads {t.num_heads}/"
             f"{t.num_kv_heads} kv, mlp {t.intermediate_size}, flow head {h.width}x{h.depth}; "
-            f"random VAE ch {args.vae_ch}; tokenizer {args.tokenizer}")
+            f"random VAE ch {vae.config.ch}; tokenizer {args.tokenizer}")
     return pipe, desc
 
 
@@ -188,7 +211,8 @@ def run_one(pipe: NextStepPipeline, args, size, batch, steps, cfg, sampler, devi
     t0 = time.perf_counter()
     out = pipe(args.prompt, height=h, width=w, num_images_per_prompt=batch, guidance_scale=cfg,
                num_inference_steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
-               output_type="pt", progress=False, timings=True)
+               output_type="pt", progress=False, timings=True, time_shift=1.0,
+               token_norm=False if args.shape else None, exact=args.exact)
     sync(device)
     return time.perf_counter() - t0, dict(out.timings)
 
@@ -289,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
 
     rss_base = rss_mb()
-    combos = list(product(args.size, args.batch, args.steps, args.cfg, args.sampler))
+    if args.shape:  # the workload's own rows
+        spec = SHAPES[args.shape]
+        combos = [(spec["size"], n, steps, cfg, "sde") for cfg, steps, n, _ in spec["rows"]]
+    else:
+        combos = list(product(args.size, args.batch, args.steps, args.cfg, args.sampler))
     rows = []
     for i, combo in enumerate(combos, 1):
         size, batch, steps, cfg, sampler = combo
@@ -306,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"mark: a row also shows any larger peak of an earlier row.")
     print(table(rows, "¹"))
     print()
+    if args.shape:
+        print(f"against the official implementation ({args.shape}, float32, one thread, from the speed issue):")
+        print("| guidance | steps | images | official s/image | this run s/image | speed-up |")
+        print("|---|---|---|---:|---:|---:|")
+        for (cfg, steps, n, official), r in zip(SHAPES[args.shape]["rows"], rows):
+            print(f"| {cfg:g} | {steps} | {n} | {official} | {r['s_per_image']:.3g} | "
+                  f"{official / r['s_per_image']:.2f}x |")
+        print()
     print(mem_note)
     print("s/image = median wall time of one call / batch; ms/token = that time / (batch x image tokens); phase % = "
           "median phase time (PipelineOutput.timings) / median wall time; the rest is tokenization, output "

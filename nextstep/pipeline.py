@@ -108,11 +108,12 @@ class NextStepPipeline:
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
                         *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                        torch_dtype: torch.dtype | None = None) -> "NextStepPipeline":
+                        torch_dtype: torch.dtype | None = None, quantize: str | None = None) -> "NextStepPipeline":
         """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model); a Hugging Face
         Hub id such as ``"stepfun-ai/NextStep-1.1"`` is fetched into (or read from) the hub cache. The VAE comes
         from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
-        accepted as another name for ``dtype`` (the diffusers spelling)."""
+        accepted as another name for ``dtype`` (the diffusers spelling). ``quantize`` ("int8" or "fp8") quantizes
+        the model's linear layers while loading (``nextstep.quant``); the VAE stays in ``dtype``."""
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one")
@@ -129,7 +130,7 @@ class NextStepPipeline:
             vae_dir = model_dir / "vae"
             if not vae_dir.is_dir():
                 raise FileNotFoundError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
-        model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device)
+        model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize)
         fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
         return cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
@@ -186,9 +187,13 @@ class NextStepPipeline:
         think: bool = False,
         max_think_tokens: int = 64,
         timings: bool = False,
+        exact: bool = False,
     ) -> PipelineOutput:
         """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
-        given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase)."""
+        given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase).
+        ``exact=True`` keeps the reference implementation's arithmetic in the flow head (bit-for-bit reproduction of
+        the official pipeline, about 2x slower per head step); the default computes each token's AdaLN modulations
+        in one product, the same values up to float rounding."""
         settings = self.defaults.resolve(
             image is not None, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps, time_shift=time_shift,
@@ -213,7 +218,7 @@ class NextStepPipeline:
         with clock("encode"):
             latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
-        tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock)
+        tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:
@@ -311,12 +316,13 @@ class NextStepPipeline:
         return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
 
     def _generate(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
-                  progress: bool, callback, clock: Stopwatch) -> torch.Tensor:
+                  progress: bool, callback, clock: Stopwatch, exact: bool = False) -> torch.Tensor:
         model, device = self.model, self.device
         total = grid[0] * grid[1]
         with clock("prefill"):
             h, cache = self._prefill(rows, latents, total)
-        sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype)
+        sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
+                              batched_modulations=not exact)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
         input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back

@@ -34,15 +34,28 @@ def check_run(pipe, ref, name, out):
 
 def test_t2i_matches_reference(pipe, ref, one_thread):
     out = pipe("a red circle on the left", height=64, width=64, guidance_scale=3.0, num_inference_steps=10,
-               generator=seeded(0), token_norm=True, progress=False)
+               generator=seeded(0), token_norm=True, progress=False, exact=True)
     check_run(pipe, ref, "pipe_t2i", out)
     assert out.images[0].size == (64, 64)
+
+
+def test_default_fast_head_stays_close_to_the_reference(pipe, ref, one_thread):
+    """Without exact=True each token's AdaLN modulations come from one product: float rounding differs from the
+    reference (this random model doubles such noise at each token), the picture does not. Measured: tokens 1.7e-4,
+    decoded pixels far above 30 dB."""
+    out = pipe("a red circle on the left", height=64, width=64, guidance_scale=3.0, num_inference_steps=10,
+               generator=seeded(0), token_norm=True, progress=False)
+    assert maxdiff(out.tokens, ref["pipe_t2i.tokens"]) <= 2e-3
+    a = (pipe.decode(out.tokens, out.grid) / 2 + 0.5).clamp(0, 1)
+    b = (ref["pipe_t2i.vae_decode_output"] / 2 + 0.5).clamp(0, 1)
+    assert 10 * torch.log10(1 / ((a - b) ** 2).mean()).item() >= 30.0
 
 
 def test_t2i_two_images_linear_schedule_matches_reference(pipe, ref, one_thread):
     out = pipe("a blue square at the top", height=48, width=48, num_images_per_prompt=2, guidance_scale=2.0,
                guidance_schedule="linear", time_shift=2.0, num_inference_steps=6, generator=seeded(7),
-               token_norm=False, positive_prompt="best quality", negative_prompt="blurry", progress=False)
+               token_norm=False, positive_prompt="best quality", negative_prompt="blurry", progress=False,
+               exact=True)
     check_run(pipe, ref, "pipe_t2i_b2", out)
 
 
@@ -51,7 +64,7 @@ def test_edit_matches_reference(pipe, ref, fixture, one_thread):
     torch.randn(2, 16, 8, 8, generator=g)  # the reference samples its zero-variance posterior first
     out = pipe("<image>make it blue", image=fixture / "edit_input.png", guidance_scale=3.0, image_guidance_scale=1.5,
                num_inference_steps=10, generator=g, token_norm=True, time_shift=1.0, negative_prompt="",
-               progress=False)
+               progress=False, exact=True)
     check_run(pipe, ref, "pipe_edit", out)
     assert out.images[0].size == (64, 64)  # the input's size by default
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import FlowHeadConfig
@@ -45,7 +46,9 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.modulated(x, *self.adaLN_modulation(y).chunk(3, dim=-1))
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
 
 
@@ -57,7 +60,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.modulated(x, *self.adaLN_modulation(y).chunk(2, dim=-1))
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
@@ -82,6 +87,22 @@ class VelocityNet(nn.Module):
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)
+
+    def modulation_layers(self) -> list[nn.Linear]:
+        """The AdaLN modulation layers, blocks then the final layer: they read only y = time + condition."""
+        return [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
+
+    def modulations(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
+        """Every AdaLN shift/scale/gate for y (..., W) in one matrix product, with ``weight``/``bias`` the modulation
+        layers' rows concatenated (see :meth:`modulation_layers`); returns 3 per block then 2 for the final layer."""
+        return list(F.linear(F.silu(y), weight, bias).split(self.final_layer.linear.in_features, dim=-1))
+
+    def velocity_from_modulations(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`velocity` with the modulations precomputed (``mods`` as :meth:`modulations` returns them)."""
+        h = self.input_proj(x)
+        for k, block in enumerate(self.res_blocks):
+            h = block.modulated(h, *mods[3 * k:3 * k + 3])
+        return self.final_layer.modulated(h, *mods[-2:])
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Xavier linears, small time MLP, zeroed modulations and output (DiT/MAR initialisation)."""
