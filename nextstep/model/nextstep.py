@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from ..checkpoint import (assign_state_dict, iter_safetensors, read_json, require_dir, safetensors_files,
                           save_safetensors_sharded, write_json)
 from ..config import NextStepConfig
@@ -233,10 +234,16 @@ class NextStep(nn.Module):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "NextStep":
-        """Build from a model directory (official NextStep-1/1.1 layout or ours): ``config.json`` + safetensors."""
+                        device: torch.device | str = "cpu", quantize: str | None = None) -> "NextStep":
+        """Build from a model directory (official NextStep-1/1.1 layout or ours): ``config.json`` + safetensors.
+
+        ``quantize`` ("int8" or "fp8", see ``nextstep.quant``) quantizes every linear layer as its weight is read,
+        one at a time, so the float weights are never all in memory (host peak near the quantized size); the result
+        equals loading in float and then ``quant.quantize_``, bit for bit. ``dtype`` is then the compute dtype."""
         model_dir = require_dir(path, "model")
         config = NextStepConfig.from_official(read_json(model_dir / "config.json", "model config.json"))
+        if quantize is not None:
+            quant.check_kind(quantize)
         with torch.device("meta"):
             model = cls(config)
         tied = config.transformer.tie_word_embeddings
@@ -245,15 +252,24 @@ class NextStep(nn.Module):
         if tied:  # a tied lm_head shares the embedding: load it once, then re-tie after assignment
             del model.lm_head.weight
             model.lm_head.register_parameter("weight", None)
+        if quantize is not None:
+            tensors, finish = quant.quantizing_stream(model, tensors, quantize, str(model_dir), dtype, device)
         assign_state_dict(model, tensors, source=str(model_dir), dtype=dtype, device=device,
                           ignore=OFFICIAL_IGNORED_KEYS)
+        if quantize is not None:
+            finish()
         if tied:
             model.lm_head.weight = model.embed_tokens.weight
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` (official NextStep-1 schema) and safetensors with official key names (sharded as
-        Hugging Face does with ``max_shard_bytes``), plus the ``gen_pos_embed`` buffer the official loader wants."""
+        Hugging Face does with ``max_shard_bytes``), plus the ``gen_pos_embed`` buffer the official loader wants.
+        A quantized model is refused: these files hold float weights (save the float model; quantize when loading)."""
+        kind = quant.quantized_kind(self)
+        if kind is not None:
+            raise ValueError(f"this model is quantized ({kind}) and save_pretrained writes float checkpoints only: "
+                             f"save the float model and load it with from_pretrained(..., quantize={kind!r})")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config

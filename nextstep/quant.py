@@ -1,0 +1,277 @@
+"""Weight-only int8 / fp8 linear layers, applied to a loaded model from outside (as parallelism is).
+
+``quantize_(model, "int8" | "fp8")`` replaces every ``nn.Linear`` of a module (backbone, projectors, flow head,
+``lm_head`` unless it is tied to the embedding) by a ``QuantizedLinear``; embeddings, norms and anything that is
+not an ``nn.Linear`` stay float. Weights get one symmetric scale per output channel:
+
+    int8: q = round(w / s), s = max|w_row| / 127, q in [-127, 127]
+    fp8:  q = e4m3(w / s),  s = max|w_row| / 448
+
+so ``y = (x @ q^T) * s + b``: the scale is applied to the output, never to a dequantized copy of the weight.
+
+Kernels (``benchmarks/quant.py`` measures them; one thread, 1-6 rows, this is the flow head's and the decode
+step's batch):
+- int8 on CPU: fbgemm's dynamic-quantization linear (``torch.ops.quantized.linear_dynamic``; the activation rows
+  are quantized to uint8 on the fly, accumulation in int32). It was 1.5-9x faster than float32 ``F.linear`` on the
+  layer shapes measured, while ``aten._weight_int8pack_mm`` was 2-10x slower than float32 and dequantizing on the
+  fly no faster than float32. The weight lives only in fbgemm's packed layout (one int8 copy). Where the
+  quantized engine is missing, int8 falls back to dequantize-on-the-fly.
+- int8 on CUDA: ``F.linear(x, q.to(x.dtype)) * s``, the weight-only form torch.compile fuses into one kernel
+  (as gpt-fast does); eager it saves memory, not time.
+- fp8 on CUDA with compute capability >= 8.9: ``torch._scaled_mm`` on e4m3 activations (per-row dynamic scales)
+  and weights, scales applied to the float32 output. Elsewhere (CPU, older GPUs) the weight is upcast to the
+  activation dtype on the fly: a memory format there, slower than float32 on CPU.
+
+A quantized model is for inference: ``NextStep.save_pretrained`` refuses it (``is_quantized``), and a dtype cast
+(``model.to(torch.bfloat16)``) changes only the compute dtype (biases, the dequantized output), never the stored
+int8/fp8 weights or their float32 scales.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError
+
+KINDS = ("int8", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+INT8_MAX = 127  # symmetric: -128 is never used
+
+
+def quantize_weight(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> (q, scale): q (out, in) int8, or uint8 holding e4m3 bits for fp8 (a dtype cast of
+    the module can then never touch it); scale (out,) float32. Computed in float32 on the weight's device."""
+    check_kind(kind)
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    top = INT8_MAX if kind == "int8" else FP8_MAX
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))  # an all-zero row keeps q = 0
+    w = w / scale[:, None]
+    if kind == "int8":
+        return w.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    return w.clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8), scale
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with a weight-only quantized weight. Input (..., in_features) in any float dtype ->
+    (..., out_features) in the same dtype.
+
+    State: ``qweight`` (out, in) int8 or e4m3 bits (uint8), ``scale`` (out,) float32, ``bias`` (out,) or None in the
+    compute dtype. On CPU an int8 weight is kept in fbgemm's packed layout instead of ``qweight`` (``int_weight()``
+    and ``state_dict()`` unpack it, bit for bit)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kind: str,
+                 dtype: torch.dtype):
+        super().__init__()
+        check_kind(kind)
+        want = torch.int8 if kind == "int8" else torch.uint8
+        if qweight.dim() != 2 or qweight.dtype != want:
+            raise ValueError(f"{kind} qweight must be a 2-D {want} tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+        if scale.shape != qweight.shape[:1]:
+            raise ValueError(f"scale must be ({qweight.shape[0]},), got {tuple(scale.shape)}")
+        self.kind = kind
+        self.out_features, self.in_features = qweight.shape
+        self.dtype = dtype  # the compute dtype: of the float weight this replaces, changed by .to(dtype)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.float())
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self._packed = None  # fbgemm's packed int8 weight (CPU), replacing qweight
+        self._pack()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kind: str) -> "QuantizedLinear":
+        q, s = quantize_weight(linear.weight, kind)
+        return cls(q, s, linear.bias, kind, linear.weight.dtype)
+
+    # ---- storage ------------------------------------------------------------------------------------------------
+    def _pack(self) -> None:
+        if self.kind == "int8" and self.qweight is not None and self.qweight.device.type == "cpu" and _fbgemm():
+            self._packed = _fbgemm_pack(self.qweight, self.scale)
+            self.qweight = None
+
+    def _unpack(self) -> None:
+        if self._packed is not None:
+            self.qweight = _fbgemm_unpack(self._packed)
+            self._packed = None
+
+    def int_weight(self) -> torch.Tensor:
+        """The stored (out, in) weight: int8, or float8_e4m3fn for fp8."""
+        q = self.qweight if self._packed is None else _fbgemm_unpack(self._packed)
+        return q if self.kind == "int8" else q.view(FP8)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dequantized (out, in) copy in the compute dtype, for code that reads ``.weight`` (its dtype, or to fuse
+        weights). Built on every access: the forward pass never uses it."""
+        return (self.int_weight().float() * self.scale[:, None]).to(self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:  # qweight is None while packed: write the int8 weight all the same
+            destination[prefix + "qweight"] = _fbgemm_unpack(self._packed)
+
+    def _apply(self, fn, recurse=True):
+        # A device move moves the quantized weight and scales; a dtype cast changes only the compute dtype (and the
+        # bias): casting e4m3 bits or float32 scales to bfloat16 would lose what the quantization kept.
+        probe = fn(torch.zeros((), dtype=self.dtype, device=self.scale.device))
+        self._unpack()
+        self.qweight = self.qweight.to(probe.device)
+        self.scale = self.scale.to(probe.device)
+        if self.bias is not None:
+            self.bias.data = fn(self.bias.data)
+        self.dtype = probe.dtype
+        self._pack()
+        return self
+
+    # ---- compute ------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if self._packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, _REDUCE_RANGE).to(x.dtype)
+        elif self.kind == "fp8" and _scaled_mm_ok(x2, self.out_features):
+            y = fp8_scaled_mm(x2, self.qweight.view(FP8), self.scale)
+        else:
+            y = dequant_mm(x2, self.int_weight(), self.scale)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        where = "fbgemm" if self._packed is not None else "tensor"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kind={self.kind}, dtype={self.dtype}, storage={where}")
+
+
+def dequant_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, in) x, (out, in) int8 or e4m3 q, (out,) scale -> (M, out) in x's dtype: the weight is upcast to the
+    activation dtype (exact for int8 and e4m3 in float32/bfloat16/float16) and the scale applied to the output."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+def fp8_scaled_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, in) x, (out, in) e4m3 q, (out,) scale -> (M, out) in x's dtype, on fp8 tensor cores: each row of x is
+    scaled into e4m3's range, multiplied with unit scales into float32, and both scales applied to the output
+    (unit tensor-wise scales are the ``_scaled_mm`` mode every fp8 GPU supports)."""
+    xs = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / FP8_MAX  # (M, 1)
+    x8 = (x.float() / xs).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    one = torch.ones((), device=x.device, dtype=torch.float32)
+    y = torch._scaled_mm(x8, q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)  # (M, out)
+    return (y * xs * scale).to(x.dtype)
+
+
+def _scaled_mm_ok(x: torch.Tensor, out_features: int) -> bool:
+    """fp8 matmul needs a GPU with compute capability >= 8.9 and both matrix sides in multiples of 16."""
+    return (x.is_cuda and _fp8_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+            and x.shape[1] % 16 == 0 and out_features % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+# ---- fbgemm (CPU int8) -------------------------------------------------------------------------------------------
+# reduce_range keeps activations to 7 bits, needed on x86 CPUs without VNNI whose int8 instructions saturate 16-bit
+# partial sums; with VNNI the full 8 bits are exact, more accurate, and (measured) faster.
+_REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
+
+
+@functools.lru_cache(maxsize=None)
+def _fbgemm() -> bool:
+    return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch; this is the only use, and int8
+        warnings.simplefilter("ignore", UserWarning)  # falls back to dequantize-on-the-fly where they are gone
+        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def _fbgemm_unpack(packed) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
+
+
+# ---- whole models ------------------------------------------------------------------------------------------------
+def linears_to_quantize(module: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``module`` by qualified name, except one whose weight is an embedding's (a tied
+    ``lm_head``; while loading, its weight is None until it is tied again)."""
+    tied = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    return {name: m for name, m in module.named_modules()
+            if type(m) is nn.Linear and m.weight is not None and id(m.weight) not in tied}
+
+
+def quantize_(module: nn.Module, kind: str) -> nn.Module:
+    """Replace every linear layer of ``module`` (see ``linears_to_quantize``) by a ``QuantizedLinear`` of ``kind``,
+    in place, one layer at a time; returns ``module``."""
+    check_kind(kind)
+    already = quantized_kind(module)
+    if already is not None:
+        raise ValueError(f"the module is already quantized ({already}); quantize a float model")
+    for name, linear in linears_to_quantize(module).items():
+        module.set_submodule(name, QuantizedLinear.from_linear(linear, kind))
+    return module
+
+
+def quantizing_stream(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], kind: str, source: str,
+                      dtype: torch.dtype | None, device: torch.device | str
+                      ) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], None]]:
+    """Load-time quantization of ``model`` built on ``meta`` (``NextStep.from_pretrained(quantize=)``): returns the
+    stream of (key, tensor) without the weights of ``model``'s linear layers, each of which is quantized as it passes
+    (its float copy dropped at once), and ``finish()``, which swaps the layers for ``QuantizedLinear``s once the rest
+    (biases included) is assigned strictly."""
+    targets = linears_to_quantize(model)  # on meta: name -> nn.Linear
+    shapes = {name: (lin.weight.shape, dtype or lin.weight.dtype) for name, lin in targets.items()}
+    for lin in targets.values():  # the strict assignment then expects everything but these weights
+        del lin.weight
+        lin.register_parameter("weight", None)
+    done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stream():
+        for k, t in tensors:
+            owner, _, leaf = k.rpartition(".")
+            if leaf != "weight" or owner not in targets:
+                yield k, t
+                continue
+            shape, want = shapes[owner]
+            if t.shape != shape:
+                raise CheckpointError(f"cannot load {source}: shape mismatch (does config.json match the weights?): "
+                                      f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(shape)}")
+            done[owner] = quantize_weight(t.to(device=device, dtype=want), kind)
+
+    def finish():
+        missing = [f"{name}.weight" for name in targets if name not in done]
+        if missing:
+            raise CheckpointError(f"cannot load {source}: missing keys: {', '.join(sorted(missing)[:12])}")
+        for name, lin in targets.items():
+            q, s = done.pop(name)
+            model.set_submodule(name, QuantizedLinear(q, s, lin.bias, kind, shapes[name][1]))
+
+    return stream(), finish
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """``"int8"`` / ``"fp8"`` if ``module`` holds quantized layers, else None."""
+    return next((m.kind for m in module.modules() if isinstance(m, QuantizedLinear)), None)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return quantized_kind(module) is not None
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"quantization must be one of {KINDS}, got {kind!r}")
