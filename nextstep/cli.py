@@ -74,6 +74,8 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="compile the per-token backbone step with torch.compile (pays off on large models/images)")
+    p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
+                   help="weight-only quantization of the model's linear layers while loading (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vae", default=None)
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="weight-only quantization of the model")
     ev.add_argument("--quiet", action="store_true")
     sv = sub.add_parser("serve", help="web page + OpenAI-compatible images API with live previews")
     sv.add_argument("--model", default=None, help="model directory (default: the bundled model)")
@@ -234,7 +237,8 @@ def load_pipeline(args, model_dir: Path | None = None) -> NextStepPipeline:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     vae = hub.resolve(args.vae, "VAE") if args.vae else None
-    return NextStepPipeline.from_pretrained(model_dir or model_path(args), vae, dtype=dtype, device=device)
+    return NextStepPipeline.from_pretrained(model_dir or model_path(args), vae, dtype=dtype, device=device,
+                                            quantize=args.quantize)
 
 
 def describe(s: Settings, edit: bool) -> str:

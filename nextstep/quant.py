@@ -239,12 +239,16 @@ def quantizing_stream(model: nn.Module, tensors: Iterator[tuple[str, torch.Tenso
         del lin.weight
         lin.register_parameter("weight", None)
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    # Tensors read from a memory-mapped file keep the whole mapping alive, and with it every page read so far (the
+    # float weights quantized here included): the ones kept in float are copied out, so each file's pages go when
+    # the reader closes it. Peak host memory: the quantized model plus about one file (shard) of pages.
+    to_host = torch.device(device).type == "cpu"
 
     def stream():
         for k, t in tensors:
             owner, _, leaf = k.rpartition(".")
             if leaf != "weight" or owner not in targets:
-                yield k, t
+                yield k, (t.clone() if to_host else t)
                 continue
             shape, want = shapes[owner]
             if t.shape != shape:
