@@ -55,7 +55,7 @@ SHAPES = {"ns34m": dict(
     transformer=dict(vocab_size=1024, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
                      intermediate_size=1408),
     head=dict(width=512, depth=6),
-    vae=dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
+    vae=dict(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),  # this benchmark's default VAE
     size=(128, 128),
     rows=[(3.0, 10, 1, 6.28), (3.0, 10, 4, 1.97), (1.0, 50, 1, 20.5), (3.0, 50, 1, 25.9)],
 )}
