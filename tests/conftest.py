@@ -33,6 +33,14 @@ def fixture(fixtures_dir) -> Path:
     return fixtures_dir / "official-v1-a"
 
 
+@pytest.fixture(scope="module")
+def fixture_pipe(fixture):
+    """The official-format tiny model as a pipeline, one per test module (tests may change its state)."""
+    from nextstep.pipeline import NextStepPipeline
+
+    return NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
+
+
 @pytest.fixture(scope="session")
 def ref(fixture) -> dict:
     """Inputs and outputs of the official implementation (``reference.safetensors``)."""

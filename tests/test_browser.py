@@ -32,21 +32,14 @@ need(importlib.util.find_spec("fastapi") is not None, "the server needs the 'ser
 
 from playwright import sync_api  # noqa: E402
 
-from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server  # noqa: E402
 from nextstep.serve.security import Access  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pipe(fixtures_dir):
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is fastest, and the cores may be busy
-    d = fixtures_dir / "official-v1-a"
-    yield NextStepPipeline.from_pretrained(d / "model", d / "vae")
-    torch.set_num_threads(n)
+def pipe(fixture_pipe):
+    return fixture_pipe
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ if not os.environ.get("CI"):  # CI installs everything: there a missing package 
     pytest.importorskip("fastapi", reason="the server needs the 'serve' extra (pip install -e '.[serve]')")
 
 import openai  # noqa: E402
+from test_serve import Gated  # noqa: E402  (the pipeline held at each call's start)
 from PIL import Image  # noqa: E402
 
-from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve import limits  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server  # noqa: E402
@@ -28,14 +28,8 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def pipe(fixtures_dir):
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is fastest, and the cores may be busy
-    d = fixtures_dir / "official-v1-a"
-    yield NextStepPipeline.from_pretrained(d / "model", d / "vae")
-    torch.set_num_threads(n)
+def pipe(fixture_pipe):
+    return fixture_pipe
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +98,6 @@ def test_wrong_key_raises_authentication_error(url):
     with pytest.raises(openai.AuthenticationError) as e:
         client(url, key="wrong").images.generate(prompt="a", size="16x16")
     assert e.value.code == "invalid_api_key"
-
-
-class Gated:
-    """The pipeline, held at the start of each call until released."""
-
-    def __init__(self, pipe):
-        self.pipe, self.started, self.release = pipe, threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def __call__(self, *args, **kwargs):
-        self.started.set()
-        assert self.release.wait(30), "test never released the gate"
-        return self.pipe(*args, **kwargs)
 
 
 def test_full_queue_raises_rate_limit_error_with_retry_after(pipe):

@@ -31,7 +31,6 @@ from PIL import Image  # noqa: E402
 
 from nextstep.config import ConfigError  # noqa: E402
 from nextstep.errors import InputError  # noqa: E402
-from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve import limits, parsing  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server, serve  # noqa: E402
@@ -40,21 +39,9 @@ from nextstep.serve.security import Access, normalize_origin  # noqa: E402
 FAST = {"steps": 2}  # two flow steps per token: the fixture model draws noise anyway
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far faster than two when the cores are busy."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def pipe(fixtures_dir):
-    d = fixtures_dir / "official-v1-a"
-    return NextStepPipeline.from_pretrained(d / "model", d / "vae")
+def pipe(fixture_pipe):
+    return fixture_pipe
 
 
 def local(app) -> TestClient:

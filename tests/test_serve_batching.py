@@ -15,7 +15,6 @@ from test_serve import events, local, need, png_size, wait_until
 need("fastapi", "pip install -e '.[serve]'")
 httpx = need("httpx", "pip install -e '.[dev]'")
 
-from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server  # noqa: E402
 
@@ -28,18 +27,9 @@ FAST = {"steps": 2}
 BATCH_TOLERANCE = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def pipe(fixtures_dir):
-    d = fixtures_dir / "official-v1-a"
-    return NextStepPipeline.from_pretrained(d / "model", d / "vae")
+def pipe(fixture_pipe):
+    return fixture_pipe
 
 
 class Recording:
