@@ -92,10 +92,13 @@ class VelocityNet(nn.Module):
         """The AdaLN modulation layers, blocks then the final layer: they read only y = time + condition."""
         return [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
 
-    def modulations(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
-        """Every AdaLN shift/scale/gate for y (..., W) in one matrix product, with ``weight``/``bias`` the modulation
-        layers' rows concatenated (see :meth:`modulation_layers`); returns 3 per block then 2 for the final layer."""
-        return list(F.linear(F.silu(y), weight, bias).split(self.final_layer.linear.in_features, dim=-1))
+    def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Every AdaLN shift/scale/gate for y (..., W): 3 per block then 2 for the final layer. Called with all of a
+        token's steps at once (y of shape (S, N, W)), each modulation layer reads its weights once per token instead
+        of once per step (the layers stay modules, so quantized ones keep their kernels)."""
+        sy = F.silu(y)
+        return [m for layer in self.modulation_layers() for m in layer(sy).chunk(layer.out_features // sy.shape[-1],
+                                                                                   dim=-1)]
 
     def velocity_from_modulations(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`velocity` with the modulations precomputed (``mods`` as :meth:`modulations` returns them)."""

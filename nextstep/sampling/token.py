@@ -25,15 +25,12 @@ class TokenSampler:
 
     def __init__(self, head: FlowHead, guidance: Guidance, settings: Settings, rows: int, device: torch.device,
                  dtype: torch.dtype, batched_modulations: bool = False):
-        """``rows``: condition rows per token (guidance branches x images). ``batched_modulations``: compute every
-        step's AdaLN modulations of a token in one matrix product (they depend only on the condition and the step
-        time): much less weight traffic, same values up to float rounding (not bit for bit)."""
+        """``rows``: condition rows per token (guidance branches x images). ``batched_modulations``: compute all
+        steps' AdaLN modulations of a token at once (they depend only on the condition and the step time): each
+        modulation layer's weights are read once per token, not once per step; same values up to float rounding
+        (not bit for bit)."""
         self.head, self.guidance, self.settings = head, guidance, settings
         self.batched = batched_modulations
-        if batched_modulations:
-            layers = head.net.modulation_layers()
-            self.mod_weight = torch.cat([m.weight for m in layers])  # (sum of outputs, W), once per call
-            self.mod_bias = torch.cat([m.bias for m in layers])
         self.copies = len(guidance.branches)
         self.ts = times(settings.sampler, settings.num_inference_steps, settings.time_shift).to(device)
         # One (rows, width) block per grid time, made once per call. Each is computed on ``rows`` equal rows, not
@@ -53,8 +50,7 @@ class TokenSampler:
         cond_emb = net.cond_embed(cond)  # (copies * n, width), the same at every step
         text, image = scales
         if self.batched:  # (S, rows, W) -> every step's modulations at once
-            y = torch.stack([t + cond_emb for t in self.time_emb])
-            mods = net.modulations(y, self.mod_weight, self.mod_bias)
+            mods = net.modulations(torch.stack([t + cond_emb for t in self.time_emb]))
 
         def field(x: torch.Tensor, i: int) -> torch.Tensor:
             xs = torch.cat([x] * copies).to(cond.dtype)
