@@ -42,6 +42,7 @@ from nextstep.model.nextstep import NextStep  # noqa: E402
 from nextstep.model.vae import VAE  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.prompt import check_special_ids  # noqa: E402
+from nextstep.quant import quantize_  # noqa: E402
 from nextstep.sampling.flow import SAMPLERS  # noqa: E402
 from nextstep.tokenizer import Tokenizer  # noqa: E402
 
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
     run.add_argument("--exact", action="store_true", help="the reference's head arithmetic (pipe(..., exact=True))")
+    run.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only quantization of the model's linears")
 
     grid = p.add_argument_group("grid (every combination is run)")
     grid.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="images per prompt")
@@ -282,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pipe, desc = build_pipeline(args, dtype, device)
+    if args.quantize:
+        quantize_(pipe.model, args.quantize)
+        desc += f"; weights {args.quantize}"
     load_s = time.perf_counter() - t0
     sync(device)
 

@@ -188,12 +188,15 @@ class NextStepPipeline:
         max_think_tokens: int = 64,
         timings: bool = False,
         exact: bool = False,
+        observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> PipelineOutput:
         """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
         given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase).
         ``exact=True`` keeps the reference implementation's arithmetic in the flow head (bit-for-bit reproduction of
         the official pipeline, about 2x slower per head step); the default computes each token's AdaLN modulations
-        in one product, the same values up to float rounding."""
+        in one product, the same values up to float rounding. ``observe(states, velocities, fed)`` is called after
+        each image token with its head trajectory (``TokenSampler.trace``) and the token as fed back to the
+        backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them."""
         settings = self.defaults.resolve(
             image is not None, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
             guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps, time_shift=time_shift,
@@ -218,7 +221,8 @@ class NextStepPipeline:
         with clock("encode"):
             latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
-        tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact)
+        tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
+                                observe)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:
@@ -316,13 +320,13 @@ class NextStepPipeline:
         return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
 
     def _generate(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
-                  progress: bool, callback, clock: Stopwatch, exact: bool = False) -> torch.Tensor:
+                  progress: bool, callback, clock: Stopwatch, exact: bool = False, observe=None) -> torch.Tensor:
         model, device = self.model, self.device
         total = grid[0] * grid[1]
         with clock("prefill"):
             h, cache = self._prefill(rows, latents, total)
         sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
-                              batched_modulations=not exact)
+                              batched_modulations=not exact, trace=observe is not None)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
         input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back
@@ -342,6 +346,8 @@ class NextStepPipeline:
                         x = x + context_noise * eps[-1]
                     h = self._decode_step(x, input_pos, cache)
                     input_pos += 1
+            if observe is not None:
+                observe(*sample.trace, x)
         return tokens
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

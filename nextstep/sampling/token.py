@@ -24,13 +24,18 @@ class TokenSampler:
     token norm)."""
 
     def __init__(self, head: FlowHead, guidance: Guidance, settings: Settings, rows: int, device: torch.device,
-                 dtype: torch.dtype, batched_modulations: bool = False):
+                 dtype: torch.dtype, batched_modulations: bool = False, trace: bool = False):
         """``rows``: condition rows per token (guidance branches x images). ``batched_modulations``: compute all
         steps' AdaLN modulations of a token at once (they depend only on the condition and the step time): each
         modulation layer's weights are read once per token, not once per step; same values up to float rounding
-        (not bit for bit)."""
+        (not bit for bit). ``trace``: keep each call's head trajectory in ``self.trace`` (RL post-training)."""
         self.head, self.guidance, self.settings = head, guidance, settings
         self.batched = batched_modulations
+        self.tracing = trace
+        # Set by each call when tracing: (states (E + 1, n, token_dim): the x of each of the E velocity evaluations,
+        # then the result before the token norm; velocities (E, n, token_dim): the guided velocity at each). For the
+        # Gaussian samplers state i is x at ts[i].
+        self.trace: tuple[torch.Tensor, torch.Tensor] | None = None
         self.copies = len(guidance.branches)
         self.ts = times(settings.sampler, settings.num_inference_steps, settings.time_shift).to(device)
         # One (rows, width) block per grid time, made once per call. Each is computed on ``rows`` equal rows, not
@@ -52,16 +57,25 @@ class TokenSampler:
         if self.batched:  # (S, rows, W) -> every step's modulations at once
             mods = net.modulations(torch.stack([t + cond_emb for t in self.time_emb]))
 
+        states: list[torch.Tensor] = []
+        velocities: list[torch.Tensor] = []
+
         def field(x: torch.Tensor, i: int) -> torch.Tensor:
             xs = torch.cat([x] * copies).to(cond.dtype)
             if self.batched:
                 v = net.velocity_from_modulations(xs, [m[i] for m in mods])
             else:
                 v = net.velocity(xs, self.time_emb[i] + cond_emb)
-            return guidance.combine(v.float(), text, image)
+            v = guidance.combine(v.float(), text, image)
+            if self.tracing:
+                states.append(x)
+                velocities.append(v)
+            return v
 
         rest = iter(noise[1:])
         x = run(self.settings.sampler, field, noise[0], self.ts, lambda: next(rest), self.settings.noise_level)
+        if self.tracing:
+            self.trace = (torch.stack(states + [x]), torch.stack(velocities))
         if self.settings.token_norm:
             x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
         return x
