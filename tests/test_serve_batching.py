@@ -142,8 +142,10 @@ def test_cancelling_one_request_in_a_batch_leaves_the_others(pipe):
         assert rec.started.wait(15)
         with http.stream("POST", "/v1/images/generations/stream", json=bodies[0]) as r:
             wait_until(lambda: worker.waiting == 1, what="the stream to queue")
-            others = [pool.submit(http.post, "/v1/images/generations", json=b) for b in bodies[1:]]
-            wait_until(lambda: worker.waiting == 3, what="the others to queue")
+            others = []
+            for i, b in enumerate(bodies[1:], start=2):  # one at a time: the batch's row order is the queue's
+                others.append(pool.submit(http.post, "/v1/images/generations", json=b))
+                wait_until(lambda: worker.waiting == i, what=f"request {i} to queue")
             rec.release.set()
             for line in r.iter_lines():  # up to the first progress event of the batch, then hang up
                 if line.startswith("event: progress"):
@@ -162,6 +164,7 @@ def test_cancelling_one_request_in_a_batch_leaves_the_others(pipe):
     assert prompts_per_call(rec) == [1, 3]
     assert stats == {"completed": 3, "failed": 0, "cancelled": 1, "rejected": 0}
     batch = rec.calls[1]
+    assert batch["prompt"] == [b["prompt"] for b in bodies]
     for i, (body, answer) in enumerate(zip(bodies[1:], answers), start=1):
         assert answer.status_code == 200 and answer.json()["seed"] == body["seed"]
         alone = solo_tokens(pipe, body, (64, 32))
