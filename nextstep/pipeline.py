@@ -214,12 +214,12 @@ class NextStepPipeline:
         captions = [p if not positive_prompt else f"{p} {positive_prompt}" for p in prompts]
         cond_ids = [self._caption(c, [grid] if source is not None else []) for c in captions]
         if think:
-            latents = self._encode(source, Guidance(), 1) if source is not None else None
+            latents = self.encode_images(source, Guidance(), 1) if source is not None else None
             cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
         rows = self._rows(cond_ids, settings.negative_prompt, grid, guidance, num_images_per_prompt)
         self._check_length(rows, grid)  # before any image is encoded
         with clock("encode"):
-            latents = self._encode(source, guidance, num_images_per_prompt) if source is not None else None
+            latents = self.encode_images(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
         tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
                                 observe)
@@ -291,8 +291,9 @@ class NextStepPipeline:
         suffix = generation_suffix_ids(self.tokenizer, grid)
         return [ids + suffix for b in guidance.branches for ids in blocks[b] for _ in range(n)]
 
-    def _encode(self, source: list[torch.Tensor], guidance: Guidance, n: int) -> list[torch.Tensor]:
-        """Latents for each image block in row order (rows of branches that carry the image)."""
+    def encode_images(self, source: list[torch.Tensor], guidance: Guidance, n: int) -> list[torch.Tensor]:
+        """Input images (each (3, H, W) in [-1, 1], already at the output size) -> scaled VAE latents for each image
+        block in row order: the ``n`` images of each prompt, for every guidance branch that carries the image."""
         x = torch.stack(source).to(self.device, self.vae.encoder.conv_in.weight.dtype)
         z = self.vae.scale(self.vae.encode(x).mode())  # (P, C, h, w)
         per_row = [z[i] for i in range(len(source)) for _ in range(n)]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..eval.shapes import analyze, check, check_edit
 from ..eval.shapes.analysis import Analysis
-from ..eval.shapes.scoring import _is
+from ..eval.shapes.scoring import matches
 from .rollout import Prompt
 
 RewardFn = Callable[[list[Image.Image], Sequence[Prompt]], torch.Tensor]
@@ -43,7 +43,7 @@ def _matched(wants: Sequence[Mapping[str, Any]], found: Sequence[Any]) -> int:
 
     def place(w: int, seen: set[int]) -> bool:
         for f, d in enumerate(found):
-            if f not in seen and _is(wants[w], d):
+            if f not in seen and matches(wants[w], d):
                 seen.add(f)
                 if f not in owner or place(owner[f], seen):
                     owner[f] = w

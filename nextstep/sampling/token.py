@@ -43,6 +43,8 @@ class TokenSampler:
         # and reproducing the reference bit for bit needs the same layout. t is rounded to the head's dtype first.
         t = self.ts.to(dtype)
         self.time_emb = [head.net.time_embed(t[i].expand(rows)) for i in range(len(t))]
+        if batched_modulations:
+            self.time_stack = torch.stack(self.time_emb)  # (S, rows, width): the batched path adds a token's condition
 
     @property
     def draws(self) -> int:
@@ -55,7 +57,7 @@ class TokenSampler:
         cond_emb = net.cond_embed(cond)  # (copies * n, width), the same at every step
         text, image = scales
         if self.batched:  # (S, rows, W) -> every step's modulations at once
-            mods = net.modulations(torch.stack([t + cond_emb for t in self.time_emb]))
+            mods = net.modulations(self.time_stack + cond_emb)
 
         states: list[torch.Tensor] = []
         velocities: list[torch.Tensor] = []

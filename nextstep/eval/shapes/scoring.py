@@ -39,7 +39,8 @@ def _assign(wants: Sequence[Mapping[str, Any]], found: Sequence[Detected],
     return None
 
 
-def _is(want: Mapping[str, Any], d: Detected) -> bool:
+def matches(want: Mapping[str, Any], d: Detected) -> bool:
+    """Whether a detected object is what a spec entry asks for (a missing shape or colour matches any)."""
     return want.get("shape") in (None, d.shape) and want.get("color") in (None, d.color)
 
 
@@ -59,7 +60,7 @@ def check(spec: Mapping[str, Any], analysis: Analysis) -> bool:
     if len(analysis.objects) != len(wants):
         return False
     relation = spec.get("relation")
-    return any(all(_is(w, d) for w, d in zip(wants, perm))
+    return any(all(matches(w, d) for w, d in zip(wants, perm))
                and (relation is None or _relation_ok(relation, perm[0], perm[1], analysis.side))
                for perm in itertools.permutations(analysis.objects))
 
