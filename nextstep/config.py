@@ -224,15 +224,15 @@ class Settings:
     noise_level: float  # the 1.1 samplers' ("flow_sde", "cps") noise level in [0, 1]
 
     def __post_init__(self) -> None:
-        from .sampling.flow import SAMPLERS, min_steps
+        from .sampling.flow import DISTILLED, SAMPLERS, min_steps
         from .sampling.guidance import SCHEDULES
 
         for name in ("guidance_scale", "image_guidance_scale"):
             v = getattr(self, name)
             _input(_is_number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
                    f"{name} must be a number >= 0 and <= {MAX_GUIDANCE_SCALE:g}, got {v!r}")
-        _input(self.sampler in SAMPLERS,
-               f"unknown sampler {self.sampler!r}: sampler must be one of {sorted(SAMPLERS)}")
+        _input(self.sampler in SAMPLERS or self.sampler == DISTILLED,
+               f"unknown sampler {self.sampler!r}: sampler must be one of {sorted(SAMPLERS) + [DISTILLED]}")
         _input(self.guidance_schedule in SCHEDULES,
                f"guidance_schedule must be one of {SCHEDULES}, got {self.guidance_schedule!r}")
         n, lo = self.num_inference_steps, min_steps(self.sampler)
@@ -280,6 +280,11 @@ class SamplingConfig:
     noise_level: float = 0.8  # read by the 1.1 samplers
 
     def __post_init__(self) -> None:
+        from .sampling.flow import DISTILLED
+
+        if self.sampler == DISTILLED:  # a distilled head is loaded on top of a model, never its default sampler
+            raise ConfigError(f"sampling defaults: sampler {DISTILLED!r} names a distilled head's sampler; a model's "
+                              f"default sampler must be one of its own head's")
         for edit in (False, True):
             try:
                 self.resolve(edit)

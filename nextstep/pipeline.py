@@ -11,6 +11,7 @@ Reading order of ``NextStepPipeline.__call__``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -30,14 +31,16 @@ from .config import SamplingConfig, Settings
 from .errors import InputError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
 from .model.kv_cache import KVCache
+from .model.distilled_head import DistilledHead
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
 from .official import schema_of
 from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad
+from .sampling.flow import DISTILLED
 from .sampling.guidance import Guidance
 from .sampling.noise import Generators, NoiseSource
-from .sampling.token import TokenSampler
+from .sampling.token import FewStepSampler, TokenSampler
 from .think import think as self_cot
 from .tokenizer import Tokenizer
 
@@ -87,9 +90,10 @@ def _sync() -> None:
 
 class NextStepPipeline:
     def __init__(self, model: NextStep, vae: VAE, tokenizer: Tokenizer, defaults: SamplingConfig | None = None,
-                 format: str = "v1"):
+                 format: str = "v1", head: DistilledHead | None = None):
         """``format``: the checkpoint's release, "v1" (NextStep-1) or "v1.1" (NextStep-1.1): 1.1 prompts start with
-        the tokenizer's BOS token when it has one. ``from_pretrained`` reads it from the model's config.json."""
+        the tokenizer's BOS token when it has one. ``from_pretrained`` reads it from the model's config.json.
+        ``head``: a distilled few-step head of this model (``fast=True`` samples with it)."""
         if format not in ("v1", "v1.1"):
             raise ValueError(f"format must be 'v1' or 'v1.1', got {format!r}")
         self.format = format
@@ -101,6 +105,7 @@ class NextStepPipeline:
         if vae.config.z_channels != model.config.latent_channels:
             raise ValueError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
                              f"{model.config.latent_channels}")
+        self.head = head
         self._decode_step = self.decode_step  # replaced by a compiled version in compile()
         self._cache_bucket = 1  # KV-cache lengths are rounded up to a multiple of this (compile(): fewer shapes)
 
@@ -108,12 +113,15 @@ class NextStepPipeline:
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
                         *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                        torch_dtype: torch.dtype | None = None, quantize: str | None = None) -> "NextStepPipeline":
+                        torch_dtype: torch.dtype | None = None, quantize: str | None = None,
+                        head: str | os.PathLike | None = None) -> "NextStepPipeline":
         """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model); a Hugging Face
         Hub id such as ``"stepfun-ai/NextStep-1.1"`` is fetched into (or read from) the hub cache. The VAE comes
         from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
         accepted as another name for ``dtype`` (the diffusers spelling). ``quantize`` ("int8" or "fp8") quantizes
-        the model's linear layers while loading (``nextstep.quant``); the VAE stays in ``dtype``."""
+        the model's linear layers while loading (``nextstep.quant``); the VAE stays in ``dtype``. ``head``: the
+        directory of a distilled few-step head of this model (``nextstep distill-head``), used by ``fast=True``;
+        one distilled from another model is refused (:class:`~nextstep.checkpoint.CheckpointError`)."""
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one")
@@ -133,11 +141,19 @@ class NextStepPipeline:
         model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize)
         fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
-        return cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
+        pipe = cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
+        return pipe.load_head(head, dtype=dtype) if head is not None else pipe
+
+    def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "NextStepPipeline":
+        """Load the distilled head in ``path`` for ``fast=True`` (checked against this pipeline's model)."""
+        self.head = DistilledHead.from_pretrained(path, self.model, dtype=dtype or self.model.dtype,
+                                                  device=self.device)
+        return self
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NextStepPipeline":
-        self.model.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
+        for m in (self.model, self.vae, self.head):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -189,6 +205,7 @@ class NextStepPipeline:
         timings: bool = False,
         exact: bool = False,
         observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        fast: bool = False,
     ) -> PipelineOutput:
         """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
         given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase).
@@ -196,17 +213,23 @@ class NextStepPipeline:
         the official pipeline, about 2x slower per head step); the default computes each token's AdaLN modulations
         in one product, the same values up to float rounding. ``observe(states, velocities, fed)`` is called after
         each image token with its head trajectory (``TokenSampler.trace``) and the token as fed back to the
-        backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them."""
-        settings = self.defaults.resolve(
-            image is not None, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-            guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps, time_shift=time_shift,
-            token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt, noise_level=noise_level)
+        backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them.
+        ``fast=True`` (or ``sampler="distilled"``) samples with the distilled head (``head=`` in ``from_pretrained``):
+        ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
+        distilled for."""
+        overrides = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                         guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps,
+                         time_shift=time_shift, token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt,
+                         noise_level=noise_level)
+        if fast or sampler == DISTILLED:
+            settings = self.distilled_settings(image is not None, **overrides)
+        else:
+            settings = self.defaults.resolve(image is not None, **overrides)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = self._check(prompts, image, num_images_per_prompt, output_type)
         height, width = self._size(height, width, images)
         grid = (height // self.size_multiple, width // self.size_multiple)
-        guidance = Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=images is not None,
-                            schedule=settings.guidance_schedule)
+        guidance = self.guidance(settings, images is not None)
         source = [fit_image(x, height, width) for x in images] if images is not None else None
 
         clock = Stopwatch(timings)
@@ -264,11 +287,39 @@ class NextStepPipeline:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
         return height, width
 
+    def distilled_settings(self, edit: bool, **overrides) -> Settings:
+        """The settings of a call with the distilled head: its steps (default: the head's), the teacher settings it
+        was distilled for; an override that asks for other guidance, shift or sampler is an InputError."""
+        if self.head is None:
+            raise InputError("fast mode needs a distilled head: load one with from_pretrained(..., head=DIR) or "
+                             "pipe.load_head(DIR) (CLI: --head DIR), or make one with `nextstep distill-head`")
+        h = self.head.config
+        fixed = dict(guidance_scale=h.edit_guidance_scale if edit else h.guidance_scale,
+                     image_guidance_scale=h.edit_image_guidance_scale if edit else 1.0,
+                     time_shift=h.edit_time_shift if edit else h.time_shift, guidance_schedule="constant",
+                     sampler=DISTILLED, negative_prompt=h.negative_prompt if edit else "")
+        for name, value in fixed.items():
+            asked = overrides.get(name)
+            if asked is not None and asked != value:
+                raise InputError(f"the distilled head reproduces its teacher at {name}={value!r} "
+                                 f"({'editing' if edit else 'text-to-image'}); it cannot sample at {asked!r}: "
+                                 f"leave it out, or sample without fast mode")
+        base = self.defaults.resolve(edit, token_norm=overrides.get("token_norm"),
+                                     noise_level=overrides.get("noise_level"))
+        steps = overrides.get("num_inference_steps") or h.steps
+        return dataclasses.replace(base, num_inference_steps=steps, **fixed)
+
+    def guidance(self, settings: Settings, edit: bool) -> Guidance:
+        """The guidance branches and scales of a call (one conditional branch for the distilled head)."""
+        if settings.sampler == DISTILLED:
+            return Guidance(has_image=edit)
+        return Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
+                        schedule=settings.guidance_schedule)
+
     def prompt_rows(self, prompt: str, grid: tuple[int, int], settings: Settings, edit: bool) -> list[list[int]]:
         """Token ids of every row a call prefills for ``prompt`` drawing one image of ``grid`` tokens (the prompt,
         then one row per other guidance branch): the model's positions must hold the longest plus the image."""
-        guidance = Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
-                            schedule=settings.guidance_schedule)
+        guidance = self.guidance(settings, edit)
         return self._rows([self._caption(prompt, [grid] if edit else [])], settings.negative_prompt, grid, guidance, 1)
 
     def _check_length(self, rows: list[list[int]], grid: tuple[int, int]) -> None:
@@ -326,8 +377,13 @@ class NextStepPipeline:
         total = grid[0] * grid[1]
         with clock("prefill"):
             h, cache = self._prefill(rows, latents, total)
-        sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
-                              batched_modulations=not exact, trace=observe is not None)
+        if settings.sampler == DISTILLED:
+            if observe is not None:
+                raise InputError("observe= records the full head's trajectories: not available in fast mode")
+            sample = FewStepSampler(self.head, settings, len(rows), device, model.dtype)
+        else:
+            sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
+                                  batched_modulations=not exact, trace=observe is not None)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
         input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back

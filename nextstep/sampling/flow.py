@@ -141,6 +141,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"sde": sde_reference, "ode":
                                                     "flow_sde": _gaussian_steps("flow_sde"),
                                                     "cps": _gaussian_steps("cps")}
 DEFAULT_NOISE_LEVEL = 0.8  # NextStep-1.1's
+# Not an integrator: the name under which settings ask for a distilled few-step head (``sampling.token.FewStepSampler``)
+DISTILLED = "distilled"
 
 
 def min_steps(sampler: str) -> int:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Settings
+from ..model.distilled_head import DistilledHead
 from ..model.flow_head import FlowHead
-from .flow import noise_draws, run, times
+from .flow import noise_draws, run, shift_times, times
 from .guidance import Guidance
 
 TOKEN_NORM_EPS = 1e-6
@@ -81,3 +82,37 @@ class TokenSampler:
         if self.settings.token_norm:
             x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
         return x
+
+
+class FewStepSampler:
+    """Samples image tokens with a distilled head (``model.distilled_head.DistilledHead``): ``steps`` Euler steps of
+    its average velocity over the (shifted) grid, on the conditional rows only (the guidance is distilled into the
+    head). Deterministic given the start noise: one draw per token."""
+
+    draws = 1
+
+    def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype):
+        self.head, self.settings = head, settings
+        self.ts = fewstep_times(settings.num_inference_steps, settings.time_shift).to(device)  # (S + 1,)
+        t, d = self.ts[:-1].to(dtype), (self.ts[1:] - self.ts[:-1]).to(dtype)
+        net = head.net
+        # per step, the (rows, width) time + step-size embedding, made once per call
+        self.step_emb = [(net.time_embed(t[i].expand(rows)) + head.step_embed(d[i].expand(rows)))
+                         for i in range(len(d))]
+
+    def __call__(self, cond: torch.Tensor, scales: tuple[float, float], noise: torch.Tensor) -> torch.Tensor:
+        """cond (n, D) conditional rows; noise (1, n, token_dim) -> token (n, token_dim). ``scales`` is unused."""
+        net = self.head.net
+        cond_emb = net.cond_embed(cond)
+        x = noise[0]
+        for i, emb in enumerate(self.step_emb):
+            u = net.velocity(x.to(cond.dtype), emb + cond_emb).float()
+            x = x + u * (self.ts[i + 1] - self.ts[i])
+        if self.settings.token_norm:
+            x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
+        return x
+
+
+def fewstep_times(steps: int, shift: float) -> torch.Tensor:
+    """The distilled head's grid: ``steps`` equal steps from 0 to 1, shifted as the teacher's grid was (float32)."""
+    return shift_times(torch.linspace(0, 1, steps + 1), shift)

@@ -1,0 +1,162 @@
+"""A few-step flow head, distilled from a model's own head and guidance (``nextstep distill-head``).
+
+The teacher samples a token by integrating its guided velocity over many steps, on two or three guidance branches.
+The student reads the conditional branch only and predicts the *average* velocity over a whole step:
+
+    u(x_t, t, d, c) ~ (x_{t+d} - x_t) / d     along the teacher's guided probability-flow path
+
+so that 1, 2 or 4 Euler steps of size d land where the teacher's many small steps land. It is the teacher's
+``VelocityNet`` (same shapes, initialised from it) with one more input: the step size d, embedded like the time and
+added to the AdaLN conditioning (that embedding starts at zero, so the untrained student is the teacher's conditional
+head). A distilled head is saved on its own (``head_config.json`` + ``head.safetensors``, a few MB) and names the
+model it belongs to by a fingerprint of that model's config and head weights; loading it onto another model fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, assign_state_dict, iter_safetensors, read_json, require_dir, \
+    save_safetensors, write_json
+from ..config import FlowHeadConfig
+from .flow_head import FlowHead, TimeEmbedding, VelocityNet
+
+CONFIG_FILE = "head_config.json"
+WEIGHTS_FILE = "head.safetensors"
+KIND = "nextstep-distilled-head"
+
+
+@dataclass(frozen=True)
+class DistilledHeadConfig:
+    """What a distilled head is, what it belongs to and what it was distilled for (saved as ``head_config.json``).
+
+    ``guidance_scale`` / ``time_shift``: the teacher's text-to-image settings; ``edit_*``: its editing settings
+    (text and image guidance). The student reproduces the teacher at exactly these settings; other scales need
+    another distillation. ``steps``: the default number of student steps; ``trained_steps``: the step counts it was
+    trained for (others work, less well)."""
+
+    token_dim: int
+    cond_dim: int
+    head: FlowHeadConfig
+    base_model: str  # how the base model was named when distilling (a path or hub id), for people
+    fingerprint: str  # model_fingerprint() of the base model, for the loader
+    guidance_scale: float
+    edit_guidance_scale: float
+    edit_image_guidance_scale: float
+    time_shift: float = 1.0
+    edit_time_shift: float = 1.0
+    negative_prompt: str = ""  # the teacher's unconditional text (its edit negative prompt)
+    steps: int = 2
+    trained_steps: tuple[int, ...] = (1, 2, 4)
+    method: str = "trajectory"
+    teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's sampler and steps, for the record
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["trained_steps"] = list(self.trained_steps)
+        return {"kind": KIND, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str) -> "DistilledHeadConfig":
+        d = dict(d)
+        if d.pop("kind", None) != KIND:
+            raise CheckpointError(f"{source} is not a distilled head config (no \"kind\": \"{KIND}\")")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown keys {unknown}")
+        try:
+            d["head"] = FlowHeadConfig(**d["head"])
+            d["trained_steps"] = tuple(d.get("trained_steps", (1, 2, 4)))
+            return cls(**d)
+        except (TypeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{source} is not a valid distilled head config: {e}") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash naming a base model: its config and its normalisation weights (every RMSNorm / LayerNorm scale
+    of the backbone and the head), rounded to bfloat16 first. Those weights are never quantized, and rounding makes
+    the same checkpoint loaded in float32 or bfloat16 give the same fingerprint."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if name.endswith(("norm.weight", "_ln.weight")):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.bfloat16).to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class DistilledHead(nn.Module):
+    """u(x, t, d, c): (N, token_dim), (N,), (N,), (N, cond_dim) -> (N, token_dim) average velocity over [t, t + d]."""
+
+    def __init__(self, config: DistilledHeadConfig):
+        super().__init__()
+        self.config = config
+        self.net = VelocityNet(config.token_dim, config.cond_dim, config.head)
+        self.step_embed = TimeEmbedding(config.head.width, config.head.frequency_dim)
+
+    @classmethod
+    def from_teacher(cls, teacher: FlowHead, config: DistilledHeadConfig) -> "DistilledHead":
+        """A student equal to the teacher's conditional velocity: its weights, and a step embedding that adds 0."""
+        student = cls(config).to(next(teacher.parameters()).device)
+        student.net.load_state_dict(teacher.net.state_dict())
+        nn.init.normal_(student.step_embed.mlp[0].weight, std=0.02)
+        nn.init.zeros_(student.step_embed.mlp[0].bias)
+        nn.init.zeros_(student.step_embed.mlp[2].weight)
+        nn.init.zeros_(student.step_embed.mlp[2].bias)
+        return student
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net.velocity(x, net.time_embed(t) + self.step_embed(d) + net.cond_embed(c))
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_safetensors(state, out / WEIGHTS_FILE, metadata={"kind": KIND})
+        write_json(self.config.to_dict(), out / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
+                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> "DistilledHead":
+        """Load a distilled head; with ``model`` given, check that it belongs to that model (shapes, fingerprint)
+        and raise :class:`CheckpointError` naming the mismatch."""
+        d = require_dir(path, "distilled head")
+        config = DistilledHeadConfig.from_dict(read_json(d / CONFIG_FILE, "distilled head config"), str(d / CONFIG_FILE))
+        if model is not None:
+            check_belongs(config, model, str(d))
+        with torch.device("meta"):
+            head = cls(config)
+        weights = d / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"distilled head weights not found: {weights}")
+        assign_state_dict(head, iter_safetensors([weights]), source=str(weights), dtype=dtype, device=device)
+        return head.eval()
+
+
+def check_belongs(config: DistilledHeadConfig, model: nn.Module, source: str) -> None:
+    """CheckpointError unless the head at ``source`` fits ``model``: token and condition sizes, then the base
+    model's fingerprint."""
+    mc = model.config
+    problems = []
+    if config.token_dim != mc.token_dim:
+        problems.append(f"token size {config.token_dim} vs the model's {mc.token_dim}")
+    if config.cond_dim != mc.transformer.hidden_size:
+        problems.append(f"condition size {config.cond_dim} vs the model's hidden size {mc.transformer.hidden_size}")
+    if problems:
+        raise CheckpointError(f"distilled head {source} does not fit this model: " + "; ".join(problems))
+    mine = model_fingerprint(model)
+    if config.fingerprint != mine:
+        raise CheckpointError(f"distilled head {source} belongs to another model: it was distilled from "
+                              f"{config.base_model!r} (fingerprint {config.fingerprint}), this model's fingerprint is "
+                              f"{mine}. Distill a head for this model with `nextstep distill-head`.")
