@@ -1,4 +1,5 @@
-"""Command line: ``nextstep generate`` and ``nextstep edit``, thin layers over ``NextStepPipeline``."""
+"""Command line: ``nextstep generate``, ``edit``, ``generate-many``, ``info`` and the rest, thin layers over the
+Python API."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from . import hub
 from .config import SamplingConfig, Settings
 from .errors import InputError, TrainingError
+from .generate_many import LAYOUTS
 from .images import grid_image, save_pngs
 from .pipeline import NextStepPipeline, bundled_model_dir
 from .prompt import area_text
@@ -47,6 +49,12 @@ def _size(text: str) -> tuple[int, int]:
 def _common(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("-o", "--output", default="out.png", help="output PNG (with -n N: out_0.png ... + out_grid.png)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
+    _sampling_flags(p, edit)
+    p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
+    _loading_flags(p)
+
+
+def _sampling_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 "
                    + ("(default: the input image's size)" if edit else "(default: the model's native size)"))
     p.add_argument("--steps", type=int, default=None, help="flow steps per image token (default: the model's)")
@@ -66,7 +74,9 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
                    help="noise level of the 1.1 samplers flow_sde and cps, in [0, 1] (default: the model's, 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
-    p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
+
+
+def _loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt")
     _common(g, edit=False)
+    m = sub.add_parser("generate-many", help="images for a file of prompts (a benchmark), resumable, data parallel "
+                                             "under torchrun")
+    m.add_argument("prompts", help="a .txt file (one prompt per line) or a .jsonl file (objects with a 'prompt' key; "
+                                   "GenEval's evaluation_metadata.jsonl)")
+    m.add_argument("--out", required=True, help="output directory (run again with the same arguments to resume)")
+    m.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default 4)")
+    m.add_argument("--batch", type=int, default=1,
+                   help="prompts per pipeline call (default 1); part of a run's identity, since batched rows round "
+                        "differently")
+    m.add_argument("--layout", default="flat", choices=LAYOUTS,
+                   help="flat: images/<i>_<k>.png; geneval: <i>/metadata.jsonl + <i>/samples/<k>.png (default flat)")
+    _sampling_flags(m, edit=False)
+    _loading_flags(m)
     e = sub.add_parser("edit", help="edit an image with an instruction")
     e.add_argument("image", help="input image file")
     e.add_argument("instruction")
@@ -232,10 +255,13 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load_pipeline(args, model_dir: Path | None = None) -> NextStepPipeline:
-    device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+def dtype_name(args, device: torch.device) -> str:
+    return args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+
+
+def load_pipeline(args, model_dir: Path | None = None, device: torch.device | None = None) -> NextStepPipeline:
+    device = device or pick_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name(args, device)]
     vae = hub.resolve(args.vae, "VAE") if args.vae else None
     return NextStepPipeline.from_pretrained(model_dir or model_path(args), vae, dtype=dtype, device=device,
                                             quantize=args.quantize)
@@ -280,10 +306,7 @@ def run(args) -> list[Path]:
     if edit and not Path(args.image).is_file():
         raise UsageError(f"input image not found: {args.image}")
     pick_device(args.device)
-    settings = dict(negative_prompt=args.negative, guidance_scale=args.cfg, guidance_schedule=args.schedule,
-                    time_shift=args.shift, token_norm=False if args.no_token_norm else None, sampler=args.sampler,
-                    num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None,
-                    noise_level=args.noise_level)
+    settings = sampling_overrides(args, edit)
     model_dir = model_path(args)
     in_force = SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)  # bad settings fail before loading
     if not args.quiet:
@@ -306,6 +329,53 @@ def run(args) -> list[Path]:
     return written
 
 
+def sampling_overrides(args, edit: bool) -> dict:
+    """The sampling flags as pipeline arguments (None: the model's default)."""
+    return dict(negative_prompt=args.negative, guidance_scale=args.cfg, guidance_schedule=args.schedule,
+                time_shift=args.shift, token_norm=False if args.no_token_norm else None, sampler=args.sampler,
+                num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None,
+                noise_level=args.noise_level)
+
+
+def run_generate_many(args) -> list[Path]:
+    """``generate-many``: one pipeline replica per torchrun rank (or a single process), prompts dealt over ranks."""
+    from .generate_many import Job, describe_rate, generate_many, model_fingerprint, read_prompts
+    from .train.distributed import init_from_env, shutdown
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
+    items = read_prompts(args.prompts)  # bad input fails before anything is loaded, alike on every rank
+    model_dir = model_path(args)
+    settings = SamplingConfig.from_model_dir(model_dir).resolve(False, **sampling_overrides(args, edit=False))
+    device = pick_device(args.device)
+    info = init_from_env()
+    try:
+        if device.type == "cuda" and device.index is None and info.world > 1:
+            device = torch.device("cuda", info.local_rank)  # one replica per GPU
+        vae_dir = hub.resolve(args.vae, "VAE") if args.vae else model_dir / "vae"
+        identity = {"model": model_fingerprint(model_dir), "vae": model_fingerprint(vae_dir),
+                    "dtype": dtype_name(args, device), "quantize": args.quantize, "compile": args.compile,
+                    "device": device.type}
+        width, height = args.size if args.size else (None, None)
+        job = Job(items, Path(args.out), n=args.num_images, seed=args.seed, batch=args.batch, layout=args.layout,
+                  height=height, width=width, settings=settings, identity=identity)
+        job.prepare(info.is_main)
+        if info.is_main and not args.quiet:
+            print(f"nextstep: {describe(settings, False)}; seed {args.seed}; {len(items)} prompts x "
+                  f"{args.num_images} images, {info.world} process(es)", file=sys.stderr)
+        pipe = load_pipeline(args, model_dir, device)
+        if args.compile:
+            pipe.compile()
+        summary = generate_many(pipe, job, info, progress=not args.quiet)
+    finally:
+        shutdown()
+    if not info.is_main:
+        return []
+    if not args.quiet:
+        print(f"nextstep: {describe_rate(summary)}", file=sys.stderr)
+    return [summary.manifest]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -324,14 +394,17 @@ def main(argv: list[str] | None = None) -> int:
             written = run_eval(args)
         elif args.command == "make-tokenizer":
             written = make_tokenizer(args)
+        elif args.command == "generate-many":
+            written = run_generate_many(args)
         else:
             written = run(args)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
         print(f"nextstep: error: {cli_words(str(e)) if isinstance(e, InputError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nextstep: interrupted (nothing written)" if args.command in ("generate", "edit")
-              else "nextstep: interrupted", file=sys.stderr)
+        print({"generate": "nextstep: interrupted (nothing written)", "edit": "nextstep: interrupted (nothing written)",
+               "generate-many": "nextstep: interrupted (the images written are kept: run the same command to resume)"}
+              .get(args.command, "nextstep: interrupted"), file=sys.stderr)
         return 130
     for p in written:
         print(p)
