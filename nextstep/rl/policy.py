@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..model.nextstep import NextStep
-from ..prompt import left_pad
 from ..sampling.flow import transition
+from ..train.conditions import teacher_forced
 
 if TYPE_CHECKING:
     from .rollout import Rollout
@@ -81,21 +81,8 @@ def conditions(model: NextStep, rollout: Rollout) -> torch.Tensor:
     """The flow head's condition for every image token of every guidance row, the backbone teacher-forced over the
     prompt rows and the tokens fed back: (copies * B, T, D) rows branch-major ([cond; uncond...], images within),
     the pipeline's layout."""
-    copies, b = len(rollout.guidance.branches), len(rollout.ids)
-    device = model.device
-    batch = left_pad([ids[c] for c in range(copies) for ids in rollout.ids], rollout.pad_id)
-    latents = None
-    if rollout.sources is not None:  # rows of the branches that carry the input image come first (cond, uncond_text)
-        carriers = sum(name != "uncond_all" for name in rollout.guidance.branches)
-        latents = [z for _ in range(carriers) for z in rollout.sources]
-    prompt = model.embed(batch.input_ids.to(device), latents)  # (R, L, Dm)
-    fed = model.embed_image_tokens(rollout.fed.to(model.dtype))  # (B, T - 1, Dm)
-    embeds = torch.cat([prompt, torch.cat([fed] * copies)], 1)
-    mask = torch.cat([batch.attention_mask, torch.ones(copies * b, fed.shape[1], dtype=torch.long)], 1)
-    tokens = rollout.states.shape[1]
-    hidden = model(embeds, attention_mask=mask.to(device))[:, prompt.shape[1] - 1:]  # (R, T, Dm)
-    index = torch.arange(tokens, device=device).expand(hidden.shape[0], tokens)
-    return model.condition(hidden, index, rollout.grid)
+    return teacher_forced(model, rollout.ids, rollout.pad_id, rollout.guidance.branches, rollout.sources,
+                          rollout.fed, rollout.grid)
 
 
 def _guided_velocity(model: NextStep, rollout: Rollout, cond: torch.Tensor, x: torch.Tensor, steps: Steps

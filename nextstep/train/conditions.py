@@ -1,0 +1,40 @@
+"""The flow head's conditions, teacher-forced: what the backbone hands the head at every image token of known images.
+
+Sampling computes a token's condition from the backbone's cache step by step; for known tokens one forward over the
+whole sequence gives the same states (no cache): the prompt rows of every guidance branch, then the image tokens as
+they are fed back while sampling. RL post-training recomputes a rollout's conditions this way; head distillation
+builds its training conditions this way, on dataset images and on the model's own samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.nextstep import NextStep
+from ..prompt import left_pad
+
+
+def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, branches: tuple[str, ...],
+                   sources: torch.Tensor | None, fed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The head's condition at every image token of B images, for every guidance branch.
+
+    ``ids``: per image, the prefill row of each branch (branch order, as ``NextStepPipeline.prompt_rows`` gives them);
+    ``sources``: (B, C, h, w) scaled input-image latents of edits (read by the branches that carry the image), or
+    None; ``fed``: (B, T - 1, token_dim) the image's tokens as fed back (context noise included); ``grid``: (h, w)
+    token grid, T = h * w. Returns (copies * B, T, D) rows branch-major ([cond; uncond...], images within): the
+    pipeline's layout."""
+    copies, b = len(branches), len(ids)
+    device = model.device
+    batch = left_pad([rows[c] for c in range(copies) for rows in ids], pad_id)
+    latents = None
+    if sources is not None:  # rows of the branches that carry the input image come first (cond, uncond_text)
+        carriers = sum(name != "uncond_all" for name in branches)
+        latents = [z for _ in range(carriers) for z in sources]
+    prompt = model.embed(batch.input_ids.to(device), latents)  # (R, L, Dm)
+    tokens = fed.shape[1] + 1
+    image = model.embed_image_tokens(fed.to(device, model.dtype))  # (B, T - 1, Dm)
+    embeds = torch.cat([prompt, torch.cat([image] * copies)], 1)
+    mask = torch.cat([batch.attention_mask, torch.ones(copies * b, tokens - 1, dtype=torch.long)], 1)
+    hidden = model(embeds, attention_mask=mask.to(device))[:, prompt.shape[1] - 1:]  # (R, T, Dm)
+    index = torch.arange(tokens, device=device).expand(hidden.shape[0], tokens)
+    return model.condition(hidden, index, grid)
