@@ -9,7 +9,8 @@ class KVCache:
     """Keys and values of every layer for ``batch`` rows and up to ``max_len`` positions, with the RoPE tables of
     those positions.
 
-    ``k``/``v``: (layers, B, kv_heads, max_len, head_dim). ``valid``: (B, max_len) bool, False at left padding
+    ``k``/``v``: (layers, B, kv_heads, max_len, head_dim), ``kv_heads`` the heads this process computes (under
+    tensor parallelism its share, see ``nextstep.parallel``). ``valid``: (B, max_len) bool, False at left padding
     and unused slots. ``cos``/``sin``: (max_len, head_dim), the rotary tables of every slot, computed once.
 
     Writes go to device-tensor positions (``input_pos``, ``index_copy_``) and attention always reads all

@@ -51,6 +51,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
+        # the heads this module computes: all of them, or this rank's share once ``nextstep.parallel`` has split
+        # the projections (it divides both counts by the tensor-parallel degree)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
@@ -124,7 +126,8 @@ class Transformer(nn.Module):
         p = self.norm.weight
         dtype, device = dtype or p.dtype, device or p.device
         rope = rope_cos_sin(torch.arange(max_len, device=device), self.config.head_dim, self.config.rope_theta, dtype)
-        return KVCache(self.config.num_layers, batch, max_len, self.config.num_kv_heads, self.config.head_dim,
+        kv_heads = self.layers[0].self_attn.num_kv_heads  # this rank's share under tensor parallelism
+        return KVCache(self.config.num_layers, batch, max_len, kv_heads, self.config.head_dim,
                        rope, dtype=dtype, device=device)
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
