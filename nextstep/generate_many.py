@@ -50,7 +50,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -59,7 +59,9 @@ from .config import Settings
 from .errors import InputError
 from .files import atomic_path
 from .images import save_pngs
-from .train.distributed import DistInfo, barrier
+
+if TYPE_CHECKING:  # the process-group helpers load with the first call, not with the CLI's parser
+    from .train.distributed import DistInfo
 
 LAYOUTS = ("flat", "geneval")
 RUN_FILE = "generate-many.json"
@@ -251,6 +253,8 @@ def generate_many(pipe, job: Job, info: DistInfo | None = None, progress: bool =
     Pending units (any image missing) are dealt round-robin over ranks, found by every rank before any rank writes
     (a barrier). Rank 0 shows a progress bar over all ranks' images (it counts files), waits for every image, then
     writes ``manifest.jsonl``."""
+    from .train.distributed import DistInfo, barrier
+
     info = info or DistInfo()
     start = time.perf_counter()
     units = job.units()
