@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "name as this server's; repeatable")
     sv.add_argument("--public-without-key", action="store_true",
                     help="allow binding beyond loopback with no API key (only on a network you trust)")
+    i = sub.add_parser("info", help="parameters, weight and KV-cache memory, largest image: from config.json and "
+                                    "file headers, no weights read")
+    i.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the bundled model)")
+    i.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
+    i.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the KV-cache figures (default bfloat16)")
+    i.add_argument("--prompt", default=None, help="the prompt for the KV-cache and largest-image figures "
+                                                   "(default: a typical 17-word prompt)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     t = sub.add_parser("make-tokenizer", help="train a small byte-level BPE with the image protocol's tokens")
     t.add_argument("out", help="output directory (tokenizer.json)")
     src = t.add_mutually_exclusive_group(required=True)
@@ -376,6 +385,16 @@ def run_generate_many(args) -> list[Path]:
     return [summary.manifest]
 
 
+def run_info(args) -> list[Path]:
+    from .info import TYPICAL_PROMPT, format_info, model_info
+
+    args.model = args.model_dir
+    vae = hub.resolve(args.vae, "VAE") if args.vae else None
+    info = model_info(model_path(args), vae, kv_dtype=args.dtype, prompt=args.prompt or TYPICAL_PROMPT)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -396,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             written = make_tokenizer(args)
         elif args.command == "generate-many":
             written = run_generate_many(args)
+        elif args.command == "info":
+            written = run_info(args)
         else:
             written = run(args)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
