@@ -16,7 +16,7 @@ Every rank runs the same sampling: the replicated parts compute the same numbers
 hands every rank the same sum, so with the same generator seed each rank draws the same noise and the same image
 (only one needs to save it). The rounding differs from one device by the order of the partial sums only.
 
-``load_model`` / ``load_pipeline`` build the model on the ``meta`` device, split it, then read from the
+``load_model`` (``NextStepPipeline.from_pretrained(..., tp_mesh=mesh)``) builds the model on the ``meta`` device, split it, then read from the
 safetensors files only this rank's rows (columns) of each split weight (``safe_open(...).get_slice``) and the
 replicated tensors whole: a rank never holds the full backbone.
 
@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from . import hub, quant
+from . import quant
 from .checkpoint import CheckpointError, assign_state_dict, read_json, require_dir, safetensors_files
 from .config import NextStepConfig, TransformerConfig
 from .model.nextstep import OFFICIAL_IGNORED_KEYS, NextStep, official_to_ours
@@ -113,26 +113,6 @@ def load_model(path: str | os.PathLike, *, mesh: DeviceMesh, dtype: torch.dtype 
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
-
-
-def load_pipeline(model_dir: str | os.PathLike, vae_dir: str | os.PathLike | None = None, *, mesh: DeviceMesh,
-                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-    """``NextStepPipeline.from_pretrained`` with the model split over ``mesh`` (``load_model``); the VAE and the
-    tokenizer are loaded whole on every rank. Call on every rank; pass every rank the same generator seed."""
-    from .config import SamplingConfig
-    from .model.vae import VAE
-    from .official import schema_of
-    from .pipeline import NextStepPipeline  # here, not at the top: the pipeline may import this module
-    from .tokenizer import Tokenizer
-
-    device = _mesh_device(mesh, device)
-    model_dir = require_dir(hub.resolve(model_dir, "model"), "model")
-    vae_dir = hub.resolve(vae_dir, "VAE") if vae_dir is not None else model_dir / "vae"
-    model = load_model(model_dir, mesh=mesh, dtype=dtype, device=device)
-    fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
-    vae = VAE.from_pretrained(require_dir(vae_dir, "VAE"), dtype=dtype, device=device, format=fmt)
-    return NextStepPipeline(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir),
-                            fmt)
 
 
 def _mesh_device(mesh: DeviceMesh, device: torch.device | str | None) -> torch.device:

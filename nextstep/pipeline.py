@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from .sampling.noise import Generators, NoiseSource
 from .sampling.token import FewStepSampler, TokenSampler
 from .think import think as self_cot
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 
@@ -114,14 +117,18 @@ class NextStepPipeline:
     def from_pretrained(cls, model_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
                         *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                         torch_dtype: torch.dtype | None = None, quantize: str | None = None,
-                        head: str | os.PathLike | None = None) -> "NextStepPipeline":
+                        head: str | os.PathLike | None = None, tp_mesh: DeviceMesh | None = None
+                        ) -> "NextStepPipeline":
         """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model); a Hugging Face
         Hub id such as ``"stepfun-ai/NextStep-1.1"`` is fetched into (or read from) the hub cache. The VAE comes
         from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
         accepted as another name for ``dtype`` (the diffusers spelling). ``quantize`` ("int8" or "fp8") quantizes
         the model's linear layers while loading (``nextstep.quant``); the VAE stays in ``dtype``. ``head``: the
         directory of a distilled few-step head of this model (``nextstep distill-head``), used by ``fast=True``;
-        one distilled from another model is refused (:class:`~nextstep.checkpoint.CheckpointError`)."""
+        one distilled from another model is refused (:class:`~nextstep.checkpoint.CheckpointError`). ``tp_mesh``
+        (a 1-D ``DeviceMesh``; every rank of it makes this call) splits the backbone's layers over its ranks, each
+        rank reading only its share of the weights (``nextstep.parallel``); with the same generator seed every rank
+        draws the same images."""
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one")
@@ -138,7 +145,15 @@ class NextStepPipeline:
             vae_dir = model_dir / "vae"
             if not vae_dir.is_dir():
                 raise FileNotFoundError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
-        model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize)
+        if tp_mesh is not None:
+            if quantize is not None:
+                raise InputError(f"quantize={quantize!r} and tp_mesh cannot be combined: tensor parallelism splits "
+                                 f"float linear layers")
+            from .parallel import load_model
+
+            model = load_model(model_dir, mesh=tp_mesh, dtype=dtype, device=device)
+        else:
+            model = NextStep.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize)
         fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
         pipe = cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)

@@ -137,12 +137,12 @@ def _worker(fixture: Path, model_dir: Path, out: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from nextstep.parallel import load_pipeline
+    from nextstep.pipeline import NextStepPipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    pipe = load_pipeline(model_dir, fixture / "vae", mesh=mesh)
+    pipe = NextStepPipeline.from_pretrained(model_dir, fixture / "vae", tp_mesh=mesh)
     result = run_cases(pipe, fixture)
     layer = pipe.model.transformer.layers[1]
     result["q_proj"] = layer.self_attn.q_proj.weight.to_local().detach()
