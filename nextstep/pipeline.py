@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+FAST_HEAD_DIR = "fast"  # a model directory's own distilled head, loaded with it
 
 
 @dataclass
@@ -124,8 +125,9 @@ class NextStepPipeline:
         from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
         accepted as another name for ``dtype`` (the diffusers spelling). ``quantize`` ("int8" or "fp8") quantizes
         the model's linear layers while loading (``nextstep.quant``); the VAE stays in ``dtype``. ``head``: the
-        directory of a distilled few-step head of this model (``nextstep distill-head``), used by ``fast=True``;
-        one distilled from another model is refused (:class:`~nextstep.checkpoint.CheckpointError`). ``tp_mesh``
+        directory of a distilled few-step head of this model (``nextstep distill-head``), used by ``fast=True``
+        (default: the model directory's ``fast/`` subdirectory when there is one, as in the bundled model); one
+        distilled from another model is refused (:class:`~nextstep.checkpoint.CheckpointError`). ``tp_mesh``
         (a 1-D ``DeviceMesh``; every rank of it makes this call) splits the backbone's layers over its ranks, each
         rank reading only its share of the weights (``nextstep.parallel``); with the same generator seed every rank
         draws the same images."""
@@ -157,6 +159,8 @@ class NextStepPipeline:
         fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
         pipe = cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
+        if head is None and (model_dir / FAST_HEAD_DIR).is_dir():
+            head = model_dir / FAST_HEAD_DIR
         return pipe.load_head(head, dtype=dtype) if head is not None else pipe
 
     def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "NextStepPipeline":

@@ -134,13 +134,13 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     _check_text("prompt", req.prompt, 1 if edit else 0, required=True)
     _check_text("negative_prompt", req.negative_prompt, 0, required=False)
     _check_openai_fields(req)
+    overrides = dict(sampler=req.sampler, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                     time_shift=req.time_shift, noise_level=req.noise_level, negative_prompt=req.negative_prompt,
+                     image_guidance_scale=getattr(req, "image_guidance_scale", None))
     try:  # the pipeline's own validation of the sampling settings, before the request is queued
-        settings = pipe.defaults.resolve(edit, sampler=req.sampler, num_inference_steps=req.steps,
-                                         guidance_scale=req.guidance_scale, time_shift=req.time_shift,
-                                         noise_level=req.noise_level, negative_prompt=req.negative_prompt,
-                                         image_guidance_scale=getattr(req, "image_guidance_scale", None))
+        settings = pipe.distilled_settings(edit, **overrides) if req.fast else pipe.defaults.resolve(edit, **overrides)
     except InputError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, str(e), param="fast" if req.fast and pipe.head is None else None) from None
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
     n = 1 if req.n is None else req.n
     w, h = _output_size(req, pipe.size_multiple, default_size, image)
@@ -148,7 +148,8 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     kwargs: dict[str, Any] = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
                                   num_images_per_prompt=n, num_inference_steps=req.steps,
                                   guidance_scale=req.guidance_scale, time_shift=req.time_shift, sampler=req.sampler,
-                                  noise_level=req.noise_level, generator=torch.Generator().manual_seed(seed))
+                                  noise_level=req.noise_level, generator=torch.Generator().manual_seed(seed),
+                                  fast=bool(req.fast))
     if edit:
         kwargs.update(image=image, image_guidance_scale=req.image_guidance_scale)
     response = {"seed": seed, "size": f"{w}x{h}", "output_format": "png", "background": "opaque",

@@ -112,6 +112,11 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                   "native_size": native}
     defaults = {"generation": _api_settings(pipe.defaults.resolve(False), edit=False),
                 "edit": _api_settings(pipe.defaults.resolve(True), edit=True)}
+    fast = {"available": pipe.head is not None}  # the distilled head's settings ("fast": true requests)
+    if pipe.head is not None:
+        fast.update(generation=_api_settings(pipe.distilled_settings(False), edit=False),
+                    edit=_api_settings(pipe.distilled_settings(True), edit=True),
+                    trained_steps=list(pipe.head.config.trained_steps))
     static = {route: ((STATIC_DIR / name).read_bytes(), mime) for route, (name, mime) in STATIC_FILES.items()}
 
     @contextlib.asynccontextmanager
@@ -151,6 +156,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                 "queue": {"depth": worker.depth, "waiting": worker.waiting, "running": bool(worker.running),
                           "batch": len(worker.running), "capacity": worker.capacity},
                 "defaults": {"size": f"{default_size[0]}x{default_size[1]}", **defaults},
+                "fast": fast,
                 "limits": {"max_size": MAX_SIZE, "max_n": MAX_N, "max_steps": MAX_STEPS,
                            "max_guidance": MAX_GUIDANCE, "max_time_shift": MAX_TIME_SHIFT, "max_seed": MAX_SEED,
                            "max_prompt_chars": MAX_PROMPT_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES,

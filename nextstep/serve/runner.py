@@ -33,11 +33,12 @@ def check_exposure(host: str, access: Access, public_without_key: bool) -> None:
 
 def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE, api_key: str | None = None,
-          allow_origins: tuple[str, ...] = (), public_without_key: bool = False) -> None:
+          allow_origins: tuple[str, ...] = (), public_without_key: bool = False, head=None) -> None:
     """Load a model (default: the bundled one) and serve it until interrupted. ``device`` defaults to CUDA when
     available; ``dtype`` to bfloat16 on GPU, float32 on CPU. ``api_key``: clients must send it as a bearer token;
     ``allow_origins``: web pages on these origins may call the API (``security``). Binding beyond loopback needs a
-    key or ``public_without_key``; both are checked before the model loads."""
+    key or ``public_without_key``; both are checked before the model loads. ``head``: a distilled few-step head
+    directory, for requests with ``"fast": true``."""
     access = Access(api_key=api_key, allow_origins=tuple(allow_origins), bound_host=host)
     check_exposure(host, access, public_without_key)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +48,7 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device)
+    pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
     name = Path(model_dir).name if model_dir is not None else "bundled"
     app = create_app(pipe, queue_size=queue_size, model_name=name, access=access)
     if not is_loopback(host.strip("[]")) and access.api_key is None:

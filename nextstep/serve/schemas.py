@@ -72,6 +72,7 @@ class GenerationRequest(OpenAIFields):
     sampler: str | None = None
     time_shift: float | None = Field(None, gt=0, le=MAX_TIME_SHIFT)
     noise_level: float | None = Field(None, ge=0, le=1)  # the NextStep-1.1 samplers' ("flow_sde", "cps")
+    fast: bool | None = None  # sample with the server's distilled few-step head (``nextstep serve --head DIR``)
 
 
 class EditRequest(GenerationRequest):

@@ -217,6 +217,60 @@ class VAETrainConfig:
         return VAEConfig(**self.vae)
 
 
+DISTILL_METHODS = ("trajectory", "shortcut")
+
+
+@dataclass
+class DistillConfig:
+    """``nextstep distill-head``: a few-step flow head, guidance included, distilled from a model's own head.
+
+    The backbone, the teacher head and the VAE stay frozen. Training conditions come from ``data`` (its images
+    teacher-forced through the backbone) and, for a fraction ``policy_fraction`` of its prompts, from the model's own
+    samples of them instead (``policy_steps`` steps of its default sampler): the states the student meets when
+    sampling. For every condition the teacher integrates its guided velocity (the model's sampling defaults, or
+    ``guidance_scale`` & co. given here) over ``teacher_steps`` Euler steps of the probability-flow ODE; the student
+    learns the jumps of that path for each of ``trained_steps`` (``method``: "trajectory" regresses them directly,
+    "shortcut" only the finest and builds each coarser jump from two of its own finer ones)."""
+
+    MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = RUN_MAY_CHANGE
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=2000, batch_size=512, ckpt_every=200))
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_samples=1000, mix={"t2i": 0.7, "edit": 0.3}))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=50))
+    model: str | None = None  # the base model directory (default: the bundled model)
+    vae: str | None = None  # default: the model's vae/
+    method: str = "trajectory"
+    teacher_steps: int = 32  # Euler steps of the teacher's guided ODE (a power of 2, a multiple of every trained step)
+    trained_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    steps: int = 2  # the head's default number of steps
+    policy_fraction: float = 0.5
+    policy_steps: int = 10
+    holdout: int = 1024  # tokens kept out of training, to measure the student against the teacher
+    # the teacher's settings; None: the base model's sampling defaults
+    guidance_scale: float | None = None
+    edit_guidance_scale: float | None = None
+    edit_image_guidance_scale: float | None = None
+    time_shift: float | None = None
+    edit_time_shift: float | None = None
+
+    def __post_init__(self) -> None:
+        _coerce(self, "run", RunConfig)
+        _coerce(self, "data", DataConfig)
+        _coerce(self, "optim", OptimConfig)
+        _check(self.method in DISTILL_METHODS, f"method must be one of {DISTILL_METHODS}, got {self.method!r}")
+        k = self.teacher_steps
+        _check(isinstance(k, int) and k >= 1 and k & (k - 1) == 0,
+               f"teacher_steps must be a power of 2, got {k!r}")
+        self.trained_steps = sorted(set(self.trained_steps))
+        _check(bool(self.trained_steps) and all(isinstance(s, int) and s >= 1 and k % s == 0 and s & (s - 1) == 0
+                                                for s in self.trained_steps),
+               f"trained_steps must be powers of 2 dividing teacher_steps {k}, got {self.trained_steps}")
+        _check(self.steps in self.trained_steps, f"steps {self.steps} must be one of trained_steps {self.trained_steps}")
+        _check(0 <= self.policy_fraction <= 1, f"policy_fraction must be in [0, 1], got {self.policy_fraction}")
+        _check(self.policy_steps >= 2, f"policy_steps must be >= 2, got {self.policy_steps}")
+        _check(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
+        _check(self.data.mix.get("text", 0) == 0, "data.mix: text-only samples have no image to distill on")
+
+
 def _coerce(obj: Any, name: str, cls: type) -> None:
     v = getattr(obj, name)
     if isinstance(v, dict):

@@ -40,12 +40,16 @@ function setBusy(busy) {
   $("cancel").disabled = !busy;
 }
 
+function fastMode() { return Boolean(info && info.fast.available && $("fast").checked); }
+
 function placeholders() {
   if (!info) return;
-  const d = info.defaults[mode === "edit" ? "edit" : "generation"];
+  const fast = fastMode();
+  const d = (fast ? info.fast : info.defaults)[mode === "edit" ? "edit" : "generation"];
+  for (const id of ["guidance", "image-guidance", "sampler", "time-shift", "negative"]) $(id).disabled = fast;
   $("negative").placeholder = d.negative_prompt ? d.negative_prompt : "(none)";
   $("steps").placeholder = d.steps;
-  $("sampler").value = d.sampler;
+  if (!fast) $("sampler").value = d.sampler;
   $("guidance").placeholder = d.guidance_scale;
   $("time-shift").placeholder = d.time_shift;
   if (d.image_guidance_scale !== undefined) $("image-guidance").placeholder = d.image_guidance_scale;
@@ -92,6 +96,7 @@ async function loadInfo() {
   $("n").max = l.max_n; $("steps").max = l.max_steps; $("seed").max = l.max_seed;
   $("guidance").max = l.max_guidance; $("image-guidance").max = l.max_guidance; $("time-shift").max = l.max_time_shift;
   $("sampler").replaceChildren(...l.samplers.map((s) => new Option(s, s)));
+  $("fast-box").hidden = !info.fast.available;
   placeholders();
 }
 
@@ -101,6 +106,10 @@ function fields() {
               negative_prompt: $("negative").value, steps: $("steps").value, guidance_scale: $("guidance").value,
               seed: $("seed").value, sampler: $("sampler").value, time_shift: $("time-shift").value };
   if (mode === "edit") f.image_guidance_scale = $("image-guidance").value;
+  if (fastMode()) {  // the distilled head's guidance, sampler and shift are fixed: only the steps may change
+    for (const k of ["guidance_scale", "image_guidance_scale", "sampler", "time_shift", "negative_prompt"]) delete f[k];
+    f.fast = true;
+  }
   for (const k of Object.keys(f)) if (f[k] === "" && k !== "prompt") delete f[k];
   return f;
 }
@@ -254,5 +263,6 @@ $("tab-edit").addEventListener("click", () => switchTab("edit"));
 $("form").addEventListener("submit", run);
 $("cancel").addEventListener("click", () => controller && controller.abort());
 $("image").addEventListener("change", pickImage);
+$("fast").addEventListener("change", placeholders);
 $("key-form").addEventListener("submit", useKey);
 loadInfo();

@@ -1,0 +1,361 @@
+"""Distilling the flow head into a few-step head, guidance included (``nextstep distill-head``).
+
+1. Targets, computed once on the main rank and cached (``OUT/targets-<key>.safetensors``). For each sample of the
+   data, its image tokens (the dataset's image, or for a fraction of prompts the model's own sample) go through the
+   frozen backbone teacher-forced (``train.conditions``): the head's condition at every token, for every guidance
+   branch. From a seeded start x_0 the teacher then integrates its guided velocity over K Euler steps of the
+   probability-flow ODE (its own head and guidance, on its own time grid): the path x_0 .. x_K. Kept per token: the
+   conditional branch's condition (all the student will read), the path and its time grid.
+2. Training. Each row of a step is a token, a step count S and one of its S intervals [t_i, t_j] on the path:
+       "trajectory"  target (x_j - x_i) / (t_j - t_i): the teacher's own jump, for S in ``trained_steps``;
+       "shortcut"    (after Frans et al., 2024) only the finest level (S = K) reads the teacher; a coarser interval's
+                     target is the time-weighted mean of the student's own velocities over its two halves (no
+                     gradient), the second taken where the first lands; every level from 1 to K is trained.
+   The student reads (x_i, t_i, t_j - t_i, condition); the loss is the mean squared error.
+3. Held-out tokens (other prompts): the student's S-step endpoint against the teacher's (``holdout_mse_S``), logged
+   at the start and with every checkpoint.
+
+Rows are drawn per (seed, step) from the whole global batch, each rank taking its slice, and the loss is normalised
+by the global row count: any number of processes makes the same update, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import save_safetensors
+from ..config import ConfigError, Settings
+from ..data.sources import SampleError, open_source
+from ..errors import TrainingError
+from ..images import fit_image, load_image
+from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint
+from ..model.flow_head import VelocityNet
+from ..model.latents import patchify
+from ..sampling.flow import times
+from ..sampling.guidance import Guidance
+from ..sampling.token import TokenSampler
+from .conditions import teacher_forced
+from .config import DistillConfig, to_dict
+from .distributed import DistInfo, all_sum, barrier, unwrap, wrap
+from .state import (Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict, resume_point,
+                    save_checkpoint, start_run)
+
+CHUNK = 16  # prompts per teacher call while building the targets
+
+
+class LossModule(nn.Module):
+    """The unit DDP / FSDP2 wrap: the student's prediction, or with a target the summed row loss / ``norm``."""
+
+    def __init__(self, student: DistilledHead):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x, t, d, c, target=None, norm: float = 1.0):
+        u = self.student(x, t, d, c).float()
+        if target is None:
+            return u
+        return ((u - target) ** 2).mean(-1).sum() / norm
+
+
+# ---- 1. targets ------------------------------------------------------------------------------------------------------
+def teacher_settings(cfg: DistillConfig, pipe) -> dict[bool, Settings]:
+    """The teacher's settings for text-to-image (False) and editing (True): the model's defaults under the recipe's
+    overrides. Its guidance must be constant over the image (one head serves every token)."""
+    out = {}
+    for edit in (False, True):
+        s = pipe.defaults.resolve(edit, guidance_scale=cfg.edit_guidance_scale if edit else cfg.guidance_scale,
+                                  image_guidance_scale=cfg.edit_image_guidance_scale if edit else None,
+                                  time_shift=cfg.edit_time_shift if edit else cfg.time_shift)
+        if s.guidance_schedule != "constant":
+            raise ConfigError(f"the model's guidance schedule is {s.guidance_schedule!r}: a distilled head "
+                              f"reproduces constant guidance only")
+        out[edit] = s
+    return out
+
+
+def targets_key(cfg: DistillConfig, fingerprint: str) -> str:
+    parts = [to_dict(cfg.data), fingerprint, cfg.teacher_steps, cfg.policy_fraction, cfg.policy_steps, cfg.holdout,
+             cfg.run.seed, cfg.guidance_scale, cfg.edit_guidance_scale, cfg.edit_image_guidance_scale,
+             cfg.time_shift, cfg.edit_time_shift]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _readable(source) -> tuple[list[tuple[int, dict]], int]:
+    items, skipped = [], 0
+    for i in range(len(source)):
+        try:
+            item = source[i]
+        except SampleError:
+            skipped += 1
+            continue
+        if item["kind"] in ("t2i", "edit"):
+            items.append((i, item))
+    return items, skipped
+
+
+@torch.no_grad()
+def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tuple[int, dict]], policy: bool,
+                   size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Conditions and teacher paths of one chunk of same-kind samples: {"cond" (N, D), "path" (N, K + 1, d),
+    "ts" (N, K + 1)} with N = samples x tokens."""
+    model, k = pipe.model, cfg.teacher_steps
+    edit = items[0][1]["kind"] == "edit"
+    height, width = size
+    texts = [it["instruction"] if edit else it["caption"] for _, it in items]
+    seed = cfg.run.seed * 1_000_003 + items[0][0]
+    gen = torch.Generator().manual_seed(seed)
+    sources = [fit_image(load_image(it["source"]), height, width) for _, it in items] if edit else None
+    if policy:  # the model's own samples, each prompt with its own generator
+        gens = [torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + i + 1) for i, _ in items]
+        tokens = pipe(texts, image=[it["source"] for _, it in items] if edit else None, height=height, width=width,
+                      generator=gens, num_inference_steps=cfg.policy_steps, progress=False,
+                      output_type="latent").tokens.float()
+    else:
+        images = [fit_image(load_image(it["target" if edit else "image"]), height, width) for _, it in items]
+        tokens = patchify(torch.stack(pipe.encode_images(images, Guidance(), 1)), model.config.patch_size).float()
+    b, total, dim = tokens.shape
+    grid = (height // pipe.size_multiple, width // pipe.size_multiple)
+    guidance = pipe.guidance(settings, edit)
+    copies = len(guidance.branches)
+    fed = tokens[:, :-1] + model.config.context_noise * torch.randn(tokens[:, :-1].shape, generator=gen)
+    latents = torch.stack(pipe.encode_images(sources, Guidance(), 1)) if edit else None
+    ids = [pipe.prompt_rows(t, grid, settings, edit) for t in texts]
+    cond = teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid)
+    cond = cond.reshape(copies * b * total, -1)  # (copies * N, D) branch-major, N = b * total
+    n = b * total
+    ode = dataclasses.replace(settings, sampler="ode", num_inference_steps=k, token_norm=False)
+    sampler = TokenSampler(model.image_head, guidance, ode, copies * n, model.device, model.dtype,
+                           batched_modulations=True, trace=True)
+    x0 = torch.randn(1, n, dim, generator=gen).to(model.device)
+    sampler(cond, guidance.scales_at(0, total), x0)
+    path = sampler.trace[0].permute(1, 0, 2).float().cpu()  # (N, K + 1, d)
+    ts = times("ode", k, settings.time_shift).expand(n, k + 1)
+    return {"cond": cond[:n].float().cpu(), "path": path, "ts": ts.contiguous()}
+
+
+def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Every sample's conditions and teacher paths -> ({"cond", "path", "ts"}, held-out rows at the end, skipped)."""
+    from tqdm.auto import tqdm
+
+    settings = teacher_settings(cfg, pipe)
+    items, skipped = _readable(open_source(cfg.data))
+    if not items:
+        raise ValueError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
+    size = tuple(cfg.data.bucket_sizes[0])
+    tokens = (size[0] // pipe.size_multiple) * (size[1] // pipe.size_multiple)
+    held = min(math.ceil(cfg.holdout / tokens), len(items) - 1)
+    rng = np.random.default_rng([cfg.run.seed, 7])
+    on_policy = rng.random(len(items)) < cfg.policy_fraction  # per sample, fixed by the seed
+    parts: list[dict[str, torch.Tensor]] = []
+    with tqdm(total=len(items), desc="teacher targets", disable=not progress) as bar:
+        for split in (range(len(items) - held), range(len(items) - held, len(items))):
+            for kind in ("t2i", "edit"):
+                for policy in (False, True):
+                    chosen = [items[j] for j in split if items[j][1]["kind"] == kind and on_policy[j] == policy]
+                    for c in range(0, len(chosen), CHUNK):
+                        chunk = chosen[c:c + CHUNK]
+                        parts.append(_chunk_targets(cfg, pipe, settings[kind == "edit"], chunk, policy, size))
+                        bar.update(len(chunk))
+    out = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return out, held * tokens, skipped
+
+
+def prepare_targets(cfg: DistillConfig, pipe, out: Path, info: DistInfo, progress: bool):
+    """Build the targets once (main rank) and cache them; every rank reads the cache."""
+    path = out / f"targets-{targets_key(cfg, model_fingerprint(pipe.model))}.safetensors"
+    skipped = 0
+    if info.is_main and not path.is_file():
+        targets, held, skipped = build_targets(cfg, pipe, progress)
+        save_safetensors(targets, path, metadata={"holdout": str(held)})
+    barrier(info)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        held = int(f.metadata()["holdout"])
+    return load_file(str(path)), held, skipped
+
+
+# ---- 2. training rows -----------------------------------------------------------------------------------------------
+def levels(cfg: DistillConfig) -> list[int]:
+    """Step counts trained: the recipe's ("trajectory"), or every power of 2 up to the teacher's ("shortcut")."""
+    if cfg.method == "trajectory":
+        return list(cfg.trained_steps)
+    return [2 ** e for e in range(int(math.log2(cfg.teacher_steps)) + 1)]
+
+
+def draw_rows(cfg: DistillConfig, step: int, train_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of step ``step``: (token rows, step counts S, interval index in [0, S)), each (B,)."""
+    g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+    b = cfg.run.batch_size
+    rows = torch.randint(train_rows, (b,), generator=g)
+    options = torch.tensor(levels(cfg))
+    if cfg.method == "shortcut":  # half the rows on the teacher's finest steps, the rest spread over coarser levels
+        coarse = options[:-1] if len(options) > 1 else options
+        pick = coarse[torch.randint(len(coarse), (b,), generator=g)]
+        s = torch.where(torch.rand(b, generator=g) < 0.5, options[-1], pick)
+    else:
+        s = options[torch.randint(len(options), (b,), generator=g)]
+    interval = (torch.rand(b, generator=g) * s).long().clamp(max=s - 1)
+    return rows, s, interval
+
+
+def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (N, K + 1, ...) -> x[n, index[n]] (N, ...)."""
+    return x[torch.arange(x.shape[0]), index]
+
+
+def row_targets(cfg: DistillConfig, trainable: nn.Module, cond, path, ts, s, interval):
+    """Inputs (x, t, d) and targets of the rows: see the module docstring."""
+    k = cfg.teacher_steps
+    span = k // s  # fine steps per interval
+    i, j = interval * span, (interval + 1) * span
+    x, ti, tj = _at(path, i), _at(ts, i), _at(ts, j)
+    if cfg.method == "trajectory" or bool((s == k).all()):
+        return x, ti, tj - ti, (_at(path, j) - x) / (tj - ti)[:, None]
+    target = (_at(path, j) - x) / (tj - ti)[:, None]  # the finest level's rows keep the teacher's step
+    coarse = s < k
+    with torch.no_grad():
+        m = (i + span // 2)[coarse]
+        xc, tic, tmc, tjc, cc = x[coarse], ti[coarse], _at(ts[coarse], m), tj[coarse], cond[coarse]
+        u1 = trainable(xc, tic, tmc - tic, cc)
+        u2 = trainable(xc + (tmc - tic)[:, None] * u1, tmc, tjc - tmc, cc)
+        target[coarse] = ((tmc - tic)[:, None] * u1 + (tjc - tmc)[:, None] * u2) / (tjc - tic)[:, None]
+    return x, ti, tj - ti, target
+
+
+@torch.no_grad()
+def holdout_errors(student: DistilledHead, targets: dict[str, torch.Tensor], start: int, steps: list[int]
+                   ) -> dict[str, float]:
+    """Mean squared distance per value between the student's S-step endpoint and the teacher's, on the held-out
+    rows (from ``start``), for each S."""
+    cond, path, ts = (targets[n][start:] for n in ("cond", "path", "ts"))
+    if not len(cond):
+        return {}
+    device, dtype = next(student.parameters()).device, next(student.parameters()).dtype
+    cond = cond.to(device, dtype)
+    k = path.shape[1] - 1
+    out = {}
+    for s in steps:
+        x = path[:, 0].to(device)
+        for n in range(s):
+            t0, t1 = ts[:, n * k // s].to(device), ts[:, (n + 1) * k // s].to(device)
+            x = x + (t1 - t0)[:, None] * student(x.to(dtype), t0.to(dtype), (t1 - t0).to(dtype), cond).float()
+        out[f"holdout_mse_{s}"] = float(((x.cpu() - path[:, -1]) ** 2).mean())
+    return out
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+def head_config(cfg: DistillConfig, pipe) -> DistilledHeadConfig:
+    settings = teacher_settings(cfg, pipe)
+    t2i, edit = settings[False], settings[True]
+    mc = pipe.model.config
+    return DistilledHeadConfig(
+        token_dim=mc.token_dim, cond_dim=mc.transformer.hidden_size, head=mc.head,
+        base_model=str(cfg.model or "bundled"), fingerprint=model_fingerprint(pipe.model),
+        guidance_scale=t2i.guidance_scale, edit_guidance_scale=edit.guidance_scale,
+        edit_image_guidance_scale=edit.image_guidance_scale, time_shift=t2i.time_shift,
+        edit_time_shift=edit.time_shift, negative_prompt=edit.negative_prompt, steps=cfg.steps,
+        trained_steps=tuple(cfg.trained_steps), method=cfg.method,
+        teacher={"sampler": "ode", "steps": cfg.teacher_steps, "token_norm": t2i.token_norm})
+
+
+def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
+    """Run (or resume) a distillation; returns the head directory ``OUT/final``."""
+    from ..pipeline import NextStepPipeline
+
+    info = info or DistInfo()
+    run = cfg.run
+    out = start_run(run, info)
+    ckpt = resume_point(out, cfg, resume, info)
+    pipe = NextStepPipeline.from_pretrained(cfg.model, cfg.vae, device=info.device)
+    pipe.model.requires_grad_(False)
+    targets, held, skipped = prepare_targets(cfg, pipe, out, info, progress)
+    train_rows = targets["cond"].shape[0] - held
+    if train_rows < 1:
+        raise ValueError("no training rows left after the holdout: lower holdout or add data")
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    hc = head_config(cfg, pipe)
+    student = DistilledHead.from_teacher(pipe.model.image_head, hc).train()
+    teacher_errors = holdout_errors(student, targets, train_rows, list(cfg.trained_steps))
+    bf16 = run.precision == "bf16"
+    trainable = wrap(LossModule(student), info, run.parallel, (VelocityNet,), bf16)
+    optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    start = load_checkpoint(ckpt, trainable, optimizer, None, info)["step"] if ckpt else 0
+    bar = Progress(out, run.steps, start, info, "distill", show=progress)
+    if skipped:
+        bar.write(f"skipped {skipped} unreadable samples")
+    bar.write(f"{train_rows} training tokens, {held} held out; untrained student (the teacher's conditional head) "
+              f"vs the teacher on held-out tokens: " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_errors.items()))
+    fsdp_mixed = info.enabled and run.parallel == "fsdp"
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 and not fsdp_mixed else nullcontext()
+    per_rank = run.batch_size // info.world
+    dev = info.device
+    try:
+        for step in range(start, run.steps):
+            t0 = time.perf_counter()
+            rows, s, interval = (v[info.rank * per_rank:(info.rank + 1) * per_rank] for v in
+                                 draw_rows(cfg, step, train_rows))
+            cond = targets["cond"][rows].to(dev)
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                x, t, d, target = row_targets(cfg, trainable, cond, targets["path"][rows].to(dev),
+                                              targets["ts"][rows].to(dev), s.to(dev), interval.to(dev))
+                loss = trainable(x, t, d, cond, target, run.batch_size / info.world)
+            (loss_val,) = all_sum([loss.item()], info)
+            if not math.isfinite(loss_val):
+                last = checkpoints(out)
+                raise TrainingError(f"non-finite loss at step {step}; stopping. Last good checkpoint: "
+                                    f"{last[-1] if last else 'none'}")
+            loss.backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.optim.grad_clip)
+                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            metrics = {"step": done, "loss": loss_val / info.world, "lr": lr, "grad_norm": float(grad_norm),
+                       "samples/s": run.batch_size / (time.perf_counter() - t0)}
+            checkpoint = run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps
+            if checkpoint:
+                metrics.update(_holdout(trainable, targets, train_rows, cfg, info))
+            bar.step(metrics, log=checkpoint or run.log_every > 0 and done % run.log_every == 0)
+            if checkpoint:
+                save_checkpoint(out, done, trainable, optimizer, None, {"config": to_dict(cfg), "data_position": done},
+                                info, run.keep_checkpoints)
+    finally:
+        bar.close()
+    return export(trainable, hc, out / "final", info)
+
+
+def _holdout(trainable, targets, start: int, cfg: DistillConfig, info: DistInfo) -> dict[str, float]:
+    state = plain_state_dict(trainable, None, "student")
+    if state is None:
+        return {}
+    student = DistilledHead(unwrap(trainable).student.config)
+    student.load_state_dict(state)
+    return holdout_errors(student.eval(), targets, start, list(cfg.trained_steps))
+
+
+def export(trainable, config: DistilledHeadConfig, final: Path, info: DistInfo) -> Path:
+    """Write the head directory that ``NextStepPipeline.from_pretrained(..., head=final)`` loads."""
+    state = plain_state_dict(trainable, None, "student")
+    if state is not None:
+        head = DistilledHead(config)
+        head.load_state_dict(state)
+        head.save_pretrained(final)
+    barrier(info)
+    return final

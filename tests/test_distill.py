@@ -1,0 +1,216 @@
+"""Few-step head distillation (``nextstep distill-head``) and fast generation with the distilled head, on the bundled
+model: the loss falls, a briefly trained student is closer to its teacher than the untrained one on held-out prompts,
+fast mode runs one guidance branch and is deterministic, a head refuses a model it was not distilled from, and a
+killed run resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nextstep.checkpoint import CheckpointError
+from nextstep.errors import InputError
+from nextstep.model.distilled_head import DistilledHead, model_fingerprint
+from nextstep.pipeline import NextStepPipeline
+from nextstep.train.config import DistillConfig, from_dict
+from nextstep.train.distill import distill, draw_rows, holdout_errors
+
+
+def recipe(out: Path, **over) -> dict:
+    r = {"run": {"out_dir": str(out), "steps": 60, "batch_size": 256, "seed": 1, "log_every": 1, "ckpt_every": 20},
+         "data": {"source": "shapes", "num_samples": 40, "mix": {"t2i": 0.6, "edit": 0.4}, "seed": 5},
+         "optim": {"lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0},
+         "teacher_steps": 8, "trained_steps": [1, 2, 4], "steps": 2, "policy_fraction": 0.5, "policy_steps": 4,
+         "holdout": 128}
+    for k, v in over.items():
+        r[k] = {**r[k], **v} if isinstance(v, dict) else v
+    return r
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return NextStepPipeline.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trajectory distillation of the bundled model: (run directory, head directory)."""
+    out = tmp_path_factory.mktemp("distill") / "run"
+    return out, distill(from_dict(DistillConfig, recipe(out)), progress=False)
+
+
+def test_loss_falls_and_the_student_gets_closer_to_its_teacher_on_held_out_prompts(trained, pipe):
+    out, final = trained
+    log = metrics(out)
+    first, last = sum(m["loss"] for m in log[:5]) / 5, sum(m["loss"] for m in log[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    # the same held-out tokens: the untrained student (the teacher's conditional head) against the trained one
+    targets = load_file(str(next(out.glob("targets-*.safetensors"))))
+    start = targets["cond"].shape[0] - 128
+    untrained = DistilledHead.from_teacher(pipe.model.image_head, DistilledHead.from_pretrained(final).config)
+    before = holdout_errors(untrained, targets, start, [1, 2, 4])
+    after = holdout_errors(DistilledHead.from_pretrained(final, pipe.model), targets, start, [1, 2, 4])
+    assert after == {k: pytest.approx(log[-1][k], rel=1e-4) for k in after}  # what the run logged
+    for s in (1, 2, 4):
+        assert after[f"holdout_mse_{s}"] < 0.8 * before[f"holdout_mse_{s}"], (s, before, after)
+
+
+def test_shortcut_method_trains_every_level_and_its_loss_falls(tmp_path):
+    cfg = from_dict(DistillConfig, recipe(tmp_path / "sc", method="shortcut", run={"steps": 40}))
+    _, s, interval = draw_rows(cfg, 0, 100)
+    assert set(s.tolist()) == {1, 2, 4, 8} and (s == 8).float().mean() > 0.3 and (interval < s).all()
+    distill(cfg, progress=False)
+    log = metrics(tmp_path / "sc")
+    assert sum(m["loss"] for m in log[-5:]) < 0.7 * sum(m["loss"] for m in log[:5])
+
+
+def test_fast_mode_runs_one_branch_and_is_deterministic(trained, pipe):
+    pipe.load_head(trained[1])
+    seen = []
+    forward = pipe.model.forward
+
+    def spy(embeds, *a, **kw):
+        seen.append(embeds.shape[0])
+        return forward(embeds, *a, **kw)
+
+    pipe.model.forward = spy
+    try:
+        kw = dict(progress=False, output_type="pt")
+        a = pipe(["a red circle", "a blue square"], fast=True, generator=torch.Generator().manual_seed(3), **kw)
+        assert set(seen) == {2}  # prefill and every step: the two prompts' conditional rows, no unconditional rows
+        seen.clear()
+        full = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(3),
+                    num_inference_steps=2, **kw)
+        assert set(seen) == {4}  # the full head: conditional + unconditional rows
+        b = pipe(["a red circle", "a blue square"], fast=True, generator=torch.Generator().manual_seed(3), **kw)
+        one = pipe("a blue square", fast=True, generator=[torch.Generator().manual_seed(3)], **kw)
+        source = pipe("a red circle", generator=torch.Generator().manual_seed(3), progress=False).images[0]
+        seen.clear()
+        edit = pipe("make it green", image=source, fast=True, generator=torch.Generator().manual_seed(0), **kw)
+        assert set(seen) == {1} and edit.tokens.shape == (1, 16, 64)
+    finally:
+        pipe.model.forward = forward
+    assert torch.equal(a.tokens, b.tokens)  # deterministic for a seed
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    pair = pipe(["a red circle", "a blue square"], fast=True, generator=gens, **kw)
+    alone = pipe("a blue square", fast=True, generator=[torch.Generator().manual_seed(4)], **kw)
+    assert (pair.tokens[1] - alone.tokens[0]).abs().max() <= 1e-5  # batch == single
+    assert one.tokens.shape == (1, 16, 64)
+    assert pipe("a red circle", fast=True, num_inference_steps=4, progress=False).tokens.shape == (1, 16, 64)
+
+
+def test_fast_mode_errors_are_clear(trained, pipe):
+    bare = NextStepPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.defaults)
+    with pytest.raises(InputError, match="distilled head"):
+        bare("a red circle", fast=True, progress=False)
+    pipe.load_head(trained[1])
+    with pytest.raises(InputError, match="guidance_scale=3.0"):
+        pipe("a red circle", fast=True, guidance_scale=5.0, progress=False)
+    with pytest.raises(InputError, match="sampler"):
+        pipe("a red circle", fast=True, sampler="ode", progress=False)
+    with pytest.raises(InputError, match="observe"):
+        pipe("a red circle", fast=True, observe=lambda *a: None, progress=False)
+
+
+def test_a_head_refuses_a_model_it_was_not_distilled_from(trained, pipe, fixture):
+    other = NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
+    with pytest.raises(CheckpointError, match="does not fit this model: condition size 256 vs the model's hidden size 128"):
+        other.load_head(trained[1])
+    # same shapes, other weights: the fingerprint names the base model
+    with torch.no_grad():
+        pipe.model.transformer.norm.weight.add_(0.01)
+    try:
+        with pytest.raises(CheckpointError, match=r"belongs to another model: it was distilled from 'bundled'"):
+            pipe.load_head(trained[1])
+    finally:
+        with torch.no_grad():
+            pipe.model.transformer.norm.weight.sub_(0.01)
+    # a bfloat16 load of the same model is the same model
+    assert model_fingerprint(NextStepPipeline.from_pretrained(dtype=torch.bfloat16).model) == \
+        model_fingerprint(pipe.model)
+
+
+def test_bad_recipes_are_refused():
+    from nextstep.config import ConfigError
+
+    for bad, msg in (({"method": "magic"}, "method"), ({"teacher_steps": 12}, "power of 2"),
+                     ({"trained_steps": [3]}, "trained_steps"), ({"steps": 8}, "steps 8"),
+                     ({"data": {"mix": {"t2i": 1, "text": 1}}}, "text-only")):
+        with pytest.raises(ConfigError, match=msg):
+            from_dict(DistillConfig, recipe(Path("/tmp/x"), **bad))
+
+
+def _run(args: list[str]) -> subprocess.Popen:
+    code = ("import sys; from nextstep.train.config import DistillConfig, load_recipe; "
+            "from nextstep.train.distill import distill; "
+            "distill(load_recipe(sys.argv[1], DistillConfig), resume='--resume' in sys.argv, progress=False)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(recipe(tmp_path / name, run={"steps": 300, "ckpt_every": 100})))
+    p = _run([str(tmp_path / "a.json")])
+    assert p.wait(300) == 0, p.stdout.read()
+    p = _run([str(tmp_path / "b.json")])
+    target = tmp_path / "b" / "checkpoints" / "step_0000100" / "trainer.json"
+    deadline = time.time() + 240
+    while not target.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert target.exists(), "the run never reached its step-100 checkpoint"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b" / "final").exists()
+    p = _run([str(tmp_path / "b.json"), "--resume"])
+    assert p.wait(300) == 0, p.stdout.read()
+    a, b = (load_file(str(tmp_path / n / "final" / "head.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_server_fast_requests(trained, pipe):
+    from fastapi.testclient import TestClient
+
+    from nextstep.serve.routes import create_app
+
+    pipe.load_head(trained[1])
+    with TestClient(create_app(pipe, batch_wait_s=0), base_url="http://127.0.0.1") as client:
+        health = client.get("/health").json()
+        assert health["fast"]["available"] and health["fast"]["generation"]["steps"] == 2
+        assert health["fast"]["generation"]["sampler"] == "distilled"
+        body = {"prompt": "a red circle", "seed": 5, "fast": True}
+        r = client.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        wanted = pipe("a red circle", fast=True, generator=torch.Generator().manual_seed(5), progress=False).images[0]
+        import base64
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        assert np.array_equal(np.asarray(got), np.asarray(wanted))
+        r = client.post("/v1/images/generations", json={**body, "guidance_scale": 7.0})
+        assert r.status_code == 400 and "guidance_scale=3.0" in r.json()["error"]["message"]
+    bare = NextStepPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.defaults)
+    with TestClient(create_app(bare), base_url="http://127.0.0.1") as client:
+        assert client.get("/health").json()["fast"] == {"available": False}
+        r = client.post("/v1/images/generations", json={"prompt": "a red circle", "fast": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "fast"
