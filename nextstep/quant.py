@@ -31,25 +31,46 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import StoredTensor
 
 KINDS = ("int8", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 INT8_MAX = 127  # symmetric: -128 is never used
+QUANT_BLOCK_BYTES = 8 << 20  # float32 rows quantized at a time (bounds the temporaries)
 
 
-def quantize_weight(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor | StoredTensor, kind: str, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (q, scale): q (out, in) int8, or uint8 holding e4m3 bits for fp8 (a dtype cast of
-    the module can then never touch it); scale (out,) float32. Computed in float32 on the weight's device."""
+    the module can then never touch it); scale (out,) float32. Computed in float32 on ``device`` (default: the
+    weight's), a block of rows at a time (the float32 temporaries stay under ``QUANT_BLOCK_BYTES``: every step is
+    per row, so the result is the same bit for bit). ``weight`` may be a ``StoredTensor``, read block by block and cast
+    to ``dtype`` first (the model's dtype when loading: rounding to it before quantizing, as a float model would)."""
     check_kind(kind)
-    w = weight.detach().float()
+    stored = isinstance(weight, StoredTensor)
+    device = torch.device(device) if device is not None else (torch.device("cpu") if stored else weight.device)
+    n_out, n_in = weight.shape
+    q = torch.empty(n_out, n_in, dtype=torch.int8 if kind == "int8" else torch.uint8, device=device)
+    scale = torch.empty(n_out, dtype=torch.float32, device=device)
+    step = max(1, QUANT_BLOCK_BYTES // max(1, 4 * n_in))
+    for i in range(0, n_out, step):
+        j = min(i + step, n_out)
+        if stored:
+            rows = weight.read(dtype, device, rows=(i, j))
+        else:
+            rows = weight.detach()[i:j].to(device=device, dtype=dtype or weight.dtype)
+        q[i:j], scale[i:j] = _quantize_rows(rows, kind)
+    return q, scale
+
+
+def _quantize_rows(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.float()
     amax = w.abs().amax(dim=1)
     top = INT8_MAX if kind == "int8" else FP8_MAX
     scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))  # an all-zero row keeps q = 0
@@ -81,10 +102,7 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype  # the compute dtype: of the float weight this replaces, changed by .to(dtype)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.float())
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.set_bias(bias)
         self._packed = None  # fbgemm's packed int8 weight (CPU), replacing qweight
         self._pack()
 
@@ -92,6 +110,13 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, kind: str) -> "QuantizedLinear":
         q, s = quantize_weight(linear.weight, kind)
         return cls(q, s, linear.bias, kind, linear.weight.dtype)
+
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        """(out,) bias, kept in the compute dtype, or None."""
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().to(self.dtype), requires_grad=False)
 
     # ---- storage ------------------------------------------------------------------------------------------------
     def _pack(self) -> None:
@@ -226,45 +251,36 @@ def quantize_(module: nn.Module, kind: str) -> nn.Module:
     return module
 
 
-def quantizing_stream(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], kind: str, source: str,
-                      dtype: torch.dtype | None, device: torch.device | str
-                      ) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], None]]:
-    """Load-time quantization of ``model`` built on ``meta`` (``NextStep.from_pretrained(quantize=)``): returns the
-    stream of (key, tensor) without the weights of ``model``'s linear layers, each of which is quantized as it passes
-    (its float copy dropped at once), and ``finish()``, which swaps the layers for ``QuantizedLinear``s once the rest
-    (biases included) is assigned strictly."""
-    targets = linears_to_quantize(model)  # on meta: name -> nn.Linear
-    shapes = {name: (lin.weight.shape, dtype or lin.weight.dtype) for name, lin in targets.items()}
-    for lin in targets.values():  # the strict assignment then expects everything but these weights
-        del lin.weight
-        lin.register_parameter("weight", None)
-    done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    # Tensors read from a memory-mapped file keep the whole mapping alive, and with it every page read so far (the
-    # float weights quantized here included): the ones kept in float are copied out, so each file's pages go when
-    # the reader closes it. Peak host memory: the quantized model plus about one file (shard) of pages.
-    to_host = torch.device(device).type == "cpu"
+class LoadTimeQuantizer:
+    """Quantizes ``model``'s linear layers while it is loaded (``NextStep.from_pretrained(quantize=)``): passed as
+    ``assign_state_dict(..., take=quantizer)``, it claims each linear weight as it comes, reads it a block of rows at
+    a time and builds its ``QuantizedLinear`` at once (on CPU, int8 goes straight into fbgemm's packed layout, so a
+    layer's plain int8 copy lives only while it is packed); ``finish()`` gives the layers their biases, loaded by
+    then, and swaps them in. The float weights are never all in memory: the host peak is the quantized model plus
+    about one block and one layer. Equal, bit for bit, to loading in float and then ``quantize_``."""
 
-    def stream():
-        for k, t in tensors:
-            owner, _, leaf = k.rpartition(".")
-            if leaf != "weight" or owner not in targets:
-                yield k, (t.clone() if to_host else t)
-                continue
-            shape, want = shapes[owner]
-            if t.shape != shape:
-                raise CheckpointError(f"cannot load {source}: shape mismatch (does config.json match the weights?): "
-                                      f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(shape)}")
-            done[owner] = quantize_weight(t.to(device=device, dtype=want), kind)
+    def __init__(self, model: nn.Module, kind: str, dtype: torch.dtype | None, device: torch.device | str):
+        check_kind(kind)
+        self.model, self.kind, self.device = model, kind, device
+        self.targets = linears_to_quantize(model)  # on meta: name -> nn.Linear
+        self.dtypes = {name: dtype or lin.weight.dtype for name, lin in self.targets.items()}
+        self.done: dict[str, QuantizedLinear] = {}
 
-    def finish():
-        missing = [f"{name}.weight" for name in targets if name not in done]
-        if missing:
-            raise CheckpointError(f"cannot load {source}: missing keys: {', '.join(sorted(missing)[:12])}")
-        for name, lin in targets.items():
-            q, s = done.pop(name)
-            model.set_submodule(name, QuantizedLinear(q, s, lin.bias, kind, shapes[name][1]))
+    def __call__(self, key: str, tensor: torch.Tensor | StoredTensor) -> bool:
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "weight" or owner not in self.targets:
+            return False
+        q, s = quantize_weight(tensor, self.kind, self.dtypes[owner], self.device)
+        self.done[owner] = QuantizedLinear(q, s, None, self.kind, self.dtypes[owner])
+        return True
 
-    return stream(), finish
+    def finish(self) -> None:
+        missing = sorted(set(self.targets) - set(self.done))
+        assert not missing, missing  # assign_state_dict checked every key before
+        for name, lin in self.targets.items():
+            layer = self.done.pop(name)
+            layer.set_bias(lin.bias)
+            self.model.set_submodule(name, layer)
 
 
 def quantized_kind(module: nn.Module) -> str | None:

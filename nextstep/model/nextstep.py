@@ -237,9 +237,13 @@ class NextStep(nn.Module):
                         device: torch.device | str = "cpu", quantize: str | None = None) -> "NextStep":
         """Build from a model directory (official NextStep-1/1.1 layout or ours): ``config.json`` + safetensors.
 
-        ``quantize`` ("int8" or "fp8", see ``nextstep.quant``) quantizes every linear layer as its weight is read,
-        one at a time, so the float weights are never all in memory (host peak near the quantized size); the result
-        equals loading in float and then ``quant.quantize_``, bit for bit. ``dtype`` is then the compute dtype."""
+        The model is built on ``meta``, every key and shape is checked against the files' headers, then each tensor
+        is read once, in file order, straight into the model (``checkpoint.assign_state_dict``): host memory peaks
+        near what the model holds, whatever the shard sizes (``benchmarks/load_memory.py`` measures it).
+        ``quantize`` ("int8" or "fp8", see ``nextstep.quant``) quantizes every linear layer as its weight is read, a
+        block of rows at a time, so the float weights are never in memory (host peak near the quantized size); the
+        result equals loading in float and then ``quant.quantize_``, bit for bit. ``dtype`` is then the compute
+        dtype."""
         model_dir = require_dir(path, "model")
         config = NextStepConfig.from_official(read_json(model_dir / "config.json", "model config.json"))
         if quantize is not None:
@@ -247,17 +251,16 @@ class NextStep(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         tied = config.transformer.tie_word_embeddings
-        tensors = ((official_to_ours(k), t) for k, t in iter_safetensors(safetensors_files(model_dir))
-                   if not (tied and k == "lm_head.weight"))
+        tensors = [(official_to_ours(k), t) for k, t in iter_safetensors(safetensors_files(model_dir))
+                   if not (tied and k == "lm_head.weight")]
         if tied:  # a tied lm_head shares the embedding: load it once, then re-tie after assignment
             del model.lm_head.weight
             model.lm_head.register_parameter("weight", None)
-        if quantize is not None:
-            tensors, finish = quant.quantizing_stream(model, tensors, quantize, str(model_dir), dtype, device)
+        quantizer = quant.LoadTimeQuantizer(model, quantize, dtype, device) if quantize is not None else None
         assign_state_dict(model, tensors, source=str(model_dir), dtype=dtype, device=device,
-                          ignore=OFFICIAL_IGNORED_KEYS)
-        if quantize is not None:
-            finish()
+                          ignore=OFFICIAL_IGNORED_KEYS, take=quantizer)
+        if quantizer is not None:
+            quantizer.finish()
         if tied:
             model.lm_head.weight = model.embed_tokens.weight
         return model.eval()
