@@ -17,7 +17,7 @@ from .config import SamplingConfig, Settings
 from .errors import InputError, TrainingError
 from .generate_many import LAYOUTS
 from .images import grid_image, save_pngs
-from .pipeline import NextStepPipeline, bundled_model_dir
+from .pipeline import FAST_HEAD_DIR, NextStepPipeline, bundled_model_dir
 from .prompt import area_text
 from .sampling.flow import NEXTSTEP_11_SAMPLERS, SAMPLERS
 from .sampling.guidance import SCHEDULES
@@ -51,6 +51,9 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     _sampling_flags(p, edit)
     p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: split the model over N processes started with torchrun "
+                        "--nproc_per_node N (default 1)")
     _loading_flags(p)
 
 
@@ -74,11 +77,20 @@ def _sampling_flags(p: argparse.ArgumentParser, edit: bool) -> None:
                    help="noise level of the 1.1 samplers flow_sde and cps, in [0, 1] (default: the model's, 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
+    _fast_flag(p)
+
+
+def _fast_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true",
+                   help="sample with the distilled few-step head (the model's fast/ head, or --head DIR): one "
+                        "guidance branch, its own steps (default 2; --steps 1 to 4), the guidance it was distilled for")
 
 
 def _loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
+    p.add_argument("--head", default=None, metavar="DIR",
+                   help="a distilled head for --fast (default: the model's fast/ subdirectory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -112,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image", help="input image file")
     e.add_argument("instruction")
     _common(e, edit=True)
-    for name, what in (("train", "train the autoregressive model"), ("train-vae", "train the VAE tokenizer")):
+    for name, what in (("train", "train the autoregressive model"), ("train-vae", "train the VAE tokenizer"),
+                       ("distill-head", "distill the flow head into a few-step head (guidance included)")):
         t = sub.add_parser(name, help=f"{what} (single process, or under torchrun for DDP / FSDP2)")
         t.add_argument("config", help="a JSON recipe (see configs/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -131,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-cfg", type=float, default=None)
     ev.add_argument("--shift", type=float, default=None)
     ev.add_argument("--sampler", default=None, choices=sorted(SAMPLERS))
+    _fast_flag(ev)
+    ev.add_argument("--head", default=None, metavar="DIR", help="a distilled head for --fast (default: the model's)")
     ev.add_argument("--json", default=None, help="write the results (without images) to this JSON file")
     ev.add_argument("--save-grid", default=None, help="write a PNG grid of generations with pass/fail marks")
     ev.add_argument("--model", default=None)
@@ -147,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default=None)
     sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    sv.add_argument("--head", default=None, metavar="DIR",
+                    help="a distilled head for requests with \"fast\": true (default: the model's fast/, if any)")
     sv.add_argument("--api-key", default=None, metavar="KEY",
                     help="clients must send 'Authorization: Bearer KEY' (default: $NEXTSTEP_API_KEY, else none; the "
                          "variable keeps the key out of the process list)")
@@ -179,7 +196,7 @@ def run_eval(args) -> list[Path]:
     results = evaluate_pipeline(load_pipeline(args), args.n, args.seed, size=args.size, n_edits=args.edits,
                                 batch_size=args.batch, progress=not args.quiet, image_guidance_scale=args.image_cfg,
                                 num_inference_steps=args.steps, guidance_scale=args.cfg, time_shift=args.shift,
-                                sampler=args.sampler)
+                                sampler=args.sampler, **({"fast": True} if args.fast else {}))
     print(format_table(results))
     written = []
     if args.json:
@@ -214,10 +231,10 @@ def make_tokenizer(args) -> list[Path]:
 
 
 def run_training(args) -> list[Path]:
-    from .train.config import TrainConfig, VAETrainConfig, load_recipe
+    from .train.config import DistillConfig, TrainConfig, VAETrainConfig, load_recipe
     from .train.distributed import init_from_env, shutdown
 
-    cls = TrainConfig if args.command == "train" else VAETrainConfig
+    cls = {"train": TrainConfig, "train-vae": VAETrainConfig, "distill-head": DistillConfig}[args.command]
     cfg = load_recipe(args.config, cls)
     if args.out:
         cfg.run.out_dir = args.out
@@ -227,6 +244,8 @@ def run_training(args) -> list[Path]:
     try:
         if args.command == "train":
             from .train.ar import train
+        elif args.command == "distill-head":
+            from .train.distill import distill as train
         else:
             from .train.vae import train
         return [train(cfg, resume=args.resume, info=info, progress=not args.quiet)]
@@ -268,12 +287,53 @@ def dtype_name(args, device: torch.device) -> str:
     return args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
 
 
-def load_pipeline(args, model_dir: Path | None = None, device: torch.device | None = None) -> NextStepPipeline:
+def load_pipeline(args, model_dir: Path | None = None, device: torch.device | None = None,
+                  tp_mesh=None) -> NextStepPipeline:
     device = device or pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name(args, device)]
     vae = hub.resolve(args.vae, "VAE") if args.vae else None
     return NextStepPipeline.from_pretrained(model_dir or model_path(args), vae, dtype=dtype, device=device,
-                                            quantize=args.quantize)
+                                            quantize=args.quantize, tp_mesh=tp_mesh, head=getattr(args, "head", None))
+
+
+def settings_in_force(args, model_dir: Path, edit: bool) -> Settings:
+    """The settings a run will use, checked before the model loads: the model's defaults under the flags, or with
+    --fast the distilled head's (its config is read, not its weights)."""
+    defaults = SamplingConfig.from_model_dir(model_dir)
+    overrides = sampling_overrides(args, edit)
+    if not args.fast:
+        return defaults.resolve(edit, **overrides)
+    from .model.distilled_head import DistilledHeadConfig
+
+    head = Path(args.head) if args.head else model_dir / FAST_HEAD_DIR
+    if not head.is_dir():
+        raise UsageError(f"--fast needs a distilled head: {head} does not exist (pass --head DIR, or make one with "
+                         f"`nextstep distill-head`)")
+    return DistilledHeadConfig.read(head).settings(defaults, edit, **overrides)
+
+
+def tensor_parallel_setup(args, device: torch.device):
+    """--tp N: join torchrun's N processes -> (DistInfo, 1-D mesh, this rank's device); (None, None, device)
+    without it."""
+    if args.tp < 1:
+        raise UsageError(f"--tp must be >= 1, got {args.tp}")
+    if args.tp == 1:
+        return None, None, device
+    if args.quantize or args.compile:
+        raise UsageError("--tp cannot be combined with --quantize or --compile (not supported yet)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--tp runs on cpu or cuda devices, not {device.type}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .train.distributed import init_from_env
+
+    info = init_from_env()
+    if info.world != args.tp:
+        raise UsageError(f"--tp {args.tp} needs {args.tp} processes: run it under torchrun --nproc_per_node "
+                         f"{args.tp} (this run has {info.world})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)  # one GPU per rank
+    return info, init_device_mesh(device.type, (args.tp,)), device
 
 
 def describe(s: Settings, edit: bool) -> str:
@@ -314,22 +374,33 @@ def run(args) -> list[Path]:
     edit = args.command == "edit"
     if edit and not Path(args.image).is_file():
         raise UsageError(f"input image not found: {args.image}")
-    pick_device(args.device)
-    settings = sampling_overrides(args, edit)
+    device = pick_device(args.device)
+    settings = {**sampling_overrides(args, edit), **({"fast": True} if args.fast else {})}
     model_dir = model_path(args)
-    in_force = SamplingConfig.from_model_dir(model_dir).resolve(edit, **settings)  # bad settings fail before loading
-    if not args.quiet:
-        print(f"nextstep: {describe(in_force, edit)}; seed {args.seed}", file=sys.stderr)
-    pipe = load_pipeline(args, model_dir)
-    if args.compile:
-        pipe.compile()
-    width, height = args.size if args.size else (None, None)
-    kwargs = dict(height=height, width=width, num_images_per_prompt=args.num_images, think=args.think,
-                  generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet, **settings)
-    if edit:
-        out = pipe(args.instruction, image=args.image, **kwargs)
-    else:
-        out = pipe(args.prompt, **kwargs)
+    in_force = settings_in_force(args, model_dir, edit)  # bad settings fail before loading
+    info, mesh, device = tensor_parallel_setup(args, device)
+    main = info is None or info.is_main  # under --tp every rank draws the same images: the first speaks and saves
+    try:
+        if main and not args.quiet:
+            print(f"nextstep: {describe(in_force, edit)}; seed {args.seed}", file=sys.stderr)
+        pipe = load_pipeline(args, model_dir, device, tp_mesh=mesh)
+        if args.compile:
+            pipe.compile()
+        width, height = args.size if args.size else (None, None)
+        kwargs = dict(height=height, width=width, num_images_per_prompt=args.num_images, think=args.think,
+                      generator=torch.Generator().manual_seed(args.seed), progress=main and not args.quiet,
+                      **settings)
+        if edit:
+            out = pipe(args.instruction, image=args.image, **kwargs)
+        else:
+            out = pipe(args.prompt, **kwargs)
+    finally:
+        if info is not None:
+            from .train.distributed import shutdown
+
+            shutdown()
+    if not main:
+        return []
     images = list(out.images) + ([grid_image(out.images)] if grid_path is not None else [])
     written = paths + ([grid_path] if grid_path is not None else [])
     save_pngs(images, written)  # all files or none
@@ -355,7 +426,7 @@ def run_generate_many(args) -> list[Path]:
         raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
     items = read_prompts(args.prompts)  # bad input fails before anything is loaded, alike on every rank
     model_dir = model_path(args)
-    settings = SamplingConfig.from_model_dir(model_dir).resolve(False, **sampling_overrides(args, edit=False))
+    settings = settings_in_force(args, model_dir, edit=False)
     device = pick_device(args.device)
     info = init_from_env()
     try:
@@ -365,6 +436,8 @@ def run_generate_many(args) -> list[Path]:
         identity = {"model": model_fingerprint(model_dir), "vae": model_fingerprint(vae_dir),
                     "dtype": dtype_name(args, device), "quantize": args.quantize, "compile": args.compile,
                     "device": device.type}
+        if args.fast:
+            identity["head"] = model_fingerprint(Path(args.head) if args.head else model_dir / FAST_HEAD_DIR)
         width, height = args.size if args.size else (None, None)
         job = Job(items, Path(args.out), n=args.num_images, seed=args.seed, batch=args.batch, layout=args.layout,
                   height=height, width=width, settings=settings, identity=identity)
@@ -398,7 +471,7 @@ def run_info(args) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "train-vae"):
+        if args.command in ("train", "train-vae", "distill-head"):
             written = run_training(args)
         elif args.command == "serve":
             try:
@@ -407,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})")
             serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                   api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
-                  allow_origins=args.allow_origin, public_without_key=args.public_without_key)
+                  allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head)
             written = []
         elif args.command == "eval":
             written = run_eval(args)

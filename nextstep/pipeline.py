@@ -11,7 +11,6 @@ Reading order of ``NextStepPipeline.__call__``:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -312,21 +311,7 @@ class NextStepPipeline:
         if self.head is None:
             raise InputError("fast mode needs a distilled head: load one with from_pretrained(..., head=DIR) or "
                              "pipe.load_head(DIR) (CLI: --head DIR), or make one with `nextstep distill-head`")
-        h = self.head.config
-        fixed = dict(guidance_scale=h.edit_guidance_scale if edit else h.guidance_scale,
-                     image_guidance_scale=h.edit_image_guidance_scale if edit else 1.0,
-                     time_shift=h.edit_time_shift if edit else h.time_shift, guidance_schedule="constant",
-                     sampler=DISTILLED, negative_prompt=h.negative_prompt if edit else "")
-        for name, value in fixed.items():
-            asked = overrides.get(name)
-            if asked is not None and asked != value:
-                raise InputError(f"the distilled head reproduces its teacher at {name}={value!r} "
-                                 f"({'editing' if edit else 'text-to-image'}); it cannot sample at {asked!r}: "
-                                 f"leave it out, or sample without fast mode")
-        base = self.defaults.resolve(edit, token_norm=overrides.get("token_norm"),
-                                     noise_level=overrides.get("noise_level"))
-        steps = overrides.get("num_inference_steps") or h.steps
-        return dataclasses.replace(base, num_inference_steps=steps, **fixed)
+        return self.head.config.settings(self.defaults, edit, **overrides)
 
     def guidance(self, settings: Settings, edit: bool) -> Guidance:
         """The guidance branches and scales of a call (one conditional branch for the distilled head)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,26 +155,26 @@ def test_bad_recipes_are_refused():
 
 
 def _run(args: list[str]) -> subprocess.Popen:
-    code = ("import sys; from nextstep.train.config import DistillConfig, load_recipe; "
-            "from nextstep.train.distill import distill; "
-            "distill(load_recipe(sys.argv[1], DistillConfig), resume='--resume' in sys.argv, progress=False)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "nextstep.cli", "distill-head", *args, "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     for name in ("a", "b"):
-        (tmp_path / f"{name}.json").write_text(json.dumps(recipe(tmp_path / name, run={"steps": 300, "ckpt_every": 100})))
+        (tmp_path / f"{name}.json").write_text(json.dumps(recipe(tmp_path / name, run={"steps": 150, "ckpt_every": 50})))
     p = _run([str(tmp_path / "a.json")])
     assert p.wait(300) == 0, p.stdout.read()
+    (tmp_path / "b").mkdir()
+    for f in (tmp_path / "a").glob("targets-*.safetensors"):  # the same recipe's cached targets: built once
+        shutil.copy(f, tmp_path / "b" / f.name)
     p = _run([str(tmp_path / "b.json")])
-    target = tmp_path / "b" / "checkpoints" / "step_0000100" / "trainer.json"
+    target = tmp_path / "b" / "checkpoints" / "step_0000050" / "trainer.json"
     deadline = time.time() + 240
     while not target.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert target.exists(), "the run never reached its step-100 checkpoint"
+    assert target.exists(), "the run never reached its step-50 checkpoint"
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (tmp_path / "b" / "final").exists()

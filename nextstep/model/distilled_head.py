@@ -27,7 +27,9 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, assign_state_dict, iter_safetensors, read_json, require_dir, \
     save_safetensors, write_json
-from ..config import FlowHeadConfig
+from ..config import FlowHeadConfig, SamplingConfig, Settings
+from ..errors import InputError
+from ..sampling.flow import DISTILLED
 from .flow_head import FlowHead, TimeEmbedding, VelocityNet
 
 CONFIG_FILE = "head_config.json"
@@ -59,6 +61,30 @@ class DistilledHeadConfig:
     trained_steps: tuple[int, ...] = (1, 2, 4)
     method: str = "trajectory"
     teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's sampler and steps, for the record
+
+    def settings(self, defaults: SamplingConfig, edit: bool, **overrides: Any) -> Settings:
+        """The settings of a call with this head: its steps (default: ``steps``), the teacher settings it was
+        distilled for, the model's ``defaults`` for the rest; an override asking for other guidance, shift, negative
+        prompt or sampler is an InputError naming it."""
+        fixed = dict(guidance_scale=self.edit_guidance_scale if edit else self.guidance_scale,
+                     image_guidance_scale=self.edit_image_guidance_scale if edit else 1.0,
+                     time_shift=self.edit_time_shift if edit else self.time_shift, guidance_schedule="constant",
+                     sampler=DISTILLED, negative_prompt=self.negative_prompt if edit else "")
+        for name, value in fixed.items():
+            asked = overrides.get(name)
+            if asked is not None and asked != value:
+                raise InputError(f"the distilled head reproduces its teacher at {name}={value!r} "
+                                 f"({'editing' if edit else 'text-to-image'}); it cannot sample at {asked!r}: "
+                                 f"leave it out, or sample without fast mode")
+        base = defaults.resolve(edit, token_norm=overrides.get("token_norm"), noise_level=overrides.get("noise_level"))
+        steps = overrides.get("num_inference_steps") or self.steps
+        return dataclasses.replace(base, num_inference_steps=steps, **fixed)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "DistilledHeadConfig":
+        """The config of the distilled head in directory ``path`` (no weights read)."""
+        d = require_dir(path, "distilled head")
+        return cls.from_dict(read_json(d / CONFIG_FILE, "distilled head config"), str(d / CONFIG_FILE))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -104,11 +130,13 @@ class DistilledHead(nn.Module):
         self.step_embed = TimeEmbedding(config.head.width, config.head.frequency_dim)
 
     @classmethod
-    def from_teacher(cls, teacher: FlowHead, config: DistilledHeadConfig) -> "DistilledHead":
-        """A student equal to the teacher's conditional velocity: its weights, and a step embedding that adds 0."""
+    def from_teacher(cls, teacher: FlowHead, config: DistilledHeadConfig,
+                     generator: torch.Generator | None = None) -> "DistilledHead":
+        """A student equal to the teacher's conditional velocity: its weights, and a step embedding that adds 0
+        (its first layer drawn from ``generator``)."""
         student = cls(config).to(next(teacher.parameters()).device)
         student.net.load_state_dict(teacher.net.state_dict())
-        nn.init.normal_(student.step_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(student.step_embed.mlp[0].weight, std=0.02, generator=generator)
         nn.init.zeros_(student.step_embed.mlp[0].bias)
         nn.init.zeros_(student.step_embed.mlp[2].weight)
         nn.init.zeros_(student.step_embed.mlp[2].bias)
@@ -132,7 +160,7 @@ class DistilledHead(nn.Module):
         """Load a distilled head; with ``model`` given, check that it belongs to that model (shapes, fingerprint)
         and raise :class:`CheckpointError` naming the mismatch."""
         d = require_dir(path, "distilled head")
-        config = DistilledHeadConfig.from_dict(read_json(d / CONFIG_FILE, "distilled head config"), str(d / CONFIG_FILE))
+        config = DistilledHeadConfig.read(d)
         if model is not None:
             check_belongs(config, model, str(d))
         with torch.device("meta"):

@@ -288,7 +288,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     hc = head_config(cfg, pipe)
-    student = DistilledHead.from_teacher(pipe.model.image_head, hc).train()
+    student = DistilledHead.from_teacher(pipe.model.image_head, hc, torch.Generator().manual_seed(run.seed)).train()
     teacher_errors = holdout_errors(student, targets, train_rows, list(cfg.trained_steps))
     bf16 = run.precision == "bf16"
     trainable = wrap(LossModule(student), info, run.parallel, (VelocityNet,), bf16)
