@@ -38,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 from nextstep.config import PRESETS, VAEConfig, preset  # noqa: E402
+from nextstep.model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint  # noqa: E402
 from nextstep.model.nextstep import NextStep  # noqa: E402
 from nextstep.model.vae import VAE  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
     run.add_argument("--exact", action="store_true", help="the reference's head arithmetic (pipe(..., exact=True))")
     run.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only quantization of the model's linears")
+    run.add_argument("--fast", type=int, nargs="+", metavar="STEPS",
+                     help="time a distilled few-step head (fast=True) at these step counts instead of the sampler "
+                          "grid: an untrained student made from the model's head (same cost as a trained one); "
+                          "with --shape, against the workload's official 50-step row")
 
     grid = p.add_argument_group("grid (every combination is run)")
     grid.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="images per prompt")
@@ -194,6 +199,16 @@ def build_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.d
     return pipe, desc
 
 
+def untrained_head(pipe: NextStepPipeline) -> DistilledHead:
+    """A distilled head of the pipeline's model as distillation starts it (the teacher's weights, a zero step input):
+    it costs what a trained one costs."""
+    model = pipe.model
+    cfg = DistilledHeadConfig(token_dim=model.config.token_dim, cond_dim=model.config.transformer.hidden_size,
+                              head=model.config.head, base_model="benchmark", fingerprint=model_fingerprint(model),
+                              guidance_scale=3.0, edit_guidance_scale=3.0, edit_image_guidance_scale=1.0)
+    return DistilledHead.from_teacher(model.image_head, cfg).to(model.dtype).eval()
+
+
 # ---- measuring ------------------------------------------------------------------------------------------------
 
 def sync(device: torch.device) -> None:
@@ -211,10 +226,11 @@ def run_one(pipe: NextStepPipeline, args, size, batch, steps, cfg, sampler, devi
     w, h = size
     sync(device)
     t0 = time.perf_counter()
-    out = pipe(args.prompt, height=h, width=w, num_images_per_prompt=batch, guidance_scale=cfg,
-               num_inference_steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
-               output_type="pt", progress=False, timings=True, time_shift=1.0,
-               token_norm=False if args.shape else None, exact=args.exact)
+    settings = (dict(fast=True) if sampler == "distilled" else
+                dict(guidance_scale=cfg, sampler=sampler, time_shift=1.0, exact=args.exact))
+    out = pipe(args.prompt, height=h, width=w, num_images_per_prompt=batch, num_inference_steps=steps,
+               generator=torch.Generator().manual_seed(0), output_type="pt", progress=False, timings=True,
+               token_norm=False if args.shape else None, **settings)
     sync(device)
     return time.perf_counter() - t0, dict(out.timings)
 
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantize:
         quantize_(pipe.model, args.quantize)
         desc += f"; weights {args.quantize}"
+    if args.fast:
+        pipe.head = untrained_head(pipe)
+        desc += "; an untrained distilled head (timing only)"
     load_s = time.perf_counter() - t0
     sync(device)
 
@@ -318,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
 
     rss_base = rss_mb()
-    if args.shape:  # the workload's own rows
+    if args.fast:
+        sizes = [SHAPES[args.shape]["size"]] if args.shape else args.size
+        combos = [(size, batch, steps, 1.0, "distilled") for size, batch, steps in
+                  product(sizes, [1] if args.shape else args.batch, args.fast)]
+    elif args.shape:  # the workload's own rows
         spec = SHAPES[args.shape]
         combos = [(spec["size"], n, steps, cfg, "sde") for cfg, steps, n, _ in spec["rows"]]
     else:
@@ -339,7 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"mark: a row also shows any larger peak of an earlier row.")
     print(table(rows, "¹"))
     print()
-    if args.shape:
+    if args.shape and args.fast:
+        cfg, steps, n, official = SHAPES[args.shape]["rows"][-1]
+        print(f"against the official implementation's {steps}-step row at guidance {cfg:g} ({args.shape}, float32, "
+              f"one thread, from the speed issue):")
+        print("| distilled steps | guidance branches | official s/image | this run s/image | speed-up |")
+        print("|---|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['steps']} | 1 | {official} | {r['s_per_image']:.3g} | {official / r['s_per_image']:.1f}x |")
+        print()
+    elif args.shape:
         print(f"against the official implementation ({args.shape}, float32, one thread, from the speed issue):")
         print("| guidance | steps | images | official s/image | this run s/image | speed-up |")
         print("|---|---|---|---:|---:|---:|")
