@@ -106,11 +106,12 @@ class StoredTensor:
         out2 = out.view(stop - start, -1)  # (rows, elements per row)
         row_bytes = out2.shape[1] * self.dtype.itemsize
         direct = out.device.type == "cpu" and out.dtype == self.dtype
-        step = max(1, READ_BLOCK_BYTES // row_bytes)
+        step = min(stop - start, max(1, READ_BLOCK_BYTES // row_bytes))
+        buffer = None if direct else torch.empty((step, out2.shape[1]), dtype=self.dtype)  # one per tensor, reused
         with open(self.path, "rb", buffering=0) as f:
             for i in range(0, stop - start, step):
                 j = min(i + step, stop - start)
-                block = out2[i:j] if direct else torch.empty((j - i, out2.shape[1]), dtype=self.dtype)
+                block = out2[i:j] if direct else buffer[:j - i]
                 _read_into(f, self.offset + (start + i) * row_bytes, block, self.path)
                 if not direct:
                     out2[i:j].copy_(block)

@@ -32,7 +32,8 @@ def _random(shape, dtype, g):
 @pytest.fixture(scope="module")
 def every_dtype(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    tensors = {str(dt).removeprefix("torch."): _random((37, 5, 3), dt, g) for dt in checkpoint.SAFETENSORS_DTYPES.values()}
+    dtypes = checkpoint.SAFETENSORS_DTYPES.values()
+    tensors = {str(dt).removeprefix("torch."): _random((37, 5, 3), dt, g) for dt in dtypes}
     tensors.update({"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "vector": torch.arange(1000.0)})
     path = tmp_path_factory.mktemp("st") / "all.safetensors"
     save_file(tensors, str(path))
