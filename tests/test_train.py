@@ -218,6 +218,70 @@ def test_two_processes_equal_one(world, tmp_path, strategy):
     assert worst <= 1e-5, worst
 
 
+@pytest.mark.slow  # torchrun with 2 processes, then resumed here in one
+def test_fsdp_checkpoint_of_two_processes_resumes_in_one(world, tmp_path, one_thread):
+    """A checkpoint saved by 2 FSDP2 processes (each holding half of every parameter and of the optimizer state) is
+    resumed by 1 process: it holds exactly the weights the 2 processes had, and trains on as they did."""
+    cfg = ar_config(world, tmp_path / "two", steps=4, ckpt_every=2, export_every=2, parallel="fsdp")
+    cfg["context_noise"] = 0.3
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    finish(run_cli(["train", str(cfg_path), "--quiet"], nproc=2))
+    saved = tmp_path / "two" / "checkpoints" / "step_0000002"
+    assert len(list(saved.glob("*.distcp"))) == 2  # one file per rank: a sharded checkpoint
+
+    one = tmp_path / "one"  # the run as it was at step 2, continued on another "cluster"
+    shutil.copytree(saved, one / "checkpoints" / saved.name)
+    shutil.copyfile(tmp_path / "two" / "metrics.jsonl", one / "metrics.jsonl")
+    recipe = {**cfg, "run": {**cfg["run"], "out_dir": str(one)}}
+    loaded = _resume_ar(world, one, {**recipe, "run": {**recipe["run"], "steps": 2}})  # no step: export as loaded
+    at2, w2 = (load_file(str(d / "model.safetensors")) for d in (loaded, tmp_path / "two" / "exports" / saved.name))
+    assert at2.keys() == w2.keys() and all(torch.equal(at2[k], w2[k]) for k in at2)
+
+    final = _resume_ar(world, one, recipe)  # steps 3 and 4 on one process (model + optimizer state restored)
+    ref, got = losses(tmp_path / "two"), losses(one)
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert abs(got[s] - ref[s]) <= 1e-5, (s, got[s], ref[s])
+    w2, w1 = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "two", one))
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert final == one / "final" and worst <= 1e-5, worst
+    moved = max((w1[k] - at2[k]).abs().max().item() for k in w1)
+    assert moved > 1e-3, moved  # steps 3-4 did change the weights (the comparison above is not vacuous)
+
+
+SHARED_CHECK = """
+import sys
+from pathlib import Path
+from nextstep.train.distributed import init_from_env, shutdown
+from nextstep.train.state import check_shared_dir
+
+info = init_from_env()
+base = Path(sys.argv[1])
+check_shared_dir(base, info)  # one directory: passes
+try:  # each rank its own directory, as a node-local disk on each of two nodes would be
+    (base / f"node{info.rank}").mkdir()
+    check_shared_dir(base / f"node{info.rank}", info)
+except RuntimeError as e:
+    print(f"rank {info.rank} refused: {e}")
+shutdown()
+"""
+
+
+@pytest.mark.slow  # torchrun with 2 processes
+def test_out_dir_not_shared_by_all_ranks_is_refused_by_each(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(SHARED_CHECK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + (os.getpid() + 7) % 1000), str(script), str(tmp_path)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for rank in (0, 1):
+        said = f"rank {rank} refused: run.out_dir {tmp_path / f'node{rank}'} is not shared by all 2 processes: 1 of"
+        assert said in p.stdout, p.stdout
+    assert not list(tmp_path.rglob(".shared-check-*"))  # the markers are removed
+
+
 def test_bad_input(world, tmp_path):
     base = ar_config(world, tmp_path / "x", steps=2)
     with pytest.raises(FileNotFoundError, match="data directory not found"):

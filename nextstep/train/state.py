@@ -4,6 +4,14 @@ otherwise), the LR schedule, EMA weights, metrics and progress.
 A checkpoint is a directory ``OUT/checkpoints/step_XXXXXXX`` with the model + optimizer (+ EMA) state written by
 DCP, ``trainer.json`` (step, data position, the resolved config) and ``rng_rank{r}.pt``. It is written under a
 temporary name and renamed when complete, so a crash never leaves a half checkpoint that ``--resume`` would take.
+
+Every rank writes its part into that one directory (``__{rank}_0.distcp`` under FSDP2), so all processes, on every
+node, must see ``OUT`` (``start_run`` checks it). DCP records each tensor's global shape and which rank wrote which
+piece, so a checkpoint resumes on any number of processes, and under FSDP2, DDP or one process alike: loading
+re-splits the model, optimizer and EMA state for the ranks that load it. The data plan is global (batch ``step``
+is the same whatever the rank count; each rank takes its slice), so only ``batch_size`` must stay divisible by the
+process count. A rank without an ``rng_rank{r}.pt`` (more ranks than saved) keeps its global RNGs as they are:
+the trainers draw their noise from generators seeded per image or per step, not from those.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import secrets
 import shutil
 import sys
 import time
@@ -20,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -33,18 +43,43 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..files import atomic_path
 from .config import from_dict, to_dict
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, all_sum, barrier
 
 CKPT_PREFIX = "step_"
 
 
 def start_run(run, info: DistInfo) -> Path:
-    """Check the run against the process count and create its output directory."""
+    """Check the run against the process count and create its output directory (seen by every process)."""
     if run.batch_size % info.world:
         raise ValueError(f"batch_size {run.batch_size} is not divisible by the {info.world} processes")
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(out, info)
     return out
+
+
+def check_shared_dir(out: Path, info: DistInfo) -> None:
+    """Raise on every rank unless all processes see the same directory ``out``: rank 0 creates a file of a fresh name
+    there and each rank looks for it. Checkpoints and the latent cache are written into ``out`` by several ranks,
+    so on several nodes it must be on a filesystem they all mount at the same path; on a node-local disk each node
+    would keep a part of every checkpoint, and the run could not be resumed."""
+    if not info.enabled:
+        return
+    name = [f".shared-check-{secrets.token_hex(8)}"]
+    dist.broadcast_object_list(name, src=0)
+    marker = out / name[0]
+    if info.is_main:
+        marker.touch()
+    barrier(info)
+    blind = int(all_sum([0.0 if marker.exists() else 1.0], info)[0])
+    barrier(info)
+    if info.is_main:
+        marker.unlink()
+    if blind:
+        raise RuntimeError(f"run.out_dir {out} is not shared by all {info.world} processes: {blind} of them do not "
+                           f"see the file rank 0 created there. Every rank writes its part of each checkpoint into "
+                           f"out_dir: on several nodes, put it on a filesystem all of them mount at the same path "
+                           f"(NFS, Lustre, GPFS, ...)")
 
 
 def resume_point(out: Path, recipe, resume: bool, info: DistInfo) -> Path | None:
