@@ -133,9 +133,14 @@ class DistilledHead(nn.Module):
     def from_teacher(cls, teacher: FlowHead, config: DistilledHeadConfig,
                      generator: torch.Generator | None = None) -> "DistilledHead":
         """A student equal to the teacher's conditional velocity: its weights, and a step embedding that adds 0
-        (its first layer drawn from ``generator``)."""
+        (its first layer drawn from ``generator``). A student deeper than the teacher (``config.head.depth``) gets
+        the teacher's blocks first, then blocks whose zero gates make them identities until trained."""
         student = cls(config).to(next(teacher.parameters()).device)
-        student.net.load_state_dict(teacher.net.state_dict())
+        student.net.init_weights(generator)  # blocks beyond the teacher's depth start as identities (zero gates)
+        missing, unexpected = student.net.load_state_dict(teacher.net.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("res_blocks.") for k in missing):
+            raise ValueError(f"the student's head {config.head} does not extend the teacher's: missing {missing}, "
+                             f"unexpected {unexpected}")
         nn.init.normal_(student.step_embed.mlp[0].weight, std=0.02, generator=generator)
         nn.init.zeros_(student.step_embed.mlp[0].bias)
         nn.init.zeros_(student.step_embed.mlp[2].weight)

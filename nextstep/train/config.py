@@ -242,9 +242,11 @@ class DistillConfig:
     teacher_steps: int = 32  # Euler steps of the teacher's guided ODE (a power of 2, a multiple of every trained step)
     trained_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     steps: int = 2  # the head's default number of steps
+    student_depth: int | None = None  # residual blocks of the student (default: the teacher's; more start as identity)
     policy_fraction: float = 0.5
     policy_steps: int = 10
     holdout: int = 1024  # tokens kept out of training, to measure the student against the teacher
+    tokens_per_image: int | None = None  # keep this many random tokens of each image (default: all)
     # the teacher's settings; None: the base model's sampling defaults
     guidance_scale: float | None = None
     edit_guidance_scale: float | None = None
@@ -268,6 +270,8 @@ class DistillConfig:
         _check(0 <= self.policy_fraction <= 1, f"policy_fraction must be in [0, 1], got {self.policy_fraction}")
         _check(self.policy_steps >= 2, f"policy_steps must be >= 2, got {self.policy_steps}")
         _check(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
+        _check(self.student_depth is None or self.student_depth >= 1, "student_depth must be >= 1")
+        _check(self.tokens_per_image is None or self.tokens_per_image >= 1, "tokens_per_image must be >= 1")
         _check(self.data.mix.get("text", 0) == 0, "data.mix: text-only samples have no image to distill on")
 
 

@@ -85,7 +85,7 @@ def teacher_settings(cfg: DistillConfig, pipe) -> dict[bool, Settings]:
 
 def targets_key(cfg: DistillConfig, fingerprint: str) -> str:
     parts = [to_dict(cfg.data), fingerprint, cfg.teacher_steps, cfg.policy_fraction, cfg.policy_steps, cfg.holdout,
-             cfg.run.seed, cfg.guidance_scale, cfg.edit_guidance_scale, cfg.edit_image_guidance_scale,
+             cfg.run.seed, *([cfg.tokens_per_image] if cfg.tokens_per_image else []), cfg.guidance_scale, cfg.edit_guidance_scale, cfg.edit_image_guidance_scale,
              cfg.time_shift, cfg.edit_time_shift]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -131,8 +131,12 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
     latents = torch.stack(pipe.encode_images(sources, Guidance(), 1)) if edit else None
     ids = [pipe.prompt_rows(t, grid, settings, edit) for t in texts]
     cond = teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid)
-    cond = cond.reshape(copies * b * total, -1)  # (copies * N, D) branch-major, N = b * total
-    n = b * total
+    keep = cfg.tokens_per_image or total
+    if keep < total:  # a random subset of each image's tokens (large images: storage and teacher time)
+        pick = torch.stack([torch.randperm(total, generator=gen)[:keep].sort().values for _ in range(b)])
+        cond = cond.reshape(copies, b, total, -1)[:, torch.arange(b)[:, None], pick]
+    n = b * keep
+    cond = cond.reshape(copies * n, -1)  # (copies * N, D) branch-major, N = images x kept tokens
     ode = dataclasses.replace(settings, sampler="ode", num_inference_steps=k, token_norm=False)
     sampler = TokenSampler(model.image_head, guidance, ode, copies * n, model.device, model.dtype,
                            batched_modulations=True, trace=True)
@@ -153,6 +157,7 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
         raise ValueError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
     size = tuple(cfg.data.bucket_sizes[0])
     tokens = (size[0] // pipe.size_multiple) * (size[1] // pipe.size_multiple)
+    tokens = min(tokens, cfg.tokens_per_image or tokens)
     held = min(math.ceil(cfg.holdout / tokens), len(items) - 1)
     rng = np.random.default_rng([cfg.run.seed, 7])
     on_policy = rng.random(len(items)) < cfg.policy_fraction  # per sample, fixed by the seed
@@ -261,7 +266,8 @@ def head_config(cfg: DistillConfig, pipe) -> DistilledHeadConfig:
     t2i, edit = settings[False], settings[True]
     mc = pipe.model.config
     return DistilledHeadConfig(
-        token_dim=mc.token_dim, cond_dim=mc.transformer.hidden_size, head=mc.head,
+        token_dim=mc.token_dim, cond_dim=mc.transformer.hidden_size,
+        head=dataclasses.replace(mc.head, depth=cfg.student_depth or mc.head.depth),
         base_model=str(cfg.model or "bundled"), fingerprint=model_fingerprint(pipe.model),
         guidance_scale=t2i.guidance_scale, edit_guidance_scale=edit.guidance_scale,
         edit_image_guidance_scale=edit.image_guidance_scale, time_shift=t2i.time_shift,
