@@ -90,17 +90,21 @@ class StoredTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def read(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             rows: tuple[int, int] | None = None) -> torch.Tensor:
+             rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """A new tensor of ``dtype`` (default: the stored one) on ``device`` holding the stored tensor, or only rows
-        ``[start, stop)`` of its first dimension. Read into the result directly when it is a CPU tensor of the stored
-        dtype; otherwise through a CPU block of at most ``READ_BLOCK_BYTES`` at a time (cast and moved with
-        ``copy_``, which rounds exactly as ``Tensor.to``)."""
+        ``[start, stop)`` of its first dimension; or that, written into the contiguous tensor ``out`` (whose dtype and
+        device then apply). Read into the result directly when it is a CPU tensor of the stored dtype; otherwise
+        through one CPU buffer of at most ``READ_BLOCK_BYTES`` (cast and moved with ``copy_``, which rounds exactly
+        as ``Tensor.to``)."""
         n = self.shape[0] if self.shape else 1
         start, stop = rows if rows is not None else (0, n)
         if not 0 <= start <= stop <= n or (rows is not None and not self.shape):
             raise ValueError(f"rows {rows} out of range for a stored tensor of shape {self.shape}")
-        out = torch.empty((stop - start, *self.shape[1:]) if self.shape else (), dtype=dtype or self.dtype,
-                          device=device)
+        shape = (stop - start, *self.shape[1:]) if self.shape else ()
+        if out is None:
+            out = torch.empty(shape, dtype=dtype or self.dtype, device=device)
+        elif tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor of shape {shape}, got {tuple(out.shape)}")
         if out.numel() == 0:
             return out
         out2 = out.view(stop - start, -1)  # (rows, elements per row)

@@ -42,42 +42,52 @@ KINDS = ("int8", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 INT8_MAX = 127  # symmetric: -128 is never used
-QUANT_BLOCK_BYTES = 8 << 20  # float32 rows quantized at a time (bounds the temporaries)
+QUANT_BLOCK_BYTES = 16 << 20  # float32 rows quantized at a time (the one work block)
 
 
 def quantize_weight(weight: torch.Tensor | StoredTensor, kind: str, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (q, scale): q (out, in) int8, or uint8 holding e4m3 bits for fp8 (a dtype cast of
-    the module can then never touch it); scale (out,) float32. Computed in float32 on ``device`` (default: the
-    weight's), a block of rows at a time (the float32 temporaries stay under ``QUANT_BLOCK_BYTES``: every step is
-    per row, so the result is the same bit for bit). ``weight`` may be a ``StoredTensor``, read block by block and cast
-    to ``dtype`` first (the model's dtype when loading: rounding to it before quantizing, as a float model would)."""
+    the module can then never touch it); scale (out,) float32:
+
+        scale = max|w_row| / top (1 for an all-zero row),  q = round(w / scale) (int8) or e4m3(w / scale)
+
+    ``weight`` may be a ``StoredTensor`` (loading), read and cast to ``dtype`` first (the model's dtype: rounded to
+    it before quantizing, as a float model would be). Computed in float32 on ``device`` (default: the weight's) a
+    block of rows at a time, in place in one float32 work block of at most ``QUANT_BLOCK_BYTES`` (every step is per
+    row, so the result is the same bit for bit; and no temporaries of a block's size come and go, which would
+    fragment the host heap between the model's tensors)."""
     check_kind(kind)
     stored = isinstance(weight, StoredTensor)
     device = torch.device(device) if device is not None else (torch.device("cpu") if stored else weight.device)
+    want = dtype or weight.dtype
     n_out, n_in = weight.shape
-    q = torch.empty(n_out, n_in, dtype=torch.int8 if kind == "int8" else torch.uint8, device=device)
+    q = torch.empty(n_out, n_in, dtype=torch.int8 if kind == "int8" else FP8, device=device)
     scale = torch.empty(n_out, dtype=torch.float32, device=device)
-    step = max(1, QUANT_BLOCK_BYTES // max(1, 4 * n_in))
+    step = min(n_out, max(1, QUANT_BLOCK_BYTES // max(1, 4 * n_in)))
+    work = torch.empty(step, n_in, dtype=torch.float32, device=device)
+    cast = None if want == torch.float32 else torch.empty(step, n_in, dtype=want, device=device)
+    top = INT8_MAX if kind == "int8" else FP8_MAX
     for i in range(0, n_out, step):
         j = min(i + step, n_out)
+        w = work[:j - i]  # (rows, in) float32
+        rows = w if cast is None else cast[:j - i]  # the weight's rows in the model's dtype
         if stored:
-            rows = weight.read(dtype, device, rows=(i, j))
+            weight.read(rows=(i, j), out=rows)
         else:
-            rows = weight.detach()[i:j].to(device=device, dtype=dtype or weight.dtype)
-        q[i:j], scale[i:j] = _quantize_rows(rows, kind)
-    return q, scale
-
-
-def _quantize_rows(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    w = w.float()
-    amax = w.abs().amax(dim=1)
-    top = INT8_MAX if kind == "int8" else FP8_MAX
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))  # an all-zero row keeps q = 0
-    w = w / scale[:, None]
-    if kind == "int8":
-        return w.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
-    return w.clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8), scale
+            rows.copy_(weight.detach()[i:j])
+        if cast is not None:
+            w.copy_(rows)
+        amax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_())  # max |w| per row, without an |w| copy
+        s = torch.where(amax > 0, amax / top, torch.ones_like(amax))  # an all-zero row keeps q = 0
+        w.div_(s[:, None])
+        if kind == "int8":
+            w.round_().clamp_(-INT8_MAX, INT8_MAX)
+        else:
+            w.clamp_(-FP8_MAX, FP8_MAX)
+        q[i:j].copy_(w)
+        scale[i:j] = s
+    return (q if kind == "int8" else q.view(torch.uint8)), scale
 
 
 class QuantizedLinear(nn.Module):

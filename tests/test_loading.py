@@ -141,15 +141,37 @@ def test_quantized_loading_block_by_block_equals_quantizing_after_loading(tiny, 
         assert torch.equal(during.logits(h_during), after.logits(h_after))
 
 
-def test_block_wise_quantize_weight_equals_whole(monkeypatch):
-    w = torch.randn(301, 77, generator=torch.Generator().manual_seed(0))
+def _reference_quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula of ``nextstep.quant`` on the whole tensor at once, with plain out-of-place ops."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    top = quant.INT8_MAX if kind == "int8" else quant.FP8_MAX
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    w = w / scale[:, None]
+    if kind == "int8":
+        return w.round().clamp(-quant.INT8_MAX, quant.INT8_MAX).to(torch.int8), scale
+    return w.clamp(-quant.FP8_MAX, quant.FP8_MAX).to(quant.FP8).view(torch.uint8), scale
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+@pytest.mark.parametrize("rows_per_block", [1, 10, 1000])
+def test_block_wise_quantize_weight_equals_the_formula(monkeypatch, tmp_path, kind, rows_per_block):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(301, 77, generator=g) * torch.logspace(-3, 3, 301)[:, None]
     w[5] = 0  # an all-zero row keeps scale 1
-    whole = {kind: quant.quantize_weight(w, kind) for kind in quant.KINDS}
-    monkeypatch.setattr(quant, "QUANT_BLOCK_BYTES", 4 * 77 * 10)  # 10 rows at a time, 31 blocks
-    for kind in quant.KINDS:
-        q, s = quant.quantize_weight(w, kind)
-        assert torch.equal(q, whole[kind][0]) and torch.equal(s, whole[kind][1])
-        assert s[5] == 1 and not q[5].any()
+    w[7] = -w[7].abs()  # a row whose largest magnitude is negative
+    monkeypatch.setattr(quant, "QUANT_BLOCK_BYTES", 4 * 77 * rows_per_block)
+    save_file({"w": w, "w16": w.bfloat16()}, str(tmp_path / "w.safetensors"))
+    stored = read_safetensors_header(tmp_path / "w.safetensors")
+    ref32, ref16 = _reference_quantize(w, kind), _reference_quantize(w.bfloat16(), kind)
+    for got, want in [(quant.quantize_weight(w, kind), ref32), (quant.quantize_weight(stored["w"], kind), ref32),
+                      (quant.quantize_weight(w.bfloat16(), kind), ref16),
+                      (quant.quantize_weight(stored["w"], kind, torch.bfloat16), ref16),
+                      (quant.quantize_weight(stored["w16"], kind), ref16)]:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert got[0].dtype == (torch.int8 if kind == "int8" else torch.uint8)
+    q, s = quant.quantize_weight(w, kind)
+    assert s[5] == 1 and not q[5].any()
 
 
 # ---- host memory (a fresh process; Linux: /proc/self/status and clear_refs) -----------------------------------
