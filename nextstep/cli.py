@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("instruction")
     _common(e, edit=True)
     for name, what in (("train", "train the autoregressive model"), ("train-vae", "train the VAE tokenizer"),
-                       ("distill-head", "distill the flow head into a few-step head (guidance included)")):
+                       ("distill-head", "distill the flow head into a few-step head (guidance included)"),
+                       ("train-rl", "post-train a model with GRPO on scored samples of its own")):
         t = sub.add_parser(name, help=f"{what} (single process, or under torchrun for DDP / FSDP2)")
         t.add_argument("config", help="a JSON recipe (see configs/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -231,10 +232,12 @@ def make_tokenizer(args) -> list[Path]:
 
 
 def run_training(args) -> list[Path]:
+    from .rl.config import RLConfig
     from .train.config import DistillConfig, TrainConfig, VAETrainConfig, load_recipe
     from .train.distributed import init_from_env, shutdown
 
-    cls = {"train": TrainConfig, "train-vae": VAETrainConfig, "distill-head": DistillConfig}[args.command]
+    cls = {"train": TrainConfig, "train-vae": VAETrainConfig, "distill-head": DistillConfig,
+           "train-rl": RLConfig}[args.command]
     cfg = load_recipe(args.config, cls)
     if args.out:
         cfg.run.out_dir = args.out
@@ -246,6 +249,8 @@ def run_training(args) -> list[Path]:
             from .train.ar import train
         elif args.command == "distill-head":
             from .train.distill import distill as train
+        elif args.command == "train-rl":
+            from .rl.trainer import train_rl as train
         else:
             from .train.vae import train
         return [train(cfg, resume=args.resume, info=info, progress=not args.quiet)]
@@ -471,7 +476,7 @@ def run_info(args) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "train-vae", "distill-head"):
+        if args.command in ("train", "train-vae", "distill-head", "train-rl"):
             written = run_training(args)
         elif args.command == "serve":
             try:

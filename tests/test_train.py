@@ -311,13 +311,16 @@ def test_bad_input(world, tmp_path):
 
 
 def test_every_recipe_in_configs_loads():
-    """``configs/`` holds the recipes the README runs; each must pass the checks ``nextstep train(-vae)`` applies."""
-    from nextstep.train.config import load_recipe
+    """``configs/`` holds the recipes the README runs; each must pass the checks of the command that runs it."""
+    from nextstep.rl.config import RLConfig
+    from nextstep.train.config import DistillConfig, load_recipe
 
     recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
     assert recipes
+    classes = (("shapes-vae", VAETrainConfig), ("distill", DistillConfig), ("shapes-rl", RLConfig))
     for path in recipes:
-        load_recipe(path, VAETrainConfig if path.name.startswith("shapes-vae") else TrainConfig)
+        cls = next((c for prefix, c in classes if path.name.startswith(prefix)), TrainConfig)
+        assert type(load_recipe(path, cls)) is cls
 
 
 def test_corrupt_samples_are_skipped_and_counted(world, tmp_path, capsys):

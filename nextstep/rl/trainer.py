@@ -1,0 +1,299 @@
+"""GRPO post-training (``nextstep train-rl``): the model learns from scored samples of its own.
+
+One step:
+    1. prompts: ``run.batch_size`` shapes-world prompts, a pure function of (seed, step) (``step_prompts``), all
+       text-to-image or all edits; every process takes its contiguous slice (a prompt's group never splits);
+    2. rollouts: ``group`` images per prompt sampled by the pipeline with the current weights, each prompt's noise
+       from its own generator seeded by (seed, step, prompt), every head step recorded (``rl.rollout``);
+    3. rewards per image, advantages normalised within each group (``rl.grpo.group_advantages``);
+    4. ``updates`` optimizer steps on ``rl.grpo.grpo_loss`` over a random subset of (token, head step) pairs per
+       update (drawn from (seed, step, update), the same on every process): ratios against the log-probabilities the
+       first update starts from (recomputed, so the first ratio is exactly 1), the exact KL to a frozen copy of the
+       starting model.
+Every process holds the same number of images and pairs, so the mean of its loss, averaged over processes by DDP /
+FSDP2, is the mean over the global batch: N processes make the update of one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.shapes import CATEGORIES, EDIT_TYPES, generate_edit, generate_t2i, render
+from ..errors import TrainingError
+from ..images import grid_image, save_png
+from ..model.nextstep import NextStep
+from ..model.transformer import DecoderLayer
+from ..train.config import to_dict
+from ..train.distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
+from ..train.state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_key,
+                           plain_state_dict, resume_point, save_checkpoint, start_run)
+from .config import RLConfig
+from .grpo import gaussian_kl, group_advantages, grpo_loss, reward_metrics
+from .policy import StepStats, Steps, all_steps, conditions, random_steps, set_trainable, step_stats
+from .rewards import RewardFn, load_reward
+from .rollout import Prompt, Rollout, rollout
+
+# Random streams of a run's seed. The shapes world's own use 0-3 (training set, evaluation prompts, evaluation edits,
+# backgrounds) in the same place of the seed sequence, so rollout prompts never share draws with the evaluation sets.
+_STREAM_KIND, _STREAM_PROMPTS, _STREAM_NOISE, _STREAM_PAIRS = 4, 5, 6, 7
+LOSS_METRICS = ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "neg_log_prob")
+
+
+def _seed(*key: int) -> int:
+    """A 64-bit torch seed from a key of integers (distinct keys of one length give independent seeds)."""
+    lo, hi = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32)
+    return int(hi) << 32 | int(lo)
+
+
+# ---- 1. prompts ------------------------------------------------------------------------------------------------------
+def step_prompts(cfg: RLConfig, step: int) -> list[Prompt]:
+    """The ``run.batch_size`` prompts of step ``step`` (all processes together): all edits or all text-to-image (the
+    kind drawn by ``mix``), categories or edit types by ``weights``, each a shapes-world prompt with its spec."""
+    seed, size = cfg.run.seed, cfg.rollout.image_size
+    edit = np.random.default_rng([seed, _STREAM_KIND, step]).random() < cfg.kind_weights[1]
+    names, p = (EDIT_TYPES if edit else CATEGORIES), cfg.draw_probabilities(edit)
+    out = []
+    for i in range(cfg.run.batch_size):
+        rng = np.random.default_rng([seed, _STREAM_PROMPTS, step, i])
+        name = names[int(rng.choice(len(names), p=p))]
+        if edit:
+            source, instruction, _, spec = generate_edit(name, rng, size)
+            out.append(Prompt(instruction, render(source), spec))
+        else:
+            caption, spec, _ = generate_t2i(name, rng, size)
+            out.append(Prompt(caption, spec=spec))
+    return out
+
+
+def local_slice(cfg: RLConfig, info: DistInfo) -> slice:
+    """This process's prompts of a step's global batch."""
+    per = cfg.run.batch_size // info.world
+    return slice(info.rank * per, (info.rank + 1) * per)
+
+
+# ---- 2.-3. rollouts and rewards --------------------------------------------------------------------------------------
+def roll(cfg: RLConfig, pipe, step: int, info: DistInfo) -> Rollout:
+    """This process's rollouts of step ``step`` (the pipeline samples in inference mode, without gradients)."""
+    part = local_slice(cfg, info)
+    prompts = step_prompts(cfg, step)[part]
+    gens = [torch.Generator().manual_seed(_seed(cfg.run.seed, _STREAM_NOISE, step, i))
+            for i in range(part.start, part.stop)]
+    size = cfg.rollout.image_size
+    return rollout(pipe, prompts, cfg.group, size, size, gens, **cfg.rollout.settings())
+
+
+def score(reward: RewardFn, r: Rollout) -> torch.Tensor:
+    """(B,) float32 rewards of a rollout's images (image b answers prompt b // group)."""
+    return reward(r.images, [p for p in r.prompts for _ in range(r.group)])
+
+
+def global_rewards(cfg: RLConfig, rewards: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every process's rewards in global prompt order (each places its own in a zero vector; the sum is exact)."""
+    full = torch.zeros(cfg.run.batch_size * cfg.group, dtype=torch.float64)
+    part = local_slice(cfg, info)
+    full[part.start * cfg.group:part.stop * cfg.group] = rewards.double()
+    return torch.tensor(all_sum(full.tolist(), info), dtype=torch.float32)
+
+
+# ---- 4. updates ------------------------------------------------------------------------------------------------------
+class PolicyModule(nn.Module):
+    """The unit DDP / FSDP2 wrap: its forward recomputes a rollout's head conditions (``steps`` None), or the
+    log-probabilities, means and stds of chosen steps, differentiable in the trained parameters. Tensors out (tuples),
+    so the wrappers see every output."""
+
+    def __init__(self, model: NextStep):
+        super().__init__()
+        self.model = model
+
+    def forward(self, r: Rollout, steps: Steps | None = None, cond: torch.Tensor | None = None):
+        if steps is None:
+            return conditions(self.model, r)
+        s = step_stats(self.model, r, steps, cond)
+        return s.log_prob, s.mean, s.std
+
+
+def _stats(out) -> StepStats:
+    return StepStats(*out)
+
+
+@dataclass
+class Batch:
+    """A rollout made ready for its updates: the pairs of each update, the log-probabilities they start from, the
+    reference model's means (KL), the advantages, and the conditions when the backbone is frozen."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # (B,)
+    pairs: list[Steps]  # per update
+    old: list[StepStats]  # per update, under the rollout's weights
+    ref: list[StepStats] | None  # per update, under the reference model (kl_weight > 0)
+    cond: torch.Tensor | None  # (copies * B, T, D) when the backbone is frozen ("head"), else recomputed per update
+
+
+def update_pairs(cfg: RLConfig, r: Rollout, step: int) -> list[Steps]:
+    """The (token, head step) pairs of each update of step ``step``: a pure function of (seed, step, update)."""
+    if cfg.pairs is None:
+        return [all_steps(r)] * cfg.updates
+    return [random_steps(r, cfg.pairs, torch.Generator().manual_seed(_seed(cfg.run.seed, _STREAM_PAIRS, step, u)))
+            for u in range(cfg.updates)]
+
+
+@torch.no_grad()
+def prepare(cfg: RLConfig, trainable: nn.Module, reference: NextStep | None, r: Rollout, advantages: torch.Tensor,
+            step: int) -> Batch:
+    """Everything the updates of a rollout need, computed before the first changes the weights."""
+    pairs = update_pairs(cfg, r, step)
+    cond = trainable(r) if cfg.parameters == "head" else None  # a frozen backbone: the same at every update
+    old = [_stats(trainable(r, p, cond)) for p in pairs]
+    ref = None
+    if reference is not None:
+        ref_cond = cond if cond is not None else conditions(reference, r)  # "head": the reference's backbone
+        ref = [step_stats(reference, r, p, ref_cond) for p in pairs]
+    return Batch(r, advantages, pairs, old, ref, cond)
+
+
+def update_loss(cfg: RLConfig, trainable: nn.Module, batch: Batch, u: int):
+    """The loss of update ``u`` (a ``GRPOOutput``: differentiable loss and its local metrics)."""
+    new = _stats(trainable(batch.rollout, batch.pairs[u], batch.cond))
+    kl = gaussian_kl(new.mean, batch.ref[u].mean, new.std) if batch.ref is not None else None
+    return grpo_loss(new.log_prob, batch.old[u].log_prob, batch.advantages, cfg.clip, kl, cfg.kl_weight)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
+    """Run (or resume) GRPO post-training; returns the exported model directory ``OUT/final``."""
+    from ..pipeline import NextStepPipeline
+
+    info = info or DistInfo()
+    run = cfg.run
+    out = start_run(run, info)
+    ckpt = resume_point(out, cfg, resume, info)
+    reward = load_reward(cfg.reward)  # a missing user reward fails here, before anything is loaded
+    pipe = NextStepPipeline.from_pretrained(cfg.model, cfg.vae, device=info.device)
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    model = pipe.model
+    set_trainable(model, cfg.parameters, cfg.last_layers)
+    model.lm_head.requires_grad_(False)  # the loss never reads the text head ("all" would leave DDP a gradless one)
+    reference = copy.deepcopy(model).requires_grad_(False) if cfg.kl_weight > 0 else None
+    fsdp = info.enabled and run.parallel == "fsdp"
+    if fsdp:  # FSDP2 shards the trained model; rollouts sample from a full copy of its weights
+        pipe.model = copy.deepcopy(model).requires_grad_(False)
+    bf16 = run.precision == "bf16"
+    if run.activation_checkpointing:
+        apply_activation_checkpointing(model, (DecoderLayer,))
+    # the head's parts are called one by one (condition and time embeddings, velocity): it stays in the root's unit
+    trainable = wrap(PolicyModule(model), info, run.parallel, (DecoderLayer,), bf16)
+    optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
+    start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
+    bar = Progress(out, run.steps, start, info, "train-rl", show=progress)
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    try:
+        for step in range(start, run.steps):
+            t0 = time.perf_counter()
+            if fsdp:
+                _sync_policy(trainable, pipe.model)
+            r = roll(cfg, pipe, step, info)
+            rewards = score(reward, r)
+            everyone = global_rewards(cfg, rewards, info)
+            t1 = time.perf_counter()
+            with autocast:
+                batch = prepare(cfg, trainable, reference, r, group_advantages(rewards, cfg.group), step)
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = dict.fromkeys(LOSS_METRICS, 0.0)
+            grad_norm = 0.0
+            for u in range(cfg.updates):
+                with autocast:
+                    result = update_loss(cfg, trainable, batch, u)
+                values = all_sum([float(result.loss.detach()), *(result.metrics.get(k, 0.0) for k in LOSS_METRICS[1:])],
+                                 info)
+                if not math.isfinite(values[0]):
+                    last = checkpoints(out)
+                    raise TrainingError(f"non-finite loss at step {step}, update {u}; stopping. Last good checkpoint: "
+                                        f"{last[-1] if last else 'none'}")
+                result.loss.backward()
+                grad_norm += float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(trainable)
+                for k, v in zip(LOSS_METRICS, values):
+                    sums[k] += v / info.world / cfg.updates
+            done = step + 1
+            kind = "edit" if r.edit else "t2i"
+            metrics = {"step": done, **reward_metrics(everyone, cfg.group), f"reward_{kind}": float(everyone.mean()),
+                       **{k: v for k, v in sums.items() if k != "kl" or reference is not None}, "lr": lr,
+                       "grad_norm": grad_norm / cfg.updates, "rollout_s": t1 - t0,
+                       "update_s": time.perf_counter() - t1}
+            bar.step(metrics, log=run.log_every > 0 and (done % run.log_every == 0 or done == run.steps))
+            if run.sample_every and done % run.sample_every == 0:
+                sample_grid(cfg, trainable, ema, pipe, out / "samples" / f"step_{done:07d}.png", info)
+            if run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps:
+                save_checkpoint(out, done, trainable, optimizer, ema, {"config": to_dict(cfg), "data_position": done},
+                                info, run.keep_checkpoints)
+            if run.export_every and done % run.export_every == 0 and done != run.steps:
+                export(trainable, ema, pipe, out / "exports" / f"step_{done:07d}", info)
+    finally:
+        bar.close()
+    return export(trainable, ema, pipe, out / "final", info)
+
+
+@torch.no_grad()
+def _sync_policy(trainable: nn.Module, policy: NextStep) -> None:
+    """Copy the trained parameters, gathered from their FSDP2 shards, into the rollout model (every rank calls)."""
+    own = dict(policy.named_parameters())
+    for name, p in trainable.named_parameters():
+        if p.requires_grad:
+            own[plain_key(name).removeprefix("model.")].copy_(p.full_tensor())
+
+
+def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
+    """A plain CPU copy of the (EMA) weights on the main rank; every rank must call (FSDP gathers)."""
+    state = plain_state_dict(trainable, ema, "model")
+    if state is None:
+        return None
+    model = NextStep(unwrap(trainable).model.config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def sample_grid(cfg: RLConfig, trainable: nn.Module, ema: EMA | None, pipe, path: Path, info: DistInfo) -> None:
+    """One image of each of the run's ``sample_prompts`` under the rollout settings (seed 0), side by side."""
+    from ..pipeline import NextStepPipeline
+
+    model = _plain_model(trainable, ema)
+    if model is not None:
+        grids = NextStepPipeline(model.to(info.device), pipe.vae, pipe.tokenizer, pipe.defaults, pipe.format)
+        size = cfg.rollout.image_size
+        images = grids(cfg.sample_prompts, height=size, width=size, generator=torch.Generator().manual_seed(0),
+                       progress=False, **cfg.rollout.settings()).images
+        save_png(grid_image(images), path)
+    barrier(info)
+
+
+def export(trainable: nn.Module, ema: EMA | None, pipe, final: Path, info: DistInfo) -> Path:
+    """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: the trained weights, the base
+    model's tokenizer, VAE and sampling defaults. A base model's distilled ``fast/`` head is not carried over: it was
+    distilled from the weights before post-training."""
+    model = _plain_model(trainable, ema)
+    if model is not None:
+        model.save_pretrained(final)
+        pipe.defaults.save(final)
+        pipe.tokenizer.save_pretrained(final)
+        pipe.vae.save_pretrained(final / "vae")
+    barrier(info)
+    return final
