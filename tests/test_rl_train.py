@@ -132,7 +132,7 @@ def test_first_update_ratios_are_exactly_one_then_off_policy(pipe, tmp_path, par
     rewards = score(load_reward(cfg.reward), r)
     assert rewards.shape == (8,) and rewards.std() > 0
     batch = prepare(cfg, trainable, reference, r, group_advantages(rewards, cfg.group), 0)
-    assert [len(s) for s in batch.pairs] == [16, 16] and (batch.cond is None) == (parameters != "head")
+    assert [len(s) for s in batch.pairs] == [16, 16] and (batch.conds is None) == (parameters != "head")
     first = update_loss(cfg, trainable, batch, 0)
     m = first.metrics
     assert m["ratio_min"] == m["ratio_max"] == 1.0 and m["clip_fraction"] == 0.0 and m["kl"] == 0.0, m
@@ -231,21 +231,26 @@ def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.slow  # torchrun with 2 processes against 1
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(tmp_path, strategy):
-    """Each process rolls out one prompt of the two; edits and text-to-image steps (seed 1: t2i, edit, edit); the
-    head and the last backbone layer trained, KL to the reference on."""
+    """Each process rolls out one prompt of the two (one pipeline call per prompt, as the one process makes them);
+    edit and text-to-image steps (seed 1: edit, t2i, edit); the head and the last backbone layer trained, KL to the
+    reference on. Measured: DDP weights bit-identical, FSDP2 2e-6 apart."""
     r = recipe(tmp_path / "one", run={"steps": 3, "seed": 1, "parallel": strategy}, mix={"t2i": 0.5, "edit": 0.5},
-               group=2, parameters="head+last_layers", optim={"lr": 3e-4})
+               group=2, parameters="head+last_layers", optim={"lr": 1e-4})
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(r))
     finish(run_cli(["train-rl", str(cfg), "--quiet"]))
     finish(run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     kinds = ["reward_edit" in m for m in one]
-    assert kinds == [False, True, True], kinds
+    assert kinds == [True, False, True], kinds
     for a, b in zip(one, two, strict=True):
-        for k in ("reward_mean", "loss", "kl", "ratio_mean", "grad_norm"):
+        # the same samples: every pipeline call is the same (and 8-bit pixels round weights 1e-6 apart alike)
+        assert abs(a["reward_mean"] - b["reward_mean"]) <= 1e-6, (a, b)
+        for k in ("loss", "policy_loss"):
             assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
-    base = {k: v for k, v in NextStepPipeline.from_pretrained().model.state_dict().items()}
+        for k in ("kl", "grad_norm"):  # sums of many terms (FSDP2 adds its shards' in another order)
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (a["step"], k, a[k], b[k])
+    base = NextStepPipeline.from_pretrained().model.state_dict()
     trained = NextStepPipeline.from_pretrained(tmp_path / "one" / "final").model.state_dict()
     assert worst(base, trained) > 1e-4  # the runs did train (the comparison below is not vacuous)
     assert worst(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5

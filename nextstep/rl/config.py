@@ -41,6 +41,10 @@ class RolloutConfig:
     image_guidance_scale: float | None = None  # edits only
     time_shift: float | None = None
     image_size: int = 64
+    # prompts per pipeline call: part of a run's identity (batched rows round differently), and each process's share
+    # of a step's prompts must be a multiple of it, so that every call, and so every sample, is the same whatever the
+    # number of processes
+    batch: int = 1
 
     def __post_init__(self) -> None:
         _check(self.sampler in NEXTSTEP_11_SAMPLERS,
@@ -62,6 +66,7 @@ class RolloutConfig:
                f"got {self.time_shift!r}")
         _check(_integer(self.image_size) and self.image_size > 0 and self.image_size % 16 == 0,
                f"rollout.image_size must be a positive multiple of 16, got {self.image_size!r}")
+        _check(_integer(self.batch) and self.batch >= 1, f"rollout.batch must be an integer >= 1, got {self.batch!r}")
 
     def settings(self) -> dict[str, Any]:
         """The pipeline's sampling overrides (None keeps the model's default)."""
@@ -109,6 +114,9 @@ class RLConfig:
         _coerce(self, "rollout", RolloutConfig)
         _check(not self.run.compile, "run.compile is not supported by train-rl (rollouts and updates change shapes "
                                      "every step): set it to false")
+        _check(self.run.batch_size % self.rollout.batch == 0,
+               f"run.batch_size ({self.run.batch_size} prompts per step) must be a multiple of rollout.batch "
+               f"({self.rollout.batch} prompts per pipeline call)")
         _check(_integer(self.group) and self.group >= 2,
                f"group must be an integer >= 2 (advantages compare the images of a prompt), got {self.group!r}")
         _check(isinstance(self.mix, dict) and set(self.mix) <= set(RL_KINDS),

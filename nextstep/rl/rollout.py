@@ -71,6 +71,22 @@ class Rollout:
         s = self.settings
         return times(s.sampler, s.num_inference_steps, s.time_shift).to(self.states.device)
 
+    @classmethod
+    def concat(cls, parts: Sequence["Rollout"]) -> "Rollout":
+        """One rollout of several made with the same settings and group size (e.g. one pipeline call each), in
+        order."""
+        first = parts[0]
+        if any(p.group != first.group or p.settings != first.settings or p.grid != first.grid or p.edit != first.edit
+               for p in parts):
+            raise ValueError("rollouts to concatenate need the same group size, settings, grid and kind")
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(p, name) for p in parts])
+
+        return replace(first, prompts=[q for p in parts for q in p.prompts], ids=[i for p in parts for i in p.ids],
+                       sources=cat("sources") if first.edit else None, states=cat("states"), fed=cat("fed"),
+                       mean=cat("mean"), log_prob=cat("log_prob"), images=[im for p in parts for im in p.images])
+
     def select(self, index: Sequence[int]) -> "Rollout":
         """The rollout of images ``index`` only (a minibatch); ``prompts`` and ``group`` then describe one image
         each (group 1)."""

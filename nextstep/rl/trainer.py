@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data.shapes import CATEGORIES, EDIT_TYPES, generate_edit, generate_t2i, render
 from ..errors import TrainingError
 from ..images import grid_image, save_png
@@ -82,14 +83,27 @@ def local_slice(cfg: RLConfig, info: DistInfo) -> slice:
 
 
 # ---- 2.-3. rollouts and rewards --------------------------------------------------------------------------------------
+def check_processes(cfg: RLConfig, info: DistInfo) -> None:
+    """Each process's share of a step's prompts must be whole pipeline calls (``rollout.batch``)."""
+    share = cfg.run.batch_size // info.world
+    if share % cfg.rollout.batch:
+        raise ConfigError(f"each of the {info.world} processes rolls out {share} prompts per step, not a multiple of "
+                          f"rollout.batch ({cfg.rollout.batch} prompts per pipeline call): make run.batch_size a "
+                          f"multiple of {info.world * cfg.rollout.batch}, or lower rollout.batch")
+
+
 def roll(cfg: RLConfig, pipe, step: int, info: DistInfo) -> Rollout:
-    """This process's rollouts of step ``step`` (the pipeline samples in inference mode, without gradients)."""
+    """This process's rollouts of step ``step``, ``rollout.batch`` prompts per pipeline call (the calls fall on the
+    same prompts whatever the number of processes); the pipeline samples in inference mode, without gradients."""
     part = local_slice(cfg, info)
-    prompts = step_prompts(cfg, step)[part]
-    gens = [torch.Generator().manual_seed(_seed(cfg.run.seed, _STREAM_NOISE, step, i))
-            for i in range(part.start, part.stop)]
-    size = cfg.rollout.image_size
-    return rollout(pipe, prompts, cfg.group, size, size, gens, **cfg.rollout.settings())
+    prompts = step_prompts(cfg, step)
+    size, n = cfg.rollout.image_size, cfg.rollout.batch
+    parts = []
+    for start in range(part.start, part.stop, n):
+        gens = [torch.Generator().manual_seed(_seed(cfg.run.seed, _STREAM_NOISE, step, i))
+                for i in range(start, start + n)]
+        parts.append(rollout(pipe, prompts[start:start + n], cfg.group, size, size, gens, **cfg.rollout.settings()))
+    return Rollout.concat(parts)
 
 
 def score(reward: RewardFn, r: Rollout) -> torch.Tensor:
@@ -106,37 +120,46 @@ def global_rewards(cfg: RLConfig, rewards: torch.Tensor, info: DistInfo) -> torc
 
 
 # ---- 4. updates ------------------------------------------------------------------------------------------------------
+def chunks(cfg: RLConfig, r: Rollout) -> list[Rollout]:
+    """A process's rollout in the pieces its pipeline calls made (``rollout.batch`` prompts): the updates compute
+    each piece apart, so every row rounds as it would on any number of processes."""
+    n = cfg.rollout.batch * r.group
+    return [r.select(range(i, i + n)) for i in range(0, r.states.shape[0], n)]
+
+
+def _cat(stats: list[StepStats]) -> StepStats:
+    """The pieces' stats as one batch (the std depends only on the pairs: the same in every piece)."""
+    return StepStats(torch.cat([s.log_prob for s in stats]), torch.cat([s.mean for s in stats]), stats[0].std)
+
+
 class PolicyModule(nn.Module):
-    """The unit DDP / FSDP2 wrap: its forward recomputes a rollout's head conditions (``steps`` None), or the
-    log-probabilities, means and stds of chosen steps, differentiable in the trained parameters. Tensors out (tuples),
-    so the wrappers see every output."""
+    """The unit DDP / FSDP2 wrap: its forward recomputes the head conditions of each rollout piece (``steps`` None),
+    or the log-probabilities, means and stds of the chosen steps of every piece (concatenated), differentiable in the
+    trained parameters. One forward per update whatever the pieces (DDP and FSDP2 pair it with one backward);
+    tensors out, so the wrappers see every output."""
 
     def __init__(self, model: NextStep):
         super().__init__()
         self.model = model
 
-    def forward(self, r: Rollout, steps: Steps | None = None, cond: torch.Tensor | None = None):
+    def forward(self, pieces: list[Rollout], steps: Steps | None = None, conds: list[torch.Tensor] | None = None):
         if steps is None:
-            return conditions(self.model, r)
-        s = step_stats(self.model, r, steps, cond)
+            return [conditions(self.model, r) for r in pieces]
+        s = _cat([step_stats(self.model, r, steps, c) for r, c in zip(pieces, conds or [None] * len(pieces))])
         return s.log_prob, s.mean, s.std
-
-
-def _stats(out) -> StepStats:
-    return StepStats(*out)
 
 
 @dataclass
 class Batch:
-    """A rollout made ready for its updates: the pairs of each update, the log-probabilities they start from, the
-    reference model's means (KL), the advantages, and the conditions when the backbone is frozen."""
+    """A rollout made ready for its updates: its pieces, the pairs of each update, the log-probabilities they start
+    from, the reference model's means (KL), the advantages, and the conditions when the backbone is frozen."""
 
-    rollout: Rollout
+    pieces: list[Rollout]  # ``chunks``: B images in all
     advantages: torch.Tensor  # (B,)
     pairs: list[Steps]  # per update
     old: list[StepStats]  # per update, under the rollout's weights
     ref: list[StepStats] | None  # per update, under the reference model (kl_weight > 0)
-    cond: torch.Tensor | None  # (copies * B, T, D) when the backbone is frozen ("head"), else recomputed per update
+    conds: list[torch.Tensor] | None  # per piece when the backbone is frozen ("head"), else recomputed per update
 
 
 def update_pairs(cfg: RLConfig, r: Rollout, step: int) -> list[Steps]:
@@ -151,19 +174,20 @@ def update_pairs(cfg: RLConfig, r: Rollout, step: int) -> list[Steps]:
 def prepare(cfg: RLConfig, trainable: nn.Module, reference: NextStep | None, r: Rollout, advantages: torch.Tensor,
             step: int) -> Batch:
     """Everything the updates of a rollout need, computed before the first changes the weights."""
-    pairs = update_pairs(cfg, r, step)
-    cond = trainable(r) if cfg.parameters == "head" else None  # a frozen backbone: the same at every update
-    old = [_stats(trainable(r, p, cond)) for p in pairs]
+    pairs, pieces = update_pairs(cfg, r, step), chunks(cfg, r)
+    conds = trainable(pieces) if cfg.parameters == "head" else None  # a frozen backbone: the same at every update
+    old = [StepStats(*trainable(pieces, p, conds)) for p in pairs]
     ref = None
-    if reference is not None:
-        ref_cond = cond if cond is not None else conditions(reference, r)  # "head": the reference's backbone
-        ref = [step_stats(reference, r, p, ref_cond) for p in pairs]
-    return Batch(r, advantages, pairs, old, ref, cond)
+    if reference is not None:  # "head": the reference's backbone is the policy's, and so are its conditions
+        ref_conds = conds or [conditions(reference, piece) for piece in pieces]
+        ref = [_cat([step_stats(reference, piece, p, c) for piece, c in zip(pieces, ref_conds)])
+               for p in pairs]
+    return Batch(pieces, advantages, pairs, old, ref, conds)
 
 
 def update_loss(cfg: RLConfig, trainable: nn.Module, batch: Batch, u: int):
     """The loss of update ``u`` (a ``GRPOOutput``: differentiable loss and its local metrics)."""
-    new = _stats(trainable(batch.rollout, batch.pairs[u], batch.cond))
+    new = StepStats(*trainable(batch.pieces, batch.pairs[u], batch.conds))
     kl = gaussian_kl(new.mean, batch.ref[u].mean, new.std) if batch.ref is not None else None
     return grpo_loss(new.log_prob, batch.old[u].log_prob, batch.advantages, cfg.clip, kl, cfg.kl_weight)
 
@@ -175,6 +199,7 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
 
     info = info or DistInfo()
     run = cfg.run
+    check_processes(cfg, info)
     out = start_run(run, info)
     ckpt = resume_point(out, cfg, resume, info)
     reward = load_reward(cfg.reward)  # a missing user reward fails here, before anything is loaded
