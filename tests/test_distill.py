@@ -110,7 +110,8 @@ def test_fast_mode_runs_one_branch_and_is_deterministic(trained, pipe):
     gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
     pair = pipe(["a red circle", "a blue square"], fast=True, generator=gens, **kw)
     alone = pipe("a blue square", fast=True, generator=[torch.Generator().manual_seed(4)], **kw)
-    assert (pair.tokens[1] - alone.tokens[0]).abs().max() <= 1e-5  # batch == single
+    # batch == single up to the backbone's rounding of 2 rows against 1 (measured 0 to 2e-5)
+    assert (pair.tokens[1] - alone.tokens[0]).abs().max() <= 1e-4
     assert one.tokens.shape == (1, 16, 64)
     assert pipe("a red circle", fast=True, num_inference_steps=4, progress=False).tokens.shape == (1, 16, 64)
 
@@ -217,3 +218,45 @@ def test_server_fast_requests(trained, pipe):
         assert client.get("/health").json()["fast"] == {"available": False}
         r = client.post("/v1/images/generations", json={"prompt": "a red circle", "fast": True})
         assert r.status_code == 400 and r.json()["error"]["param"] == "fast"
+
+
+@pytest.mark.slow  # torchrun with 2 processes against 1
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, strategy):
+    (tmp_path / "one").mkdir()
+    r = recipe(tmp_path / "one", run={"steps": 12, "ckpt_every": 6, "parallel": strategy}, data={"num_samples": 24})
+    (tmp_path / "one.json").write_text(json.dumps(r))
+    p = _run([str(tmp_path / "one.json")])
+    assert p.wait(300) == 0, p.stdout.read()
+    (tmp_path / "two").mkdir()
+    for f in (tmp_path / "one").glob("targets-*.safetensors"):  # the same cached targets
+        shutil.copy(f, tmp_path / "two" / f.name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "nextstep.cli", "distill-head", str(tmp_path / "one.json"), "--out", str(tmp_path / "two"),
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    a, b = (load_file(str(tmp_path / n / "final" / "head.safetensors")) for n in ("one", "two"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+
+
+def test_cli_fast_generate_and_edit(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from nextstep.cli import main
+
+    head = str(trained[1])
+    assert main(["generate", "a red circle", "--fast", "--head", head, "-o", str(tmp_path / "a.png"), "--quiet"]) == 0
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    assert main(["edit", str(tmp_path / "a.png"), "make it blue", "--fast", "--head", head, "--steps", "1",
+                 "-o", str(tmp_path / "b.png"), "--quiet"]) == 0
+    assert main(["generate", "x", "--fast", "--head", str(tmp_path / "none"), "-o", str(tmp_path / "c.png")]) == 2
+    assert "--fast needs a distilled head" in capsys.readouterr().err
+    assert main(["generate", "x", "--fast", "--head", head, "--cfg", "5", "-o", str(tmp_path / "c.png")]) == 2
+    assert "cannot sample at 5.0" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
