@@ -23,8 +23,8 @@ from nextstep.config import ConfigError
 from nextstep.pipeline import NextStepPipeline
 from nextstep.rl import group_advantages, load_reward, set_trainable
 from nextstep.rl.config import RLConfig
-from nextstep.rl.trainer import (PolicyModule, prepare, roll, score, step_prompts, train_rl, update_loss,
-                                 update_pairs)
+from nextstep.rl.trainer import (PolicyModule, check_processes, prepare, roll, score, step_prompts, train_rl,
+                                 update_loss, update_pairs)
 from nextstep.train.config import from_dict
 from nextstep.train.distributed import DistInfo
 
@@ -83,11 +83,22 @@ def pipe():
     ({"updates": 0}, "updates must be an integer >= 1"), ({"pairs": 0}, "pairs must be null"),
     ({"run": {"compile": True}}, "run.compile is not supported by train-rl"),
     ({"sample_prompts": [""]}, "sample_prompts must be a list of non-empty strings"),
+    ({"rollout": {"batch": 0}}, "rollout.batch must be an integer >= 1"),
+    ({"rollout": {"batch": 3}}, r"run.batch_size \(2 prompts per step\) must be a multiple of rollout.batch \(3 "),
     ({"optim": {"lr": 0}}, "optim.lr must be > 0"), ({"bogus": 1}, r"unknown keys in RLConfig: \['bogus'\]"),
 ])
 def test_the_recipe_refuses_bad_values_and_names_them(tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(RLConfig, recipe(tmp_path, **bad))
+
+
+def test_each_process_must_roll_out_whole_pipeline_calls(tmp_path):
+    cfg = from_dict(RLConfig, recipe(tmp_path, run={"batch_size": 4}, rollout={"batch": 4}))
+    check_processes(cfg, DistInfo())
+    with pytest.raises(ConfigError, match=r"each of the 2 processes rolls out 2 prompts per step, not a multiple of "
+                                          r"rollout.batch \(4 prompts per pipeline call\): make run.batch_size a "
+                                          r"multiple of 8"):
+        check_processes(cfg, DistInfo(rank=1, world=2))
 
 
 def test_prompts_are_a_pure_function_of_seed_and_step_with_the_recipes_mix_and_weights(tmp_path):

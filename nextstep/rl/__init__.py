@@ -9,14 +9,19 @@
     grpo.py     group-normalised advantages, the clipped-ratio loss with the exact per-step KL to a reference
                 model, and its diagnostics
     rewards.py  built-in shapes rewards and ``load_reward("module:function")`` for user scorers
+    config.py   ``RLConfig``: the ``nextstep train-rl`` recipe (``RolloutConfig``: how rollouts are sampled)
+    trainer.py  ``train_rl``: the loop (prompts, rollouts, rewards, advantages, updates), checkpoints, export
 """
 
+from .config import RLConfig, RolloutConfig
 from .grpo import GRPOOutput, gaussian_kl, group_advantages, grpo_loss, reward_metrics
 from .policy import (PARAMETER_SETS, StepStats, Steps, all_steps, conditions, gaussian_log_prob, random_steps,
                      set_trainable, step_stats)
 from .rewards import BUILTIN_REWARDS, RewardError, RewardFn, load_reward
 from .rollout import Prompt, Rollout, rollout
+from .trainer import train_rl
 
-__all__ = ["BUILTIN_REWARDS", "GRPOOutput", "PARAMETER_SETS", "Prompt", "RewardError", "RewardFn", "Rollout",
-           "StepStats", "Steps", "all_steps", "conditions", "gaussian_kl", "gaussian_log_prob", "group_advantages",
-           "grpo_loss", "load_reward", "random_steps", "reward_metrics", "rollout", "set_trainable", "step_stats"]
+__all__ = ["BUILTIN_REWARDS", "GRPOOutput", "PARAMETER_SETS", "Prompt", "RLConfig", "RewardError", "RewardFn",
+           "Rollout", "RolloutConfig", "StepStats", "Steps", "all_steps", "conditions", "gaussian_kl",
+           "gaussian_log_prob", "group_advantages", "grpo_loss", "load_reward", "random_steps", "reward_metrics",
+           "rollout", "set_trainable", "step_stats", "train_rl"]

@@ -1,4 +1,4 @@
-"""The ``nextstep train-rl`` recipe: ``RLConfig`` (read from JSON like every training recipe, ``configs/shapes-rl.json``).
+"""The ``nextstep train-rl`` recipe: ``RLConfig``, read from JSON like every recipe (``configs/shapes-rl.json``).
 
 Every field is checked in ``__post_init__`` with an error that names it; an unknown key in a recipe file is an error.
 ``run.batch_size`` is the number of PROMPTS of a step (all processes together), each rolled out ``group`` times.
@@ -131,11 +131,13 @@ class RLConfig:
         _check(isinstance(self.reward, str) and (self.reward in BUILTIN_REWARDS or _module_function(self.reward)),
                f"reward must be a built-in {sorted(BUILTIN_REWARDS)} or 'module:function' (a Python callable "
                f"function(images, prompts, sources) -> scores), got {self.reward!r}")
-        _check(self.parameters in PARAMETER_SETS, f"parameters must be one of {PARAMETER_SETS}, got {self.parameters!r}")
+        _check(self.parameters in PARAMETER_SETS,
+               f"parameters must be one of {PARAMETER_SETS}, got {self.parameters!r}")
         _check(_integer(self.last_layers) and self.last_layers >= 1,
                f"last_layers must be an integer >= 1, got {self.last_layers!r}")
         _check(_number(self.clip) and 0 < self.clip < 1, f"clip must be a number in (0, 1), got {self.clip!r}")
-        _check(_number(self.kl_weight) and self.kl_weight >= 0, f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        _check(_number(self.kl_weight) and self.kl_weight >= 0,
+               f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
         _check(_integer(self.updates) and self.updates >= 1, f"updates must be an integer >= 1, got {self.updates!r}")
         _check(self.pairs is None or _integer(self.pairs) and self.pairs >= 1,
                f"pairs must be null (every pair) or an integer >= 1, got {self.pairs!r}")

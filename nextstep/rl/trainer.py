@@ -11,7 +11,13 @@ One step:
        first update starts from (recomputed, so the first ratio is exactly 1), the exact KL to a frozen copy of the
        starting model.
 Every process holds the same number of images and pairs, so the mean of its loss, averaged over processes by DDP /
-FSDP2, is the mean over the global batch: N processes make the update of one.
+FSDP2, is the mean over the global batch: N processes make the update of one. The pipeline calls fall on the same
+prompts whatever the number of processes (``rollout.batch`` prompts each), and the updates compute each call's images
+apart, so every row rounds alike: measured, 2 DDP processes end bit-identical to one.
+
+Only the chosen parameter set is trained (``policy.set_trainable``); the text head never is (the loss does not read
+it). With ``kl_weight`` > 0 a frozen copy of the starting model is the reference (a full copy on every process, also
+under FSDP2); under FSDP2 the rollouts sample from a full copy of the weights, refreshed from the shards every step.
 """
 
 from __future__ import annotations
@@ -192,6 +198,33 @@ def update_loss(cfg: RLConfig, trainable: nn.Module, batch: Batch, u: int):
     return grpo_loss(new.log_prob, batch.old[u].log_prob, batch.advantages, cfg.clip, kl, cfg.kl_weight)
 
 
+def run_updates(cfg: RLConfig, trainable: nn.Module, optimizer, ema: EMA | None, batch: Batch, info: DistInfo,
+                out: Path, step: int, autocast=nullcontext()) -> dict[str, float]:
+    """The ``updates`` optimizer steps of one rollout batch -> the loss metrics (``LOSS_METRICS`` and the gradient
+    norm before clipping), means over the updates and the processes. ``autocast``: the forwards' context."""
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    sums = dict.fromkeys([*LOSS_METRICS, "grad_norm"], 0.0)
+    for u in range(cfg.updates):
+        with autocast:
+            result = update_loss(cfg, trainable, batch, u)
+        values = all_sum([float(result.loss.detach()), *(result.metrics.get(k, 0.0) for k in LOSS_METRICS[1:])], info)
+        if not math.isfinite(values[0]):
+            last = checkpoints(out)
+            raise TrainingError(f"non-finite loss at step {step}, update {u}; stopping. Last good checkpoint: "
+                                f"{last[-1] if last else 'none'}")
+        result.loss.backward()
+        # the norm of every process's gradient (each holds the all-reduced one): no sum over processes for it
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(trainable)
+        for k, v in zip(LOSS_METRICS, values):
+            sums[k] += v / info.world / cfg.updates
+        sums["grad_norm"] += norm / cfg.updates
+    return sums
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------------
 def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
     """Run (or resume) GRPO post-training; returns the exported model directory ``OUT/final``."""
@@ -224,7 +257,6 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
     start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
     bar = Progress(out, run.steps, start, info, "train-rl", show=progress)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
-    params = [p for p in trainable.parameters() if p.requires_grad]
     try:
         for step in range(start, run.steps):
             t0 = time.perf_counter()
@@ -239,30 +271,13 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
             lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = dict.fromkeys(LOSS_METRICS, 0.0)
-            grad_norm = 0.0
-            for u in range(cfg.updates):
-                with autocast:
-                    result = update_loss(cfg, trainable, batch, u)
-                values = all_sum([float(result.loss.detach()), *(result.metrics.get(k, 0.0) for k in LOSS_METRICS[1:])],
-                                 info)
-                if not math.isfinite(values[0]):
-                    last = checkpoints(out)
-                    raise TrainingError(f"non-finite loss at step {step}, update {u}; stopping. Last good checkpoint: "
-                                        f"{last[-1] if last else 'none'}")
-                result.loss.backward()
-                grad_norm += float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(trainable)
-                for k, v in zip(LOSS_METRICS, values):
-                    sums[k] += v / info.world / cfg.updates
+            losses = run_updates(cfg, trainable, optimizer, ema, batch, info, out, step, autocast)
             done = step + 1
-            kind = "edit" if r.edit else "t2i"
-            metrics = {"step": done, **reward_metrics(everyone, cfg.group), f"reward_{kind}": float(everyone.mean()),
-                       **{k: v for k, v in sums.items() if k != "kl" or reference is not None}, "lr": lr,
-                       "grad_norm": grad_norm / cfg.updates, "rollout_s": t1 - t0,
+            rewarded = reward_metrics(everyone, cfg.group)
+            rewarded["reward_edit" if r.edit else "reward_t2i"] = rewarded["reward_mean"]
+            if reference is None:
+                del losses["kl"]
+            metrics = {"step": done, **rewarded, **losses, "lr": lr, "rollout_s": t1 - t0,
                        "update_s": time.perf_counter() - t1}
             bar.step(metrics, log=run.log_every > 0 and (done % run.log_every == 0 or done == run.steps))
             if run.sample_every and done % run.sample_every == 0:
