@@ -198,11 +198,12 @@ def update_loss(cfg: RLConfig, trainable: nn.Module, batch: Batch, u: int):
     return grpo_loss(new.log_prob, batch.old[u].log_prob, batch.advantages, cfg.clip, kl, cfg.kl_weight)
 
 
-def run_updates(cfg: RLConfig, trainable: nn.Module, optimizer, ema: EMA | None, batch: Batch, info: DistInfo,
-                out: Path, step: int, autocast=nullcontext()) -> dict[str, float]:
+def run_updates(cfg: RLConfig, trainable: nn.Module, params: list[nn.Parameter], optimizer, ema: EMA | None,
+                batch: Batch, info: DistInfo, out: Path, step: int, autocast=nullcontext()) -> dict[str, float]:
     """The ``updates`` optimizer steps of one rollout batch -> the loss metrics (``LOSS_METRICS`` and the gradient
-    norm before clipping), means over the updates and the processes. ``autocast``: the forwards' context."""
-    params = [p for p in trainable.parameters() if p.requires_grad]
+    norm before clipping), means over the updates and the processes. ``params``: the trained parameters as the
+    optimizer holds them (under FSDP2 the shards: listed before any forward, which leaves the root's gathered);
+    ``autocast``: the forwards' context."""
     sums = dict.fromkeys([*LOSS_METRICS, "grad_norm"], 0.0)
     for u in range(cfg.updates):
         with autocast:
@@ -253,6 +254,7 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
     # the head's parts are called one by one (condition and time embeddings, velocity): it stays in the root's unit
     trainable = wrap(PolicyModule(model), info, run.parallel, (DecoderLayer,), bf16)
     optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    params = [p for p in trainable.parameters() if p.requires_grad]  # as the optimizer holds them (FSDP2: shards)
     ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
     start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
     bar = Progress(out, run.steps, start, info, "train-rl", show=progress)
@@ -271,7 +273,7 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
             lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = run_updates(cfg, trainable, optimizer, ema, batch, info, out, step, autocast)
+            losses = run_updates(cfg, trainable, params, optimizer, ema, batch, info, out, step, autocast)
             done = step + 1
             rewarded = reward_metrics(everyone, cfg.group)
             rewarded["reward_edit" if r.edit else "reward_t2i"] = rewarded["reward_mean"]
@@ -297,8 +299,8 @@ def _sync_policy(trainable: nn.Module, policy: NextStep) -> None:
     """Copy the trained parameters, gathered from their FSDP2 shards, into the rollout model (every rank calls)."""
     own = dict(policy.named_parameters())
     for name, p in trainable.named_parameters():
-        if p.requires_grad:
-            own[plain_key(name).removeprefix("model.")].copy_(p.full_tensor())
+        if p.requires_grad:  # a DTensor shard, or a parameter FSDP2 holds gathered since a forward without backward
+            own[plain_key(name).removeprefix("model.")].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
 
 def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
