@@ -233,8 +233,8 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
 
     info = info or DistInfo()
     run = cfg.run
-    check_processes(cfg, info)
     out = start_run(run, info)
+    check_processes(cfg, info)
     ckpt = resume_point(out, cfg, resume, info)
     reward = load_reward(cfg.reward)  # a missing user reward fails here, before anything is loaded
     pipe = NextStepPipeline.from_pretrained(cfg.model, cfg.vae, device=info.device)
