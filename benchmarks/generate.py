@@ -300,12 +300,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pipe, desc = build_pipeline(args, dtype, device)
-    if args.quantize:
-        quantize_(pipe.model, args.quantize)
-        desc += f"; weights {args.quantize}"
-    if args.fast:
+    if args.fast:  # made from the float head, before any quantization
         pipe.head = untrained_head(pipe)
         desc += "; an untrained distilled head (timing only)"
+    if args.quantize:
+        for module in (pipe.model, pipe.head):
+            if module is not None:
+                quantize_(module, args.quantize)
+        desc += f"; weights {args.quantize}"
     load_s = time.perf_counter() - t0
     sync(device)
 
