@@ -39,7 +39,6 @@ from ..data.sources import SampleError, open_source
 from ..errors import TrainingError
 from ..images import fit_image, load_image
 from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint
-from ..model.flow_head import VelocityNet
 from ..model.latents import patchify
 from ..sampling.flow import times
 from ..sampling.guidance import Guidance
@@ -297,7 +296,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
     student = DistilledHead.from_teacher(pipe.model.image_head, hc, torch.Generator().manual_seed(run.seed)).train()
     teacher_errors = holdout_errors(student, targets, train_rows, list(cfg.trained_steps))
     bf16 = run.precision == "bf16"
-    trainable = wrap(LossModule(student), info, run.parallel, (VelocityNet,), bf16)
+    # FSDP2 shards the student as one unit: its forward calls the net's parts directly (no per-block unsharding)
+    trainable = wrap(LossModule(student), info, run.parallel, (), bf16)
     optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     start = load_checkpoint(ckpt, trainable, optimizer, None, info)["step"] if ckpt else 0
     bar = Progress(out, run.steps, start, info, "distill", show=progress)
