@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "name as this server's; repeatable")
     sv.add_argument("--public-without-key", action="store_true",
                     help="allow binding beyond loopback with no API key (only on a network you trust)")
+    sv.add_argument("--tp", type=int, default=1, metavar="N",
+                    help="tensor parallelism: split the model over N processes started with torchrun "
+                         "--nproc_per_node N; rank 0 serves (default 1)")
     i = sub.add_parser("info", help="parameters, weight and KV-cache memory, largest image: from config.json and "
                                     "file headers, no weights read")
     i.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the bundled model)")
@@ -485,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})")
             serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                   api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
-                  allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head)
+                  allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head,
+                  tp=args.tp)
             written = []
         elif args.command == "eval":
             written = run_eval(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 import threading
 import time
@@ -33,12 +34,14 @@ def check_exposure(host: str, access: Access, public_without_key: bool) -> None:
 
 def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE, api_key: str | None = None,
-          allow_origins: tuple[str, ...] = (), public_without_key: bool = False, head=None) -> None:
+          allow_origins: tuple[str, ...] = (), public_without_key: bool = False, head=None, tp: int = 1) -> None:
     """Load a model (default: the bundled one) and serve it until interrupted. ``device`` defaults to CUDA when
     available; ``dtype`` to bfloat16 on GPU, float32 on CPU. ``api_key``: clients must send it as a bearer token;
     ``allow_origins``: web pages on these origins may call the API (``security``). Binding beyond loopback needs a
     key or ``public_without_key``; both are checked before the model loads. ``head``: a distilled few-step head
-    directory, for requests with ``"fast": true``."""
+    directory, for requests with ``"fast": true``. ``tp``: split the model over this many processes, started by
+    torchrun (``--nproc_per_node tp``): rank 0 serves and each call it makes is replayed on the others
+    (``replicate``); every rank runs this function and returns when rank 0 is interrupted."""
     access = Access(api_key=api_key, allow_origins=tuple(allow_origins), bound_host=host)
     check_exposure(host, access, public_without_key)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,12 +51,79 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if tp == 1:
+        pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
+        _run(pipe, model_dir, host, port, access, queue_size, f"{device}, {dtype}")
+        return
+    from ..train.distributed import shutdown
+
+    try:
+        info, mesh, device = _join(tp, torch.device(device))
+        pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head,
+                                                tp_mesh=mesh)
+        if info.is_main:
+            _lead(pipe, mesh, model_dir, host, port, access, queue_size, f"{device}, {dtype}, {tp} ranks")
+        else:
+            _follow(pipe, mesh)
+    finally:
+        shutdown()
+
+
+def _join(tp: int, device: torch.device):
+    """Join torchrun's ``tp`` processes -> (DistInfo, 1-D mesh, this rank's device)."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor parallelism runs on cpu or cuda devices, not {device.type}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..train.distributed import init_from_env
+
+    info = init_from_env()  # a lone process (no torchrun) joins nothing: world 1
+    if info.world != tp:
+        raise ValueError(f"--tp {tp} needs {tp} processes: run it under torchrun --nproc_per_node {tp} (this run has "
+                         f"{info.world})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)  # one GPU per rank
+    return info, init_device_mesh(device.type, (tp,)), device
+
+
+def _lead(pipe, mesh, model_dir, host, port, access, queue_size, where: str) -> None:
+    """Rank 0: serve with the replicating pipeline; then release the followers. SIGTERM (what torchrun sends its
+    processes when it is stopped) ends the server as Ctrl-C does instead of killing the process after uvicorn's
+    graceful shutdown, so the followers always hear the shutdown."""
+    from .replicate import Leader
+
+    leader = Leader(pipe, mesh)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _run(leader, model_dir, host, port, access, queue_size, where)
+    except KeyboardInterrupt:  # a signal while uvicorn was not running its handlers
+        pass
+    finally:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # already stopping: more signals change nothing
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        leader.shutdown()  # waits for the call in progress (the worker cancels it at its next token)
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _follow(pipe, mesh) -> None:
+    """Ranks > 0: replay rank 0's calls until it shuts down. Signals are ignored (torchrun and a terminal's Ctrl-C
+    reach every rank): the leader says when to stop, after its last call, so no rank leaves a collective early."""
+    from .replicate import follow
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    follow(pipe, mesh)
+
+
+def _run(pipe, model_dir, host, port, access, queue_size, where: str) -> None:
     name = Path(model_dir).name if model_dir is not None else "bundled"
     app = create_app(pipe, queue_size=queue_size, model_name=name, access=access)
     if not is_loopback(host.strip("[]")) and access.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    print(f"nextstep: serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/ ({device}, {dtype})")
+    print(f"nextstep: serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/ ({where})")
     try:
         _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)).run()
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
