@@ -327,21 +327,11 @@ def tensor_parallel_setup(args, device: torch.device):
         raise UsageError(f"--tp must be >= 1, got {args.tp}")
     if args.tp == 1:
         return None, None, device
-    if args.quantize or args.compile:
-        raise UsageError("--tp cannot be combined with --quantize or --compile (not supported yet)")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--tp runs on cpu or cuda devices, not {device.type}")
-    from torch.distributed.device_mesh import init_device_mesh
+    if args.quantize or args.compile or args.fast:
+        raise UsageError("--tp cannot be combined with --quantize, --compile or --fast (not supported yet)")
+    from .parallel import join_tensor_parallel
 
-    from .train.distributed import init_from_env
-
-    info = init_from_env()
-    if info.world != args.tp:
-        raise UsageError(f"--tp {args.tp} needs {args.tp} processes: run it under torchrun --nproc_per_node "
-                         f"{args.tp} (this run has {info.world})")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)  # one GPU per rank
-    return info, init_device_mesh(device.type, (args.tp,)), device
+    return join_tensor_parallel(args.tp, device)
 
 
 def describe(s: Settings, edit: bool) -> str:

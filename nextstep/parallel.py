@@ -161,3 +161,21 @@ def _shard(sl, p: DTensor, mesh: DeviceMesh, dtype, device) -> DTensor:
     local = local.to(device=device, dtype=dtype or p.dtype)
     assert local.shape == p.to_local().shape, (local.shape, p.to_local().shape)
     return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def join_tensor_parallel(tp: int, device: torch.device):
+    """Join torchrun's ``tp`` processes -> (DistInfo, 1-D mesh, this rank's device; CUDA: one GPU per local rank).
+    ValueError when this run does not have exactly ``tp`` processes. Used by ``generate --tp`` and ``serve --tp``."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor parallelism runs on cpu or cuda devices, not {device.type}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .train.distributed import init_from_env
+
+    info = init_from_env()  # a lone process (no torchrun) joins nothing: world 1
+    if info.world != tp:
+        raise ValueError(f"--tp {tp} needs {tp} processes: run it under torchrun --nproc_per_node {tp} (this run has "
+                         f"{info.world})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)  # one GPU per rank
+    return info, init_device_mesh(device.type, (tp,)), device

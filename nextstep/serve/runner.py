@@ -57,10 +57,11 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
         _run(pipe, model_dir, host, port, access, queue_size, f"{device}, {dtype}")
         return
+    from ..parallel import join_tensor_parallel
     from ..train.distributed import shutdown
 
     try:
-        info, mesh, device = _join(tp, torch.device(device))
+        info, mesh, device = join_tensor_parallel(tp, torch.device(device))
         pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head,
                                                 tp_mesh=mesh)
         if info.is_main:
@@ -69,23 +70,6 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
             _follow(pipe, mesh)
     finally:
         shutdown()
-
-
-def _join(tp: int, device: torch.device):
-    """Join torchrun's ``tp`` processes -> (DistInfo, 1-D mesh, this rank's device)."""
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensor parallelism runs on cpu or cuda devices, not {device.type}")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from ..train.distributed import init_from_env
-
-    info = init_from_env()  # a lone process (no torchrun) joins nothing: world 1
-    if info.world != tp:
-        raise ValueError(f"--tp {tp} needs {tp} processes: run it under torchrun --nproc_per_node {tp} (this run has "
-                         f"{info.world})")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)  # one GPU per rank
-    return info, init_device_mesh(device.type, (tp,)), device
 
 
 def _lead(pipe, mesh, model_dir, host, port, access, queue_size, where: str) -> None:
