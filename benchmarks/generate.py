@@ -38,7 +38,8 @@ if str(REPO_ROOT) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 from nextstep.config import PRESETS, VAEConfig, preset  # noqa: E402
-from nextstep.model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint  # noqa: E402
+from nextstep.model.distilled_head import (DistilledHead, DistilledHeadConfig, model_fingerprint,  # noqa: E402
+                                           norm_means)
 from nextstep.model.nextstep import NextStep  # noqa: E402
 from nextstep.model.vae import VAE  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
@@ -205,6 +206,7 @@ def untrained_head(pipe: NextStepPipeline) -> DistilledHead:
     model = pipe.model
     cfg = DistilledHeadConfig(token_dim=model.config.token_dim, cond_dim=model.config.transformer.hidden_size,
                               head=model.config.head, base_model="benchmark", fingerprint=model_fingerprint(model),
+                              norm_means=tuple(norm_means(model)),
                               guidance_scale=3.0, edit_guidance_scale=3.0, edit_image_guidance_scale=1.0)
     return DistilledHead.from_teacher(model.image_head, cfg).to(model.dtype).eval()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import os
 import time
 from collections import defaultdict
@@ -25,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import hub
-from .checkpoint import read_json, require_dir
+from .checkpoint import CheckpointError, read_json, require_dir
 from .config import SamplingConfig, Settings
 from .errors import InputError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
@@ -158,9 +159,14 @@ class NextStepPipeline:
         fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
         pipe = cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
-        if head is None and (model_dir / FAST_HEAD_DIR).is_dir():
-            head = model_dir / FAST_HEAD_DIR
-        return pipe.load_head(head, dtype=dtype) if head is not None else pipe
+        if head is not None:
+            return pipe.load_head(head, dtype=dtype)
+        if (model_dir / FAST_HEAD_DIR).is_dir():  # the model's own head: a stale one must not stop the model loading
+            try:
+                pipe.load_head(model_dir / FAST_HEAD_DIR, dtype=dtype)
+            except CheckpointError as e:
+                warnings.warn(f"{e}; fast mode is off until a matching head is loaded", stacklevel=2)
+        return pipe
 
     def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "NextStepPipeline":
         """Load the distilled head in ``path`` for ``fast=True`` (checked against this pipeline's model)."""
@@ -382,8 +388,9 @@ class NextStepPipeline:
         with clock("prefill"):
             h, cache = self._prefill(rows, latents, total)
         if settings.sampler == DISTILLED:
-            if observe is not None:
-                raise InputError("observe= records the full head's trajectories: not available in fast mode")
+            if observe is not None or exact:
+                raise InputError(f"{'observe=' if observe is not None else 'exact=True'} is about the full head: "
+                                 f"not available in fast mode")
             sample = FewStepSampler(self.head, settings, len(rows), device, model.dtype)
         else:
             sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from nextstep.checkpoint import CheckpointError
 from nextstep.errors import InputError
-from nextstep.model.distilled_head import DistilledHead, model_fingerprint
+from nextstep.model.distilled_head import NORM_TOLERANCE, DistilledHead, model_fingerprint, norm_means
 from nextstep.pipeline import NextStepPipeline
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
@@ -127,6 +127,26 @@ def test_fast_mode_errors_are_clear(trained, pipe):
         pipe("a red circle", fast=True, sampler="ode", progress=False)
     with pytest.raises(InputError, match="observe"):
         pipe("a red circle", fast=True, observe=lambda *a: None, progress=False)
+    with pytest.raises(InputError, match="exact=True"):
+        pipe("a red circle", fast=True, exact=True, progress=False)
+    with pytest.raises(InputError, match="noise_level"):
+        pipe("a red circle", fast=True, noise_level=0.5, progress=False)
+
+
+def test_a_stale_fast_head_in_the_model_directory_warns_and_the_model_still_loads(tmp_path, trained):
+    from nextstep.pipeline import bundled_model_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(bundled_model_dir(), model_dir)
+    config = json.loads((model_dir / "fast" / "head_config.json").read_text())
+    config["norm_means"] = [m + 0.01 for m in config["norm_means"]]  # as if the model were retrained since
+    (model_dir / "fast" / "head_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="fast mode is off"):
+        pipe = NextStepPipeline.from_pretrained(model_dir)
+    assert pipe.head is None
+    assert pipe("a red circle", num_inference_steps=2, progress=False).tokens.shape == (1, 16, 64)
+    with pytest.raises(CheckpointError, match="belongs to another model"):  # asked for explicitly: an error
+        NextStepPipeline.from_pretrained(model_dir, head=model_dir / "fast")
 
 
 def test_a_head_refuses_a_model_it_was_not_distilled_from(trained, pipe, fixture):
@@ -142,9 +162,20 @@ def test_a_head_refuses_a_model_it_was_not_distilled_from(trained, pipe, fixture
     finally:
         with torch.no_grad():
             pipe.model.transformer.norm.weight.sub_(0.01)
-    # a bfloat16 load of the same model is the same model
-    assert model_fingerprint(NextStepPipeline.from_pretrained(dtype=torch.bfloat16).model) == \
-        model_fingerprint(pipe.model)
+    # the same weights rounded to bfloat16 or float16 (float32 -> float16 -> bfloat16 rounds twice) are the same
+    # model; a head recorded on float32 weights fits them
+    import copy
+
+    noisy = copy.deepcopy(pipe.model)
+    with torch.no_grad():
+        for name, p in noisy.named_parameters():
+            if name.endswith(("norm.weight", "_ln.weight")):
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    base = norm_means(noisy)
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = copy.deepcopy(noisy).to(dtype)
+        assert model_fingerprint(rounded) == model_fingerprint(noisy)
+        assert max(abs(a - b) for a, b in zip(norm_means(rounded), base)) <= NORM_TOLERANCE / 5
 
 
 def test_bad_recipes_are_refused():
@@ -152,7 +183,9 @@ def test_bad_recipes_are_refused():
 
     for bad, msg in (({"method": "magic"}, "method"), ({"teacher_steps": 12}, "power of 2"),
                      ({"trained_steps": [3]}, "trained_steps"), ({"steps": 8}, "steps 8"),
-                     ({"data": {"mix": {"t2i": 1, "text": 1}}}, "text-only")):
+                     ({"data": {"mix": {"t2i": 1, "text": 1}}}, "text-only"),
+                     ({"run": {"ema_decay": 0.999}}, "run.ema_decay is not supported"),
+                     ({"run": {"export_every": 5}}, "run.export_every is not supported")):
         with pytest.raises(ConfigError, match=msg):
             from_dict(DistillConfig, recipe(Path("/tmp/x"), **bad))
 
@@ -212,6 +245,10 @@ def test_server_fast_requests(trained, pipe):
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert np.array_equal(np.asarray(got), np.asarray(wanted))
         r = client.post("/v1/images/generations", json={**body, "guidance_scale": 7.0})
+        assert r.status_code == 400 and "guidance_scale=3.0" in r.json()["error"]["message"]
+        # sampler "distilled" is fast mode too, checked before queueing
+        r = client.post("/v1/images/generations", json={"prompt": "a red circle", "sampler": "distilled",
+                                                          "guidance_scale": 7.0})
         assert r.status_code == 400 and "guidance_scale=3.0" in r.json()["error"]["message"]
     bare = NextStepPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.defaults)
     with TestClient(create_app(bare), base_url="http://127.0.0.1") as client:

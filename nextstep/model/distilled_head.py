@@ -9,7 +9,8 @@ so that 1, 2 or 4 Euler steps of size d land where the teacher's many small step
 ``VelocityNet`` (same shapes, initialised from it) with one more input: the step size d, embedded like the time and
 added to the AdaLN conditioning (that embedding starts at zero, so the untrained student is the teacher's conditional
 head). A distilled head is saved on its own (``head_config.json`` + ``head.safetensors``, a few MB) and names the
-model it belongs to by a fingerprint of that model's config and head weights; loading it onto another model fails.
+model it belongs to by a fingerprint of that model's config and the means of its norm weights; loading it onto
+another model fails.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DistilledHeadConfig:
     head: FlowHeadConfig
     base_model: str  # how the base model was named when distilling (a path or hub id), for people
     fingerprint: str  # model_fingerprint() of the base model, for the loader
+    norm_means: tuple[float, ...]  # norm_means() of the base model, for the loader
     guidance_scale: float
     edit_guidance_scale: float
     edit_image_guidance_scale: float
@@ -70,13 +72,16 @@ class DistilledHeadConfig:
                      image_guidance_scale=self.edit_image_guidance_scale if edit else 1.0,
                      time_shift=self.edit_time_shift if edit else self.time_shift, guidance_schedule="constant",
                      sampler=DISTILLED, negative_prompt=self.negative_prompt if edit else "")
+        if overrides.get("noise_level") is not None:
+            raise InputError("noise_level is a setting of the stochastic samplers; the distilled head's steps are "
+                             "deterministic: leave it out in fast mode")
         for name, value in fixed.items():
             asked = overrides.get(name)
             if asked is not None and asked != value:
                 raise InputError(f"the distilled head reproduces its teacher at {name}={value!r} "
                                  f"({'editing' if edit else 'text-to-image'}); it cannot sample at {asked!r}: "
                                  f"leave it out, or sample without fast mode")
-        base = defaults.resolve(edit, token_norm=overrides.get("token_norm"), noise_level=overrides.get("noise_level"))
+        base = defaults.resolve(edit, token_norm=overrides.get("token_norm"))
         steps = overrides.get("num_inference_steps") or self.steps
         return dataclasses.replace(base, num_inference_steps=steps, **fixed)
 
@@ -89,6 +94,7 @@ class DistilledHeadConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["trained_steps"] = list(self.trained_steps)
+        d["norm_means"] = list(self.norm_means)
         return {"kind": KIND, **d}
 
     @classmethod
@@ -103,21 +109,28 @@ class DistilledHeadConfig:
         try:
             d["head"] = FlowHeadConfig(**d["head"])
             d["trained_steps"] = tuple(d.get("trained_steps", (1, 2, 4)))
+            d["norm_means"] = tuple(d["norm_means"])
             return cls(**d)
         except (TypeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{source} is not a valid distilled head config: {e}") from None
 
 
+NORM_TOLERANCE = 1e-3  # how far a model's norm means may be from the recorded ones (dtype rounding, not training)
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash naming a base model: its config and its normalisation weights (every RMSNorm / LayerNorm scale
-    of the backbone and the head), rounded to bfloat16 first. Those weights are never quantized, and rounding makes
-    the same checkpoint loaded in float32 or bfloat16 give the same fingerprint."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        if name.endswith(("norm.weight", "_ln.weight")):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.bfloat16).to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short hash of a base model's architecture (its config): what a head's shapes and conditions depend on."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
+
+
+def norm_means(model: nn.Module) -> list[float]:
+    """The mean of every normalisation scale (each RMSNorm / LayerNorm weight of the backbone and the head, in name
+    order): which trained weights a model holds. Norms are never quantized, and a mean moves by about 1e-4 when the
+    same checkpoint is loaded in float32, bfloat16 or float16 (a hash of the values would not survive the rounding),
+    while two trainings differ by far more."""
+    return [float(t.detach().to("cpu", torch.float64).mean()) for name, t in sorted(model.state_dict().items())
+            if name.endswith(("norm.weight", "_ln.weight"))]
 
 
 class DistilledHead(nn.Module):
@@ -179,7 +192,7 @@ class DistilledHead(nn.Module):
 
 def check_belongs(config: DistilledHeadConfig, model: nn.Module, source: str) -> None:
     """CheckpointError unless the head at ``source`` fits ``model``: token and condition sizes, then the base
-    model's fingerprint."""
+    model's architecture and trained weights (fingerprint and norm means)."""
     mc = model.config
     problems = []
     if config.token_dim != mc.token_dim:
@@ -188,8 +201,15 @@ def check_belongs(config: DistilledHeadConfig, model: nn.Module, source: str) ->
         problems.append(f"condition size {config.cond_dim} vs the model's hidden size {mc.transformer.hidden_size}")
     if problems:
         raise CheckpointError(f"distilled head {source} does not fit this model: " + "; ".join(problems))
-    mine = model_fingerprint(model)
+    mine, means = model_fingerprint(model), norm_means(model)
     if config.fingerprint != mine:
+        why = f"architecture fingerprint {config.fingerprint}, this model's is {mine}"
+    elif len(means) != len(config.norm_means):
+        why = f"{len(config.norm_means)} normalisation layers, this model has {len(means)}"
+    else:
+        gap = max((abs(a - b) for a, b in zip(means, config.norm_means)), default=0.0)
+        why = None if gap <= NORM_TOLERANCE else f"its normalisation weights differ from this model's by up to {gap:.3g}"
+    if why is not None:
         raise CheckpointError(f"distilled head {source} belongs to another model: it was distilled from "
-                              f"{config.base_model!r} (fingerprint {config.fingerprint}), this model's fingerprint is "
-                              f"{mine}. Distill a head for this model with `nextstep distill-head`.")
+                              f"{config.base_model!r} ({why}). Distill a head for this model with "
+                              f"`nextstep distill-head`.")

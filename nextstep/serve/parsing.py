@@ -19,6 +19,7 @@ from ..config import Settings
 from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
+from ..sampling.flow import DISTILLED
 from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_SEED,
                      MAX_SIZE, MAX_UPLOAD_BYTES)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
@@ -138,9 +139,10 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
                      time_shift=req.time_shift, noise_level=req.noise_level, negative_prompt=req.negative_prompt,
                      image_guidance_scale=getattr(req, "image_guidance_scale", None))
     try:  # the pipeline's own validation of the sampling settings, before the request is queued
-        settings = pipe.distilled_settings(edit, **overrides) if req.fast else pipe.defaults.resolve(edit, **overrides)
+        fast = req.fast or req.sampler == DISTILLED
+        settings = pipe.distilled_settings(edit, **overrides) if fast else pipe.defaults.resolve(edit, **overrides)
     except InputError as e:
-        raise ApiError(400, str(e), param="fast" if req.fast and pipe.head is None else None) from None
+        raise ApiError(400, str(e), param="fast" if fast and pipe.head is None else None) from None
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
     n = 1 if req.n is None else req.n
     w, h = _output_size(req, pipe.size_multiple, default_size, image)

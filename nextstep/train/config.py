@@ -273,6 +273,9 @@ class DistillConfig:
         _check(self.student_depth is None or self.student_depth >= 1, "student_depth must be >= 1")
         _check(self.tokens_per_image is None or self.tokens_per_image >= 1, "tokens_per_image must be >= 1")
         _check(self.data.mix.get("text", 0) == 0, "data.mix: text-only samples have no image to distill on")
+        for name in ("ema_decay", "compile", "activation_checkpointing", "sample_every", "export_every"):
+            _check(not getattr(self.run, name), f"run.{name} is not supported by distill-head (the student is small "
+                                                f"and exported once, to OUT/final)")
 
 
 def _coerce(obj: Any, name: str, cls: type) -> None:

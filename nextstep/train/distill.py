@@ -38,7 +38,7 @@ from ..config import ConfigError, Settings
 from ..data.sources import SampleError, open_source
 from ..errors import TrainingError
 from ..images import fit_image, load_image
-from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint
+from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means
 from ..model.latents import patchify
 from ..sampling.flow import times
 from ..sampling.guidance import Guidance
@@ -82,10 +82,13 @@ def teacher_settings(cfg: DistillConfig, pipe) -> dict[bool, Settings]:
     return out
 
 
-def targets_key(cfg: DistillConfig, fingerprint: str) -> str:
-    parts = [to_dict(cfg.data), fingerprint, cfg.teacher_steps, cfg.policy_fraction, cfg.policy_steps, cfg.holdout,
-             cfg.run.seed, *([cfg.tokens_per_image] if cfg.tokens_per_image else []), cfg.guidance_scale, cfg.edit_guidance_scale, cfg.edit_image_guidance_scale,
-             cfg.time_shift, cfg.edit_time_shift]
+def targets_key(cfg: DistillConfig, pipe) -> str:
+    """Names the targets cache: everything the targets depend on (the data, the base model and VAE, the teacher's
+    resolved settings, the recipe's target fields, the seed)."""
+    teacher = teacher_settings(cfg, pipe)
+    parts = [to_dict(cfg.data), model_fingerprint(pipe.model), [round(m, 4) for m in norm_means(pipe.model)],
+             str(cfg.vae), [dataclasses.asdict(teacher[e]) for e in (False, True)], cfg.teacher_steps,
+             cfg.policy_fraction, cfg.policy_steps, cfg.holdout, cfg.run.seed, cfg.tokens_per_image]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -176,7 +179,7 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
 
 def prepare_targets(cfg: DistillConfig, pipe, out: Path, info: DistInfo, progress: bool):
     """Build the targets once (main rank) and cache them; every rank reads the cache."""
-    path = out / f"targets-{targets_key(cfg, model_fingerprint(pipe.model))}.safetensors"
+    path = out / f"targets-{targets_key(cfg, pipe)}.safetensors"
     skipped = 0
     if info.is_main and not path.is_file():
         targets, held, skipped = build_targets(cfg, pipe, progress)
@@ -268,6 +271,7 @@ def head_config(cfg: DistillConfig, pipe) -> DistilledHeadConfig:
         token_dim=mc.token_dim, cond_dim=mc.transformer.hidden_size,
         head=dataclasses.replace(mc.head, depth=cfg.student_depth or mc.head.depth),
         base_model=str(cfg.model or "bundled"), fingerprint=model_fingerprint(pipe.model),
+        norm_means=tuple(norm_means(pipe.model)),
         guidance_scale=t2i.guidance_scale, edit_guidance_scale=edit.guidance_scale,
         edit_image_guidance_scale=edit.image_guidance_scale, time_shift=t2i.time_shift,
         edit_time_shift=edit.time_shift, negative_prompt=edit.negative_prompt, steps=cfg.steps,
