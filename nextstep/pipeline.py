@@ -39,7 +39,7 @@ from .official import schema_of
 from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad
 from .sampling.flow import DISTILLED
 from .sampling.guidance import Guidance
-from .sampling.noise import Generators, NoiseSource
+from .sampling.noise import NoiseSource
 from .sampling.token import FewStepSampler, TokenSampler
 from .think import think as self_cot
 from .tokenizer import Tokenizer

@@ -6,12 +6,7 @@ killed run resumes to the same weights."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ from nextstep.model.distilled_head import NORM_TOLERANCE, DistilledHead, model_f
 from nextstep.pipeline import NextStepPipeline
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
+from test_train import finish, kill_at_checkpoint, run_cli  # noqa: E402  (the trainers' process helpers)
 
 
 def recipe(out: Path, **over) -> dict:
@@ -95,8 +91,8 @@ def test_fast_mode_runs_one_branch_and_is_deterministic(trained, pipe):
         a = pipe(["a red circle", "a blue square"], fast=True, generator=torch.Generator().manual_seed(3), **kw)
         assert set(seen) == {2}  # prefill and every step: the two prompts' conditional rows, no unconditional rows
         seen.clear()
-        full = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(3),
-                    num_inference_steps=2, **kw)
+        pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(3),
+             num_inference_steps=2, **kw)
         assert set(seen) == {4}  # the full head: conditional + unconditional rows
         b = pipe(["a red circle", "a blue square"], fast=True, generator=torch.Generator().manual_seed(3), **kw)
         one = pipe("a blue square", fast=True, generator=[torch.Generator().manual_seed(3)], **kw)
@@ -190,32 +186,17 @@ def test_bad_recipes_are_refused():
             from_dict(DistillConfig, recipe(Path("/tmp/x"), **bad))
 
 
-def _run(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "nextstep.cli", "distill-head", *args, "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     for name in ("a", "b"):
         (tmp_path / f"{name}.json").write_text(json.dumps(recipe(tmp_path / name, run={"steps": 150, "ckpt_every": 50})))
-    p = _run([str(tmp_path / "a.json")])
-    assert p.wait(300) == 0, p.stdout.read()
+    finish(run_cli(["distill-head", str(tmp_path / "a.json"), "--quiet"]))
     (tmp_path / "b").mkdir()
     for f in (tmp_path / "a").glob("targets-*.safetensors"):  # the same recipe's cached targets: built once
         shutil.copy(f, tmp_path / "b" / f.name)
-    p = _run([str(tmp_path / "b.json")])
-    target = tmp_path / "b" / "checkpoints" / "step_0000050" / "trainer.json"
-    deadline = time.time() + 240
-    while not target.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert target.exists(), "the run never reached its step-50 checkpoint"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet"]), tmp_path / "b", 50)
     assert not (tmp_path / "b" / "final").exists()
-    p = _run([str(tmp_path / "b.json"), "--resume"])
-    assert p.wait(300) == 0, p.stdout.read()
+    finish(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet", "--resume"]))
     a, b = (load_file(str(tmp_path / n / "final" / "head.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys()
     for k in a:
@@ -263,16 +244,11 @@ def test_two_processes_equal_one(tmp_path, strategy):
     (tmp_path / "one").mkdir()
     r = recipe(tmp_path / "one", run={"steps": 12, "ckpt_every": 6, "parallel": strategy}, data={"num_samples": 24})
     (tmp_path / "one.json").write_text(json.dumps(r))
-    p = _run([str(tmp_path / "one.json")])
-    assert p.wait(300) == 0, p.stdout.read()
+    finish(run_cli(["distill-head", str(tmp_path / "one.json"), "--quiet"]))
     (tmp_path / "two").mkdir()
     for f in (tmp_path / "one").glob("targets-*.safetensors"):  # the same cached targets
         shutil.copy(f, tmp_path / "two" / f.name)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                        "nextstep.cli", "distill-head", str(tmp_path / "one.json"), "--out", str(tmp_path / "two"),
-                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    finish(run_cli(["distill-head", str(tmp_path / "one.json"), "--out", str(tmp_path / "two"), "--quiet"], nproc=2))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]
     for a, b in zip(one, two):

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +22,8 @@ from nextstep.rl.trainer import (PolicyModule, check_processes, prepare, roll, s
                                  update_loss, update_pairs)
 from nextstep.train.config import from_dict
 from nextstep.train.distributed import DistInfo
+from test_train import finish, kill_at_checkpoint, run_cli  # noqa: E402  (the trainers' process helpers)
 
-HERE = Path(__file__).parent
 REWARD = f"{Path(__file__).stem}:darkness"  # this module, imported by name (tests/ is on the path)
 
 
@@ -213,23 +208,6 @@ def test_user_reward_errors_are_clear_and_exit_2_from_the_cli(tmp_path, capsys):
 
 
 # ---- processes -------------------------------------------------------------------------------------------------------
-def run_cli(args: list[str], nproc: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "nextstep.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29600 + os.getpid() % 1000), "-m", "nextstep.cli", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(p: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out
-    return out
-
-
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
@@ -275,14 +253,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     finish(run_cli(["train-rl", str(cfg), "--quiet"]))
     reference = metrics(tmp_path / "a")
 
-    p = run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "b")])
-    target = tmp_path / "b" / "checkpoints" / "step_0000002" / "trainer.json"
-    deadline = time.time() + 240
-    while not target.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert target.exists(), "the run never reached its step-2 checkpoint"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint(run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "b")]), tmp_path / "b", 2)
     assert not (tmp_path / "b" / "final").exists()  # killed mid-run
     finish(run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "b"), "--resume"]))
     resumed = metrics(tmp_path / "b")

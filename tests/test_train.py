@@ -163,7 +163,10 @@ def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):
 
 
 def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """``nextstep ARGS`` in a subprocess (under torchrun with ``nproc`` > 1), one thread, the tests' directory on the
+    path (recipes may name a reward defined in a test module)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     if nproc == 1:
         cmd = [sys.executable, "-m", "nextstep.cli", *args]
     else:
@@ -178,6 +181,17 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def kill_at_checkpoint(p: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
+    """Wait until the run ``p`` (writing to ``out``) has completed its step-``step`` checkpoint, then kill -9 it."""
+    target = out / "checkpoints" / f"step_{step:07d}" / "trainer.json"
+    deadline = time.time() + timeout
+    while not target.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert target.exists(), f"the run never reached its step-{step} checkpoint"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
     cfg_path = tmp_path / "cfg.json"
@@ -185,14 +199,7 @@ def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
     finish(run_cli(["train", str(cfg_path), "--quiet"]))
     reference = losses(tmp_path / "a")
 
-    p = run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b")])
-    target = tmp_path / "b" / "checkpoints" / "step_0000008" / "trainer.json"
-    deadline = time.time() + 240
-    while not target.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert target.exists(), "the run never reached its step-8 checkpoint"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b")]), tmp_path / "b", 8)
     finish(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b"), "--resume"]))
     resumed = losses(tmp_path / "b")
     for s in range(9, 17):

@@ -41,9 +41,9 @@ from ..images import grid_image, save_png
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
 from ..train.config import to_dict
-from ..train.distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
-from ..train.state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_key,
-                           plain_state_dict, resume_point, save_checkpoint, start_run)
+from ..train.distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
+from ..train.state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_copy, plain_key,
+                           resume_point, save_checkpoint, start_run, training_autocast)
 from .config import RLConfig
 from .grpo import gaussian_kl, group_advantages, grpo_loss, reward_metrics
 from .policy import StepStats, Steps, all_steps, conditions, random_steps, set_trainable, step_stats
@@ -258,7 +258,7 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
     ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
     start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
     bar = Progress(out, run.steps, start, info, "train-rl", show=progress)
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
+    autocast = training_autocast(run, info)
     try:
         for step in range(start, run.steps):
             t0 = time.perf_counter()
@@ -303,21 +303,11 @@ def _sync_policy(trainable: nn.Module, policy: NextStep) -> None:
             own[plain_key(name).removeprefix("model.")].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
 
-def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
-    """A plain CPU copy of the (EMA) weights on the main rank; every rank must call (FSDP gathers)."""
-    state = plain_state_dict(trainable, ema, "model")
-    if state is None:
-        return None
-    model = NextStep(unwrap(trainable).model.config)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def sample_grid(cfg: RLConfig, trainable: nn.Module, ema: EMA | None, pipe, path: Path, info: DistInfo) -> None:
     """One image of each of the run's ``sample_prompts`` under the rollout settings (seed 0), side by side."""
     from ..pipeline import NextStepPipeline
 
-    model = _plain_model(trainable, ema)
+    model = plain_copy(trainable, ema, "model", NextStep)
     if model is not None:
         grids = NextStepPipeline(model.to(info.device), pipe.vae, pipe.tokenizer, pipe.defaults, pipe.format)
         size = cfg.rollout.image_size
@@ -331,7 +321,7 @@ def export(trainable: nn.Module, ema: EMA | None, pipe, final: Path, info: DistI
     """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: the trained weights, the base
     model's tokenizer, VAE and sampling defaults. A base model's distilled ``fast/`` head is not carried over: it was
     distilled from the weights before post-training."""
-    model = _plain_model(trainable, ema)
+    model = plain_copy(trainable, ema, "model", NextStep)
     if model is not None:
         model.save_pretrained(final)
         pipe.defaults.save(final)

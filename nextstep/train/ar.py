@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,9 +30,9 @@ from ..model.vae import VAE
 from ..prompt import check_special_ids
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, to_dict
-from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
-from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
-                    resume_point, save_checkpoint, start_run)
+from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
+from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_copy, resume_point,
+                    save_checkpoint, start_run, training_autocast)
 
 # How the sample grids are drawn, and so the defaults every export carries (its generation_config.json): a freshly
 # trained small model loads with the settings its grids were judged by, not the 14B model's 50 steps at guidance 7.5.
@@ -126,8 +125,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     bar = Progress(out, run.steps, start, info, "train", show=progress)
     if skipped:
         bar.write(f"skipped {skipped} unreadable samples while encoding the dataset")
-    fsdp_mixed = info.enabled and run.parallel == "fsdp"  # FSDP2 casts through its MixedPrecisionPolicy
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 and not fsdp_mixed else nullcontext()
+    autocast = training_autocast(run, info)
     per_rank = run.batch_size // info.world
     cfg_m = model.config
     try:
@@ -180,20 +178,10 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def _plain_model(trainable: nn.Module, ema: EMA | None) -> NextStep | None:
-    """A plain CPU copy of the (EMA) weights on the main rank; every rank must call (FSDP gathers)."""
-    state = plain_state_dict(trainable, ema, "model")
-    if state is None:
-        return None
-    model = NextStep(unwrap(trainable).model.config)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def _sample_grid(cfg: TrainConfig, trainable, ema, vae, tok, path: Path, info: DistInfo) -> None:
     from ..pipeline import NextStepPipeline
 
-    model = _plain_model(trainable, ema)
+    model = plain_copy(trainable, ema, "model", NextStep)
     if model is None:
         return
     height, width = cfg.data.bucket_sizes[0]
@@ -206,7 +194,7 @@ def _sample_grid(cfg: TrainConfig, trainable, ema, vae, tok, path: Path, info: D
 def export(cfg: TrainConfig, trainable, ema, vae: VAE, tok: Tokenizer, final: Path, info: DistInfo) -> Path:
     """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: weights, tokenizer, vae/, and
     the sample grids' settings as its sampling defaults (generation_config.json)."""
-    model = _plain_model(trainable, ema)
+    model = plain_copy(trainable, ema, "model", NextStep)
     if model is not None:
         model.save_pretrained(final)
         GRID_SAMPLING.save(final)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +44,9 @@ from ..sampling.guidance import Guidance
 from ..sampling.token import TokenSampler
 from .conditions import teacher_forced
 from .config import DistillConfig, to_dict
-from .distributed import DistInfo, all_sum, barrier, unwrap, wrap
-from .state import (Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict, resume_point,
-                    save_checkpoint, start_run)
+from .distributed import DistInfo, all_sum, barrier, wrap
+from .state import (Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_copy, resume_point,
+                    save_checkpoint, start_run, training_autocast)
 
 CHUNK = 16  # prompts per teacher call while building the targets
 
@@ -309,8 +308,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
         bar.write(f"skipped {skipped} unreadable samples")
     bar.write(f"{train_rows} training tokens, {held} held out; untrained student (the teacher's conditional head) "
               f"vs the teacher on held-out tokens: " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_errors.items()))
-    fsdp_mixed = info.enabled and run.parallel == "fsdp"
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 and not fsdp_mixed else nullcontext()
+    autocast = training_autocast(run, info)
     per_rank = run.batch_size // info.world
     dev = info.device
     try:
@@ -341,31 +339,25 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
                        "samples/s": run.batch_size / (time.perf_counter() - t0)}
             checkpoint = run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps
             if checkpoint:
-                metrics.update(_holdout(trainable, targets, train_rows, cfg, info))
+                metrics.update(_holdout(trainable, targets, train_rows, cfg))
             bar.step(metrics, log=checkpoint or run.log_every > 0 and done % run.log_every == 0)
             if checkpoint:
                 save_checkpoint(out, done, trainable, optimizer, None, {"config": to_dict(cfg), "data_position": done},
                                 info, run.keep_checkpoints)
     finally:
         bar.close()
-    return export(trainable, hc, out / "final", info)
+    return export(trainable, out / "final", info)
 
 
-def _holdout(trainable, targets, start: int, cfg: DistillConfig, info: DistInfo) -> dict[str, float]:
-    state = plain_state_dict(trainable, None, "student")
-    if state is None:
-        return {}
-    student = DistilledHead(unwrap(trainable).student.config)
-    student.load_state_dict(state)
-    return holdout_errors(student.eval(), targets, start, list(cfg.trained_steps))
+def _holdout(trainable, targets, start: int, cfg: DistillConfig) -> dict[str, float]:
+    student = plain_copy(trainable, None, "student", DistilledHead)
+    return {} if student is None else holdout_errors(student, targets, start, list(cfg.trained_steps))
 
 
-def export(trainable, config: DistilledHeadConfig, final: Path, info: DistInfo) -> Path:
+def export(trainable, final: Path, info: DistInfo) -> Path:
     """Write the head directory that ``NextStepPipeline.from_pretrained(..., head=final)`` loads."""
-    state = plain_state_dict(trainable, None, "student")
-    if state is not None:
-        head = DistilledHead(config)
-        head.load_state_dict(state)
+    head = plain_copy(trainable, None, "student", DistilledHead)
+    if head is not None:
         head.save_pretrained(final)
     barrier(info)
     return final

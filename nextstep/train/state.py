@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..files import atomic_path
 from .config import from_dict, to_dict
-from .distributed import DistInfo, all_sum, barrier
+from .distributed import DistInfo, all_sum, barrier, unwrap
 
 CKPT_PREFIX = "step_"
 
@@ -311,6 +312,25 @@ def plain_state_dict(trainable: nn.Module, ema: EMA | None, owner: str) -> dict[
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
     return state
+
+
+def plain_copy(trainable: nn.Module, ema: EMA | None, owner: str, cls: type[nn.Module]) -> nn.Module | None:
+    """A plain CPU ``cls(config)`` holding the weights of the wrapped module ``owner`` (its EMA weights where there
+    are some), in eval mode, on the main rank; None elsewhere. Every rank must call (FSDP gathers)."""
+    state = plain_state_dict(trainable, ema, owner)
+    if state is None:
+        return None
+    module = cls(getattr(unwrap(trainable), owner).config)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def training_autocast(run, info: DistInfo):
+    """The forward's precision context: bf16 autocast for ``run.precision == "bf16"``, except under FSDP2, whose
+    mixed-precision policy casts instead (``distributed.wrap``)."""
+    fsdp = info.enabled and run.parallel == "fsdp"
+    return torch.autocast(info.device.type, dtype=torch.bfloat16) if run.precision == "bf16" and not fsdp \
+        else nullcontext()
 
 
 class Progress:
