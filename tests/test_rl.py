@@ -121,6 +121,12 @@ def test_group_advantages_have_zero_mean_and_equal_rewards_give_zero_gradient(fi
     assert adv.mean(1).abs().max() <= 1e-6
     assert torch.equal(adv[2], torch.zeros(4))  # 0.1 four times: its mean rounds, the advantage must not
     assert torch.allclose(adv[:2].std(1, correction=0), torch.ones(2), atol=1e-3)
+    # a group whose rewards differ by a rounding-level PSNR term: near +-1 at GRPO's eps, damped by a larger eps,
+    # while a clear win keeps most of its size
+    near, clear = torch.tensor([0.999, 1.0, 1.0, 0.999]), torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert group_advantages(near, 4).abs().min() > 0.8  # 0.0005 / (0.0005 + 1e-4)
+    assert group_advantages(near, 4, eps=0.1).abs().max() < 0.01
+    assert group_advantages(clear, 4, eps=0.1)[1] == pytest.approx(0.75 / (3 ** 0.5 / 4 + 0.1), rel=1e-5)
     metrics = reward_metrics(rewards, 4)
     assert metrics["flat_groups"] == pytest.approx(1 / 3) and metrics["reward_mean"] == pytest.approx(4 / 12)
 

@@ -75,7 +75,7 @@ def pipe():
     ({"reward": "clip_score"}, "reward must be a built-in .* or 'module:function'"),
     ({"parameters": "lora"}, "parameters must be one of"), ({"last_layers": 0}, "last_layers must be an integer"),
     ({"clip": 0}, r"clip must be a number in \(0, 1\)"), ({"kl_weight": -0.1}, "kl_weight must be a number >= 0"),
-    ({"updates": 0}, "updates must be an integer >= 1"), ({"pairs": 0}, "pairs must be null"),
+    ({"updates": 0}, "updates must be an integer >= 1"), ({"advantage_eps": 0}, "advantage_eps must be a number > 0"), ({"pairs": 0}, "pairs must be null"),
     ({"run": {"compile": True}}, "run.compile is not supported by train-rl"),
     ({"sample_prompts": [""]}, "sample_prompts must be a list of non-empty strings"),
     ({"rollout": {"batch": 0}}, "rollout.batch must be an integer >= 1"),

@@ -82,10 +82,10 @@ class RLConfig:
     Each step draws ``run.batch_size`` prompts of the shapes world (all text-to-image or all edits, the kind drawn
     per step by ``mix``; categories and edit types by ``weights``) from a random stream of the run's seed that the
     evaluation sets never use, samples ``group`` images of each with the current policy (``rollout``), scores them
-    (``reward``: "shapes", "shapes_graded" or a user's "module:function"), normalises the rewards within each group,
-    and makes ``updates`` optimizer steps on the clipped-ratio loss (``clip``) over ``pairs`` random (token, head
-    step) pairs of every image (null: all of them) plus ``kl_weight`` times the exact KL to the frozen starting
-    model. Only the ``parameters`` set is trained ("head", "head+last_layers" with ``last_layers``, or "all")."""
+    (``reward``: "shapes", "shapes_graded" or a user's "module:function"), normalises the rewards within each group
+    (``advantage_eps`` added to its std), and makes ``updates`` optimizer steps on the clipped-ratio loss (``clip``)
+    over ``pairs`` random (token, head step) pairs of every image (null: all of them) plus ``kl_weight`` times the
+    exact KL to the frozen starting model. Only the ``parameters`` set is trained ("head", "head+last_layers" with ``last_layers``, or "all")."""
 
     MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_MAY_CHANGE, "sample_prompts")
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=300, batch_size=8, log_every=1, ckpt_every=25))
@@ -102,6 +102,9 @@ class RLConfig:
     last_layers: int = 1  # backbone layers trained with parameters "head+last_layers"
     clip: float = 0.2  # the importance ratio's clip half-width
     kl_weight: float = 0.01
+    # added to each group's reward std before dividing by it: GRPO's 1e-4 turns a group whose rewards differ by
+    # rounding-level amounts (a PSNR term) into full +-1 advantages; 0.1 leaves such groups near 0
+    advantage_eps: float = 1e-4
     updates: int = 2  # optimizer steps per rollout batch (the later ones off-policy, through the ratio)
     pairs: int | None = None  # (token, step) pairs per image in each update's loss; null: every stochastic pair
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares",
@@ -138,6 +141,8 @@ class RLConfig:
         _check(_number(self.clip) and 0 < self.clip < 1, f"clip must be a number in (0, 1), got {self.clip!r}")
         _check(_number(self.kl_weight) and self.kl_weight >= 0,
                f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        _check(_number(self.advantage_eps) and self.advantage_eps > 0,
+               f"advantage_eps must be a number > 0, got {self.advantage_eps!r}")
         _check(_integer(self.updates) and self.updates >= 1, f"updates must be an integer >= 1, got {self.updates!r}")
         _check(self.pairs is None or _integer(self.pairs) and self.pairs >= 1,
                f"pairs must be null (every pair) or an integer >= 1, got {self.pairs!r}")

@@ -18,15 +18,16 @@ import torch
 ADVANTAGE_EPS = 1e-4  # added to the group std: a group that barely differs does not blow up
 
 
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group: int, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
     """rewards (B,) prompt-major (image b of prompt b // group) -> advantages (B,) float32: within each group
-    (r - mean) / (std + ADVANTAGE_EPS), std over the group (population). A group whose rewards are all equal gets
-    exactly 0 (no signal, and no rounding noise turned into one)."""
+    (r - mean) / (std + eps), std over the group (population). A group whose rewards are all equal gets exactly 0
+    (no signal, and no rounding noise turned into one). A larger ``eps`` damps groups whose rewards barely differ
+    (a continuous reward's noise) instead of scaling them up to the full +-1 of a clear win."""
     if rewards.dim() != 1 or rewards.shape[0] % group:
         raise ValueError(f"rewards must be (B,) with B a multiple of the group size {group}, "
                          f"got {tuple(rewards.shape)}")
     r = rewards.double().view(-1, group)  # (P, G)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + ADVANTAGE_EPS)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + eps)
     flat = r.max(1, keepdim=True).values == r.min(1, keepdim=True).values
     return torch.where(flat, 0.0, adv).float().flatten()
 

@@ -269,7 +269,7 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
             everyone = global_rewards(cfg, rewards, info)
             t1 = time.perf_counter()
             with autocast:
-                batch = prepare(cfg, trainable, reference, r, group_advantages(rewards, cfg.group), step)
+                batch = prepare(cfg, trainable, reference, r, group_advantages(rewards, cfg.group, cfg.advantage_eps), step)
             lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
