@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tp", type=int, default=1, metavar="N",
                     help="tensor parallelism: split the model over N processes started with torchrun "
                          "--nproc_per_node N; rank 0 serves (default 1)")
+    sv.add_argument("--reproducible", action="store_true",
+                    help="one fixed layout per batched call (filled to 8 images, prompts padded to 32-token steps): a "
+                         "request's images are bit for bit the same whatever it is batched with; a request alone "
+                         "then costs a full batch")
     i = sub.add_parser("info", help="parameters, weight and KV-cache memory, largest image: from config.json and "
                                     "file headers, no weights read")
     i.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the bundled model)")
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                   api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
                   allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head,
-                  tp=args.tp)
+                  tp=args.tp, reproducible=args.reproducible)
             written = []
         elif args.command == "eval":
             written = run_eval(args)

@@ -230,6 +230,7 @@ class NextStepPipeline:
         exact: bool = False,
         observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
         fast: bool = False,
+        prompt_length: int | None = None,
     ) -> PipelineOutput:
         """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
         given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase).
@@ -240,7 +241,9 @@ class NextStepPipeline:
         backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them.
         ``fast=True`` (or ``sampler="distilled"``) samples with the distilled head (``head=`` in ``from_pretrained``):
         ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
-        distilled for."""
+        distilled for. ``prompt_length`` left-pads every prompt row to that many tokens instead of to the longest:
+        with the same number of rows, each row's numbers then do not depend on the other prompts of the call (the
+        server's reproducible mode; without it a batch matches each prompt alone to float rounding only)."""
         overrides = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                          guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps,
                          time_shift=time_shift, token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt,
@@ -264,12 +267,12 @@ class NextStepPipeline:
             latents = self.encode_images(source, Guidance(), 1) if source is not None else None
             cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
         rows = self._rows(cond_ids, settings.negative_prompt, grid, guidance, num_images_per_prompt)
-        self._check_length(rows, grid)  # before any image is encoded
+        self._check_length(rows, grid, prompt_length)  # before any image is encoded
         with clock("encode"):
             latents = self.encode_images(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
         tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
-                                observe)
+                                observe, prompt_length)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:
@@ -332,8 +335,13 @@ class NextStepPipeline:
         guidance = self.guidance(settings, edit)
         return self._rows([self._caption(prompt, [grid] if edit else [])], settings.negative_prompt, grid, guidance, 1)
 
-    def _check_length(self, rows: list[list[int]], grid: tuple[int, int]) -> None:
+    def _check_length(self, rows: list[list[int]], grid: tuple[int, int], prompt_length: int | None = None) -> None:
         longest, tokens = max(len(r) for r in rows), grid[0] * grid[1]
+        if prompt_length is not None:
+            if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < longest:
+                raise InputError(f"prompt_length must be an integer >= the longest prompt row ({longest} tokens "
+                                 f"here), got {prompt_length!r}")
+            longest = prompt_length
         limit = self.model.config.transformer.max_position_embeddings
         if longest + tokens > limit:
             side = int(math.sqrt(max(limit - longest, 0))) * self.size_multiple
@@ -361,11 +369,12 @@ class NextStepPipeline:
         carriers = sum(b in ("cond", "uncond_text") for b in guidance.branches)
         return per_row * carriers
 
-    def _prefill(self, rows: list[list[int]], latents, extra: int) -> tuple[torch.Tensor, KVCache]:
+    def _prefill(self, rows: list[list[int]], latents, extra: int, length: int | None = None
+                 ) -> tuple[torch.Tensor, KVCache]:
         """Run the prompts into a fresh cache sized for ``extra`` more tokens; returns the last hidden states
         (rows, 1, D): the (B, 1, D) layout the reference feeds to the output projector (with 4+ rows the math library
         rounds a (B, D) view differently, and the difference grows over the image)."""
-        batch = left_pad(rows, self.tokenizer.special.pad)
+        batch = left_pad(rows, self.tokenizer.special.pad, length)
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         limit = self.model.config.transformer.max_position_embeddings
         size = -(-(ids.shape[1] + extra) // self._cache_bucket) * self._cache_bucket  # rounded up to the bucket
@@ -382,11 +391,12 @@ class NextStepPipeline:
         return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
 
     def _generate(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
-                  progress: bool, callback, clock: Stopwatch, exact: bool = False, observe=None) -> torch.Tensor:
+                  progress: bool, callback, clock: Stopwatch, exact: bool = False, observe=None,
+                  prompt_length: int | None = None) -> torch.Tensor:
         model, device = self.model, self.device
         total = grid[0] * grid[1]
         with clock("prefill"):
-            h, cache = self._prefill(rows, latents, total)
+            h, cache = self._prefill(rows, latents, total, prompt_length)
         if settings.sampler == DISTILLED:
             if observe is not None or exact:
                 raise InputError(f"{'observe=' if observe is not None else 'exact=True'} is about the full head: "

@@ -75,11 +75,16 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L) 1 = real token
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> Batch:
-    """Left-pad id lists to one (B, L) batch with its attention mask."""
+def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> Batch:
+    """Left-pad id lists to one (B, L) batch with its attention mask; L is the longest row's length, or ``length``
+    when given (at least the longest)."""
     if not rows:
         raise ValueError("no sequences to batch")
     n = max(len(r) for r in rows)
+    if length is not None:
+        if length < n:
+            raise ValueError(f"cannot left-pad a {n}-token row to {length} tokens")
+        n = length
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for i, r in enumerate(rows):

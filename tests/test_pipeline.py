@@ -89,6 +89,19 @@ def test_batch_of_prompts_equals_each_prompt_alone(pipe):
         assert maxdiff(batch.images[2 * i:2 * i + 2], alone.images) <= 1e-3
 
 
+def test_a_fixed_prompt_length_makes_a_row_independent_of_its_batch(pipe):
+    """prompt_length pads every row to one length: with the same number of rows, a prompt's tokens are exactly the
+    same whichever other prompts share the call (the server's reproducible mode)."""
+    kw = dict(height=32, width=32, num_inference_steps=4, guidance_scale=7.5, output_type="pt", progress=False,
+              prompt_length=40)
+    a = pipe(["blue", "a red circle on the left of a green square"], generator=[seeded(1), seeded(2)], **kw)
+    b = pipe(["blue", "blue"], generator=[seeded(1), seeded(5)], **kw)
+    assert torch.equal(a.tokens[0], b.tokens[0])
+    with pytest.raises(ValueError, match=r"prompt_length must be an integer >= the longest prompt row"):
+        pipe("a red circle on the left of a green square", prompt_length=4, **{k: v for k, v in kw.items()
+                                                                              if k != "prompt_length"})
+
+
 def test_prompts_in_one_batch_get_independent_noise(pipe):
     out = pipe(["same", "same"], height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
                generator=seeded(0), output_type="pt", progress=False)

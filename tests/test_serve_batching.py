@@ -129,6 +129,39 @@ def test_batched_requests_equal_each_request_alone(pipe):
     assert health["stats"] == {"completed": 4, "failed": 0, "cancelled": 0, "rejected": 0}
 
 
+def test_reproducible_mode_gives_each_request_its_solo_images_bit_for_bit(pipe):
+    """--reproducible: every batchable call is filled to max_batch images and its prompt rows padded to a multiple of
+    PROMPT_BUCKET tokens, so three requests batched together get exactly (torch.equal) the tokens each got when it
+    came alone; a prompt of another padded length gets a call of its own."""
+    from nextstep.serve.limits import PROMPT_BUCKET
+
+    rec = Recording(pipe)
+    rec.release.set()  # no blocker for the solo runs
+    bodies = [{"prompt": p, "seed": s, "size": "32x32", "steps": 3}
+              for p, s in (("a red circle on the left of a blue square", 7), ("green", 8), ("a yellow star", 9))]
+    long_prompt = {"prompt": " ".join(["a big red circle"] * 12), "seed": 10, "size": "32x32", "steps": 3}
+    app = create_app(rec, queue_size=5, batch_wait_s=0, max_batch=4, reproducible=True)
+    with local(app) as c, ThreadPoolExecutor(5) as pool:
+        for body in bodies:  # alone, one after another
+            assert c.post("/v1/images/generations", json=body).status_code == 200
+        solo = [call["tokens"] for call in rec.calls]
+        rec.calls.clear()
+        rec.started.clear()
+        rec.release.clear()
+        blocker, futures = queue_behind_blocker(c, rec, [*bodies, long_prompt], pool)
+        rec.release.set()
+        assert blocker.result(30).status_code == 200
+        assert all(f.result(30).status_code == 200 for f in futures)
+        health = c.get("/health").json()
+    assert health["limits"]["reproducible"] is True
+    assert [c["prompt"] for c in rec.calls[1:]] == [[b["prompt"] for b in bodies] + [bodies[0]["prompt"]],
+                                                   [long_prompt["prompt"]] * 4]
+    for i, alone in enumerate(solo):
+        assert alone.shape[0] == 4  # a request alone is filled too: the same layout
+        assert torch.equal(rec.calls[1]["tokens"][i], alone[0]), (i, (rec.calls[1]["tokens"][i] - alone[0]).abs().max())
+    assert rec.calls[1]["prompt_length"] == PROMPT_BUCKET and rec.calls[2]["prompt_length"] > PROMPT_BUCKET
+
+
 def test_cancelling_one_request_in_a_batch_leaves_the_others(pipe):
     """A streamed request hangs up in the middle of a batch: it is answered (cancelled) at the next token while the
     batch still runs, and the other two get the images they would get alone."""

@@ -20,6 +20,7 @@ MAX_INPUT_PIXELS = 4096 * 4096  # decoded input image (checked from the header, 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders allowed for uploads (no EPS/PDF helpers)
 QUEUE_SIZE = 8  # requests waiting behind the running one; more get 429
 MAX_BATCH = 8  # images one pipeline call draws for queued requests merged into a batch (a larger request runs alone)
+PROMPT_BUCKET = 32  # reproducible mode: prompt rows are left-padded to a multiple of this many tokens
 BATCH_WAIT_S = 0.05  # how long a request that finds the worker idle waits for compatible ones to share its call
 RETRY_AFTER_S = 5  # the Retry-After header of a 429: OpenAI's clients wait this long before retrying
 PREVIEWS_PER_IMAGE = 16  # stream previews spread over the image tokens (each costs one VAE decode)

@@ -95,10 +95,11 @@ def _api_settings(s: Settings, edit: bool) -> dict:
 
 def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_every: int | None = None,
                model_name: str = "nextstep", access: Access = Access(), max_batch: int = MAX_BATCH,
-               batch_wait_s: float = BATCH_WAIT_S) -> FastAPI:
+               batch_wait_s: float = BATCH_WAIT_S, reproducible: bool = False) -> FastAPI:
     """The ASGI app around one loaded pipeline. ``queue_size`` requests may wait behind the running call;
     ``max_batch``: images one call may draw for compatible queued requests merged into it, ``batch_wait_s``: how
-    long a request that finds the worker idle waits for such company (``worker``);
+    long a request that finds the worker idle waits for such company, ``reproducible``: one fixed call layout, so a
+    request's images do not depend on what it is batched with (``worker``);
     ``preview_every`` image tokens between stream previews (default: PREVIEWS_PER_IMAGE per image); ``access``: who
     may use it (default: loopback clients and the server's own page, no key). The worker thread starts and stops
     with the app's lifespan."""
@@ -106,7 +107,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     native = multiple * pipe.model.config.base_image_grid_size
     default_side = max(multiple, min(native, MAX_SIZE) // multiple * multiple)
     default_size = (default_side, default_side)
-    worker = Worker(pipe, queue_size, preview_every, max_batch, batch_wait_s)
+    worker = Worker(pipe, queue_size, preview_every, max_batch, batch_wait_s, reproducible)
     model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
                   "native_size": native}
@@ -162,6 +163,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                            "max_prompt_chars": MAX_PROMPT_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES,
                            "max_input_pixels": MAX_INPUT_PIXELS, "queue_size": worker.capacity,
                            "max_batch": worker.max_batch, "batch_wait_s": worker.batch_wait_s,
+                           "reproducible": worker.reproducible,
                            "samplers": sorted(SAMPLERS)},
                 "stats": dict(worker.stats)}
 

@@ -34,15 +34,18 @@ def check_exposure(host: str, access: Access, public_without_key: bool) -> None:
 
 def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE, api_key: str | None = None,
-          allow_origins: tuple[str, ...] = (), public_without_key: bool = False, head=None, tp: int = 1) -> None:
+          allow_origins: tuple[str, ...] = (), public_without_key: bool = False, head=None, tp: int = 1,
+          reproducible: bool = False) -> None:
     """Load a model (default: the bundled one) and serve it until interrupted. ``device`` defaults to CUDA when
     available; ``dtype`` to bfloat16 on GPU, float32 on CPU. ``api_key``: clients must send it as a bearer token;
     ``allow_origins``: web pages on these origins may call the API (``security``). Binding beyond loopback needs a
     key or ``public_without_key``; both are checked before the model loads. ``head``: a distilled few-step head
     directory, for requests with ``"fast": true``. ``tp``: split the model over this many processes, started by
     torchrun (``--nproc_per_node tp``): rank 0 serves and each call it makes is replayed on the others
-    (``replicate``); every rank runs this function and returns when rank 0 is interrupted."""
+    (``replicate``); every rank runs this function and returns when rank 0 is interrupted. ``reproducible``: batched
+    calls keep one fixed layout, so a request's images do not depend on what it is batched with (``worker``)."""
     access = Access(api_key=api_key, allow_origins=tuple(allow_origins), bound_host=host)
+    options = {"queue_size": queue_size, "reproducible": reproducible}  # create_app's
     check_exposure(host, access, public_without_key)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
@@ -55,7 +58,7 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         raise ValueError(f"tp must be >= 1, got {tp}")
     if tp == 1:
         pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
-        _run(pipe, model_dir, host, port, access, queue_size, f"{device}, {dtype}")
+        _run(pipe, model_dir, host, port, access, options, f"{device}, {dtype}")
         return
     from ..parallel import join_tensor_parallel
     from ..train.distributed import shutdown
@@ -65,14 +68,14 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head,
                                                 tp_mesh=mesh)
         if info.is_main:
-            _lead(pipe, mesh, model_dir, host, port, access, queue_size, f"{device}, {dtype}, {tp} ranks")
+            _lead(pipe, mesh, model_dir, host, port, access, options, f"{device}, {dtype}, {tp} ranks")
         else:
             _follow(pipe, mesh)
     finally:
         shutdown()
 
 
-def _lead(pipe, mesh, model_dir, host, port, access, queue_size, where: str) -> None:
+def _lead(pipe, mesh, model_dir, host, port, access, options: dict, where: str) -> None:
     """Rank 0: serve with the replicating pipeline; then release the followers. SIGTERM (what torchrun sends its
     processes when it is stopped) ends the server as Ctrl-C does instead of killing the process after uvicorn's
     graceful shutdown, so the followers always hear the shutdown."""
@@ -81,7 +84,7 @@ def _lead(pipe, mesh, model_dir, host, port, access, queue_size, where: str) -> 
     leader = Leader(pipe, mesh)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        _run(leader, model_dir, host, port, access, queue_size, where)
+        _run(leader, model_dir, host, port, access, options, where)
     except KeyboardInterrupt:  # a signal while uvicorn was not running its handlers
         pass
     finally:
@@ -102,9 +105,9 @@ def _follow(pipe, mesh) -> None:
     follow(pipe, mesh)
 
 
-def _run(pipe, model_dir, host, port, access, queue_size, where: str) -> None:
+def _run(pipe, model_dir, host, port, access, options: dict, where: str) -> None:
     name = Path(model_dir).name if model_dir is not None else "bundled"
-    app = create_app(pipe, queue_size=queue_size, model_name=name, access=access)
+    app = create_app(pipe, model_name=name, access=access, **options)
     if not is_loopback(host.strip("[]")) and access.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     print(f"nextstep: serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/ ({where})")

@@ -7,6 +7,12 @@ settings), up to ``max_batch`` images, and runs them as one call with one genera
 is its own seed's, as when it runs alone. Edits run one at a time. Progress, previews and cancellation stay per job:
 a job cancelled in a running batch is answered at once (its rows finish with the batch); the call stops early only
 when every job in it is cancelled.
+
+Reproducible mode (``reproducible=True``, ``nextstep serve --reproducible``): every batchable call has one fixed
+layout, so a request's images are bit for bit the same whatever it is batched with. The call is filled up to
+``max_batch`` images with copies of its first prompt (seed 0, results dropped) and every prompt row is left-padded
+to a multiple of ``PROMPT_BUCKET`` tokens; only requests of the same padded length share a call. A request alone then
+costs what a full batch costs.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from ..config import Settings
 from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
-from .limits import BATCH_WAIT_S, MAX_BATCH, PREVIEWS_PER_IMAGE, RETRY_AFTER_S
+from .limits import BATCH_WAIT_S, MAX_BATCH, PREVIEWS_PER_IMAGE, PROMPT_BUCKET, RETRY_AFTER_S
 from .schemas import ApiError
 
 log = logging.getLogger("nextstep.serve")
@@ -73,7 +79,7 @@ class Worker:
     """Runs jobs on its own thread, so torch never blocks the event loop; compatible queued jobs share a call."""
 
     def __init__(self, pipe: NextStepPipeline, queue_size: int, preview_every: int | None,
-                 max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S):
+                 max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S, reproducible: bool = False):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if max_batch < 1:
@@ -81,7 +87,7 @@ class Worker:
         if not batch_wait_s >= 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
         self.pipe, self.capacity, self.preview_every = pipe, queue_size, preview_every
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.max_batch, self.batch_wait_s, self.reproducible = max_batch, batch_wait_s, reproducible
         self.pending: collections.deque[Job] = collections.deque()  # bounded by submit()
         self.running: tuple[Job, ...] = ()  # the jobs of the call in progress not yet answered
         self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "rejected": 0}
@@ -138,13 +144,24 @@ class Worker:
         """What must be equal for jobs to share one pipeline call: every argument but the prompt and the generator,
         sampling settings compared after the model's defaults fill them in (steps=None and the default steps are the
         same call). None: the job runs alone (edits: their input images go through the VAE encoder as one batch,
-        not yet shown to equal encoding each alone)."""
+        not yet shown to equal encoding each alone). In reproducible mode the key also holds the padded prompt length
+        (``prompt_length``)."""
         kw = job.kwargs
         if kw.get("image") is not None:
             return None
         settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
         rest = tuple(sorted((k, v) for k, v in kw.items() if k not in SETTINGS_FIELDS and k not in PER_PROMPT))
-        return settings, rest
+        return settings, rest, self.prompt_length(job, settings) if self.reproducible else None
+
+    def prompt_length(self, job: Job, settings: Settings | None = None) -> int:
+        """Reproducible mode's padded length of the job's prompt rows: its longest row rounded up to a multiple of
+        ``PROMPT_BUCKET`` tokens."""
+        kw = job.kwargs
+        if settings is None:
+            settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
+        m = self.pipe.size_multiple
+        rows = self.pipe.prompt_rows(kw["prompt"], (kw["height"] // m, kw["width"] // m), settings, edit=False)
+        return -(-max(len(r) for r in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
 
     def _take(self) -> list[Job] | None:
         """Wait for the next job; returns it with the queued jobs that can share its call (in queue order, up to
@@ -220,9 +237,17 @@ class Worker:
         if not jobs:
             return
         kwargs = dict(jobs[0].kwargs)
-        if len(jobs) > 1:
-            kwargs.update(prompt=[j.kwargs["prompt"] for j in jobs], generator=[j.kwargs["generator"] for j in jobs])
         n = jobs[0].images
+        fixed = self.reproducible and self.batch_key(jobs[0]) is not None
+        fill = max(0, self.max_batch // n - len(jobs)) if fixed else 0
+        if len(jobs) > 1 or fill:
+            prompts, gens = [j.kwargs["prompt"] for j in jobs], [j.kwargs["generator"] for j in jobs]
+            # the fixed layout: filler copies of the first prompt with their own noise, results dropped
+            prompts += [prompts[0]] * fill
+            gens += [torch.Generator(gens[0].device).manual_seed(0) for _ in range(fill)]
+            kwargs.update(prompt=prompts, generator=gens)
+        if fixed:
+            kwargs["prompt_length"] = self.prompt_length(jobs[0])
         m = self.pipe.size_multiple
         grid = (kwargs["height"] // m, kwargs["width"] // m)
         total = grid[0] * grid[1]
