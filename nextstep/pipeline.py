@@ -231,6 +231,7 @@ class NextStepPipeline:
         observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
         fast: bool = False,
         prompt_length: int | None = None,
+        group_noise: bool = False,
     ) -> PipelineOutput:
         """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
         given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase).
@@ -243,7 +244,10 @@ class NextStepPipeline:
         ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
         distilled for. ``prompt_length`` left-pads every prompt row to that many tokens instead of to the longest:
         with the same number of rows, each row's numbers then do not depend on the other prompts of the call (the
-        server's reproducible mode; without it a batch matches each prompt alone to float rounding only)."""
+        server's reproducible mode; without it a batch matches each prompt alone to float rounding only).
+        ``group_noise=True``: the ``num_images_per_prompt`` images of a prompt share each token's start noise and
+        context noise and differ only by the sampler's step noise (identical with a deterministic sampler). RL
+        rollouts use it: every difference within a group is then one the policy's log-probability accounts for."""
         overrides = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                          guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps,
                          time_shift=time_shift, token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt,
@@ -270,7 +274,8 @@ class NextStepPipeline:
         self._check_length(rows, grid, prompt_length)  # before any image is encoded
         with clock("encode"):
             latents = self.encode_images(source, guidance, num_images_per_prompt) if source is not None else None
-        noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device)
+        noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device,
+                            group_noise)
         tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
                                 observe, prompt_length)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
@@ -413,6 +418,10 @@ class NextStepPipeline:
             cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
             fed_back = k + 1 < total  # the last token is not fed back (and draws no context noise)
             eps = noise.block(sample.draws + (context_noise > 0 and fed_back))  # (draws, n, token_dim), one call
+            if noise.group_noise:  # start and context noise shared by the images of a prompt
+                eps[0] = noise.shared(eps[0])
+                if context_noise > 0 and fed_back:
+                    eps[-1] = noise.shared(eps[-1])
             with clock("head"):
                 x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
             tokens[:, k] = x

@@ -74,6 +74,23 @@ def test_rollout_records_the_pipelines_own_samples(fixture_pipe, fixture, sample
     assert abs((r.fed - tokens).std() - context_noise) < 0.05
 
 
+def test_group_noise_shares_start_and_context_noise_within_a_prompt(fixture_pipe, fixture, context_noise):
+    """group_noise: a prompt's images start every token from the same noise and feed it back with the same context
+    noise (so fed - token is the same), differ by the head steps' noise, and the log-probs stay exact."""
+    r = roll(fixture_pipe, fixture, group=3, group_noise=True)  # 2 prompts x 3 images
+    start = r.states[:, :, 0]
+    for p in range(2):
+        rows = slice(3 * p, 3 * p + 3)
+        assert torch.equal(start[rows][0], start[rows][1]) and torch.equal(start[rows][0], start[rows][2])
+        assert not torch.equal(r.states[rows][0, :, 1], r.states[rows][1, :, 1])  # the first step's own noise
+    assert not torch.equal(start[0], start[3])
+    noise = r.fed - torch.nn.functional.layer_norm(r.states[:, :-1, -1], (64,), eps=TOKEN_NORM_EPS)  # context noise
+    assert (noise[0] - noise[1]).abs().max() <= 1e-5 and (noise[0] - noise[3]).abs().max() > 0.1
+    random = r.std > 0
+    want = torch.distributions.Normal(r.mean[:, :, random], r.std[random, None].expand_as(r.mean[:, :, random]))
+    assert (r.log_prob[:, :, random] - want.log_prob(r.states[:, :, 1:][:, :, random]).sum(-1)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("sampler,edit", [("flow_sde", False), ("cps", True), ("flow_sde", True)])
 def test_recomputed_log_probs_equal_recorded_and_first_ratios_are_one(fixture_pipe, fixture, sampler, edit,
                                                                       context_noise):

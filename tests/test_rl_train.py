@@ -78,7 +78,7 @@ def pipe():
     ({"updates": 0}, "updates must be an integer >= 1"), ({"advantage_eps": 0}, "advantage_eps must be a number > 0"), ({"pairs": 0}, "pairs must be null"),
     ({"run": {"compile": True}}, "run.compile is not supported by train-rl"),
     ({"sample_prompts": [""]}, "sample_prompts must be a list of non-empty strings"),
-    ({"rollout": {"batch": 0}}, "rollout.batch must be an integer >= 1"),
+    ({"rollout": {"batch": 0}}, "rollout.batch must be an integer >= 1"), ({"rollout": {"group_noise": 1}}, "rollout.group_noise must be true or false"),
     ({"rollout": {"batch": 3}}, r"run.batch_size \(2 prompts per step\) must be a multiple of rollout.batch \(3 "),
     ({"optim": {"lr": 0}}, "optim.lr must be > 0"), ({"bogus": 1}, r"unknown keys in RLConfig: \['bogus'\]"),
 ])

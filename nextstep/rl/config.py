@@ -41,6 +41,9 @@ class RolloutConfig:
     image_guidance_scale: float | None = None  # edits only
     time_shift: float | None = None
     image_size: int = 64
+    # the images of a prompt share each token's start and context noise: they differ only by the head steps' noise,
+    # the actions GRPO credits (noise the policy cannot account for otherwise blurs the advantages)
+    group_noise: bool = False
     # prompts per pipeline call: part of a run's identity (batched rows round differently), and each process's share
     # of a step's prompts must be a multiple of it, so that every call, and so every sample, is the same whatever the
     # number of processes
@@ -67,6 +70,8 @@ class RolloutConfig:
         _check(_integer(self.image_size) and self.image_size > 0 and self.image_size % 16 == 0,
                f"rollout.image_size must be a positive multiple of 16, got {self.image_size!r}")
         _check(_integer(self.batch) and self.batch >= 1, f"rollout.batch must be an integer >= 1, got {self.batch!r}")
+        _check(isinstance(self.group_noise, bool), f"rollout.group_noise must be true or false, got "
+                                                   f"{self.group_noise!r}")
 
     def settings(self) -> dict[str, Any]:
         """The pipeline's sampling overrides (None keeps the model's default)."""

@@ -147,12 +147,15 @@ def _transitions(settings: Settings, states: torch.Tensor, velocities: torch.Ten
 
 @torch.no_grad()
 def rollout(pipe, prompts: Sequence[Prompt], group: int, height: int, width: int,
-            generator: torch.Generator | list[torch.Generator] | None = None, **settings: Any) -> Rollout:
+            generator: torch.Generator | list[torch.Generator] | None = None, group_noise: bool = False,
+            **settings: Any) -> Rollout:
     """Sample ``group`` images for each prompt with ``pipe`` (a ``NextStepPipeline``) and record their trajectories.
 
     ``settings``: sampling overrides as the pipeline takes them (``sampler`` "flow_sde" or "cps",
     ``num_inference_steps``, ``guidance_scale``, ``image_guidance_scale``, ``time_shift``, ``noise_level``, ...);
-    the rest come from ``pipe.defaults``. ``generator``: one for the batch or one per prompt, as in the pipeline."""
+    the rest come from ``pipe.defaults``. ``generator``: one for the batch or one per prompt, as in the pipeline.
+    ``group_noise``: the images of a prompt share their start and context noise (the pipeline's ``group_noise``), so
+    they differ only by the steps whose log-probabilities are recorded."""
     edit = _is_edit(prompts, group)
     resolved = pipe.defaults.resolve(edit, **settings)
     _check_sampler(resolved)
@@ -160,7 +163,7 @@ def rollout(pipe, prompts: Sequence[Prompt], group: int, height: int, width: int
     record = _Recorder()
     out = pipe([p.text for p in prompts], image=[p.source for p in prompts] if edit else None, height=height,
                width=width, num_images_per_prompt=group, generator=generator, progress=False, observe=record,
-               **settings)
+               group_noise=group_noise, **settings)
     states = torch.stack(record.states)  # (T, S + 1, B, D)
     mean, std = _transitions(resolved, states, torch.stack(record.velocities))
     states, mean = states.permute(2, 0, 1, 3), mean.permute(2, 0, 1, 3)  # (B, T, S + 1, D), (B, T, S, D)

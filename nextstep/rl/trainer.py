@@ -108,7 +108,8 @@ def roll(cfg: RLConfig, pipe, step: int, info: DistInfo) -> Rollout:
     for start in range(part.start, part.stop, n):
         gens = [torch.Generator().manual_seed(_seed(cfg.run.seed, _STREAM_NOISE, step, i))
                 for i in range(start, start + n)]
-        parts.append(rollout(pipe, prompts[start:start + n], cfg.group, size, size, gens, **cfg.rollout.settings()))
+        parts.append(rollout(pipe, prompts[start:start + n], cfg.group, size, size, gens,
+                             group_noise=cfg.rollout.group_noise, **cfg.rollout.settings()))
     return Rollout.concat(parts)
 
 

@@ -27,12 +27,23 @@ class NoiseSource:
     """Gaussian noise for ``prompts`` x ``per_prompt`` rows. One generator draws for the whole batch (independent
     noise for every row); a list gives each prompt its own generator, so a prompt's images do not depend on what
     else is in the batch. A single prompt with one CPU generator draws exactly as the reference's seeded global RNG.
+    ``group_noise``: :meth:`shared` gives every image of a prompt its first image's draw (the pipeline uses it for
+    the start and context noise).
     """
 
-    def __init__(self, generator: Generators, prompts: int, per_prompt: int, dim: int, device: torch.device):
+    def __init__(self, generator: Generators, prompts: int, per_prompt: int, dim: int, device: torch.device,
+                 group_noise: bool = False):
         if isinstance(generator, Sequence) and len(generator) != prompts:
             raise InputError(f"got {len(generator)} generators for {prompts} prompts")
         self.generator, self.prompts, self.per_prompt, self.dim, self.device = generator, prompts, per_prompt, dim, device
+        self.group_noise = group_noise
+
+    def shared(self, draw: torch.Tensor) -> torch.Tensor:
+        """(rows, dim) -> the same draw with each prompt's first image's row repeated over its images when
+        ``group_noise`` (else ``draw`` itself)."""
+        if not self.group_noise or self.per_prompt == 1:
+            return draw
+        return draw.view(self.prompts, self.per_prompt, -1)[:, :1].expand(-1, self.per_prompt, -1).reshape(draw.shape)
 
     @property
     def rows(self) -> int:
