@@ -12,9 +12,10 @@ so ``y = (x @ q^T) * s + b``: the scale is applied to the output, never to a deq
 Kernels (``benchmarks/quant.py`` measures them; one thread, 1-6 rows, this is the flow head's and the decode
 step's batch):
 - int8 on CPU: fbgemm's dynamic-quantization linear (``torch.ops.quantized.linear_dynamic``; the activation rows
-  are quantized to uint8 on the fly, accumulation in int32). It was 1.5-9x faster than float32 ``F.linear`` on the
-  layer shapes measured, while ``aten._weight_int8pack_mm`` was 2-10x slower than float32 and dequantizing on the
-  fly no faster than float32. The weight lives only in fbgemm's packed layout (one int8 copy). Where the
+  are quantized to uint8 on the fly, accumulation in int32; each row is first scaled to a largest |value| of 1, so
+  that fbgemm's one scale for the whole input serves every row: ``_fbgemm_rowwise``). It was 1.5-9x faster than
+  float32 ``F.linear`` on the layer shapes measured, while ``aten._weight_int8pack_mm`` was 2-10x slower than
+  float32 and dequantizing on the fly no faster than float32. The weight lives only in fbgemm's packed layout (one int8 copy). Where the
   quantized engine is missing, int8 falls back to dequantize-on-the-fly.
 - int8 on CUDA: ``F.linear(x, q.to(x.dtype)) * s``, the weight-only form torch.compile fuses into one kernel
   (as gpt-fast does); eager it saves memory, not time.
@@ -173,7 +174,7 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if self._packed is not None:
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, _REDUCE_RANGE).to(x.dtype)
+            y = _fbgemm_rowwise(x2.float(), self._packed).to(x.dtype)
         elif self.kind == "fp8" and _scaled_mm_ok(x2, self.out_features):
             y = fp8_scaled_mm(x2, self.qweight.view(FP8), self.scale)
         else:
@@ -225,6 +226,15 @@ _REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_
 @functools.lru_cache(maxsize=None)
 def _fbgemm() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _fbgemm_rowwise(x: torch.Tensor, packed) -> torch.Tensor:
+    """fbgemm's int8 linear (no bias) with one activation scale per ROW: fbgemm quantizes its whole input with one
+    scale, so a row of large values (an attention-sink position in a prefill, a guidance branch) would leave the
+    others a few levels. Each row is divided by its largest |value| first and the output row multiplied back (the
+    product is linear in each row): every row then spans the full 8 bits."""
+    s = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (M, 1)
+    return torch.ops.quantized.linear_dynamic(x / s, packed, _REDUCE_RANGE) * s
 
 
 def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
