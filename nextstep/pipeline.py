@@ -244,7 +244,8 @@ class NextStepPipeline:
         ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
         distilled for. ``prompt_length`` left-pads every prompt row to that many tokens instead of to the longest:
         with the same number of rows, each row's numbers then do not depend on the other prompts of the call (the
-        server's reproducible mode; without it a batch matches each prompt alone to float rounding only).
+        server's reproducible mode; without it a batch matches each prompt alone to float rounding only; int8 weights
+        on CPU still quantize a call's activations with one shared range).
         ``group_noise=True``: the ``num_images_per_prompt`` images of a prompt share each token's start noise and
         context noise and differ only by the sampler's step noise (identical with a deterministic sampler). RL
         rollouts use it: every difference within a group is then one the policy's log-probability accounts for."""

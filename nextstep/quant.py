@@ -232,7 +232,8 @@ def _fbgemm_rowwise(x: torch.Tensor, packed) -> torch.Tensor:
     """fbgemm's int8 linear (no bias) with one activation scale per ROW: fbgemm quantizes its whole input with one
     scale, so a row of large values (an attention-sink position in a prefill, a guidance branch) would leave the
     others a few levels. Each row is divided by its largest |value| first and the output row multiplied back (the
-    product is linear in each row): every row then spans the full 8 bits."""
+    product is linear in each row): every row then reaches the ends of fbgemm's range ([-1, 1] for the batch), so it
+    gets at least half of the levels, whatever the other rows hold."""
     s = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (M, 1)
     return torch.ops.quantized.linear_dynamic(x / s, packed, _REDUCE_RANGE) * s
 

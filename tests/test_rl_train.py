@@ -124,10 +124,10 @@ def test_prompts_are_a_pure_function_of_seed_and_step_with_the_recipes_mix_and_w
 # ---- the updates -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("parameters,edit", [("head", False), ("head+last_layers", True)])
 def test_first_update_ratios_are_exactly_one_then_off_policy(pipe, tmp_path, parameters, edit):
-    """Through the trainer's own pieces: the first update's ratios are exactly 1 and its KL to the reference (the
-    starting model) exactly 0; after one optimizer step the second update is off-policy (ratios move, KL > 0)."""
+    """Through the trainer's own pieces (the edit case with rollout.group_noise): the first update's ratios are
+    exactly 1 and its KL to the reference (the starting model) exactly 0; after one optimizer step the second update is off-policy (ratios move, KL > 0)."""
     cfg = from_dict(RLConfig, recipe(tmp_path, parameters=parameters, mix={"edit": 1.0} if edit else {"t2i": 1.0},
-                                     run={"batch_size": 2}))
+                                     run={"batch_size": 2}, rollout={"group_noise": edit}))
     p = copy.copy(pipe)
     p.model = copy.deepcopy(pipe.model)
     set_trainable(p.model, parameters)
@@ -135,6 +135,8 @@ def test_first_update_ratios_are_exactly_one_then_off_policy(pipe, tmp_path, par
     trainable = PolicyModule(p.model)
     r = roll(cfg, p, 0, DistInfo())
     assert r.edit == edit and r.states.shape[:3] == (8, 16, 5)
+    start = r.states[:, :, 0]  # rollout.group_noise (the edit case): a prompt's 4 images share their start noise
+    assert torch.equal(start[0], start[3]) == edit and not torch.equal(start[0], start[4])
     rewards = score(load_reward(cfg.reward), r)
     assert rewards.shape == (8,) and rewards.std() > 0
     batch = prepare(cfg, trainable, reference, r, group_advantages(rewards, cfg.group), 0)

@@ -130,8 +130,8 @@ def test_batched_requests_equal_each_request_alone(pipe):
 
 
 def test_reproducible_mode_gives_each_request_its_solo_images_bit_for_bit(pipe):
-    """--reproducible: every batchable call is filled to max_batch images and its prompt rows padded to a multiple of
-    PROMPT_BUCKET tokens, so three requests batched together get exactly (torch.equal) the tokens each got when it
+    """--reproducible: every batchable call is filled to max_batch // n prompts and its prompt rows padded to a
+    multiple of PROMPT_BUCKET tokens, so three requests batched together get exactly (torch.equal) the tokens each got when it
     came alone; a prompt of another padded length gets a call of its own."""
     from nextstep.serve.limits import PROMPT_BUCKET
 
@@ -160,6 +160,53 @@ def test_reproducible_mode_gives_each_request_its_solo_images_bit_for_bit(pipe):
         assert alone.shape[0] == 4  # a request alone is filled too: the same layout
         assert torch.equal(rec.calls[1]["tokens"][i], alone[0]), (i, (rec.calls[1]["tokens"][i] - alone[0]).abs().max())
     assert rec.calls[1]["prompt_length"] == PROMPT_BUCKET and rec.calls[2]["prompt_length"] > PROMPT_BUCKET
+
+
+def test_reproducible_mode_with_two_images_per_request_and_previews(pipe):
+    """n=2 with max_batch 5: calls of 2 prompts (4 images, one filler prompt for a request alone); a streamed request
+    batched with another gets previews of its own two images only, and both get their solo tokens exactly."""
+    rec = Recording(pipe)
+    rec.release.set()
+    bodies = [{"prompt": p, "seed": s, "size": "32x32", "n": 2, **FAST} for p, s in (("a red circle", 3), ("blue", 4))]
+    app = create_app(rec, queue_size=3, batch_wait_s=0, max_batch=5, reproducible=True, preview_every=1)
+    with local(app) as c, ThreadPoolExecutor(3) as pool:
+        solo = []
+        for body in bodies:
+            assert c.post("/v1/images/generations", json=body).status_code == 200
+            solo.append(rec.calls[-1]["tokens"][:2])
+        assert [len(call["prompt"]) for call in rec.calls] == [2, 2]  # each filled with one copy of itself
+        rec.calls.clear()
+        rec.started.clear()
+        rec.release.clear()
+        blocker, futures = queue_behind_blocker(c, rec, bodies, pool, stream=(0,))
+        rec.release.set()
+        assert blocker.result(30).status_code == 200
+        ev, plain = futures[0].result(30), futures[1].result(30)
+    assert rec.calls[1]["prompt"] == [b["prompt"] for b in bodies]
+    for i in range(2):
+        assert torch.equal(rec.calls[1]["tokens"][2 * i:2 * i + 2], solo[i]), i
+    previews = [d for n, d in ev if n == "preview"]
+    assert previews and all(len(d["images"]) == 2 for d in previews)
+    assert ev[-1][0] == "final" and len(ev[-1][1]["data"]) == 2 and len(plain.json()["data"]) == 2
+
+
+def test_reproducible_padding_stays_within_the_models_positions(pipe):
+    """Rounding a prompt up to PROMPT_BUCKET must not refuse a request that fits unpadded: the padded length stops
+    at what the positions leave beside the image."""
+    from nextstep.serve.worker import Job, Worker
+
+    config = pipe.model.config.transformer
+    limit = config.max_position_embeddings
+    config.max_position_embeddings = 4 + 20  # 32x32: 4 image tokens; the prompt row has 8 tokens
+    try:
+        worker = Worker(pipe, 2, None, reproducible=True)
+        kw = {"prompt": "a red circle", "height": 32, "width": 32, "num_images_per_prompt": 1}
+        assert worker._prompt_length(kw) == 20
+        out = pipe("a red circle", height=32, width=32, num_inference_steps=2, prompt_length=20, progress=False)
+        assert out.tokens.shape == (1, 4, 64)
+        assert worker.batch_key(Job(kw, {}, False, None))[2] == 20
+    finally:
+        config.max_position_embeddings = limit
 
 
 def test_cancelling_one_request_in_a_batch_leaves_the_others(pipe):

@@ -43,7 +43,7 @@ class NoiseSource:
         ``group_noise`` (else ``draw`` itself)."""
         if not self.group_noise or self.per_prompt == 1:
             return draw
-        return draw.view(self.prompts, self.per_prompt, -1)[:, :1].expand(-1, self.per_prompt, -1).reshape(draw.shape)
+        return draw.view(self.prompts, self.per_prompt, -1)[:, :1].repeat(1, self.per_prompt, 1).view_as(draw)  # a copy
 
     @property
     def rows(self) -> int:

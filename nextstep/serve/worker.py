@@ -9,10 +9,11 @@ a job cancelled in a running batch is answered at once (its rows finish with the
 when every job in it is cancelled.
 
 Reproducible mode (``reproducible=True``, ``nextstep serve --reproducible``): every batchable call has one fixed
-layout, so a request's images are bit for bit the same whatever it is batched with. The call is filled up to
-``max_batch`` images with copies of its first prompt (seed 0, results dropped) and every prompt row is left-padded
-to a multiple of ``PROMPT_BUCKET`` tokens; only requests of the same padded length share a call. A request alone then
-costs what a full batch costs.
+layout, so a request's images are bit for bit the same whatever it is batched with (float weights; int8's
+activation quantization still shares one range per call). The call is filled up to ``max_batch // n`` prompts of
+``n`` images with copies of its first prompt (seed 0, results dropped) and every prompt row is left-padded to a
+multiple of ``PROMPT_BUCKET`` tokens (at most what the model's positions leave beside the image); only requests of the
+same padded length share a call. A request alone then costs what a full batch costs.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from ..config import Settings
 from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
+from ..sampling.flow import DISTILLED
 from .limits import BATCH_WAIT_S, MAX_BATCH, PREVIEWS_PER_IMAGE, PROMPT_BUCKET, RETRY_AFTER_S
 from .schemas import ApiError
 
 log = logging.getLogger("nextstep.serve")
 
 SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+_UNKNOWN = object()
 PER_PROMPT = ("prompt", "generator")  # the pipeline arguments that may differ between the jobs of one batch
 
 
@@ -59,6 +62,7 @@ class Job:
     queued_at: float = 0.0  # time.monotonic() when submitted
     started: bool = False  # "started" sent (worker thread only)
     answered: bool = False  # the terminal event sent (worker thread only): nothing more is emitted
+    key: Any = _UNKNOWN  # Worker.batch_key's answer, once computed
 
     @property
     def images(self) -> int:
@@ -145,23 +149,31 @@ class Worker:
         sampling settings compared after the model's defaults fill them in (steps=None and the default steps are the
         same call). None: the job runs alone (edits: their input images go through the VAE encoder as one batch,
         not yet shown to equal encoding each alone). In reproducible mode the key also holds the padded prompt length
-        (``prompt_length``)."""
+        (``prompt_length``). Computed once per job (``_take`` asks again on every pass, holding the queue's lock)."""
+        if job.key is _UNKNOWN:
+            job.key = self._key(job)
+        return job.key
+
+    def _key(self, job: Job) -> Hashable | None:
         kw = job.kwargs
         if kw.get("image") is not None:
             return None
         settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
         rest = tuple(sorted((k, v) for k, v in kw.items() if k not in SETTINGS_FIELDS and k not in PER_PROMPT))
-        return settings, rest, self.prompt_length(job, settings) if self.reproducible else None
+        return settings, rest, self._prompt_length(kw) if self.reproducible else None
 
-    def prompt_length(self, job: Job, settings: Settings | None = None) -> int:
-        """Reproducible mode's padded length of the job's prompt rows: its longest row rounded up to a multiple of
-        ``PROMPT_BUCKET`` tokens."""
-        kw = job.kwargs
-        if settings is None:
-            settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
+    def _prompt_length(self, kw: dict[str, Any]) -> int:
+        """Reproducible mode's padded length of a call's prompt rows: the job's longest row (as the call prefills it:
+        the prompt alone in fast mode) rounded up to a multiple of ``PROMPT_BUCKET`` tokens, but never beyond what
+        the model's positions leave beside the image (validation checked the unpadded rows against that)."""
+        fields = {k: v for k, v in kw.items() if k in SETTINGS_FIELDS}
+        fast = kw.get("fast") or kw.get("sampler") == DISTILLED
+        settings = self.pipe.distilled_settings(False, **fields) if fast else self.pipe.defaults.resolve(False, **fields)
         m = self.pipe.size_multiple
-        rows = self.pipe.prompt_rows(kw["prompt"], (kw["height"] // m, kw["width"] // m), settings, edit=False)
-        return -(-max(len(r) for r in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+        grid = (kw["height"] // m, kw["width"] // m)
+        longest = max(len(r) for r in self.pipe.prompt_rows(kw["prompt"], grid, settings, edit=False))
+        room = self.pipe.model.config.transformer.max_position_embeddings - grid[0] * grid[1]
+        return max(longest, min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, room))
 
     def _take(self) -> list[Job] | None:
         """Wait for the next job; returns it with the queued jobs that can share its call (in queue order, up to
@@ -247,7 +259,7 @@ class Worker:
             gens += [torch.Generator(gens[0].device).manual_seed(0) for _ in range(fill)]
             kwargs.update(prompt=prompts, generator=gens)
         if fixed:
-            kwargs["prompt_length"] = self.prompt_length(jobs[0])
+            kwargs["prompt_length"] = self.batch_key(jobs[0])[2]
         m = self.pipe.size_multiple
         grid = (kwargs["height"] // m, kwargs["width"] // m)
         total = grid[0] * grid[1]
