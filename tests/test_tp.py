@@ -150,6 +150,7 @@ def _worker(fixture: Path, model_dir: Path, out: Path) -> None:
     result["hidden"] = backbone_hidden(pipe.model)
     result["kv_cache_heads"] = torch.tensor(pipe.model.new_cache(1, 4).k.shape[2])
     torch.save(result, out / f"rank{dist.get_rank()}.pt")
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 
