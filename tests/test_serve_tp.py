@@ -113,7 +113,7 @@ def _replicate_worker(rank: int, init: str, out: str):
         result["calls"] = follow(pipe, mesh)
     result["seen"] = pipe.seen
     Path(out, f"{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort, now and then, without)
+    dist.barrier()  # the file writes above come after the protocol's own barrier: meet again before tearing down
     dist.destroy_process_group()
 
 

@@ -117,6 +117,7 @@ class Leader:
             if not self._closed:
                 self._closed = True
                 self._channel.message(("shutdown",))
+                dist.barrier(group=self._channel.group)  # no rank tears the group down while another still uses it
 
 
 def follow(pipe, mesh) -> int:
@@ -134,6 +135,7 @@ def follow(pipe, mesh) -> int:
     while True:
         msg = channel.message()
         if msg[0] == "shutdown":
+            dist.barrier(group=channel.group)  # the leader's, in Leader.shutdown
             return calls
         _, args, kwargs = msg
         kwargs = {k: _unpack(v) for k, v in kwargs.items()}
