@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tensor parallelism: split the model over N processes started with torchrun "
                          "--nproc_per_node N; rank 0 serves (default 1)")
     sv.add_argument("--reproducible", action="store_true",
-                    help="one fixed layout per batched call (filled to 8 images' worth of prompts, prompts padded to "
-                         "32-token steps): a request's images are bit for bit the same whatever it is batched with; "
-                         "a request alone then costs a full batch")
+                    help="one fixed layout per batched call (filled up to the batch limit, prompts padded to fixed "
+                         "token steps: serve.limits MAX_BATCH, PROMPT_BUCKET): a request's images are bit for bit the "
+                         "same whatever it is batched with; a request alone then costs a full batch")
     i = sub.add_parser("info", help="parameters, weight and KV-cache memory, largest image: from config.json and "
                                     "file headers, no weights read")
     i.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the bundled model)")

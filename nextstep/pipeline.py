@@ -253,10 +253,7 @@ class NextStepPipeline:
                          guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps,
                          time_shift=time_shift, token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt,
                          noise_level=noise_level)
-        if fast or sampler == DISTILLED:
-            settings = self.distilled_settings(image is not None, **overrides)
-        else:
-            settings = self.defaults.resolve(image is not None, **overrides)
+        settings = self.resolve_settings(image is not None, fast, **overrides)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = self._check(prompts, image, num_images_per_prompt, output_type)
         height, width = self._size(height, width, images)
@@ -319,6 +316,13 @@ class NextStepPipeline:
             if not isinstance(v, int) or v <= 0 or v % m:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
         return height, width
+
+    def resolve_settings(self, edit: bool, fast: bool = False, **overrides) -> Settings:
+        """The settings a call with these overrides runs with: the distilled head's with ``fast`` (or sampler
+        "distilled"), else the model's defaults under the overrides; an InputError says what is wrong."""
+        if fast or overrides.get("sampler") == DISTILLED:
+            return self.distilled_settings(edit, **overrides)
+        return self.defaults.resolve(edit, **overrides)
 
     def distilled_settings(self, edit: bool, **overrides) -> Settings:
         """The settings of a call with the distilled head: its steps (default: the head's), the teacher settings it

@@ -204,7 +204,7 @@ def test_reproducible_padding_stays_within_the_models_positions(pipe):
         assert worker._prompt_length(kw) == 20
         out = pipe("a red circle", height=32, width=32, num_inference_steps=2, prompt_length=20, progress=False)
         assert out.tokens.shape == (1, 4, 64)
-        assert worker.batch_key(Job(kw, {}, False, None))[2] == 20
+        assert worker.batch_key(Job(kw, {}, False, None)).prompt_length == 20
     finally:
         config.max_position_embeddings = limit
 

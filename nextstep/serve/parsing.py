@@ -140,7 +140,7 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
                      image_guidance_scale=getattr(req, "image_guidance_scale", None))
     try:  # the pipeline's own validation of the sampling settings, before the request is queued
         fast = req.fast or req.sampler == DISTILLED
-        settings = pipe.distilled_settings(edit, **overrides) if fast else pipe.defaults.resolve(edit, **overrides)
+        settings = pipe.resolve_settings(edit, fast, **overrides)
     except InputError as e:
         raise ApiError(400, str(e), param="fast" if fast and pipe.head is None else None) from None
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed

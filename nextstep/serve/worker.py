@@ -9,8 +9,8 @@ a job cancelled in a running batch is answered at once (its rows finish with the
 when every job in it is cancelled.
 
 Reproducible mode (``reproducible=True``, ``nextstep serve --reproducible``): every batchable call has one fixed
-layout, so a request's images are bit for bit the same whatever it is batched with (float weights; int8's
-activation quantization still shares one range per call). The call is filled up to ``max_batch // n`` prompts of
+layout, so a request's images are bit for bit the same whatever it is batched with (float weights; an int8
+pipeline's activation quantization still shares one range per call). The call is filled up to ``max_batch // n`` prompts of
 ``n`` images with copies of its first prompt (seed 0, results dropped) and every prompt row is left-padded to a
 multiple of ``PROMPT_BUCKET`` tokens (at most what the model's positions leave beside the image); only requests of the
 same padded length share a call. A request alone then costs what a full batch costs.
@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -36,7 +36,6 @@ from ..config import Settings
 from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
-from ..sampling.flow import DISTILLED
 from .limits import BATCH_WAIT_S, MAX_BATCH, PREVIEWS_PER_IMAGE, PROMPT_BUCKET, RETRY_AFTER_S
 from .schemas import ApiError
 
@@ -45,6 +44,14 @@ log = logging.getLogger("nextstep.serve")
 SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
 _UNKNOWN = object()
 PER_PROMPT = ("prompt", "generator")  # the pipeline arguments that may differ between the jobs of one batch
+
+
+class BatchKey(NamedTuple):
+    """What jobs sharing a call have in common (``Worker.batch_key``)."""
+
+    settings: Settings  # resolved sampling settings
+    rest: tuple  # every other pipeline argument but the prompt and the generator, sorted (name, value) pairs
+    prompt_length: int | None  # reproducible mode's padded prompt length
 
 
 class Cancelled(Exception):
@@ -131,6 +138,7 @@ class Worker:
 
     def submit(self, job: Job) -> int:
         """Queue a job; returns how many jobs are ahead of it. Raises ApiError(429) when the queue is full."""
+        self.batch_key(job)  # computed here, not under the queue's lock in _take (it may tokenize the prompt)
         with self._ready:
             ahead = self.depth
             if self.waiting >= self.capacity:
@@ -144,31 +152,30 @@ class Worker:
             return ahead
 
     # ---- batching --------------------------------------------------------------------------------------------------
-    def batch_key(self, job: Job) -> Hashable | None:
+    def batch_key(self, job: Job) -> BatchKey | None:
         """What must be equal for jobs to share one pipeline call: every argument but the prompt and the generator,
         sampling settings compared after the model's defaults fill them in (steps=None and the default steps are the
         same call). None: the job runs alone (edits: their input images go through the VAE encoder as one batch,
         not yet shown to equal encoding each alone). In reproducible mode the key also holds the padded prompt length
-        (``prompt_length``). Computed once per job (``_take`` asks again on every pass, holding the queue's lock)."""
+        (``prompt_length``). Computed once per job, when it is submitted."""
         if job.key is _UNKNOWN:
             job.key = self._key(job)
         return job.key
 
-    def _key(self, job: Job) -> Hashable | None:
+    def _key(self, job: Job) -> BatchKey | None:
         kw = job.kwargs
         if kw.get("image") is not None:
             return None
         settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
         rest = tuple(sorted((k, v) for k, v in kw.items() if k not in SETTINGS_FIELDS and k not in PER_PROMPT))
-        return settings, rest, self._prompt_length(kw) if self.reproducible else None
+        return BatchKey(settings, rest, self._prompt_length(kw) if self.reproducible else None)
 
     def _prompt_length(self, kw: dict[str, Any]) -> int:
         """Reproducible mode's padded length of a call's prompt rows: the job's longest row (as the call prefills it:
         the prompt alone in fast mode) rounded up to a multiple of ``PROMPT_BUCKET`` tokens, but never beyond what
         the model's positions leave beside the image (validation checked the unpadded rows against that)."""
-        fields = {k: v for k, v in kw.items() if k in SETTINGS_FIELDS}
-        fast = kw.get("fast") or kw.get("sampler") == DISTILLED
-        settings = self.pipe.distilled_settings(False, **fields) if fast else self.pipe.defaults.resolve(False, **fields)
+        settings = self.pipe.resolve_settings(False, kw.get("fast", False),
+                                              **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
         m = self.pipe.size_multiple
         grid = (kw["height"] // m, kw["width"] // m)
         longest = max(len(r) for r in self.pipe.prompt_rows(kw["prompt"], grid, settings, edit=False))
@@ -250,7 +257,8 @@ class Worker:
             return
         kwargs = dict(jobs[0].kwargs)
         n = jobs[0].images
-        fixed = self.reproducible and self.batch_key(jobs[0]) is not None
+        key = self.batch_key(jobs[0])
+        fixed = self.reproducible and key is not None
         fill = max(0, self.max_batch // n - len(jobs)) if fixed else 0
         if len(jobs) > 1 or fill:
             prompts, gens = [j.kwargs["prompt"] for j in jobs], [j.kwargs["generator"] for j in jobs]
@@ -259,7 +267,7 @@ class Worker:
             gens += [torch.Generator(gens[0].device).manual_seed(0) for _ in range(fill)]
             kwargs.update(prompt=prompts, generator=gens)
         if fixed:
-            kwargs["prompt_length"] = self.batch_key(jobs[0])[2]
+            kwargs["prompt_length"] = key.prompt_length
         m = self.pipe.size_multiple
         grid = (kwargs["height"] // m, kwargs["width"] // m)
         total = grid[0] * grid[1]
