@@ -129,8 +129,8 @@ def norm_means(model: nn.Module) -> list[float]:
     order): which trained weights a model holds. Norms are never quantized, and a mean moves by about 1e-4 when the
     same checkpoint is loaded in float32, bfloat16 or float16 (a hash of the values would not survive the rounding),
     while two trainings differ by far more."""
-    return [float(t.detach().to("cpu", torch.float64).mean()) for name, t in sorted(model.state_dict().items())
-            if name.endswith(("norm.weight", "_ln.weight"))]
+    return [float(t.detach().to("cpu", torch.float64).mean()) for name, t in sorted(model.named_parameters())
+            if name.endswith(("norm.weight", "_ln.weight"))]  # parameters: a state_dict would unpack int8 weights
 
 
 class DistilledHead(nn.Module):
