@@ -422,11 +422,9 @@ class NextStepPipeline:
         for k in tqdm(range(total), disable=not progress, desc="image tokens", leave=False):
             cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
             fed_back = k + 1 < total  # the last token is not fed back (and draws no context noise)
-            eps = noise.block(sample.draws + (context_noise > 0 and fed_back))  # (draws, n, token_dim), one call
-            if noise.group_noise:  # start and context noise shared by the images of a prompt
-                eps[0] = noise.shared(eps[0])
-                if context_noise > 0 and fed_back:
-                    eps[-1] = noise.shared(eps[-1])
+            context = context_noise > 0 and fed_back
+            # (draws, n, token_dim) in one call; with group_noise the start and context noise are a prompt's
+            eps = noise.block(sample.draws + context, shared=(0, -1) if context else (0,))
             with clock("head"):
                 x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
             tokens[:, k] = x
@@ -434,7 +432,7 @@ class NextStepPipeline:
                 callback(k + 1, total, tokens[:, : k + 1])
             if fed_back:
                 with clock("backbone"):
-                    if context_noise > 0:
+                    if context:
                         x = x + context_noise * eps[-1]
                     h = self._decode_step(x, input_pos, cache)
                     input_pos += 1

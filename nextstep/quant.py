@@ -12,11 +12,12 @@ so ``y = (x @ q^T) * s + b``: the scale is applied to the output, never to a deq
 Kernels (``benchmarks/quant.py`` measures them; one thread, 1-6 rows, this is the flow head's and the decode
 step's batch):
 - int8 on CPU: fbgemm's dynamic-quantization linear (``torch.ops.quantized.linear_dynamic``; the activation rows
-  are quantized to uint8 on the fly, accumulation in int32; each row is first scaled to a largest |value| of 1, so
-  that fbgemm's one scale for the whole input serves every row: ``_fbgemm_rowwise``). It was 1.5-9x faster than
-  float32 ``F.linear`` on the layer shapes measured, while ``aten._weight_int8pack_mm`` was 2-10x slower than
-  float32 and dequantizing on the fly no faster than float32. The weight lives only in fbgemm's packed layout (one int8 copy). Where the
-  quantized engine is missing, int8 falls back to dequantize-on-the-fly.
+  are quantized to uint8 on the fly, accumulation in int32; in a prefill or the head's batched modulations each row
+  is first scaled to a largest |value| of 1, so that fbgemm's one scale for the whole input serves every row:
+  ``_fbgemm_rowwise``). It was 1.5-9x faster than float32 ``F.linear`` on the layer shapes measured, while
+  ``aten._weight_int8pack_mm`` was 2-10x slower than float32 and dequantizing on the fly no faster than float32. The
+  weight lives only in fbgemm's packed layout (one int8 copy). Where the quantized engine is missing, int8 falls back
+  to dequantize-on-the-fly.
 - int8 on CUDA: ``F.linear(x, q.to(x.dtype)) * s``, the weight-only form torch.compile fuses into one kernel
   (as gpt-fast does); eager it saves memory, not time.
 - fp8 on CUDA with compute capability >= 8.9: ``torch._scaled_mm`` on e4m3 activations (per-row dynamic scales)
@@ -174,7 +175,10 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if self._packed is not None:
-            y = _fbgemm_rowwise(x2.float(), self._packed).to(x.dtype)
+            # a sequence of rows (a prefill, the head's batched modulations: (B, T > 1, D)) gets per-row activation
+            # scales; the per-token calls (a decode step (B, 1, D), a head step (N, D)) do not pay for them
+            rowwise = x.dim() >= 3 and x.shape[-2] > 1
+            y = _fbgemm_rowwise(x2.float(), self._packed, rowwise).to(x.dtype)
         elif self.kind == "fp8" and _scaled_mm_ok(x2, self.out_features):
             y = fp8_scaled_mm(x2, self.qweight.view(FP8), self.scale)
         else:
@@ -228,18 +232,14 @@ def _fbgemm() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
 
 
-ROWWISE_MIN_ROWS = 5  # inputs with at least this many rows get one activation scale per row (_fbgemm_rowwise)
-
-
-def _fbgemm_rowwise(x: torch.Tensor, packed) -> torch.Tensor:
-    """fbgemm's int8 linear (no bias) with one activation scale per ROW for inputs of ``ROWWISE_MIN_ROWS`` rows or
-    more: fbgemm quantizes its whole input with one scale, so a row of large values (an attention-sink position in a
-    prefill) would leave the others a few levels. Each row is divided by its largest |value| first and the output row
-    multiplied back (the product is linear in each row): every row then reaches the ends of fbgemm's range ([-1, 1]
-    for the batch), so it gets at least half of the levels, whatever the other rows hold. The per-token calls (the
-    decode step and the head's steps: 1-4 rows of one token's guidance branches, alike in size) skip it: its four
-    extra operations would double the cost of a small layer (measured 20 -> 40 us at 2 x 512 x 512)."""
-    if x.shape[0] < ROWWISE_MIN_ROWS:
+def _fbgemm_rowwise(x: torch.Tensor, packed, rowwise: bool = True) -> torch.Tensor:
+    """fbgemm's int8 linear (no bias), with one activation scale per ROW when ``rowwise``: fbgemm quantizes its whole
+    input with one scale, so a row of large values (an attention-sink position in a prefill) would leave the others
+    a few levels. Each row is divided by its largest |value| first and the output row multiplied back (the product is
+    linear in each row): every row then reaches the ends of fbgemm's range ([-1, 1] for the batch), so it gets at
+    least half of the levels, whatever the other rows hold. Its four extra operations would double the cost of a
+    small per-token call (measured 20 -> 40 us at 2 x 512 x 512), which ``QuantizedLinear.forward`` spares."""
+    if not rowwise:
         return torch.ops.quantized.linear_dynamic(x, packed, _REDUCE_RANGE)
     s = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (M, 1)
     return torch.ops.quantized.linear_dynamic(x / s, packed, _REDUCE_RANGE) * s

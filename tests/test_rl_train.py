@@ -75,10 +75,12 @@ def pipe():
     ({"reward": "clip_score"}, "reward must be a built-in .* or 'module:function'"),
     ({"parameters": "lora"}, "parameters must be one of"), ({"last_layers": 0}, "last_layers must be an integer"),
     ({"clip": 0}, r"clip must be a number in \(0, 1\)"), ({"kl_weight": -0.1}, "kl_weight must be a number >= 0"),
-    ({"updates": 0}, "updates must be an integer >= 1"), ({"advantage_eps": 0}, "advantage_eps must be a number > 0"), ({"pairs": 0}, "pairs must be null"),
+    ({"updates": 0}, "updates must be an integer >= 1"), ({"pairs": 0}, "pairs must be null"),
+    ({"advantage_eps": 0}, "advantage_eps must be a number > 0"),
     ({"run": {"compile": True}}, "run.compile is not supported by train-rl"),
     ({"sample_prompts": [""]}, "sample_prompts must be a list of non-empty strings"),
-    ({"rollout": {"batch": 0}}, "rollout.batch must be an integer >= 1"), ({"rollout": {"group_noise": 1}}, "rollout.group_noise must be true or false"),
+    ({"rollout": {"batch": 0}}, "rollout.batch must be an integer >= 1"),
+    ({"rollout": {"group_noise": 1}}, "rollout.group_noise must be true or false"),
     ({"rollout": {"batch": 3}}, r"run.batch_size \(2 prompts per step\) must be a multiple of rollout.batch \(3 "),
     ({"optim": {"lr": 0}}, "optim.lr must be > 0"), ({"bogus": 1}, r"unknown keys in RLConfig: \['bogus'\]"),
 ])
@@ -124,7 +126,8 @@ def test_prompts_are_a_pure_function_of_seed_and_step_with_the_recipes_mix_and_w
 @pytest.mark.parametrize("parameters,edit", [("head", False), ("head+last_layers", True)])
 def test_first_update_ratios_are_exactly_one_then_off_policy(pipe, tmp_path, parameters, edit):
     """Through the trainer's own pieces (the edit case with rollout.group_noise): the first update's ratios are
-    exactly 1 and its KL to the reference (the starting model) exactly 0; after one optimizer step the second update is off-policy (ratios move, KL > 0)."""
+    exactly 1 and its KL to the reference (the starting model) exactly 0; after one optimizer step the second update
+    is off-policy (ratios move, KL > 0)."""
     cfg = from_dict(RLConfig, recipe(tmp_path, parameters=parameters, mix={"edit": 1.0} if edit else {"t2i": 1.0},
                                      run={"batch_size": 2}, rollout={"group_noise": edit}))
     p = copy.copy(pipe)

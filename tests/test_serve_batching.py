@@ -131,8 +131,8 @@ def test_batched_requests_equal_each_request_alone(pipe):
 
 def test_reproducible_mode_gives_each_request_its_solo_images_bit_for_bit(pipe):
     """--reproducible: every batchable call is filled to max_batch // n prompts and its prompt rows padded to a
-    multiple of PROMPT_BUCKET tokens, so three requests batched together get exactly (torch.equal) the tokens each got when it
-    came alone; a prompt of another padded length gets a call of its own."""
+    multiple of PROMPT_BUCKET tokens, so three requests batched together get exactly (torch.equal) the tokens each
+    got when it came alone; a prompt of another padded length gets a call of its own."""
     from nextstep.serve.limits import PROMPT_BUCKET
 
     rec = Recording(pipe)

@@ -6,22 +6,18 @@ Every field is checked in ``__post_init__`` with an error that names it; an unkn
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_TIME_SHIFT, ConfigError, _check
+from ..config import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_TIME_SHIFT, ConfigError, _check, _is_number
 from ..data.shapes import CATEGORIES, EDIT_TYPES, data_weights
 from ..sampling.flow import NEXTSTEP_11_SAMPLERS
 from ..train.config import RUN_MAY_CHANGE, OptimConfig, RunConfig, _coerce
+from .grpo import ADVANTAGE_EPS
 from .policy import PARAMETER_SETS
 from .rewards import BUILTIN_REWARDS
 
 RL_KINDS = ("t2i", "edit")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _integer(v: Any) -> bool:
@@ -57,14 +53,14 @@ class RolloutConfig:
         _check(_integer(self.steps) and lo <= self.steps <= MAX_INFERENCE_STEPS,
                f"rollout.steps must be an integer in [{lo}, {MAX_INFERENCE_STEPS}] for the {self.sampler!r} sampler, "
                f"got {self.steps!r}")
-        _check(_number(self.noise_level) and 0 < self.noise_level <= 1,
+        _check(_is_number(self.noise_level) and 0 < self.noise_level <= 1,
                f"rollout.noise_level must be a number in (0, 1], got {self.noise_level!r}")
         for name in ("guidance_scale", "image_guidance_scale"):
             v = getattr(self, name)
-            _check(v is None or _number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
+            _check(v is None or _is_number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
                    f"rollout.{name} must be null (the model's default) or a number in [0, {MAX_GUIDANCE_SCALE:g}], "
                    f"got {v!r}")
-        _check(self.time_shift is None or _number(self.time_shift) and 0 < self.time_shift <= MAX_TIME_SHIFT,
+        _check(self.time_shift is None or _is_number(self.time_shift) and 0 < self.time_shift <= MAX_TIME_SHIFT,
                f"rollout.time_shift must be null (the model's default) or in (0, {MAX_TIME_SHIFT:g}], "
                f"got {self.time_shift!r}")
         _check(_integer(self.image_size) and self.image_size > 0 and self.image_size % 16 == 0,
@@ -90,7 +86,8 @@ class RLConfig:
     (``reward``: "shapes", "shapes_graded" or a user's "module:function"), normalises the rewards within each group
     (``advantage_eps`` added to its std), and makes ``updates`` optimizer steps on the clipped-ratio loss (``clip``)
     over ``pairs`` random (token, head step) pairs of every image (null: all of them) plus ``kl_weight`` times the
-    exact KL to the frozen starting model. Only the ``parameters`` set is trained ("head", "head+last_layers" with ``last_layers``, or "all")."""
+    exact KL to the frozen starting model. Only the ``parameters`` set is trained ("head", "head+last_layers" with
+    ``last_layers``, or "all")."""
 
     MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_MAY_CHANGE, "sample_prompts")
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=300, batch_size=8, log_every=1, ckpt_every=25))
@@ -109,7 +106,7 @@ class RLConfig:
     kl_weight: float = 0.01
     # added to each group's reward std before dividing by it: GRPO's 1e-4 turns a group whose rewards differ by
     # rounding-level amounts (a PSNR term) into full +-1 advantages; 0.1 leaves such groups near 0
-    advantage_eps: float = 1e-4
+    advantage_eps: float = ADVANTAGE_EPS
     updates: int = 2  # optimizer steps per rollout batch (the later ones off-policy, through the ratio)
     pairs: int | None = None  # (token, step) pairs per image in each update's loss; null: every stochastic pair
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares",
@@ -129,7 +126,7 @@ class RLConfig:
                f"group must be an integer >= 2 (advantages compare the images of a prompt), got {self.group!r}")
         _check(isinstance(self.mix, dict) and set(self.mix) <= set(RL_KINDS),
                f"mix keys must be among {RL_KINDS}, got {self.mix!r}")
-        _check(all(_number(v) and v >= 0 for v in self.mix.values()) and sum(self.mix.values()) > 0,
+        _check(all(_is_number(v) and v >= 0 for v in self.mix.values()) and sum(self.mix.values()) > 0,
                f"mix weights must be numbers >= 0, not all zero, got {self.mix}")
         _check(isinstance(self.weights, dict), f"weights must be an object, got {self.weights!r}")
         try:  # canonical: weights that draw the same prompts compare equal on resume
@@ -143,10 +140,10 @@ class RLConfig:
                f"parameters must be one of {PARAMETER_SETS}, got {self.parameters!r}")
         _check(_integer(self.last_layers) and self.last_layers >= 1,
                f"last_layers must be an integer >= 1, got {self.last_layers!r}")
-        _check(_number(self.clip) and 0 < self.clip < 1, f"clip must be a number in (0, 1), got {self.clip!r}")
-        _check(_number(self.kl_weight) and self.kl_weight >= 0,
+        _check(_is_number(self.clip) and 0 < self.clip < 1, f"clip must be a number in (0, 1), got {self.clip!r}")
+        _check(_is_number(self.kl_weight) and self.kl_weight >= 0,
                f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
-        _check(_number(self.advantage_eps) and self.advantage_eps > 0,
+        _check(_is_number(self.advantage_eps) and self.advantage_eps > 0,
                f"advantage_eps must be a number > 0, got {self.advantage_eps!r}")
         _check(_integer(self.updates) and self.updates >= 1, f"updates must be an integer >= 1, got {self.updates!r}")
         _check(self.pairs is None or _integer(self.pairs) and self.pairs >= 1,

@@ -270,7 +270,8 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
             everyone = global_rewards(cfg, rewards, info)
             t1 = time.perf_counter()
             with autocast:
-                batch = prepare(cfg, trainable, reference, r, group_advantages(rewards, cfg.group, cfg.advantage_eps), step)
+                advantages = group_advantages(rewards, cfg.group, cfg.advantage_eps)
+                batch = prepare(cfg, trainable, reference, r, advantages, step)
             lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -27,37 +27,38 @@ class NoiseSource:
     """Gaussian noise for ``prompts`` x ``per_prompt`` rows. One generator draws for the whole batch (independent
     noise for every row); a list gives each prompt its own generator, so a prompt's images do not depend on what
     else is in the batch. A single prompt with one CPU generator draws exactly as the reference's seeded global RNG.
-    ``group_noise``: :meth:`shared` gives every image of a prompt its first image's draw (the pipeline uses it for
-    the start and context noise).
+    ``group_noise``: the draws :meth:`block` is told to share give every image of a prompt its first image's numbers
+    (the pipeline shares the start and context noise).
     """
 
     def __init__(self, generator: Generators, prompts: int, per_prompt: int, dim: int, device: torch.device,
                  group_noise: bool = False):
         if isinstance(generator, Sequence) and len(generator) != prompts:
             raise InputError(f"got {len(generator)} generators for {prompts} prompts")
-        self.generator, self.prompts, self.per_prompt, self.dim, self.device = generator, prompts, per_prompt, dim, device
-        self.group_noise = group_noise
+        self.generator, self.prompts, self.per_prompt, self.dim = generator, prompts, per_prompt, dim
+        self.device, self.group_noise = device, group_noise
 
-    def shared(self, draw: torch.Tensor) -> torch.Tensor:
-        """(rows, dim) -> the same draw with each prompt's first image's row repeated over its images when
-        ``group_noise`` (else ``draw`` itself)."""
-        if not self.group_noise or self.per_prompt == 1:
-            return draw
-        return draw.view(self.prompts, self.per_prompt, -1)[:, :1].repeat(1, self.per_prompt, 1).view_as(draw)  # a copy
 
     @property
     def rows(self) -> int:
         return self.prompts * self.per_prompt
 
-    def block(self, k: int) -> torch.Tensor:
-        """(k, rows, dim): the next k draws of (rows, dim) each, in one call per CPU generator.
+    def block(self, k: int, shared: tuple[int, ...] = ()) -> torch.Tensor:
+        """(k, rows, dim): the next k draws of (rows, dim) each, in one call per CPU generator. With ``group_noise``
+        the draws at indices ``shared`` are the same for every image of a prompt (its first image's).
 
         On the CPU, torch draws normals in blocks of 16 values, so one (k, rows, dim) call gives the same numbers as k
         calls of (rows, dim) whenever rows * dim is a multiple of 16 (always for 64-value image tokens). Other
         generators (CUDA's maps values to threads by the call's size) and other sizes draw k times."""
         if isinstance(self.generator, Sequence):
-            return torch.cat([_block(k, self.per_prompt, self.dim, g, self.device) for g in self.generator], dim=1)
-        return _block(k, self.rows, self.dim, self.generator, self.device)
+            out = torch.cat([_block(k, self.per_prompt, self.dim, g, self.device) for g in self.generator], dim=1)
+        else:
+            out = _block(k, self.rows, self.dim, self.generator, self.device)
+        if self.group_noise and self.per_prompt > 1:
+            for i in shared:  # a copy of each prompt's first row, then written over the draw
+                first = out[i].view(self.prompts, self.per_prompt, -1)[:, :1]
+                out[i] = first.repeat(1, self.per_prompt, 1).flatten(0, 1)
+        return out
 
 
 def _block(k: int, rows: int, dim: int, g: torch.Generator | None, device) -> torch.Tensor:

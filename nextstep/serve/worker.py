@@ -10,10 +10,10 @@ when every job in it is cancelled.
 
 Reproducible mode (``reproducible=True``, ``nextstep serve --reproducible``): every batchable call has one fixed
 layout, so a request's images are bit for bit the same whatever it is batched with (float weights; an int8
-pipeline's activation quantization still shares one range per call). The call is filled up to ``max_batch // n`` prompts of
-``n`` images with copies of its first prompt (seed 0, results dropped) and every prompt row is left-padded to a
-multiple of ``PROMPT_BUCKET`` tokens (at most what the model's positions leave beside the image); only requests of the
-same padded length share a call. A request alone then costs what a full batch costs.
+pipeline's activation quantization still shares one range per call). The call is filled up to ``max_batch // n``
+prompts of ``n`` images with copies of its first prompt (seed 0, results dropped) and every prompt row is left-padded
+to a multiple of ``PROMPT_BUCKET`` tokens (at most what the model's positions leave beside the image); only requests
+of the same padded length share a call. A request alone then costs what a full batch costs.
 """
 
 from __future__ import annotations
