@@ -9,21 +9,18 @@ import pytest
 
 
 def _fixtures_root() -> Path:
-    """``$NEXTSTEP_FIXTURES`` if set, else ``shared/fixtures`` next to this checkout (``../shared/fixtures``)."""
+    """``$NEXTSTEP_FIXTURES`` if set, else the reference data bundled in ``tests/fixtures``."""
     env = os.environ.get("NEXTSTEP_FIXTURES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    return Path(env) if env else Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """The reference fixtures directory (read-only); skips the test when it is not there."""
+    """The reference fixtures directory (read-only). Missing fixtures fail the test: they are part of the repository,
+    so a skip could only hide every parity test."""
     root = _fixtures_root()
-    if not root.is_dir():
-        if os.environ.get("CI"):  # in CI the fixtures must be there: a silent skip would hide every parity test
-            pytest.fail(f"reference fixtures not found at {root} (CI expects shared/ next to the checkout)")
-        pytest.skip(f"reference fixtures not found at {root} (set NEXTSTEP_FIXTURES to their directory)")
+    if not (root / "official-v1-a").is_dir():
+        pytest.fail(f"reference fixtures not found at {root} (they ship in tests/fixtures; NEXTSTEP_FIXTURES overrides)")
     return root
 
 
