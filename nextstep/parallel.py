@@ -168,14 +168,11 @@ def join_tensor_parallel(tp: int, device: torch.device):
     ValueError when this run does not have exactly ``tp`` processes. Used by ``generate --tp`` and ``serve --tp``."""
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensor parallelism runs on cpu or cuda devices, not {device.type}")
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from .train.distributed import init_from_env
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo" if device.type == "cpu" else "nccl")  # the device asked for, not the host's
-    info = init_from_env()  # a lone process (no torchrun) joins nothing: world 1
+    info = init_from_env(device.type)  # a lone process (no torchrun) joins nothing: world 1
     if info.world != tp:
         raise ValueError(f"--tp {tp} needs {tp} processes: run it under torchrun --nproc_per_node {tp} (this run has "
                          f"{info.world})")

@@ -30,11 +30,13 @@ class DistInfo:
         return self.world > 1
 
 
-def init_from_env() -> DistInfo:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, nccl on CUDA."""
+def init_from_env(device_type: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): the one place a process group is started, for
+    training and for tensor-parallel inference. ``device_type`` is the device the caller asked for ("cpu": gloo, even
+    on a GPU host; "cuda": nccl, one GPU per local rank); None: CUDA when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
