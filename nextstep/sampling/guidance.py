@@ -16,10 +16,21 @@ that is the three-branch formula at s_i = 1, so the result is continuous in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from .flow import DISTILLED
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
 SCHEDULES = ("constant", "linear", "rising")
+
+
+def image_blocks(branches: tuple[str, ...]) -> int:
+    """How many of the leading row blocks of ``branches`` carry the input image of an edit (cond, uncond_text)."""
+    return sum(b != "uncond_all" for b in branches)
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,15 @@ class Guidance:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"guidance schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, edit: bool) -> "Guidance":
+        """The guidance of a call with these settings (``edit``: an input image is given); the distilled head reads
+        the conditional branch alone (it learnt its teacher's guidance)."""
+        if settings.sampler == DISTILLED:
+            return cls(has_image=edit)
+        return cls(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
+                   schedule=settings.guidance_schedule)
 
     @property
     def use_image(self) -> bool:

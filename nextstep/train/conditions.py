@@ -12,6 +12,7 @@ import torch
 
 from ..model.nextstep import NextStep
 from ..prompt import left_pad
+from ..sampling.guidance import image_blocks
 
 
 def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, branches: tuple[str, ...],
@@ -27,9 +28,8 @@ def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, bra
     device = model.device
     batch = left_pad([rows[c] for c in range(copies) for rows in ids], pad_id)
     latents = None
-    if sources is not None:  # rows of the branches that carry the input image come first (cond, uncond_text)
-        carriers = sum(name != "uncond_all" for name in branches)
-        latents = [z for _ in range(carriers) for z in sources]
+    if sources is not None:
+        latents = [z for _ in range(image_blocks(branches)) for z in sources]
     prompt = model.embed(batch.input_ids.to(device), latents)  # (R, L, Dm)
     tokens = fed.shape[1] + 1
     image = model.embed_image_tokens(fed.to(device, model.dtype))  # (B, T - 1, Dm)
