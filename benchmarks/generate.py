@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
-    run.add_argument("--exact", action="store_true", help="the reference's head arithmetic (pipe(..., exact=True))")
+    run.add_argument("--exact", action="store_true",
+                     help="the reference's head arithmetic (pipe._generate(..., exact=True))")
     run.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only quantization of the model's linears")
     run.add_argument("--fast", type=int, nargs="+", metavar="STEPS",
                      help="time a distilled few-step head (fast=True) at these step counts instead of the sampler "
@@ -230,9 +231,9 @@ def run_one(pipe: NextStepPipeline, args, size, batch, steps, cfg, sampler, devi
     t0 = time.perf_counter()
     settings = (dict(fast=True) if sampler == "distilled" else
                 dict(guidance_scale=cfg, sampler=sampler, time_shift=1.0, exact=args.exact))
-    out = pipe(args.prompt, height=h, width=w, num_images_per_prompt=batch, num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(0), output_type="pt", progress=False, timings=True,
-               token_norm=False if args.shape else None, **settings)
+    out = pipe._generate(args.prompt, height=h, width=w, num_images_per_prompt=batch, num_inference_steps=steps,
+                         generator=torch.Generator().manual_seed(0), output_type="pt", progress=False, timings=True,
+                         token_norm=False if args.shape else None, **settings)
     sync(device)
     return time.perf_counter() - t0, dict(out.timings)
 

@@ -52,10 +52,10 @@ class Counting:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, prompt, **kwargs):
+    def _generate(self, prompt, **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         self.batches.append(len(prompts))
-        out = self.pipe(prompt, **kwargs)
+        out = self.pipe._generate(prompt, **kwargs)
         for i, p in reversed(list(enumerate(prompts))):
             self.tokens[p] = out.tokens[i]
         return out

@@ -50,7 +50,7 @@ def main() -> None:
         for rep in range(args.repeats + 1):  # the first round warms up
             for name, (p, exact) in variants.items():
                 t0 = time.perf_counter()
-                p("a red cube", generator=torch.Generator().manual_seed(0), exact=exact, **kw)
+                p._generate("a red cube", generator=torch.Generator().manual_seed(0), exact=exact, **kw)
                 if rep:
                     times[name].append((time.perf_counter() - t0) / n)
         s = {name: statistics.median(v) for name, v in times.items()}

@@ -13,29 +13,29 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .config import SamplingConfig, Settings
+from .config import SamplingConfig
 from .errors import InputError, TrainingError
 from .generate_many import LAYOUTS
 from .images import grid_image, save_pngs
 from .pipeline import FAST_HEAD_DIR, NextStepPipeline, bundled_model_dir
 from .prompt import area_text
-from .sampling.flow import NEXTSTEP_11_SAMPLERS, SAMPLERS
-from .sampling.guidance import SCHEDULES
+from .sampling.flow import DISTILLED, NEXTSTEP_11_SAMPLERS
+from .settings import SPECS, SettingError, Settings
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 # the pipeline's argument names -> this CLI's flags, so errors speak the user's words
-FLAGS = {"guidance_scale": "--cfg", "image_guidance_scale": "--image-cfg", "num_inference_steps": "--steps",
-         "time_shift": "--shift", "guidance_schedule": "--schedule", "noise_level": "--noise-level",
-         "negative_prompt": "--negative", "num_images_per_prompt": "-n", "sampler": "--sampler",
-         "height": "--size height", "width": "--size width"}
+FLAGS = {**{s.name: s.flag for s in SPECS if s.flag}, "num_images_per_prompt": "-n", "height": "--size height",
+         "width": "--size width"}
 
 
 class UsageError(Exception):
     """A bad command line or environment for it: printed as one line, exit code 2."""
 
 
-def cli_words(message: str) -> str:
-    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], message)
+def cli_words(e: InputError) -> str:
+    if isinstance(e, SettingError):  # only the setting's name, not the words of its problem
+        return f"{FLAGS.get(e.field, e.field)} {e.problem}"
+    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], str(e))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -60,24 +60,19 @@ def _common(p: argparse.ArgumentParser, edit: bool) -> None:
 def _sampling_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 "
                    + ("(default: the input image's size)" if edit else "(default: the model's native size)"))
-    p.add_argument("--steps", type=int, default=None, help="flow steps per image token (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="text guidance scale (default: the model's; NextStep-1: 7.5)")
-    if edit:
-        p.add_argument("--image-cfg", type=float, default=None,
-                       help="image guidance scale (default: the model's; NextStep-1-Edit: 2.0)")
-    p.add_argument("--negative", default=None,
-                   help="negative prompt" + (" (default: the model's, 'Copy original image.')" if edit else ""))
-    p.add_argument("--shift", type=float, default=None,
-                   help="time shift (default: the model's; NextStep-1: 1.0, 3.2 for edits)")
-    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="guidance schedule (default: the model's)")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help="default: the model's (NextStep-1: sde; NextStep-1.1: flow_sde)")
-    p.add_argument("--noise-level", type=float, default=None,
-                   help="noise level of the 1.1 samplers flow_sde and cps, in [0, 1] (default: the model's, 0.8)")
+    _setting_flags(p, edit)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-token-norm", action="store_true", help="do not re-normalise sampled tokens")
     _fast_flag(p)
+
+
+def _setting_flags(p: argparse.ArgumentParser, edit: bool) -> None:
+    """A flag per sampling setting (``nextstep.settings``), None unless given: the model's default."""
+    for s in SPECS:
+        if s.flag is None or s.edit_only and not edit:
+            continue
+        kind = dict(action=argparse.BooleanOptionalAction) if s.type is bool else dict(type=s.type, choices=s.choices)
+        bounds = f", in {s.interval}" if s.hi is not None else ""
+        p.add_argument(s.flag, dest=s.name, default=None, help=f"{s.help}{bounds} (default: the model's)", **kind)
 
 
 def _fast_flag(p: argparse.ArgumentParser) -> None:
@@ -141,11 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="prompt-set and sampling seed")
     ev.add_argument("--size", type=int, default=64, help="image side in pixels")
     ev.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
-    ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--cfg", type=float, default=None)
-    ev.add_argument("--image-cfg", type=float, default=None)
-    ev.add_argument("--shift", type=float, default=None)
-    ev.add_argument("--sampler", default=None, choices=sorted(SAMPLERS))
+    _setting_flags(ev, edit=True)
     _fast_flag(ev)
     ev.add_argument("--head", default=None, metavar="DIR", help="a distilled head for --fast (default: the model's)")
     ev.add_argument("--json", default=None, help="write the results (without images) to this JSON file")
@@ -202,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run_eval(args) -> list[Path]:
     from .eval.shapes import evaluate_pipeline, format_table, save_grid
 
+    settings = sampling_overrides(args)
     results = evaluate_pipeline(load_pipeline(args), args.n, args.seed, size=args.size, n_edits=args.edits,
-                                batch_size=args.batch, progress=not args.quiet, image_guidance_scale=args.image_cfg,
-                                num_inference_steps=args.steps, guidance_scale=args.cfg, time_shift=args.shift,
-                                sampler=args.sampler, **({"fast": True} if args.fast else {}))
+                                batch_size=args.batch, progress=not args.quiet,
+                                image_guidance_scale=settings.pop("image_guidance_scale"), **settings,
+                                **({"fast": True} if args.fast else {}))
     print(format_table(results))
     written = []
     if args.json:
@@ -313,7 +305,7 @@ def settings_in_force(args, model_dir: Path, edit: bool) -> Settings:
     """The settings a run will use, checked before the model loads: the model's defaults under the flags, or with
     --fast the distilled head's (its config is read, not its weights)."""
     defaults = SamplingConfig.from_model_dir(model_dir)
-    overrides = sampling_overrides(args, edit)
+    overrides = sampling_overrides(args)
     if not args.fast:
         return defaults.resolve(edit, **overrides)
     from .model.distilled_head import DistilledHeadConfig
@@ -378,7 +370,7 @@ def run(args) -> list[Path]:
     if edit and not Path(args.image).is_file():
         raise UsageError(f"input image not found: {args.image}")
     device = pick_device(args.device)
-    settings = {**sampling_overrides(args, edit), **({"fast": True} if args.fast else {})}
+    settings = {**sampling_overrides(args), **({"fast": True} if args.fast else {})}
     model_dir = model_path(args)
     in_force = settings_in_force(args, model_dir, edit)  # bad settings fail before loading
     info, mesh, device = tensor_parallel_setup(args, device)
@@ -412,12 +404,9 @@ def run(args) -> list[Path]:
     return written
 
 
-def sampling_overrides(args, edit: bool) -> dict:
+def sampling_overrides(args) -> dict:
     """The sampling flags as pipeline arguments (None: the model's default)."""
-    return dict(negative_prompt=args.negative, guidance_scale=args.cfg, guidance_schedule=args.schedule,
-                time_shift=args.shift, token_norm=False if args.no_token_norm else None, sampler=args.sampler,
-                num_inference_steps=args.steps, image_guidance_scale=args.image_cfg if edit else None,
-                noise_level=args.noise_level)
+    return {s.name: getattr(args, s.name, None) for s in SPECS}
 
 
 def run_generate_many(args) -> list[Path]:
@@ -484,6 +473,8 @@ def run_info(args) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "sampler", None) == DISTILLED:  # the distilled head's sampler: fast mode by its other name
+        args.fast = True
     try:
         if args.command in ("train", "train-vae", "distill-head", "train-rl"):
             written = run_training(args)
@@ -508,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             written = run(args)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
-        print(f"nextstep: error: {cli_words(str(e)) if isinstance(e, InputError) else e}", file=sys.stderr)
+        print(f"nextstep: error: {cli_words(e) if isinstance(e, InputError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print({"generate": "nextstep: interrupted (nothing written)", "edit": "nextstep: interrupted (nothing written)",

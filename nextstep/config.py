@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .files import atomic_path
+from .settings import Settings
 
 
 class ConfigError(ValueError):
@@ -203,59 +203,6 @@ class NextStepConfig:
         return cls.from_official(d)
 
 
-MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only amplifies noise; a larger value is surely a typo
-MAX_INFERENCE_STEPS = 1000
-MAX_TIME_SHIFT = 100.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every sampling setting of one generation call, resolved from the model's defaults and the caller's
-    overrides (:meth:`SamplingConfig.resolve`) and validated here, in one place."""
-
-    guidance_scale: float
-    image_guidance_scale: float
-    guidance_schedule: str
-    num_inference_steps: int
-    time_shift: float
-    sampler: str
-    token_norm: bool
-    negative_prompt: str
-    noise_level: float  # the 1.1 samplers' ("flow_sde", "cps") noise level in [0, 1]
-
-    def __post_init__(self) -> None:
-        from .sampling.flow import DISTILLED, SAMPLERS, min_steps
-        from .sampling.guidance import SCHEDULES
-
-        for name in ("guidance_scale", "image_guidance_scale"):
-            v = getattr(self, name)
-            _input(_is_number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
-                   f"{name} must be a number >= 0 and <= {MAX_GUIDANCE_SCALE:g}, got {v!r}")
-        _input(self.sampler in SAMPLERS or self.sampler == DISTILLED,
-               f"unknown sampler {self.sampler!r}: sampler must be one of {sorted(SAMPLERS) + [DISTILLED]}")
-        _input(self.guidance_schedule in SCHEDULES,
-               f"guidance_schedule must be one of {SCHEDULES}, got {self.guidance_schedule!r}")
-        n, lo = self.num_inference_steps, min_steps(self.sampler)
-        _input(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_INFERENCE_STEPS,
-               f"num_inference_steps must be an integer >= 1 and <= {MAX_INFERENCE_STEPS}, got {n!r}")
-        _input(n >= lo, f"the {self.sampler!r} sampler needs num_inference_steps >= {lo}, got {n}")
-        _input(_is_number(self.time_shift) and 0 < self.time_shift <= MAX_TIME_SHIFT,
-               f"time_shift must be > 0 and <= {MAX_TIME_SHIFT:g}, got {self.time_shift!r}")
-        _input(isinstance(self.token_norm, bool), f"token_norm must be true or false, got {self.token_norm!r}")
-        _input(isinstance(self.negative_prompt, str), f"negative_prompt must be a string, got {self.negative_prompt!r}")
-        _input(_is_number(self.noise_level) and 0 <= self.noise_level <= 1,
-               f"noise_level must be a number in [0, 1], got {self.noise_level!r}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _input(cond: bool, msg: str) -> None:
-    if not cond:
-        raise InputError(msg)
-
-
 @dataclass
 class SamplingConfig:
     """Default generation settings of a model: the official defaults of its format (:meth:`for_format`: NextStep-1's
@@ -294,15 +241,12 @@ class SamplingConfig:
     def resolve(self, edit: bool, **overrides: Any) -> Settings:
         """The settings of one call: ``overrides`` (any :class:`Settings` field; None means "the default") on top of
         the text-to-image or the editing defaults. Raises :class:`InputError` naming the first invalid value."""
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Settings)})
+        fields = {f.name: f for f in dataclasses.fields(Settings)}
+        unknown = sorted(set(overrides) - set(fields))
         if unknown:
             raise TypeError(f"unknown sampling settings: {unknown}")
-        base = dict(guidance_scale=self.edit_guidance_scale if edit else self.guidance_scale,
-                    image_guidance_scale=self.edit_image_guidance_scale if edit else self.image_guidance_scale,
-                    guidance_schedule=self.guidance_schedule, num_inference_steps=self.num_inference_steps,
-                    time_shift=self.edit_time_shift if edit else self.time_shift, sampler=self.sampler,
-                    token_norm=self.token_norm, negative_prompt=self.edit_negative_prompt if edit else "",
-                    noise_level=self.noise_level)
+        base = {name: getattr(self, f"edit_{name}") if edit and hasattr(self, f"edit_{name}") else
+                getattr(self, name, f.default) for name, f in fields.items()}  # a setting models leave: its default
         base.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**base)
 

@@ -293,11 +293,8 @@ def _generate_unit(pipe, job: Job, unit: list[PromptItem]) -> None:
     prompts = [item.prompt for item in unit for _ in range(job.n)]
     generators = [torch.Generator().manual_seed(image_seed(job.seed, item.index, k))
                   for item in unit for k in range(job.n)]
-    s = job.settings
     out = pipe(prompts, height=job.height, width=job.width, num_images_per_prompt=1, generator=generators,
-               guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-               num_inference_steps=s.num_inference_steps, time_shift=s.time_shift, token_norm=s.token_norm,
-               sampler=s.sampler, negative_prompt=s.negative_prompt, noise_level=s.noise_level, progress=False)
+               progress=False, **asdict(job.settings))
     todo = [(im, p) for im, p in zip(out.images, job.unit_paths(unit)) if not is_complete_png(p)]
     if todo:
         save_pngs([im for im, _ in todo], [p for _, p in todo])

@@ -1,6 +1,6 @@
 """Prompt(s) to pixels: text-to-image and image editing with NextStep.
 
-Reading order of ``NextStepPipeline.__call__``:
+Reading order of ``NextStepPipeline._generate`` (what ``__call__`` runs):
     1. check the request; 2. lay out the guidance branches and build their token ids (``prompt.py``);
     3. encode input images with the VAE (editing); 4. prefill the backbone into a preallocated KV cache;
     5. for each image token in raster order: condition the flow head on the last hidden state, integrate its
@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .checkpoint import CheckpointError, read_json, require_dir
-from .config import SamplingConfig, Settings
+from .config import SamplingConfig
 from .errors import InputError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
 from .model.kv_cache import KVCache
@@ -38,9 +38,10 @@ from .model.vae import VAE
 from .official import schema_of
 from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad
 from .sampling.flow import DISTILLED
-from .sampling.guidance import Guidance
+from .sampling.guidance import Guidance, image_blocks
 from .sampling.noise import NoiseSource
 from .sampling.token import FewStepSampler, TokenSampler
+from .settings import Settings
 from .think import think as self_cot
 from .tokenizer import Tokenizer
 
@@ -174,6 +175,23 @@ class NextStepPipeline:
                                                   device=self.device)
         return self
 
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the model directory that :meth:`from_pretrained` loads back as this pipeline: ``config.json`` (the
+        schema of this pipeline's format) and safetensors, the tokenizer, ``vae/``, the sampling defaults
+        (``generation_config.json``) and the distilled head in ``fast/`` when there is one. A quantized model is
+        refused (``NextStep.save_pretrained``): save the float model and quantize when loading."""
+        from .checkpoint import write_json
+
+        out = Path(path)
+        self.model.save_pretrained(out)
+        write_json(self.model.config.to_official(self.format), out / "config.json")
+        self.tokenizer.save_pretrained(out)
+        self.vae.save_pretrained(out / "vae")
+        self.defaults.save(out)
+        if self.head is not None:
+            self.head.save_pretrained(out / FAST_HEAD_DIR)
+        return out
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NextStepPipeline":
         for m in (self.model, self.vae, self.head):
             if m is not None:
@@ -202,63 +220,48 @@ class NextStepPipeline:
         return self
 
     # ---- the call -------------------------------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], image: ImageInput | list[ImageInput] | None = None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 progress: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 positive_prompt: str | None = None, think: bool = False, max_think_tokens: int = 64,
+                 timings: bool = False, fast: bool = False, **settings: Any) -> PipelineOutput:
+        """``settings``: the sampling settings by name (``nextstep.settings.Settings``: ``guidance_scale``,
+        ``image_guidance_scale``, ``guidance_schedule``, ``num_inference_steps``, ``time_shift``, ``sampler``,
+        ``token_norm``, ``noise_level``, ``negative_prompt``); those left out or None take the model's defaults
+        (``self.defaults``; the edit defaults when ``image`` is given). ``timings=True`` fills
+        ``PipelineOutput.timings`` (it synchronises the device at each phase). ``fast=True`` (or
+        ``sampler="distilled"``) samples with the distilled head (``head=`` in ``from_pretrained``):
+        ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
+        distilled for."""
+        return self._generate(prompt, image, height, width, num_images_per_prompt, generator, output_type, progress,
+                              callback, positive_prompt, think, max_think_tokens, timings, fast, **settings)
+
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | None = None,
-        image: ImageInput | list[ImageInput] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        guidance_scale: float | None = None,
-        image_guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        num_inference_steps: int | None = None,
-        time_shift: float | None = None,
-        token_norm: bool | None = None,
-        sampler: str | None = None,
-        noise_level: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        progress: bool = True,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        positive_prompt: str | None = None,
-        think: bool = False,
-        max_think_tokens: int = 64,
-        timings: bool = False,
-        exact: bool = False,
-        observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-        fast: bool = False,
-        prompt_length: int | None = None,
-        group_noise: bool = False,
-    ) -> PipelineOutput:
-        """Settings left at None take the model's defaults (``self.defaults``; the edit defaults when ``image`` is
-        given). ``timings=True`` fills ``PipelineOutput.timings`` (it synchronises the device at each phase).
+    def _generate(self, prompt, image=None, height=None, width=None, num_images_per_prompt=1, generator=None,
+                  output_type="pil", progress=True, callback=None, positive_prompt=None, think=False,
+                  max_think_tokens=64, timings=False, fast=False, *, exact: bool = False,
+                  observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                  prompt_length: int | None = None, group_noise: bool = False, **settings: Any) -> PipelineOutput:
+        """``__call__`` with the library's own hooks.
         ``exact=True`` keeps the reference implementation's arithmetic in the flow head (bit-for-bit reproduction of
         the official pipeline, about 2x slower per head step); the default computes each token's AdaLN modulations
         in one product, the same values up to float rounding. ``observe(states, velocities, fed)`` is called after
         each image token with its head trajectory (``TokenSampler.trace``) and the token as fed back to the
         backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them.
-        ``fast=True`` (or ``sampler="distilled"``) samples with the distilled head (``head=`` in ``from_pretrained``):
-        ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
-        distilled for. ``prompt_length`` left-pads every prompt row to that many tokens instead of to the longest:
-        with the same number of rows, each row's numbers then do not depend on the other prompts of the call (the
-        server's reproducible mode; without it a batch matches each prompt alone to float rounding only; int8 weights
-        on CPU still quantize a call's activations with one shared range).
+        ``prompt_length`` left-pads every prompt row to that many tokens instead of to the longest: with the same
+        number of rows, each row's numbers then do not depend on the other prompts of the call (the server's
+        reproducible mode; without it a batch matches each prompt alone to float rounding only; int8 weights on CPU
+        still quantize a call's activations with one shared range).
         ``group_noise=True``: the ``num_images_per_prompt`` images of a prompt share each token's start noise and
         context noise and differ only by the sampler's step noise (identical with a deterministic sampler). RL
         rollouts use it: every difference within a group is then one the policy's log-probability accounts for."""
-        overrides = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                         guidance_schedule=guidance_schedule, num_inference_steps=num_inference_steps,
-                         time_shift=time_shift, token_norm=token_norm, sampler=sampler, negative_prompt=negative_prompt,
-                         noise_level=noise_level)
-        settings = self.resolve_settings(image is not None, fast, **overrides)
+        settings = self.resolve_settings(image is not None, fast, **settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = self._check(prompts, image, num_images_per_prompt, output_type)
         height, width = self._size(height, width, images)
         grid = (height // self.size_multiple, width // self.size_multiple)
-        guidance = self.guidance(settings, images is not None)
+        guidance = Guidance.from_settings(settings, images is not None)
         source = [fit_image(x, height, width) for x in images] if images is not None else None
 
         clock = Stopwatch(timings)
@@ -274,8 +277,8 @@ class NextStepPipeline:
             latents = self.encode_images(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device,
                             group_noise)
-        tokens = self._generate(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
-                                observe, prompt_length)
+        tokens = self._sample_tokens(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
+                                     observe, prompt_length)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:
@@ -333,16 +336,12 @@ class NextStepPipeline:
         return self.head.config.settings(self.defaults, edit, **overrides)
 
     def guidance(self, settings: Settings, edit: bool) -> Guidance:
-        """The guidance branches and scales of a call (one conditional branch for the distilled head)."""
-        if settings.sampler == DISTILLED:
-            return Guidance(has_image=edit)
-        return Guidance(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
-                        schedule=settings.guidance_schedule)
+        return Guidance.from_settings(settings, edit)  # train.distill's spelling
 
     def prompt_rows(self, prompt: str, grid: tuple[int, int], settings: Settings, edit: bool) -> list[list[int]]:
         """Token ids of every row a call prefills for ``prompt`` drawing one image of ``grid`` tokens (the prompt,
         then one row per other guidance branch): the model's positions must hold the longest plus the image."""
-        guidance = self.guidance(settings, edit)
+        guidance = Guidance.from_settings(settings, edit)
         return self._rows([self._caption(prompt, [grid] if edit else [])], settings.negative_prompt, grid, guidance, 1)
 
     def _check_length(self, rows: list[list[int]], grid: tuple[int, int], prompt_length: int | None = None) -> None:
@@ -376,8 +375,7 @@ class NextStepPipeline:
         x = torch.stack(source).to(self.device, self.vae.encoder.conv_in.weight.dtype)
         z = self.vae.scale(self.vae.encode(x).mode())  # (P, C, h, w)
         per_row = [z[i] for i in range(len(source)) for _ in range(n)]
-        carriers = sum(b in ("cond", "uncond_text") for b in guidance.branches)
-        return per_row * carriers
+        return per_row * image_blocks(guidance.branches)
 
     def _prefill(self, rows: list[list[int]], latents, extra: int, length: int | None = None
                  ) -> tuple[torch.Tensor, KVCache]:
@@ -400,9 +398,9 @@ class NextStepPipeline:
         copies = cache.batch // tokens.shape[0]
         return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
 
-    def _generate(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
-                  progress: bool, callback, clock: Stopwatch, exact: bool = False, observe=None,
-                  prompt_length: int | None = None) -> torch.Tensor:
+    def _sample_tokens(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
+                       progress: bool, callback, clock: Stopwatch, exact: bool = False, observe=None,
+                       prompt_length: int | None = None) -> torch.Tensor:
         model, device = self.model, self.device
         total = grid[0] * grid[1]
         with clock("prefill"):

@@ -119,14 +119,14 @@ def test_fast_mode_errors_are_clear(trained, pipe):
     with pytest.raises(InputError, match="distilled head"):
         bare("a red circle", fast=True, progress=False)
     pipe.load_head(trained[1])
-    with pytest.raises(InputError, match="guidance_scale=3.0"):
+    with pytest.raises(InputError, match="guidance_scale is 3.0 for the distilled head"):
         pipe("a red circle", fast=True, guidance_scale=5.0, progress=False)
     with pytest.raises(InputError, match="sampler"):
         pipe("a red circle", fast=True, sampler="ode", progress=False)
     with pytest.raises(InputError, match="observe"):
-        pipe("a red circle", fast=True, observe=lambda *a: None, progress=False)
+        pipe._generate("a red circle", fast=True, observe=lambda *a: None, progress=False)
     with pytest.raises(InputError, match="exact=True"):
-        pipe("a red circle", fast=True, exact=True, progress=False)
+        pipe._generate("a red circle", fast=True, exact=True, progress=False)
     with pytest.raises(InputError, match="noise_level"):
         pipe("a red circle", fast=True, noise_level=0.5, progress=False)
 
@@ -230,11 +230,11 @@ def test_server_fast_requests(trained, pipe):
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert np.array_equal(np.asarray(got), np.asarray(wanted))
         r = client.post("/v1/images/generations", json={**body, "guidance_scale": 7.0})
-        assert r.status_code == 400 and "guidance_scale=3.0" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "guidance_scale is 3.0 for" in r.json()["error"]["message"]
         # sampler "distilled" is fast mode too, checked before queueing
         r = client.post("/v1/images/generations", json={"prompt": "a red circle", "sampler": "distilled",
                                                           "guidance_scale": 7.0})
-        assert r.status_code == 400 and "guidance_scale=3.0" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "guidance_scale is 3.0 for" in r.json()["error"]["message"]
     bare = NextStepPipeline(pipe.model, pipe.vae, pipe.tokenizer, pipe.defaults)
     with TestClient(create_app(bare), base_url="http://127.0.0.1") as client:
         assert client.get("/health").json()["fast"] == {"available": False}

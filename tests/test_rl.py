@@ -220,9 +220,9 @@ def test_bad_rollouts_are_clear_errors(fixture_pipe, fixture):
         rollout(fixture_pipe, mixed, 2, SIZE, SIZE, sampler="flow_sde")
     with pytest.raises(InputError, match="Gaussian transitions"):
         rollout(fixture_pipe, [Prompt("a")], 2, SIZE, SIZE, sampler="sde")
-    with pytest.raises(InputError, match="noise_level > 0"):
+    with pytest.raises(InputError, match="noise_level must be > 0 for rollouts"):
         rollout(fixture_pipe, [Prompt("a")], 2, SIZE, SIZE, sampler="cps", noise_level=0.0)
-    with pytest.raises(InputError, match="num_inference_steps >= 2"):
+    with pytest.raises(InputError, match="num_inference_steps must be >= 2 for rollouts"):
         rollout(fixture_pipe, [Prompt("a")], 2, SIZE, SIZE, sampler="cps", num_inference_steps=1)
     with pytest.raises(InputError, match="group"):
         rollout(fixture_pipe, [Prompt("a")], 0, SIZE, SIZE, sampler="cps")

@@ -64,10 +64,10 @@ def pipe():
 @pytest.mark.parametrize("bad,match", [
     ({"group": 1}, "group must be an integer >= 2"),
     ({"rollout": {"sampler": "sde"}}, r"rollout.sampler must be one of \('flow_sde', 'cps'\)"),
-    ({"rollout": {"sampler": "cps", "steps": 1}}, r"rollout.steps must be an integer in \[2, "),
-    ({"rollout": {"noise_level": 0.0}}, r"rollout.noise_level must be a number in \(0, 1\]"),
-    ({"rollout": {"guidance_scale": -1}}, "rollout.guidance_scale must be null"),
-    ({"rollout": {"time_shift": 0}}, "rollout.time_shift must be null"),
+    ({"rollout": {"sampler": "cps", "steps": 1}}, r"rollout.steps must be >= 2 for rollouts with the 'cps' sampler"),
+    ({"rollout": {"noise_level": 0.0}}, "rollout.noise_level must be > 0"),
+    ({"rollout": {"guidance_scale": -1}}, r"rollout.guidance_scale must be a number in \[0, "),
+    ({"rollout": {"time_shift": 0}}, r"rollout.time_shift must be a number in \(0, "),
     ({"rollout": {"image_size": 40}}, "rollout.image_size must be a positive multiple of 16"),
     ({"rollout": {"bogus": 1}}, r"unknown keys in rollout.: \['rollout.bogus'\]"),
     ({"mix": {"text": 1.0}}, "mix keys must be among"), ({"mix": {"t2i": 0, "edit": 0}}, "not all zero"),
@@ -226,7 +226,7 @@ def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_two_processes_equal_one(tmp_path, strategy):
     """Each process rolls out one prompt of the two (one pipeline call per prompt, as the one process makes them);
     edit and text-to-image steps (seed 1: edit, t2i, edit); the head and the last backbone layer trained, KL to the
-    reference on. Measured: DDP weights bit-identical, FSDP2 2e-6 apart."""
+    reference on. Measured: DDP weights bit-identical (AVX-512 kernels), FSDP2 2e-6 apart."""
     r = recipe(tmp_path / "one", run={"steps": 3, "seed": 1, "parallel": strategy}, mix={"t2i": 0.5, "edit": 0.5},
                group=2, parameters="head+last_layers", optim={"lr": 1e-4})
     cfg = tmp_path / "cfg.json"
@@ -241,8 +241,11 @@ def test_two_processes_equal_one(tmp_path, strategy):
         assert abs(a["reward_mean"] - b["reward_mean"]) <= 1e-6, (a, b)
         for k in ("loss", "policy_loss"):
             assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
-        for k in ("kl", "grad_norm"):  # sums of many terms (FSDP2 adds its shards' in another order)
-            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (a["step"], k, a[k], b[k])
+        # sums of many cancelling terms: FSDP2 adds its shards' in another order, and the weights it updates 1e-6
+        # apart move the third step's norm by 6e-5 (AMD EPYC, ATEN_CPU_CAPABILITY=default) to 8e-5 (Intel Xeon,
+        # AVX-512) relative; a lost or doubled rank's gradient changes it by far more
+        for k in ("kl", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-3 * abs(a[k]), (a["step"], k, a[k], b[k])
     base = NextStepPipeline.from_pretrained().model.state_dict()
     trained = NextStepPipeline.from_pretrained(tmp_path / "one" / "final").model.state_dict()
     assert worst(base, trained) > 1e-4  # the runs did train (the comparison below is not vacuous)

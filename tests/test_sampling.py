@@ -337,13 +337,13 @@ def zero_velocity(x, t):
 
 
 @pytest.mark.parametrize("sampler, steps, shift, noise, match", [
-    ("euler", 4, 1.0, None, "unknown sampler 'euler'"),
-    ("ode", 0, 1.0, None, r"'ode' needs steps >= 1"),
-    ("heun", -2, 1.0, None, r"'heun' needs steps >= 1"),
-    ("ode", 2.0, 1.0, None, r"'ode' needs steps >= 1"),
-    ("sde", 1, 1.0, torch.zeros, r"'sde' needs steps >= 2"),
-    ("ode", 4, 0.0, None, "shift must be > 0"),
-    ("heun", 4, -1.0, None, "shift must be > 0"),
+    ("euler", 4, 1.0, None, "sampler must be one of .*, got 'euler'"),
+    ("ode", 0, 1.0, None, r"num_inference_steps must be an integer in \[1, "),
+    ("heun", -2, 1.0, None, r"num_inference_steps must be an integer in \[1, "),
+    ("ode", 2.0, 1.0, None, r"num_inference_steps must be an integer in \[1, "),
+    ("sde", 1, 1.0, torch.zeros, r"num_inference_steps must be >= 2 for the 'sde' sampler"),
+    ("ode", 4, 0.0, None, r"time_shift must be a number in \(0, "),
+    ("heun", 4, -1.0, None, r"time_shift must be a number in \(0, "),
     ("sde", 4, 1.0, None, "needs a noise source"),
 ])
 def test_integrate_bad_arguments(sampler, steps, shift, noise, match):

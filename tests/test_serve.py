@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from nextstep.config import ConfigError  # noqa: E402
+from nextstep.settings import MAX_GUIDANCE_SCALE, MAX_TIME_SHIFT  # noqa: E402
 from nextstep.errors import InputError  # noqa: E402
 from nextstep.serve import limits, parsing  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
@@ -191,7 +192,7 @@ LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
     ({"prompt": "a", "steps": 1}, 400, ["sde", ">= 2"]),
     ({"prompt": "a", "guidance_scale": -1}, 400, ["guidance_scale"]),
     ({"prompt": "a", "guidance_scale": 1e6}, 400, ["guidance_scale"]),
-    ({"prompt": "a", "time_shift": 0}, 400, [f"time_shift must be in (0, {limits.MAX_TIME_SHIFT:g}]"]),
+    ({"prompt": "a", "time_shift": 0}, 400, [f"time_shift must be in (0, {MAX_TIME_SHIFT:g}]"]),
     ({"prompt": "a", "seed": -1}, 400, ["seed"]),
     ({"prompt": "a", "seed": 2**40}, 400, ["seed"]),
     ({"prompt": "a", "n": 0, "steps": 0}, 400, ["n must be in", "steps must be in"]),  # every bound, at once
@@ -523,10 +524,10 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, *args, **kwargs):
+    def _generate(self, *args, **kwargs):
         self.started.set()
         assert self.release.wait(30), "test never released the gate"
-        return self.pipe(*args, **kwargs)
+        return self.pipe._generate(*args, **kwargs)
 
 
 def wait_until(check, timeout=15.0, what="condition"):
@@ -569,14 +570,14 @@ class HoldAtFirstToken:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, *args, callback, **kwargs):
+    def _generate(self, *args, callback, **kwargs):
         def hold(step, total, partial):
             callback(step, total, partial)
             if step == 1:
                 self.held.set()
                 assert self.release.wait(30), "test never released the hold"
 
-        return self.pipe(*args, callback=hold, **kwargs)
+        return self.pipe._generate(*args, callback=hold, **kwargs)
 
 
 def test_disconnect_cancels_and_frees_the_worker(pipe):
@@ -651,7 +652,7 @@ class Failing:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, *args, **kwargs):
+    def _generate(self, *args, **kwargs):
         raise self.error
 
 
@@ -695,13 +696,13 @@ def test_openapi_schema_shows_the_limits(client):
         gen = fields(path, "application/json")
         assert gen["n"] | {"minimum": 1, "maximum": limits.MAX_N} == gen["n"]
         assert gen["steps"] | {"minimum": 1, "maximum": limits.MAX_STEPS} == gen["steps"]
-        assert gen["guidance_scale"] | {"minimum": 0, "maximum": limits.MAX_GUIDANCE} == gen["guidance_scale"]
-        assert gen["time_shift"] | {"exclusiveMinimum": 0, "maximum": limits.MAX_TIME_SHIFT} == gen["time_shift"]
+        assert gen["guidance_scale"] | {"minimum": 0, "maximum": MAX_GUIDANCE_SCALE} == gen["guidance_scale"]
+        assert gen["time_shift"] | {"exclusiveMinimum": 0, "maximum": MAX_TIME_SHIFT} == gen["time_shift"]
         assert gen["seed"] | {"minimum": 0, "maximum": limits.MAX_SEED} == gen["seed"]
         assert gen["prompt"] | {"minLength": 1, "maxLength": limits.MAX_PROMPT_CHARS} == gen["prompt"]
         assert gen["negative_prompt"]["maxLength"] == limits.MAX_PROMPT_CHARS
     edit = fields("/v1/images/edits", "multipart/form-data")
-    assert edit["image_guidance_scale"] | {"minimum": 0, "maximum": limits.MAX_GUIDANCE} == edit["image_guidance_scale"]
+    assert edit["image_guidance_scale"] | {"minimum": 0, "maximum": MAX_GUIDANCE_SCALE} == edit["image_guidance_scale"]
     assert edit["n"]["maximum"] == limits.MAX_N and edit["image"]["format"] == "binary"
 
 

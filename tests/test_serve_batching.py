@@ -45,7 +45,7 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, prompt, *, callback, **kwargs):
+    def _generate(self, prompt, *, callback, **kwargs):
         first = not self.calls
         self.calls.append({"prompt": prompt, **kwargs})
         if first:
@@ -59,7 +59,7 @@ class Recording:
                 assert self.resume.wait(30), "the test never resumed the held call"
                 self.resume.clear()
 
-        out = self.pipe(prompt, callback=on_token, **kwargs)
+        out = self.pipe._generate(prompt, callback=on_token, **kwargs)
         self.calls[-1]["tokens"] = out.tokens
         return out
 
@@ -201,8 +201,9 @@ def test_reproducible_padding_stays_within_the_models_positions(pipe):
     try:
         worker = Worker(pipe, 2, None, reproducible=True)
         kw = {"prompt": "a red circle", "height": 32, "width": 32, "num_images_per_prompt": 1}
-        assert worker._prompt_length(kw) == 20
-        out = pipe("a red circle", height=32, width=32, num_inference_steps=2, prompt_length=20, progress=False)
+        assert worker._prompt_length(kw, pipe.resolve_settings(False)) == 20
+        out = pipe._generate("a red circle", height=32, width=32, num_inference_steps=2, prompt_length=20,
+                             progress=False)
         assert out.tokens.shape == (1, 4, 64)
         assert worker.batch_key(Job(kw, {}, False, None)).prompt_length == 20
     finally:

@@ -63,7 +63,7 @@ class CountingPipe:
     def __init__(self):
         self.seen = []  # (prompt, tokens done, draws)
 
-    def __call__(self, prompt, steps=4, generator=None, callback=None, progress=True):
+    def _generate(self, prompt, steps=4, generator=None, callback=None, progress=True):
         import torch.distributed as dist
 
         if prompt == "bad":
@@ -93,9 +93,9 @@ def _replicate_worker(rank: int, init: str, out: str):
     result = {}
     if rank == 0:
         leader = Leader(pipe, mesh)
-        result["first"] = leader(prompt="a", steps=3, generator=torch.Generator().manual_seed(1))
+        result["first"] = leader._generate(prompt="a", steps=3, generator=torch.Generator().manual_seed(1))
         try:
-            leader(prompt="bad")
+            leader._generate(prompt="bad")
         except ValueError as e:
             result["bad"] = str(e)
 
@@ -104,10 +104,10 @@ def _replicate_worker(rank: int, init: str, out: str):
                 raise KeyError("cancelled")
 
         try:
-            leader(prompt="c", steps=5, generator=torch.Generator().manual_seed(2), callback=cancel_at_2)
+            leader._generate(prompt="c", steps=5, generator=torch.Generator().manual_seed(2), callback=cancel_at_2)
         except KeyError as e:
             result["cancelled"] = str(e)
-        result["last"] = leader(prompt="d", steps=2, generator=torch.Generator().manual_seed(3))
+        result["last"] = leader._generate(prompt="d", steps=2, generator=torch.Generator().manual_seed(3))
         leader.shutdown()
     else:
         result["calls"] = follow(pipe, mesh)

@@ -206,7 +206,7 @@ def test_gaussian_transitions_are_the_samplers_steps(pipe):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="flow-sde"), "unknown sampler"),
+    (dict(sampler="flow-sde"), "sampler must be one of"),
     (dict(guidance_schedule="rise"), "guidance_schedule"),
     (dict(noise_level=1.5), "noise_level"),
     (dict(noise_level=-0.1), "noise_level"),

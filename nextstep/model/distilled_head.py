@@ -28,14 +28,15 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, assign_state_dict, iter_safetensors, read_json, require_dir, \
     save_safetensors, write_json
-from ..config import FlowHeadConfig, SamplingConfig, Settings
-from ..errors import InputError
+from ..config import FlowHeadConfig, SamplingConfig
 from ..sampling.flow import DISTILLED
+from ..settings import SettingError, Settings
 from .flow_head import FlowHead, TimeEmbedding, VelocityNet
 
 CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head.safetensors"
 KIND = "nextstep-distilled-head"
+FAST_MODE_CHOICES = ("num_inference_steps", "token_norm")  # the settings a call with the distilled head may choose
 
 
 @dataclass(frozen=True)
@@ -66,24 +67,28 @@ class DistilledHeadConfig:
 
     def settings(self, defaults: SamplingConfig, edit: bool, **overrides: Any) -> Settings:
         """The settings of a call with this head: its steps (default: ``steps``), the teacher settings it was
-        distilled for, the model's ``defaults`` for the rest; an override asking for other guidance, shift, negative
-        prompt or sampler is an InputError naming it."""
-        fixed = dict(guidance_scale=self.edit_guidance_scale if edit else self.guidance_scale,
-                     image_guidance_scale=self.edit_image_guidance_scale if edit else 1.0,
-                     time_shift=self.edit_time_shift if edit else self.time_shift, guidance_schedule="constant",
-                     sampler=DISTILLED, negative_prompt=self.negative_prompt if edit else "")
-        if overrides.get("noise_level") is not None:
-            raise InputError("noise_level is a setting of the stochastic samplers; the distilled head's steps are "
-                             "deterministic: leave it out in fast mode")
-        for name, value in fixed.items():
-            asked = overrides.get(name)
-            if asked is not None and asked != value:
-                raise InputError(f"the distilled head reproduces its teacher at {name}={value!r} "
-                                 f"({'editing' if edit else 'text-to-image'}); it cannot sample at {asked!r}: "
-                                 f"leave it out, or sample without fast mode")
+        distilled for, the model's ``defaults`` for the rest; an override asking for other teacher settings, or for
+        a setting the head does not read, is a SettingError naming it."""
+        teacher = dict(guidance_scale=self.edit_guidance_scale if edit else self.guidance_scale,
+                       image_guidance_scale=self.edit_image_guidance_scale if edit else 1.0,
+                       time_shift=self.edit_time_shift if edit else self.time_shift, guidance_schedule="constant",
+                       sampler=DISTILLED, negative_prompt=self.negative_prompt if edit else "")
         base = defaults.resolve(edit, token_norm=overrides.get("token_norm"))
+        held = {**dataclasses.asdict(base), **teacher}  # what a call with this head samples at (its steps aside)
+        for name, asked in overrides.items():
+            if name not in held:
+                raise TypeError(f"unknown sampling setting {name!r}")
+            if asked is None or name in FAST_MODE_CHOICES or asked == held[name]:
+                continue
+            if name in teacher:
+                raise SettingError(name, f"is {held[name]!r} for the distilled head "
+                                         f"({'editing' if edit else 'text-to-image'}): it reproduces its teacher "
+                                         f"there and cannot sample at {asked!r}; leave it out, or sample without "
+                                         f"fast mode")
+            raise SettingError(name, "is not read by the distilled head (its steps are deterministic, its guidance "
+                                     "learnt): leave it out in fast mode")
         steps = overrides.get("num_inference_steps") or self.steps
-        return dataclasses.replace(base, num_inference_steps=steps, **fixed)
+        return dataclasses.replace(base, num_inference_steps=steps, **teacher)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "DistilledHeadConfig":

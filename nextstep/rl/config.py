@@ -9,15 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_TIME_SHIFT, ConfigError, _check, _is_number
+from ..config import ConfigError, _check
 from ..data.shapes import CATEGORIES, EDIT_TYPES, data_weights
-from ..sampling.flow import NEXTSTEP_11_SAMPLERS
+from ..settings import SettingError, _is_number, check
 from ..train.config import RUN_MAY_CHANGE, OptimConfig, RunConfig, _coerce
 from .grpo import ADVANTAGE_EPS
 from .policy import PARAMETER_SETS
 from .rewards import BUILTIN_REWARDS
+from .rollout import check_policy
 
 RL_KINDS = ("t2i", "edit")
+ROLLOUT_NAMES = {"num_inference_steps": "steps"}  # the recipe's names of the settings it spells otherwise
+ROLLOUT_OPTIONAL = ("guidance_scale", "image_guidance_scale", "time_shift")  # null: the model's default
 
 
 def _integer(v: Any) -> bool:
@@ -46,23 +49,12 @@ class RolloutConfig:
     batch: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.sampler in NEXTSTEP_11_SAMPLERS,
-               f"rollout.sampler must be one of {NEXTSTEP_11_SAMPLERS} (their steps are Gaussian transitions), "
-               f"got {self.sampler!r}")
-        lo = 2 if self.sampler == "cps" else 1  # the last "cps" step is deterministic
-        _check(_integer(self.steps) and lo <= self.steps <= MAX_INFERENCE_STEPS,
-               f"rollout.steps must be an integer in [{lo}, {MAX_INFERENCE_STEPS}] for the {self.sampler!r} sampler, "
-               f"got {self.steps!r}")
-        _check(_is_number(self.noise_level) and 0 < self.noise_level <= 1,
-               f"rollout.noise_level must be a number in (0, 1], got {self.noise_level!r}")
-        for name in ("guidance_scale", "image_guidance_scale"):
-            v = getattr(self, name)
-            _check(v is None or _is_number(v) and 0 <= v <= MAX_GUIDANCE_SCALE,
-                   f"rollout.{name} must be null (the model's default) or a number in [0, {MAX_GUIDANCE_SCALE:g}], "
-                   f"got {v!r}")
-        _check(self.time_shift is None or _is_number(self.time_shift) and 0 < self.time_shift <= MAX_TIME_SHIFT,
-               f"rollout.time_shift must be null (the model's default) or in (0, {MAX_TIME_SHIFT:g}], "
-               f"got {self.time_shift!r}")
+        settings = self.settings()
+        try:  # the settings' own bounds, then what rollouts need of them
+            check({k: v for k, v in settings.items() if v is not None or k not in ROLLOUT_OPTIONAL})
+            check_policy(settings)
+        except SettingError as e:
+            raise ConfigError(f"rollout.{ROLLOUT_NAMES.get(e.field, e.field)} {e.problem}") from None
         _check(_integer(self.image_size) and self.image_size > 0 and self.image_size % 16 == 0,
                f"rollout.image_size must be a positive multiple of 16, got {self.image_size!r}")
         _check(_integer(self.batch) and self.batch >= 1, f"rollout.batch must be an integer >= 1, got {self.batch!r}")

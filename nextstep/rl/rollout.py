@@ -11,17 +11,18 @@ Images are prompt-major: image b belongs to prompt ``b // group`` (the pipeline'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
 
-from ..config import Settings
 from ..errors import InputError
 from ..images import fit_image, load_image
-from ..sampling.flow import NEXTSTEP_11_SAMPLERS, times, transition
+from ..sampling.flow import NEXTSTEP_11_SAMPLERS, min_steps, times, transition
 from ..sampling.guidance import Guidance
+from ..settings import SettingError, Settings
 from .policy import gaussian_log_prob
 
 
@@ -61,9 +62,8 @@ class Rollout:
 
     @property
     def guidance(self) -> Guidance:
-        """The guidance the images were sampled under (the pipeline's rule)."""
-        s = self.settings
-        return Guidance(s.guidance_scale, s.image_guidance_scale, has_image=self.edit, schedule=s.guidance_schedule)
+        """The guidance the images were sampled under."""
+        return Guidance.from_settings(self.settings, self.edit)
 
     @property
     def times(self) -> torch.Tensor:
@@ -123,14 +123,20 @@ def _is_edit(prompts: Sequence[Prompt], group: int) -> bool:
     return edits.pop()
 
 
-def _check_sampler(settings: Settings) -> None:
-    if settings.sampler not in NEXTSTEP_11_SAMPLERS:
-        raise InputError(f"rollouts need a sampler whose steps are Gaussian transitions {NEXTSTEP_11_SAMPLERS}, "
-                         f"got {settings.sampler!r}")
-    if settings.noise_level <= 0:
-        raise InputError("rollouts need noise_level > 0 (at 0 every step is deterministic: nothing to train)")
-    if settings.sampler == "cps" and settings.num_inference_steps < 2:
-        raise InputError("the last 'cps' step is deterministic: rollouts with it need num_inference_steps >= 2")
+def check_policy(settings: Mapping[str, Any]) -> None:
+    """SettingError unless rollouts can sample with ``settings`` (sampler, num_inference_steps, noise_level): a sampler
+    whose steps are Gaussian transitions, with noise, and at least one random step."""
+    sampler, steps = settings["sampler"], settings["num_inference_steps"]
+    if sampler not in NEXTSTEP_11_SAMPLERS:
+        raise SettingError("sampler", f"must be one of {NEXTSTEP_11_SAMPLERS} for rollouts (their steps are Gaussian "
+                                      f"transitions), got {sampler!r}")
+    if not settings["noise_level"] > 0:
+        raise SettingError("noise_level", "must be > 0 for rollouts (at 0 every step is deterministic: nothing to "
+                                          "train)")
+    if steps < min_steps(sampler, stochastic=True):
+        raise SettingError("num_inference_steps", f"must be >= {min_steps(sampler, stochastic=True)} for rollouts "
+                                                  f"with the {sampler!r} sampler (its last step is deterministic), "
+                                                  f"got {steps}")
 
 
 def _transitions(settings: Settings, states: torch.Tensor, velocities: torch.Tensor
@@ -158,12 +164,12 @@ def rollout(pipe, prompts: Sequence[Prompt], group: int, height: int, width: int
     they differ only by the steps whose log-probabilities are recorded."""
     edit = _is_edit(prompts, group)
     resolved = pipe.defaults.resolve(edit, **settings)
-    _check_sampler(resolved)
+    check_policy(dataclasses.asdict(resolved))
     sources = [fit_image(load_image(p.source), height, width) for p in prompts] if edit else None
     record = _Recorder()
-    out = pipe([p.text for p in prompts], image=[p.source for p in prompts] if edit else None, height=height,
-               width=width, num_images_per_prompt=group, generator=generator, progress=False, observe=record,
-               group_noise=group_noise, **settings)
+    out = pipe._generate([p.text for p in prompts], image=[p.source for p in prompts] if edit else None,
+                         height=height, width=width, num_images_per_prompt=group, generator=generator, progress=False,
+                         observe=record, group_noise=group_noise, **settings)
     states = torch.stack(record.states)  # (T, S + 1, B, D)
     mean, std = _transitions(resolved, states, torch.stack(record.velocities))
     states, mean = states.permute(2, 0, 1, 3), mean.permute(2, 0, 1, 3)  # (B, T, S + 1, D), (B, T, S, D)

@@ -145,9 +145,10 @@ DEFAULT_NOISE_LEVEL = 0.8  # NextStep-1.1's
 DISTILLED = "distilled"
 
 
-def min_steps(sampler: str) -> int:
-    """Fewest steps the sampler accepts."""
-    return 2 if sampler == "sde" else 1
+def min_steps(sampler: str, stochastic: bool = False) -> int:
+    """Fewest steps the sampler accepts; with ``stochastic``, fewest that include a random step (the last "sde" and
+    "cps" steps are deterministic)."""
+    return 2 if sampler == "sde" or stochastic and sampler == "cps" else 1
 
 
 def evaluations(sampler: str, steps: int) -> int:
@@ -160,17 +161,6 @@ def noise_draws(sampler: str, steps: int) -> int:
     if sampler in NEXTSTEP_11_SAMPLERS:
         return steps
     return steps - 1 if sampler == "sde" else 0
-
-
-def check(sampler: str, steps: int, shift: float, noise_level: float = DEFAULT_NOISE_LEVEL) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if not isinstance(steps, int) or steps < min_steps(sampler):
-        raise ValueError(f"{sampler!r} needs steps >= {min_steps(sampler)}, got {steps!r}")
-    if shift <= 0:
-        raise ValueError(f"time shift must be > 0, got {shift}")
-    if not 0 <= noise_level <= 1:
-        raise ValueError(f"noise_level must be in [0, 1], got {noise_level}")
 
 
 def run(sampler: str, field: Field, x0: torch.Tensor, ts: torch.Tensor, noise: Noise | None = None,
@@ -186,7 +176,10 @@ def run(sampler: str, field: Field, x0: torch.Tensor, ts: torch.Tensor, noise: N
 
 def integrate(sampler: str, velocity: Velocity, x0: torch.Tensor, steps: int, shift: float = 1.0,
               noise: Noise | None = None, noise_level: float = DEFAULT_NOISE_LEVEL) -> torch.Tensor:
-    """Carry x0 (N, D) at t = 0 to t = 1 with the named sampler, for any ``velocity(x, t)``."""
-    check(sampler, steps, shift, noise_level)
+    """Carry x0 (N, D) at t = 0 to t = 1 with the named sampler, for any ``velocity(x, t)``; the arguments are
+    checked as the settings of the same names are (``nextstep.settings``)."""
+    from ..settings import check  # the settings' one validation (it imports this module)
+
+    check(dict(sampler=sampler, num_inference_steps=steps, time_shift=shift, noise_level=noise_level))
     ts = times(sampler, steps, shift)
     return run(sampler, lambda x, i: velocity(x, ts[i]), x0, ts, noise, noise_level)

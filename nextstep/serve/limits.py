@@ -1,13 +1,12 @@
 """The server's limits, each a named constant: every one is enforced with a 4xx JSON error that names it, and
-``GET /health`` lists them."""
+``GET /health`` lists them. Sampling settings keep their own bounds (``nextstep.settings``); the limits here on
+settings (steps, prompt length) are operational, applied on top against requests that would hold the worker."""
 
 from __future__ import annotations
 
 MAX_SIZE = 512  # pixels per side
 MAX_N = 4  # images per request
-MAX_STEPS = 100  # flow steps per image token
-MAX_GUIDANCE = 30.0  # text and image guidance scales, each in [0, MAX_GUIDANCE]
-MAX_TIME_SHIFT = 20.0
+MAX_STEPS = 100  # flow steps per image token: each costs a head pass per token (the settings allow more)
 MAX_SEED = 2**32 - 1  # exact in JavaScript numbers
 MAX_PROMPT_CHARS = 2000  # prompt and negative prompt, each
 MAX_JSON_BYTES = 64 * 1024  # JSON request bodies

@@ -15,11 +15,11 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..config import Settings
 from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
 from ..sampling.flow import DISTILLED
+from ..settings import SPEC, SPECS, SettingError, Settings
 from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_SEED,
                      MAX_SIZE, MAX_UPLOAD_BYTES)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
@@ -135,25 +135,21 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     _check_text("prompt", req.prompt, 1 if edit else 0, required=True)
     _check_text("negative_prompt", req.negative_prompt, 0, required=False)
     _check_openai_fields(req)
-    overrides = dict(sampler=req.sampler, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                     time_shift=req.time_shift, noise_level=req.noise_level, negative_prompt=req.negative_prompt,
-                     image_guidance_scale=getattr(req, "image_guidance_scale", None))
+    overrides = {s.name: getattr(req, s.api, None) for s in SPECS if s.api}  # t2i requests have no edit-only ones
+    fast = req.fast or req.sampler == DISTILLED
     try:  # the pipeline's own validation of the sampling settings, before the request is queued
-        fast = req.fast or req.sampler == DISTILLED
         settings = pipe.resolve_settings(edit, fast, **overrides)
+    except SettingError as e:
+        field = SPEC[e.field].api or e.field
+        raise ApiError(400, f"{field} {e.problem}", param=field) from None
     except InputError as e:
         raise ApiError(400, str(e), param="fast" if fast and pipe.head is None else None) from None
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
     n = 1 if req.n is None else req.n
     w, h = _output_size(req, pipe.size_multiple, default_size, image)
     prompt_row = _check_context(pipe, req, settings, (w, h), edit)
-    kwargs: dict[str, Any] = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, height=h, width=w,
-                                  num_images_per_prompt=n, num_inference_steps=req.steps,
-                                  guidance_scale=req.guidance_scale, time_shift=req.time_shift, sampler=req.sampler,
-                                  noise_level=req.noise_level, generator=torch.Generator().manual_seed(seed),
-                                  fast=bool(req.fast))
-    if edit:
-        kwargs.update(image=image, image_guidance_scale=req.image_guidance_scale)
+    kwargs: dict[str, Any] = dict(prompt=req.prompt, image=image, height=h, width=w, num_images_per_prompt=n,
+                                  generator=torch.Generator().manual_seed(seed), fast=bool(req.fast), **overrides)
     response = {"seed": seed, "size": f"{w}x{h}", "output_format": "png", "background": "opaque",
                 "usage": _usage(prompt_row, (w, h), pipe.size_multiple, n, edit)}
     return kwargs, response

@@ -91,9 +91,9 @@ class Leader:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
 
-    def __call__(self, *args, callback=None, **kwargs):
-        """As the pipeline's ``__call__``; ``callback(step, total, partial)`` may raise to stop the call: every rank
-        stops at that token and the leader re-raises the callback's exception."""
+    def _generate(self, *args, callback=None, **kwargs):
+        """As the pipeline's ``_generate`` (the worker's entry); ``callback(step, total, partial)`` may raise to stop
+        the call: every rank stops at that token and the leader re-raises the callback's exception."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the followers were shut down")
@@ -109,7 +109,7 @@ class Leader:
                 if self._channel.flag(bool(raised)):
                     raise raised[0]
 
-            return self.pipe(*args, callback=on_token, **kwargs)
+            return self.pipe._generate(*args, callback=on_token, **kwargs)
 
     def shutdown(self) -> None:
         """End the followers' loops (once; after the call in progress)."""
@@ -142,7 +142,7 @@ def follow(pipe, mesh) -> int:
         kwargs.update(callback=on_token, progress=False)
         calls += 1
         try:
-            pipe(*[_unpack(a) for a in args], **kwargs)
+            pipe._generate(*[_unpack(a) for a in args], **kwargs)
         except Stopped:
             pass
         except Exception:  # noqa: BLE001 - the leader answers its client; this rank must stay in the loop

@@ -12,12 +12,11 @@ Endpoints
 Request fields (JSON types; multipart sends them as text): ``prompt`` (str, required), ``n`` (int, 1..MAX_N),
 ``size`` ("WxH", multiples of the model's 16-pixel token, at most MAX_SIZE a side, and within the model's positions
 with the prompt; "auto" or left out: the model's native size capped at MAX_SIZE, or for edits the input image's
-size), ``response_format`` ("b64_json" only), ``negative_prompt`` (str), ``steps`` (int, 1..MAX_STEPS; the "sde"
-sampler needs >= 2), ``guidance_scale`` (0..MAX_GUIDANCE), ``seed`` (int 0..MAX_SEED; omitted: drawn at random and
-returned), ``sampler`` ("sde" | "ode" | "heun" | "flow_sde" | "cps"), ``time_shift`` (0 < s <= MAX_TIME_SHIFT),
-``noise_level`` (0..1, the 1.1 samplers'); edits add ``image_guidance_scale``. OpenAI's other fields are accepted
-(``schemas.OpenAIFields`` says which are ignored and which checked); edits take OpenAI's ``image[]`` for the image
-(one image per request) and refuse ``mask``.
+size), ``response_format`` ("b64_json" only), ``seed`` (int 0..MAX_SEED; omitted: drawn at random and returned),
+and the sampling settings under their request names (``nextstep.settings``: ``steps``, at most MAX_STEPS here,
+``guidance_scale``, ``time_shift``, ``sampler``, ``noise_level``, ``negative_prompt``; edits add
+``image_guidance_scale``). OpenAI's other fields are accepted (``schemas.OpenAIFields`` says which are ignored and
+which checked); edits take OpenAI's ``image[]`` for the image (one image per request) and refuse ``mask``.
 Sampling settings left out take the model's defaults (``GET /health`` lists them). Unknown fields are rejected.
 The bounds are in the request schemas (``nextstep.serve.schemas``), so the OpenAPI schema shows them.
 
@@ -66,11 +65,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Settings
 from ..pipeline import NextStepPipeline
 from ..sampling.flow import SAMPLERS
-from .limits import (BATCH_WAIT_S, MAX_BATCH, MAX_GUIDANCE, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED,
-                     MAX_SIZE, MAX_STEPS, MAX_TIME_SHIFT, MAX_UPLOAD_BYTES, QUEUE_SIZE)
+from ..settings import SPEC, SPECS, Settings
+from .limits import (BATCH_WAIT_S, MAX_BATCH, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS,
+                     MAX_UPLOAD_BYTES, QUEUE_SIZE)
 from .parsing import build_job_kwargs, read_edit_request, read_json_request
 from .responses import event_stream, json_result
 from .schemas import ApiError, EditRequest, GenerationRequest
@@ -84,13 +83,9 @@ STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 
 
 def _api_settings(s: Settings, edit: bool) -> dict:
-    """The settings a request gets for the fields it leaves out, under the API's field names."""
-    out = {"steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "time_shift": s.time_shift,
-           "sampler": s.sampler, "noise_level": s.noise_level, "guidance_schedule": s.guidance_schedule,
-           "token_norm": s.token_norm, "negative_prompt": s.negative_prompt or None}
-    if edit:
-        out["image_guidance_scale"] = s.image_guidance_scale
-    return out
+    """The settings a request gets for the fields it leaves out, under the API's field names (the settings a request
+    cannot choose under their own)."""
+    return {spec.api or spec.name: getattr(s, spec.name) for spec in SPECS if edit or not spec.edit_only}
 
 
 def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_every: int | None = None,
@@ -159,7 +154,8 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                 "defaults": {"size": f"{default_size[0]}x{default_size[1]}", **defaults},
                 "fast": fast,
                 "limits": {"max_size": MAX_SIZE, "max_n": MAX_N, "max_steps": MAX_STEPS,
-                           "max_guidance": MAX_GUIDANCE, "max_time_shift": MAX_TIME_SHIFT, "max_seed": MAX_SEED,
+                           "max_guidance": SPEC["guidance_scale"].hi, "max_time_shift": SPEC["time_shift"].hi,
+                           "max_seed": MAX_SEED,
                            "max_prompt_chars": MAX_PROMPT_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES,
                            "max_input_pixels": MAX_INPUT_PIXELS, "queue_size": worker.capacity,
                            "max_batch": worker.max_batch, "batch_wait_s": worker.batch_wait_s,

@@ -1,16 +1,19 @@
-"""What goes over the wire: the request models (their bounds are the server's limits, so the OpenAPI schema shows
-them) and the JSON error every failure is answered with."""
+"""What goes over the wire: the request models (their bounds are the settings' own and the server's limits, so the
+OpenAPI schema shows them) and the JSON error every failure is answered with."""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
-from .limits import (ERROR_TYPES, MAX_GUIDANCE, MAX_LABEL_CHARS, MAX_N, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED,
-                     MAX_STEPS, MAX_TIME_SHIFT)
+from ..settings import SPECS
+from .limits import (ERROR_TYPES, MAX_LABEL_CHARS, MAX_N, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS)
+
+# the server's operational limits on settings, on top of their own bounds (limits.py says why)
+OPERATIONAL = {"num_inference_steps": {"le": MAX_STEPS}, "negative_prompt": {"max_length": MAX_PROMPT_CHARS}}
 
 # pydantic error types that mean "the right type, outside the limits": a 400, like every other limit; the rest
 # (missing, unknown or wrongly typed fields) are a 422
@@ -56,30 +59,37 @@ class OpenAIFields(BaseModel):
     stream: bool | None = None  # false only: the /stream routes stream
 
 
-class GenerationRequest(OpenAIFields):
-    """Text to image. Types are checked strictly for JSON (``"2"`` is not an int); multipart text is converted.
-    Sampling settings left out take the model's defaults (``pipe.defaults``, edit settings for edits)."""
-
+class _Request(OpenAIFields):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int | None = Field(1, ge=1, le=MAX_N)
     size: str | None = None  # "WxH", or "auto" (as when left out)
     response_format: str | None = None  # "b64_json" (as when left out)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    sampler: str | None = None
-    time_shift: float | None = Field(None, gt=0, le=MAX_TIME_SHIFT)
-    noise_level: float | None = Field(None, ge=0, le=1)  # the NextStep-1.1 samplers' ("flow_sde", "cps")
     fast: bool | None = None  # sample with the server's distilled few-step head (``nextstep serve --head DIR``)
 
 
-class EditRequest(GenerationRequest):
-    """Image editing: adds the image guidance scale (and OpenAI's ``input_fidelity``, read and ignored)."""
+def _setting_fields(edit_only: bool) -> dict[str, Any]:
+    """The request fields of the sampling settings (``nextstep.settings``): their bounds, then the server's
+    operational limits on top (``OPERATIONAL``); a setting left out (None) takes the model's default."""
+    fields = {}
+    for s in SPECS:
+        if s.api is None or s.edit_only != edit_only:
+            continue
+        bounds = {} if s.lo is None else {"gt" if s.lo_open else "ge": s.lo}
+        bounds.update({} if s.hi is None else {"le": s.hi}, **OPERATIONAL.get(s.name, {}))
+        fields[s.api] = (s.type | None, Field(None, description=s.help, **bounds))
+    return fields
 
-    image_guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
-    input_fidelity: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+
+GenerationRequest = create_model(
+    "GenerationRequest", __base__=_Request, __module__=__name__, **_setting_fields(edit_only=False),
+    __doc__="""Text to image. Types are checked strictly for JSON (``"2"`` is not an int); multipart text is converted.
+    Sampling settings left out take the model's defaults (``pipe.defaults``, edit settings for edits).""")
+EditRequest = create_model(
+    "EditRequest", __base__=GenerationRequest, __module__=__name__, **_setting_fields(edit_only=True),
+    input_fidelity=(str | None, Field(None, max_length=MAX_LABEL_CHARS)),
+    __doc__="Image editing: adds the image guidance scale (and OpenAI's ``input_fidelity``, read and ignored).")
 
 
 RequestModel = TypeVar("RequestModel", bound=GenerationRequest)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import dataclasses
 import io
 import logging
 import threading
@@ -32,16 +31,16 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from ..config import Settings
 from ..errors import InputError
 from ..images import to_pil, to_unit
 from ..pipeline import NextStepPipeline
+from ..settings import SPEC, Settings
 from .limits import BATCH_WAIT_S, MAX_BATCH, PREVIEWS_PER_IMAGE, PROMPT_BUCKET, RETRY_AFTER_S
 from .schemas import ApiError
 
 log = logging.getLogger("nextstep.serve")
 
-SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+SETTINGS_FIELDS = frozenset(SPEC)
 _UNKNOWN = object()
 PER_PROMPT = ("prompt", "generator")  # the pipeline arguments that may differ between the jobs of one batch
 
@@ -166,16 +165,15 @@ class Worker:
         kw = job.kwargs
         if kw.get("image") is not None:
             return None
-        settings = self.pipe.defaults.resolve(False, **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
+        settings = self.pipe.resolve_settings(False, kw.get("fast", False),
+                                              **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
         rest = tuple(sorted((k, v) for k, v in kw.items() if k not in SETTINGS_FIELDS and k not in PER_PROMPT))
-        return BatchKey(settings, rest, self._prompt_length(kw) if self.reproducible else None)
+        return BatchKey(settings, rest, self._prompt_length(kw, settings) if self.reproducible else None)
 
-    def _prompt_length(self, kw: dict[str, Any]) -> int:
+    def _prompt_length(self, kw: dict[str, Any], settings: Settings) -> int:
         """Reproducible mode's padded length of a call's prompt rows: the job's longest row (as the call prefills it:
         the prompt alone in fast mode) rounded up to a multiple of ``PROMPT_BUCKET`` tokens, but never beyond what
         the model's positions leave beside the image (validation checked the unpadded rows against that)."""
-        settings = self.pipe.resolve_settings(False, kw.get("fast", False),
-                                              **{k: v for k, v in kw.items() if k in SETTINGS_FIELDS})
         m = self.pipe.size_multiple
         grid = (kw["height"] // m, kw["width"] // m)
         longest = max(len(r) for r in self.pipe.prompt_rows(kw["prompt"], grid, settings, edit=False))
@@ -295,7 +293,7 @@ class Worker:
                     job.emit("preview", {"step": step, "total": total, "images": images[s * n:(s + 1) * n]})
 
         try:
-            out = self.pipe(**kwargs, progress=False, callback=on_token)
+            out = self.pipe._generate(**kwargs, progress=False, callback=on_token)
         except Cancelled:
             return
         except Exception as e:
