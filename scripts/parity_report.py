@@ -32,14 +32,14 @@ def v1_runs(d: Path):
         if skip:
             torch.randn(2, 16, 8, 8, generator=gen)  # the reference samples its zero-variance posterior first
         return gen
-    common = dict(progress=False, exact=True)
-    yield "pipe_t2i", lambda p: p("a red circle on the left", height=64, width=64, guidance_scale=3.0,
+    common = dict(progress=False, exact=True)  # the reference's head arithmetic: a hook of the private entry
+    yield "pipe_t2i", lambda p: p._generate("a red circle on the left", height=64, width=64, guidance_scale=3.0,
                                   num_inference_steps=10, generator=g(0), token_norm=True, **common)
-    yield "pipe_t2i_b2", lambda p: p("a blue square at the top", height=48, width=48, num_images_per_prompt=2,
+    yield "pipe_t2i_b2", lambda p: p._generate("a blue square at the top", height=48, width=48, num_images_per_prompt=2,
                                      guidance_scale=2.0, guidance_schedule="linear", time_shift=2.0,
                                      num_inference_steps=6, generator=g(7), token_norm=False,
                                      positive_prompt="best quality", negative_prompt="blurry", **common)
-    yield "pipe_edit", lambda p: p("<image>make it blue", image=d / "edit_input.png", guidance_scale=3.0,
+    yield "pipe_edit", lambda p: p._generate("<image>make it blue", image=d / "edit_input.png", guidance_scale=3.0,
                                    image_guidance_scale=1.5, num_inference_steps=10, generator=g(0, skip=True),
                                    token_norm=True, time_shift=1.0, negative_prompt="", **common)
 
