@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +34,13 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.shapes import CATEGORIES, EDIT_TYPES, generate_edit, generate_t2i, render
-from ..errors import TrainingError
 from ..images import grid_image, save_png
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
 from ..train.config import to_dict
 from ..train.distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
-from ..train.state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_copy, plain_key,
-                           resume_point, save_checkpoint, start_run, training_autocast)
+from ..train.loop import Task, fit
+from ..train.state import EMA, plain_copy, plain_key, resume_point, start_run, training_autocast
 from .config import RLConfig
 from .grpo import gaussian_kl, group_advantages, grpo_loss, reward_metrics
 from .policy import StepStats, Steps, all_steps, conditions, random_steps, set_trainable, step_stats
@@ -199,35 +196,76 @@ def update_loss(cfg: RLConfig, trainable: nn.Module, batch: Batch, u: int):
     return grpo_loss(new.log_prob, batch.old[u].log_prob, batch.advantages, cfg.clip, kl, cfg.kl_weight)
 
 
-def run_updates(cfg: RLConfig, trainable: nn.Module, params: list[nn.Parameter], optimizer, ema: EMA | None,
-                batch: Batch, info: DistInfo, out: Path, step: int, autocast=nullcontext()) -> dict[str, float]:
-    """The ``updates`` optimizer steps of one rollout batch -> the loss metrics (``LOSS_METRICS`` and the gradient
-    norm before clipping), means over the updates and the processes. ``params``: the trained parameters as the
-    optimizer holds them (under FSDP2 the shards: listed before any forward, which leaves the root's gathered);
-    ``autocast``: the forwards' context."""
-    sums = dict.fromkeys([*LOSS_METRICS, "grad_norm"], 0.0)
-    for u in range(cfg.updates):
-        with autocast:
-            result = update_loss(cfg, trainable, batch, u)
-        values = all_sum([float(result.loss.detach()), *(result.metrics.get(k, 0.0) for k in LOSS_METRICS[1:])], info)
-        if not math.isfinite(values[0]):
-            last = checkpoints(out)
-            raise TrainingError(f"non-finite loss at step {step}, update {u}; stopping. Last good checkpoint: "
-                                f"{last[-1] if last else 'none'}")
-        result.loss.backward()
-        # the norm of every process's gradient (each holds the all-reduced one): no sum over processes for it
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(trainable)
-        for k, v in zip(LOSS_METRICS, values):
-            sums[k] += v / info.world / cfg.updates
-        sums["grad_norm"] += norm / cfg.updates
-    return sums
-
-
 # ---- the run ---------------------------------------------------------------------------------------------------------
+class RLTask(Task):
+    """The loop's view of GRPO: each step's rollouts, rewards and prepared batch (steps 1-3 of the module docstring),
+    then one loss per update (step 4)."""
+
+    desc = "train-rl"
+
+    def __init__(self, cfg: RLConfig, trainable: nn.Module, reference: NextStep | None, pipe, reward: RewardFn,
+                 info: DistInfo):
+        self.cfg, self.trainable, self.reference, self.pipe, self.reward, self.info = (cfg, trainable, reference,
+                                                                                        pipe, reward, info)
+        self.fsdp = info.enabled and cfg.run.parallel == "fsdp"  # the rollouts sample from a full copy
+        self.autocast = training_autocast(cfg.run, info)
+        self.logged: dict[str, float] = {}
+        self.t_updates = 0.0
+
+    def updates(self, step: int):
+        cfg, info = self.cfg, self.info
+        t0 = time.perf_counter()
+        if self.fsdp:
+            _sync_policy(self.trainable, self.pipe.model)
+        r = roll(cfg, self.pipe, step, info)
+        rewards = score(self.reward, r)
+        self.logged = reward_metrics(global_rewards(cfg, rewards, info), cfg.group)
+        self.logged["reward_edit" if r.edit else "reward_t2i"] = self.logged["reward_mean"]
+        self.t_updates = time.perf_counter()
+        self.logged["rollout_s"] = self.t_updates - t0
+        with self.autocast:
+            advantages = group_advantages(rewards, cfg.group, cfg.advantage_eps)
+            batch = prepare(cfg, self.trainable, self.reference, r, advantages, step)
+        names = [k for k in LOSS_METRICS[1:] if k != "kl" or self.reference is not None]
+        for u in range(cfg.updates):
+            with self.autocast:
+                result = update_loss(cfg, self.trainable, batch, u)
+            yield result.loss, {k: result.metrics.get(k, 0.0) for k in names}
+
+    def metrics(self, seconds: float, checkpoint: bool) -> dict[str, float]:
+        return {**self.logged, "update_s": time.perf_counter() - self.t_updates}
+
+    def sample(self, ema: EMA | None, path: Path) -> None:
+        """One image of each of the run's ``sample_prompts`` under the rollout settings (seed 0), side by side."""
+        grids = self._pipeline(ema)
+        if grids is not None:
+            size = self.cfg.rollout.image_size
+            images = grids.to(self.info.device)(self.cfg.sample_prompts, height=size, width=size, progress=False,
+                                                generator=torch.Generator().manual_seed(0),
+                                                **self.cfg.rollout.settings()).images
+            save_png(grid_image(images), path)
+        barrier(self.info)
+
+    def export(self, ema: EMA | None, path: Path) -> Path:
+        """A directory ``NextStepPipeline.from_pretrained`` loads: the trained weights with the base model's
+        tokenizer, VAE and sampling defaults. A base model's distilled ``fast/`` head is not carried over: it was
+        distilled from the weights before post-training."""
+        pipe = self._pipeline(ema)
+        if pipe is not None:
+            pipe.save_pretrained(path)
+        barrier(self.info)
+        return path
+
+    def _pipeline(self, ema: EMA | None):
+        """The trained model (its EMA weights where there are some) in a pipeline like the base model's, without
+        its distilled head, on the main process (None elsewhere); every process calls."""
+        from ..pipeline import NextStepPipeline
+
+        model = plain_copy(self.trainable, ema, "model", NextStep)
+        p = self.pipe
+        return None if model is None else NextStepPipeline(model, p.vae, p.tokenizer, p.defaults, p.format)
+
+
 def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
     """Run (or resume) GRPO post-training; returns the exported model directory ``OUT/final``."""
     from ..pipeline import NextStepPipeline
@@ -246,54 +284,14 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
     set_trainable(model, cfg.parameters, cfg.last_layers)
     model.lm_head.requires_grad_(False)  # the loss never reads the text head ("all" would leave DDP a gradless one)
     reference = copy.deepcopy(model).requires_grad_(False) if cfg.kl_weight > 0 else None
-    fsdp = info.enabled and run.parallel == "fsdp"
-    if fsdp:  # FSDP2 shards the trained model; rollouts sample from a full copy of its weights
+    if info.enabled and run.parallel == "fsdp":  # FSDP2 shards the trained model; rollouts sample from a full copy
         pipe.model = copy.deepcopy(model).requires_grad_(False)
-    bf16 = run.precision == "bf16"
     if run.activation_checkpointing:
         apply_activation_checkpointing(model, (DecoderLayer,))
     # the head's parts are called one by one (condition and time embeddings, velocity): it stays in the root's unit
-    trainable = wrap(PolicyModule(model), info, run.parallel, (DecoderLayer,), bf16)
-    optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    params = [p for p in trainable.parameters() if p.requires_grad]  # as the optimizer holds them (FSDP2: shards)
-    ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
-    start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
-    bar = Progress(out, run.steps, start, info, "train-rl", show=progress)
-    autocast = training_autocast(run, info)
-    try:
-        for step in range(start, run.steps):
-            t0 = time.perf_counter()
-            if fsdp:
-                _sync_policy(trainable, pipe.model)
-            r = roll(cfg, pipe, step, info)
-            rewards = score(reward, r)
-            everyone = global_rewards(cfg, rewards, info)
-            t1 = time.perf_counter()
-            with autocast:
-                advantages = group_advantages(rewards, cfg.group, cfg.advantage_eps)
-                batch = prepare(cfg, trainable, reference, r, advantages, step)
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = run_updates(cfg, trainable, params, optimizer, ema, batch, info, out, step, autocast)
-            done = step + 1
-            rewarded = reward_metrics(everyone, cfg.group)
-            rewarded["reward_edit" if r.edit else "reward_t2i"] = rewarded["reward_mean"]
-            if reference is None:
-                del losses["kl"]
-            metrics = {"step": done, **rewarded, **losses, "lr": lr, "rollout_s": t1 - t0,
-                       "update_s": time.perf_counter() - t1}
-            bar.step(metrics, log=run.log_every > 0 and (done % run.log_every == 0 or done == run.steps))
-            if run.sample_every and done % run.sample_every == 0:
-                sample_grid(cfg, trainable, ema, pipe, out / "samples" / f"step_{done:07d}.png", info)
-            if run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps:
-                save_checkpoint(out, done, trainable, optimizer, ema, {"config": to_dict(cfg), "data_position": done},
-                                info, run.keep_checkpoints)
-            if run.export_every and done % run.export_every == 0 and done != run.steps:
-                export(trainable, ema, pipe, out / "exports" / f"step_{done:07d}", info)
-    finally:
-        bar.close()
-    return export(trainable, ema, pipe, out / "final", info)
+    trainable = wrap(PolicyModule(model), info, run.parallel, (DecoderLayer,), run.precision == "bf16")
+    return fit(RLTask(cfg, trainable, reference, pipe, reward, info), cfg, trainable, out, ckpt, info,
+               progress=progress)
 
 
 @torch.no_grad()
@@ -303,31 +301,3 @@ def _sync_policy(trainable: nn.Module, policy: NextStep) -> None:
     for name, p in trainable.named_parameters():
         if p.requires_grad:  # a DTensor shard, or a parameter FSDP2 holds gathered since a forward without backward
             own[plain_key(name).removeprefix("model.")].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
-
-
-def sample_grid(cfg: RLConfig, trainable: nn.Module, ema: EMA | None, pipe, path: Path, info: DistInfo) -> None:
-    """One image of each of the run's ``sample_prompts`` under the rollout settings (seed 0), side by side."""
-    from ..pipeline import NextStepPipeline
-
-    model = plain_copy(trainable, ema, "model", NextStep)
-    if model is not None:
-        grids = NextStepPipeline(model.to(info.device), pipe.vae, pipe.tokenizer, pipe.defaults, pipe.format)
-        size = cfg.rollout.image_size
-        images = grids(cfg.sample_prompts, height=size, width=size, generator=torch.Generator().manual_seed(0),
-                       progress=False, **cfg.rollout.settings()).images
-        save_png(grid_image(images), path)
-    barrier(info)
-
-
-def export(trainable: nn.Module, ema: EMA | None, pipe, final: Path, info: DistInfo) -> Path:
-    """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: the trained weights, the base
-    model's tokenizer, VAE and sampling defaults. A base model's distilled ``fast/`` head is not carried over: it was
-    distilled from the weights before post-training."""
-    model = plain_copy(trainable, ema, "model", NextStep)
-    if model is not None:
-        model.save_pretrained(final)
-        pipe.defaults.save(final)
-        pipe.tokenizer.save_pretrained(final)
-        pipe.vae.save_pretrained(final / "vae")
-    barrier(info)
-    return final

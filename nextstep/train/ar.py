@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from ..data.sequences import (BatchPlan, TrainBatch, build_example, collate, enc
                               save_records)
 from ..config import SamplingConfig
 from ..data.sources import open_source
-from ..errors import TrainingError
 from ..images import grid_image, save_png, to_pil
 from ..model.flow_head import VelocityNet
 from ..model.latents import token_grid
@@ -30,9 +28,9 @@ from ..model.vae import VAE
 from ..prompt import check_special_ids
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, to_dict
-from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
-from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_copy, resume_point,
-                    save_checkpoint, start_run, training_autocast)
+from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
+from .loop import Task, fit
+from .state import plain_copy, resume_point, start_run, training_autocast
 
 # How the sample grids are drawn, and so the defaults every export carries (its generation_config.json): a freshly
 # trained small model loads with the settings its grids were judged by, not the 14B model's 50 steps at guidance 7.5.
@@ -98,6 +96,57 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
     return model.train()
 
 
+class ARTask(Task):
+    """The loop's view of AR training: the plan's batch of each step, sliced for this process, and its loss."""
+
+    def __init__(self, cfg: TrainConfig, trainable: nn.Module, records, tok: Tokenizer, vae: VAE, info: DistInfo):
+        self.cfg, self.trainable, self.records, self.tok, self.vae, self.info = cfg, trainable, records, tok, vae, info
+        self.plan = BatchPlan(records, cfg.data.mix, cfg.data.seed)
+        self.autocast = training_autocast(cfg.run, info)
+        self.tokens = 0.0
+
+    def updates(self, step: int):
+        run, info, cfg_m = self.cfg.run, self.info, unwrap(self.trainable).model.config
+        per_rank = run.batch_size // info.world
+        slots = self.plan.step(step, run.batch_size)[info.rank * per_rank:(info.rank + 1) * per_rank]
+        examples = [build_example(self.records[i], self.tok, cfg_m.patch_size, s, self.cfg.data.caption_dropout,
+                                  self.cfg.data.image_dropout) for i, s in slots]
+        batch = collate(examples, self.tok.special.pad, [s for _, s in slots])
+        counts = all_sum([*batch_counts(batch, cfg_m.image_placeholder_id, cfg_m.patch_size, cfg_m.head.batch_mul),
+                          batch.num_tokens], info)
+        self.tokens = counts[2]
+        with self.autocast:
+            out = self.trainable(batch, (max(counts[0], 1) / info.world, max(counts[1], 1e-8) / info.world))
+        yield out.loss, {"lm_loss": out.lm_loss, "im_loss": out.im_loss}
+
+    def metrics(self, seconds: float, checkpoint: bool) -> dict[str, float]:
+        return {"tokens/s": self.tokens / seconds}
+
+    def sample(self, ema, path: Path) -> None:
+        pipe = self._pipeline(ema)
+        if pipe is not None:
+            height, width = self.cfg.data.bucket_sizes[0]
+            out = pipe.to(self.info.device)(self.cfg.sample_prompts, height=height, width=width, progress=False,
+                                            generator=torch.Generator().manual_seed(0), output_type="pt")
+            save_png(grid_image(to_pil(out.images)), path)
+
+    def export(self, ema, path: Path) -> Path:
+        """A directory ``NextStepPipeline.from_pretrained`` loads, with the grids' settings as its defaults."""
+        pipe = self._pipeline(ema)
+        if pipe is not None:
+            pipe.save_pretrained(path)
+        barrier(self.info)
+        return path
+
+    def _pipeline(self, ema):
+        """The trained model (its EMA weights where there are some) with the run's tokenizer and VAE, on the main
+        process (None elsewhere); every process calls."""
+        from ..pipeline import NextStepPipeline
+
+        model = plain_copy(self.trainable, ema, "model", NextStep)
+        return None if model is None else NextStepPipeline(model, self.vae, self.tok, defaults=GRID_SAMPLING)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
     """Run (or resume) training; returns the exported model directory ``OUT/final``."""
     info = info or DistInfo()
@@ -107,98 +156,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
     vae = VAE.from_pretrained(cfg.vae, device=info.device)
     records, skipped = prepare_records(cfg, vae, out, info, progress)
-    plan = BatchPlan(records, cfg.data.mix, cfg.data.seed)
     model = build_model(cfg, tok).to(info.device)
     if info.is_main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    bf16 = run.precision == "bf16"
     if run.activation_checkpointing:
         apply_activation_checkpointing(model, (DecoderLayer,))
-    trainable = wrap(LossModule(model), info, run.parallel, (DecoderLayer, VelocityNet), bf16)
+    trainable = wrap(LossModule(model), info, run.parallel, (DecoderLayer, VelocityNet), run.precision == "bf16")
     if run.compile:
         model.transformer.compile()
-    optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
-
-    start = load_checkpoint(ckpt, trainable, optimizer, ema, info)["step"] if ckpt else 0
-    bar = Progress(out, run.steps, start, info, "train", show=progress)
-    if skipped:
-        bar.write(f"skipped {skipped} unreadable samples while encoding the dataset")
-    autocast = training_autocast(run, info)
-    per_rank = run.batch_size // info.world
-    cfg_m = model.config
-    try:
-        for step in range(start, run.steps):
-            t0 = time.perf_counter()
-            slots = plan.step(step, run.batch_size)[info.rank * per_rank:(info.rank + 1) * per_rank]
-            examples = [build_example(records[i], tok, cfg_m.patch_size, s, cfg.data.caption_dropout,
-                                      cfg.data.image_dropout) for i, s in slots]
-            batch = collate(examples, tok.special.pad, [s for _, s in slots])
-            counts = all_sum([*batch_counts(batch, cfg_m.image_placeholder_id, cfg_m.patch_size, cfg_m.head.batch_mul),
-                              batch.num_tokens], info)
-            normalizers = (max(counts[0], 1) / info.world, max(counts[1], 1e-8) / info.world)
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                out_loss = trainable(batch, normalizers)
-            loss_val, lm_val, im_val = all_sum([out_loss.loss.item(), out_loss.lm_loss.item(),
-                                                out_loss.im_loss.item()], info)
-            if not all(map(_finite, (loss_val, lm_val, im_val))):
-                last = checkpoints(out)
-                raise TrainingError(f"non-finite loss at step {step} (lm {lm_val}, image {im_val}); stopping. "
-                                    f"Last good checkpoint: {last[-1] if last else 'none'}")
-            out_loss.loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(trainable)
-            dt = time.perf_counter() - t0
-            done = step + 1
-            metrics = {"step": done, "loss": loss_val / info.world, "lm_loss": lm_val / info.world,
-                       "im_loss": im_val / info.world, "lr": lr, "grad_norm": float(grad_norm),
-                       "samples/s": run.batch_size / dt, "tokens/s": counts[2] / dt}
-            bar.step(metrics, log=run.log_every > 0 and (done % run.log_every == 0 or done == run.steps))
-            if run.sample_every and done % run.sample_every == 0:
-                _sample_grid(cfg, trainable, ema, vae, tok, out / "samples" / f"step_{done:07d}.png", info)
-            if run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps:
-                save_checkpoint(out, done, trainable, optimizer, ema,
-                                {"config": to_dict(cfg), "data_position": done}, info, run.keep_checkpoints)
-            if run.export_every and done % run.export_every == 0 and done != run.steps:
-                export(cfg, trainable, ema, vae, tok, out / "exports" / f"step_{done:07d}", info)
-    finally:
-        bar.close()
-    return export(cfg, trainable, ema, vae, tok, out / "final", info)
-
-
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
-
-
-def _sample_grid(cfg: TrainConfig, trainable, ema, vae, tok, path: Path, info: DistInfo) -> None:
-    from ..pipeline import NextStepPipeline
-
-    model = plain_copy(trainable, ema, "model", NextStep)
-    if model is None:
-        return
-    height, width = cfg.data.bucket_sizes[0]
-    pipe = NextStepPipeline(model.to(info.device), vae, tok, defaults=GRID_SAMPLING)
-    out = pipe(cfg.sample_prompts, height=height, width=width, generator=torch.Generator().manual_seed(0),
-               progress=False, output_type="pt")
-    save_png(grid_image(to_pil(out.images)), path)
-
-
-def export(cfg: TrainConfig, trainable, ema, vae: VAE, tok: Tokenizer, final: Path, info: DistInfo) -> Path:
-    """Write ``final`` so that ``NextStepPipeline.from_pretrained(final)`` loads it: weights, tokenizer, vae/, and
-    the sample grids' settings as its sampling defaults (generation_config.json)."""
-    model = plain_copy(trainable, ema, "model", NextStep)
-    if model is not None:
-        model.save_pretrained(final)
-        GRID_SAMPLING.save(final)
-        tok.save_pretrained(final)
-        vae.save_pretrained(final / "vae")
-    barrier(info)
-    return final
+    notes = [f"skipped {skipped} unreadable samples while encoding the dataset"] if skipped else []
+    return fit(ARTask(cfg, trainable, records, tok, vae, info), cfg, trainable, out, ckpt, info, progress=progress,
+               notes=notes)

@@ -212,6 +212,8 @@ class VAETrainConfig:
         _check(self.disc_start >= 0 and self.holdout >= 0, "disc_start and holdout must be >= 0")
         _check(self.train_encoder or self.init_from is not None,
                "train_encoder: false fine-tunes the decoder of an existing VAE: set init_from")
+        for name in ("sample_every", "compile", "activation_checkpointing"):
+            _check(not getattr(self.run, name), f"run.{name} is not supported by train-vae")
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(**self.vae)

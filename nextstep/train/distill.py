@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,6 @@ from torch import nn
 from ..checkpoint import save_safetensors
 from ..config import ConfigError, Settings
 from ..data.sources import SampleError, open_source
-from ..errors import TrainingError
 from ..images import fit_image, load_image
 from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means
 from ..model.latents import patchify
@@ -44,9 +42,9 @@ from ..sampling.guidance import Guidance
 from ..sampling.token import TokenSampler
 from .conditions import teacher_forced
 from .config import DistillConfig, to_dict
-from .distributed import DistInfo, all_sum, barrier, wrap
-from .state import (Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_copy, resume_point,
-                    save_checkpoint, start_run, training_autocast)
+from .distributed import DistInfo, barrier, wrap
+from .loop import Task, fit
+from .state import plain_copy, resume_point, start_run, training_autocast
 
 CHUNK = 16  # prompts per teacher call while building the targets
 
@@ -278,6 +276,42 @@ def head_config(cfg: DistillConfig, pipe) -> DistilledHeadConfig:
         teacher={"sampler": "ode", "steps": cfg.teacher_steps, "token_norm": t2i.token_norm})
 
 
+class DistillTask(Task):
+    """The loop's view of a distillation: each step's rows and their loss; the held-out errors at checkpoints."""
+
+    desc = "distill"
+
+    def __init__(self, cfg: DistillConfig, trainable: nn.Module, targets: dict[str, torch.Tensor], train_rows: int,
+                 info: DistInfo):
+        self.cfg, self.trainable, self.targets, self.train_rows, self.info = cfg, trainable, targets, train_rows, info
+        self.autocast = training_autocast(cfg.run, info)
+
+    def updates(self, step: int):
+        run, info, dev, t = self.cfg.run, self.info, self.info.device, self.targets
+        per_rank = run.batch_size // info.world
+        rows, s, interval = (v[info.rank * per_rank:(info.rank + 1) * per_rank] for v in
+                             draw_rows(self.cfg, step, self.train_rows))
+        cond = t["cond"][rows].to(dev)
+        with self.autocast:
+            x, ti, d, target = row_targets(self.cfg, self.trainable, cond, t["path"][rows].to(dev),
+                                           t["ts"][rows].to(dev), s.to(dev), interval.to(dev))
+            loss = self.trainable(x, ti, d, cond, target, run.batch_size / info.world)
+        yield loss, {}
+
+    def metrics(self, seconds: float, checkpoint: bool) -> dict[str, float]:
+        student = plain_copy(self.trainable, None, "student", DistilledHead) if checkpoint else None
+        return {} if student is None else holdout_errors(student, self.targets, self.train_rows,
+                                                         list(self.cfg.trained_steps))
+
+    def export(self, ema, path: Path) -> Path:
+        """The head directory that ``NextStepPipeline.from_pretrained(..., head=path)`` loads."""
+        head = plain_copy(self.trainable, None, "student", DistilledHead)
+        if head is not None:
+            head.save_pretrained(path)
+        barrier(self.info)
+        return path
+
+
 def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
     """Run (or resume) a distillation; returns the head directory ``OUT/final``."""
     from ..pipeline import NextStepPipeline
@@ -298,66 +332,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
     hc = head_config(cfg, pipe)
     student = DistilledHead.from_teacher(pipe.model.image_head, hc, torch.Generator().manual_seed(run.seed)).train()
     teacher_errors = holdout_errors(student, targets, train_rows, list(cfg.trained_steps))
-    bf16 = run.precision == "bf16"
     # FSDP2 shards the student as one unit: its forward calls the net's parts directly (no per-block unsharding)
-    trainable = wrap(LossModule(student), info, run.parallel, (), bf16)
-    optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    start = load_checkpoint(ckpt, trainable, optimizer, None, info)["step"] if ckpt else 0
-    bar = Progress(out, run.steps, start, info, "distill", show=progress)
-    if skipped:
-        bar.write(f"skipped {skipped} unreadable samples")
-    bar.write(f"{train_rows} training tokens, {held} held out; untrained student (the teacher's conditional head) "
-              f"vs the teacher on held-out tokens: " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_errors.items()))
-    autocast = training_autocast(run, info)
-    per_rank = run.batch_size // info.world
-    dev = info.device
-    try:
-        for step in range(start, run.steps):
-            t0 = time.perf_counter()
-            rows, s, interval = (v[info.rank * per_rank:(info.rank + 1) * per_rank] for v in
-                                 draw_rows(cfg, step, train_rows))
-            cond = targets["cond"][rows].to(dev)
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                x, t, d, target = row_targets(cfg, trainable, cond, targets["path"][rows].to(dev),
-                                              targets["ts"][rows].to(dev), s.to(dev), interval.to(dev))
-                loss = trainable(x, t, d, cond, target, run.batch_size / info.world)
-            (loss_val,) = all_sum([loss.item()], info)
-            if not math.isfinite(loss_val):
-                last = checkpoints(out)
-                raise TrainingError(f"non-finite loss at step {step}; stopping. Last good checkpoint: "
-                                    f"{last[-1] if last else 'none'}")
-            loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            metrics = {"step": done, "loss": loss_val / info.world, "lr": lr, "grad_norm": float(grad_norm),
-                       "samples/s": run.batch_size / (time.perf_counter() - t0)}
-            checkpoint = run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps
-            if checkpoint:
-                metrics.update(_holdout(trainable, targets, train_rows, cfg))
-            bar.step(metrics, log=checkpoint or run.log_every > 0 and done % run.log_every == 0)
-            if checkpoint:
-                save_checkpoint(out, done, trainable, optimizer, None, {"config": to_dict(cfg), "data_position": done},
-                                info, run.keep_checkpoints)
-    finally:
-        bar.close()
-    return export(trainable, out / "final", info)
-
-
-def _holdout(trainable, targets, start: int, cfg: DistillConfig) -> dict[str, float]:
-    student = plain_copy(trainable, None, "student", DistilledHead)
-    return {} if student is None else holdout_errors(student, targets, start, list(cfg.trained_steps))
-
-
-def export(trainable, final: Path, info: DistInfo) -> Path:
-    """Write the head directory that ``NextStepPipeline.from_pretrained(..., head=final)`` loads."""
-    head = plain_copy(trainable, None, "student", DistilledHead)
-    if head is not None:
-        head.save_pretrained(final)
-    barrier(info)
-    return final
+    trainable = wrap(LossModule(student), info, run.parallel, (), run.precision == "bf16")
+    notes = [f"skipped {skipped} unreadable samples"] if skipped else []
+    notes.append(f"{train_rows} training tokens, {held} held out; untrained student (the teacher's conditional head) "
+                 f"vs the teacher on held-out tokens: " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_errors.items()))
+    return fit(DistillTask(cfg, trainable, targets, train_rows, info), cfg, trainable, out, ckpt, info,
+               progress=progress, notes=notes)

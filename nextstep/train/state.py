@@ -1,9 +1,10 @@
 """Resumable training state: atomic checkpoints (``torch.distributed.checkpoint``: sharded under FSDP, plain
 otherwise), the LR schedule, EMA weights, metrics and progress.
 
-A checkpoint is a directory ``OUT/checkpoints/step_XXXXXXX`` with the model + optimizer (+ EMA) state written by
-DCP, ``trainer.json`` (step, data position, the resolved config) and ``rng_rank{r}.pt``. It is written under a
-temporary name and renamed when complete, so a crash never leaves a half checkpoint that ``--resume`` would take.
+A checkpoint is a directory ``OUT/checkpoints/step_XXXXXXX`` with the model + optimizer (+ EMA, + a trainer's own
+modules and optimizers: the tokenizer's discriminator) state written by DCP, ``trainer.json`` (step, data position,
+the resolved config) and ``rng_rank{r}.pt``. It is written under a temporary name and renamed when complete, so a
+crash never leaves a half checkpoint that ``--resume`` would take.
 
 Every rank writes its part into that one directory (``__{rank}_0.distcp`` under FSDP2), so all processes, on every
 node, must see ``OUT`` (``start_run`` checks it). DCP records each tensor's global shape and which rank wrote which
@@ -24,6 +25,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..errors import TrainingError
 from ..files import atomic_path
 from .config import from_dict, to_dict
 from .distributed import DistInfo, all_sum, barrier, unwrap
@@ -242,18 +245,27 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
+def _checkpoint_state(model: nn.Module, optimizer, ema: EMA | None, extra: Mapping) -> dict[str, Any]:
+    """What a checkpoint holds: the model and its optimizer, the EMA, and each of ``extra``'s {name: (module,
+    optimizer)} pairs as ``name`` and ``name_optim``; keys named without the wrappers' prefixes (DDP's ``module.``)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    for name, (module, opt) in extra.items():
+        state[name], state[f"{name}_optim"] = get_state_dict(module, opt)
+    return state
+
+
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, ema: EMA | None,
-                    trainer: dict[str, Any], info: DistInfo, keep: int) -> Path:
+                    trainer: dict[str, Any], info: DistInfo, keep: int, extra: Mapping | None = None) -> Path:
     final = out_dir / "checkpoints" / f"{CKPT_PREFIX}{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
+    state = _checkpoint_state(model, optimizer, ema, extra or {})
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended on one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
@@ -269,16 +281,24 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, ema: 
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, info: DistInfo) -> dict[str, Any]:
-    """Restore model, optimizer, EMA and this rank's RNG from ``path``; returns its trainer.json."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
+def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, info: DistInfo,
+                    extra: Mapping | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, EMA, ``extra``'s pairs and this rank's RNG from ``path``; returns its trainer.json.
+    A part this run needs that the checkpoint lacks is a ``TrainingError`` naming it."""
+    extra = extra or {}
+    state = _checkpoint_state(model, optimizer, ema, extra)
+    saved = {key.split(".")[0] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    missing = [name for name in state if name not in saved]
+    if missing:
+        raise TrainingError(f"cannot resume from {path}: it holds no {', '.join(missing)} state, which this run "
+                            f"trains (it holds {', '.join(sorted(saved))}). Resume with the recipe it was written "
+                            f"with, or start a new out_dir")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, (module, opt) in extra.items():
+        set_state_dict(module, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     rng = path / f"rng_rank{info.rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))

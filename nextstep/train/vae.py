@@ -9,24 +9,24 @@ slightly-off tokens still decode cleanly. Held-out PSNR / SSIM are written to ``
 from __future__ import annotations
 
 import json
-import time
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from ..data.sources import SampleError, open_source
-from ..errors import TrainingError
 from ..eval.metrics import mean_finite, psnr, ssim
 from ..images import fit_image, load_image
 from ..model.vae import VAE, ResnetBlock
 from .config import VAETrainConfig, to_dict
-from .distributed import DistInfo, all_sum, barrier, wrap
+from .distributed import DistInfo, barrier, unwrap, wrap
+from .loop import Task, fit
 from .losses import PatchDiscriminator, VGGPerceptual, hinge_d_loss, hinge_g_loss
-from .state import (EMA, Progress, checkpoints, load_checkpoint, lr_at, make_optimizer, plain_state_dict,
-                    resume_point, save_checkpoint, start_run)
+from .state import make_optimizer, plain_copy, resume_point, start_run, training_autocast
 
 IMAGE_KEYS = {"t2i": ("image",), "edit": ("source", "target"), "text": ()}
 
@@ -118,8 +118,59 @@ def evaluate(vae: VAE, images: torch.Tensor, batch: int = 32) -> dict[str, float
     return {"psnr": mean_finite(torch.cat(ps)), "ssim": float(torch.cat(ss).mean()), "images": len(images)}
 
 
+class VAETask(Task):
+    """The loop's view of tokenizer training: each step's images, their reconstruction losses (+ the adversarial
+    loss from ``disc_start``), and the discriminator's own update after the tokenizer's."""
+
+    desc = "train-vae"
+
+    def __init__(self, cfg: VAETrainConfig, trainable: nn.Module, pool: ImagePool, info: DistInfo):
+        self.cfg, self.trainable, self.pool, self.info = cfg, trainable, pool, info
+        self.autocast = training_autocast(cfg.run, info)
+        per_rank = cfg.run.batch_size // info.world
+        self.rank_slice = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+        self.disc = None
+        if cfg.disc_weight > 0:
+            with torch.random.fork_rng():  # a private seed, like the VAE's: the same start on any process count
+                torch.manual_seed(cfg.run.seed)
+                disc = PatchDiscriminator().to(info.device)
+            self.disc = wrap(disc, info, "ddp", (), False)
+            d_opt = make_optimizer(self.disc, cfg.optim.lr, cfg.optim.betas, 0.0)
+            # Adam's state made now: DCP makes it at the first save otherwise, and the run would depend on when that is
+            get_state_dict(self.disc, d_opt)
+            self.extra = {"disc": (self.disc, d_opt)}
+
+    def updates(self, step: int):
+        x, seeds = self.pool.batch(step, self.cfg.run.batch_size, self.rank_slice)
+        x = x.to(self.info.device)
+        use_disc = self.disc is not None and step >= self.cfg.disc_start
+        with self.autocast:
+            loss, parts, recon = self.trainable(x, seeds)
+            if use_disc:  # the discriminator's weights held fixed: this loss trains the tokenizer only
+                d = unwrap(self.disc)
+                fixed = {n: p.detach() for n, p in d.named_parameters()}
+                parts["g_adv"] = hinge_g_loss(torch.func.functional_call(d, fixed, (recon,)))
+                loss = loss + self.cfg.disc_weight * parts["g_adv"]
+        yield loss, parts
+        if use_disc:  # after the tokenizer's update: the discriminator's own
+            disc, d_opt = self.extra["disc"]
+            with self.autocast:
+                d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
+            d_loss.backward()
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+
+    def export(self, ema, path: Path) -> Path:
+        vae = plain_copy(self.trainable, ema, "vae", VAE)
+        if vae is not None:
+            vae.save_pretrained(path)
+        barrier(self.info)
+        return path
+
+
 def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
-    """Run (or resume) tokenizer training; returns the exported VAE directory ``OUT/final``."""
+    """Run (or resume) tokenizer training; returns the exported VAE directory ``OUT/final``; its held-out PSNR /
+    SSIM go to ``OUT/eval.json``."""
     info = info or DistInfo()
     run = cfg.run
     out = start_run(run, info)
@@ -137,93 +188,13 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
     perceptual = VGGPerceptual(cfg.perceptual_weights).to(info.device) if cfg.perceptual_weight > 0 else None
     if info.is_main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    bf16 = run.precision == "bf16"
-    trainable = wrap(VAELoss(vae, cfg, perceptual), info, run.parallel, (ResnetBlock,), bf16)
-    optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    disc = d_opt = None
-    if cfg.disc_weight > 0:
-        disc = wrap(PatchDiscriminator().to(info.device), info, "ddp", (), False)
-        d_opt = make_optimizer(disc, cfg.optim.lr, cfg.optim.betas, 0.0)
-    ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
-
-    def load(path: Path) -> dict:
-        if disc is not None and (path / "disc.pt").is_file():
-            disc.load_state_dict(torch.load(path / "disc.pt", weights_only=True))
-        return load_checkpoint(path, trainable, optimizer, ema, info)
-
-    start = load(ckpt)["step"] if ckpt else 0
-    bar = Progress(out, run.steps, start, info, "train-vae", show=progress)
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    per_rank = run.batch_size // info.world
-    rank_slice = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-    try:
-        for step in range(start, run.steps):
-            t0 = time.perf_counter()
-            x, seeds = pool.batch(step, run.batch_size, rank_slice)
-            x = x.to(info.device)
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, run.steps, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            use_disc = disc is not None and step >= cfg.disc_start
-            with autocast:
-                loss, parts, recon = trainable(x, seeds)
-                if use_disc:
-                    parts["g_adv"] = hinge_g_loss(disc(recon))
-                    loss = loss + cfg.disc_weight * parts["g_adv"]
-            values = all_sum([loss.item()] + [v.item() for v in parts.values()], info)
-            if not all(v == v and abs(v) != float("inf") for v in values):
-                last = checkpoints(out)
-                raise TrainingError(f"non-finite loss at step {step} ({dict(zip(parts, values[1:]))}); stopping. "
-                                    f"Last good checkpoint: {last[-1] if last else 'none'}")
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if use_disc:
-                with autocast:
-                    d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
-                d_loss.backward()
-                d_opt.step()
-                d_opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(trainable)
-            done = step + 1
-            metrics = {"step": done, "loss": values[0] / info.world, "lr": lr,
-                       **{k: v / info.world for k, v in zip(parts, values[1:])},
-                       "samples/s": run.batch_size / (time.perf_counter() - t0)}
-            bar.step(metrics, log=run.log_every > 0 and (done % run.log_every == 0 or done == run.steps))
-            if run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps:
-                path = save_checkpoint(out, done, trainable, optimizer, ema,
-                                       {"config": to_dict(cfg), "data_position": done}, info, run.keep_checkpoints)
-                if disc is not None and info.is_main:
-                    torch.save(disc.state_dict(), path / "disc.pt")
-    finally:
-        bar.close()
-    if pool.skipped:
-        bar.write(f"skipped {pool.skipped} unreadable samples")
-    return export(trainable, ema, vae.config, pool, out, info)
-
-
-def _plain_vae(trainable: nn.Module, ema: EMA | None, config) -> VAE | None:
-    """A plain CPU copy of the (EMA) VAE weights on the main rank; every rank must call (FSDP gathers)."""
-    state = plain_state_dict(trainable, ema, "vae")
-    if state is None:
-        return None
-    vae = VAE(config)
-    vae.load_state_dict(state)
-    return vae.eval()
-
-
-def export(trainable, ema, config, pool: ImagePool, out: Path, info: DistInfo) -> Path:
-    """``OUT/final`` (a VAE directory) and ``OUT/eval.json`` (held-out PSNR / SSIM)."""
-    vae = _plain_vae(trainable, ema, config)
-    final = out / "final"
-    if vae is not None:
-        vae.save_pretrained(final)
+    trainable = wrap(VAELoss(vae, cfg, perceptual), info, run.parallel, (ResnetBlock,), run.precision == "bf16")
+    final = fit(VAETask(cfg, trainable, pool, info), cfg, trainable, out, ckpt, info, progress=progress)
+    if info.is_main:
+        if pool.skipped:
+            print(f"skipped {pool.skipped} unreadable samples", file=sys.stderr)
         held = pool.heldout()
         if held is not None:
-            (out / "eval.json").write_text(json.dumps(evaluate(vae, held), indent=2))
+            (out / "eval.json").write_text(json.dumps(evaluate(VAE.from_pretrained(final), held), indent=2))
     barrier(info)
     return final
-
