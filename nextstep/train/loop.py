@@ -44,8 +44,7 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} draws no sample grids")
 
     def export(self, ema: EMA | None, path: Path) -> Path:
-        """Write the trained weights (the EMA's where there are some) as a loadable directory (every process
-        calls)."""
+        """Write the trained weights (the EMA's where there are some) as a loadable directory; all processes call."""
         raise NotImplementedError
 
 
@@ -68,14 +67,13 @@ def fit(task: Task, cfg, trainable: nn.Module, out: Path, ckpt: Path | None, inf
             lr = lr_at(step, opt.lr, opt.warmup_steps, run.steps, opt.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums: dict[str, float] = {}
-            updates = 0
-            for loss, parts in task.updates(step):
+            made = []  # each update's metrics
+            for u, (loss, parts) in enumerate(task.updates(step)):
                 values = all_sum([float(torch.as_tensor(v).detach()) for v in (loss, *parts.values())], info)
                 named = dict(zip(["loss", *parts], (v / info.world for v in values)))
                 if not all(map(math.isfinite, values)):
                     last = checkpoints(out)
-                    raise TrainingError(f"non-finite loss at step {step}, update {updates} ({named}); stopping. "
+                    raise TrainingError(f"non-finite loss at step {step}, update {u} ({named}); stopping. "
                                         f"Last good checkpoint: {last[-1] if last else 'none'}")
                 loss.backward()
                 # before clipping; every process holds the all-reduced gradient, so its norm is the global one
@@ -84,13 +82,11 @@ def fit(task: Task, cfg, trainable: nn.Module, out: Path, ckpt: Path | None, inf
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(trainable)
-                for k, v in named.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                updates += 1
+                made.append(named)
             done = step + 1
             seconds = time.perf_counter() - t0
             checkpoint = run.ckpt_every and done % run.ckpt_every == 0 or done == run.steps
-            metrics = {"step": done, **{k: v / updates for k, v in sums.items()}, "lr": lr,
+            metrics = {"step": done, **{k: sum(m[k] for m in made) / len(made) for k in made[0]}, "lr": lr,
                        "samples/s": run.batch_size / seconds, **task.metrics(seconds, checkpoint)}
             bar.step(metrics, log=checkpoint or run.log_every > 0 and done % run.log_every == 0)
             if run.sample_every and done % run.sample_every == 0:

@@ -129,25 +129,24 @@ class VAETask(Task):
         self.autocast = training_autocast(cfg.run, info)
         per_rank = cfg.run.batch_size // info.world
         self.rank_slice = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-        self.disc = None
         if cfg.disc_weight > 0:
             with torch.random.fork_rng():  # a private seed, like the VAE's: the same start on any process count
                 torch.manual_seed(cfg.run.seed)
                 disc = PatchDiscriminator().to(info.device)
-            self.disc = wrap(disc, info, "ddp", (), False)
-            d_opt = make_optimizer(self.disc, cfg.optim.lr, cfg.optim.betas, 0.0)
+            disc = wrap(disc, info, "ddp", (), False)
+            d_opt = make_optimizer(disc, cfg.optim.lr, cfg.optim.betas, 0.0)
             # Adam's state made now: DCP makes it at the first save otherwise, and the run would depend on when that is
-            get_state_dict(self.disc, d_opt)
-            self.extra = {"disc": (self.disc, d_opt)}
+            get_state_dict(disc, d_opt)
+            self.extra = {"disc": (disc, d_opt)}
 
     def updates(self, step: int):
         x, seeds = self.pool.batch(step, self.cfg.run.batch_size, self.rank_slice)
         x = x.to(self.info.device)
-        use_disc = self.disc is not None and step >= self.cfg.disc_start
+        use_disc = "disc" in self.extra and step >= self.cfg.disc_start
         with self.autocast:
             loss, parts, recon = self.trainable(x, seeds)
             if use_disc:  # the discriminator's weights held fixed: this loss trains the tokenizer only
-                d = unwrap(self.disc)
+                d = unwrap(self.extra["disc"][0])
                 fixed = {n: p.detach() for n, p in d.named_parameters()}
                 parts["g_adv"] = hinge_g_loss(torch.func.functional_call(d, fixed, (recon,)))
                 loss = loss + self.cfg.disc_weight * parts["g_adv"]
