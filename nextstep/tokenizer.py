@@ -62,8 +62,12 @@ class Tokenizer:
         return cls(_HFTokenizer.from_file(str(f)), source=str(f), bos_token=_bos_token(f.parent))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """``tokenizer.json``, and the bos token (if any) in ``tokenizer_config.json`` as Hugging Face writes it."""
         Path(path).mkdir(parents=True, exist_ok=True)
         self._tok.save(str(Path(path) / "tokenizer.json"))
+        if self.special.bos is not None:
+            bos = {"bos_token": self._tok.id_to_token(self.special.bos)}
+            (Path(path) / "tokenizer_config.json").write_text(json.dumps(bos, indent=2) + "\n")
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (special tokens written in the text are recognised; nothing is added)."""

@@ -332,3 +332,22 @@ def test_written_files_respect_the_umask(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_pngs([Image.new("RGB", (4, 4)), Broken()], [tmp_path / "x_0.png", tmp_path / "x_1.png"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.json", "w.safetensors"]  # no x_*, no temps
+
+
+@pytest.mark.parametrize("fixture", ["official-v1-a", "official-v11-a"])
+def test_pipeline_save_pretrained_loads_back_the_same_pipeline(fixtures_dir, tmp_path, fixture):
+    """``NextStepPipeline.save_pretrained`` writes what ``from_pretrained`` reads: the same weights, format, sampling
+    defaults and tokenizer, so the same images for a seed."""
+    from nextstep.pipeline import NextStepPipeline
+
+    root = fixtures_dir / fixture
+    pipe = NextStepPipeline.from_pretrained(root / "model", root / "vae")
+    again = NextStepPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "saved"))
+    _assert_identical(pipe.model, again.model)
+    a, b = pipe.vae.state_dict(), again.vae.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same = (pipe.format, pipe.defaults, pipe.tokenizer.special)
+    assert (again.format, again.defaults, again.tokenizer.special) == same
+    images = [p("a red circle", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(3),
+                progress=False, output_type="pt").images for p in (pipe, again)]
+    assert torch.equal(*images)
