@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
 
 READ_BLOCK_BYTES = 16 << 20  # rows read (and cast, or moved to the device) at a time: the host's transient memory
@@ -38,22 +39,18 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not match the model it is loaded into."""
-
-
 def require_dir(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{what} directory not found: {p}")
+        raise MissingFileError(f"{what} directory not found: {p}")
     if not p.is_dir():
-        raise NotADirectoryError(f"{what} path is not a directory: {p}")
+        raise MissingFileError(f"{what} path is not a directory: {p}")
     return p
 
 
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     return path
 
 
@@ -69,11 +66,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         files = sorted({model_dir / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"shards named in {index} are missing: {missing}")
+            raise MissingFileError(f"shards named in {index} are missing: {missing}")
         return files
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"no weights in {model_dir}: expected model.safetensors or model.safetensors.index.json")
+    raise MissingFileError(f"no weights in {model_dir}: expected model.safetensors or model.safetensors.index.json")
 
 
 @dataclass(frozen=True)

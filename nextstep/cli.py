@@ -14,22 +14,18 @@ import torch
 
 from . import hub
 from .config import SamplingConfig
-from .errors import InputError, TrainingError
+from .errors import DataError, InputError, MissingFileError, NextStepError, SettingError, UsageError
 from .generate_many import LAYOUTS
 from .images import grid_image, save_pngs
 from .pipeline import FAST_HEAD_DIR, NextStepPipeline, bundled_model_dir
 from .prompt import area_text
 from .sampling.flow import DISTILLED, NEXTSTEP_11_SAMPLERS
-from .settings import SPECS, SettingError, Settings
+from .settings import SPECS, Settings
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 # the pipeline's argument names -> this CLI's flags, so errors speak the user's words
 FLAGS = {**{s.name: s.flag for s in SPECS if s.flag}, "num_images_per_prompt": "-n", "height": "--size height",
          "width": "--size width"}
-
-
-class UsageError(Exception):
-    """A bad command line or environment for it: printed as one line, exit code 2."""
 
 
 def cli_words(e: InputError) -> str:
@@ -216,7 +212,7 @@ def make_tokenizer(args) -> list[Path]:
     if args.texts:
         path = Path(args.texts)
         if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
+            raise MissingFileError(f"text file not found: {path}")
         texts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         from .data.shapes import ShapesDataset
@@ -224,7 +220,7 @@ def make_tokenizer(args) -> list[Path]:
         ds = ShapesDataset(args.shapes, seed=0)
         texts = [s.get("caption", s.get("instruction", "")) for s in (ds[i] for i in range(len(ds)))]
     if not texts:
-        raise ValueError("no texts to train the tokenizer on")
+        raise DataError("no texts to train the tokenizer on")
     areas = [area_text((h, w)) for h in range(1, 65) for w in range(1, 65)]  # so every grid's area is few tokens
     tok = train_tokenizer(texts + areas, args.vocab)
     tok.save_pretrained(args.out)
@@ -482,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from .serve.runner import serve
             except ImportError as e:
-                raise SystemExit(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})")
+                raise UsageError(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})") from None
             serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                   api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
                   allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head,
@@ -498,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             written = run_info(args)
         else:
             written = run(args)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError) as e:
+    except NextStepError as e:  # what a user can fix; anything else is a bug and shows its traceback
         print(f"nextstep: error: {cli_words(e) if isinstance(e, InputError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

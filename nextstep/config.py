@@ -12,13 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import ConfigError, InputError, MissingFileError
 from .files import atomic_path
 from .settings import Settings
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid or a config file cannot be interpreted."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -197,7 +193,7 @@ class NextStepConfig:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
+            raise MissingFileError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_official(d)

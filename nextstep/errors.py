@@ -1,15 +1,58 @@
-"""Error types shared by the library, the CLI and the server.
+"""Every error a user can fix, under one base: :class:`NextStepError`.
 
-``InputError`` is what a caller did wrong (a bad prompt, size, setting or file): the CLI prints it, the server answers
-it with a 400. Anything else raised while generating is a bug or an environment failure (a 500 with a log line).
+The CLI prints a ``NextStepError`` as one line and exits 2; the server answers an :class:`InputError` with a 400.
+Anything else (a ``ValueError`` from a shape check, a ``RuntimeError`` from torch) is a bug or an environment failure:
+the CLI lets its traceback show, the server answers 500 and logs it. Each class also derives from the builtin a caller
+would catch without knowing this module (``ValueError``, ``FileNotFoundError``, ``RuntimeError``).
 """
 
 from __future__ import annotations
 
 
-class InputError(ValueError):
-    """A request, argument or setting is invalid; the message says what was wrong and what would be right."""
+class NextStepError(Exception):
+    """Base of the errors whose message tells the user what was wrong and what would be right."""
 
 
-class TrainingError(RuntimeError):
+class InputError(NextStepError, ValueError):
+    """A request, argument or setting is invalid (a bad prompt, size, setting or file)."""
+
+
+class SettingError(InputError):
+    """An invalid sampling setting: ``field`` is its ``Settings`` name and ``problem`` the rest of the message, so the
+    CLI and the server can name it as their users typed it (a flag, a request field)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+class UsageError(NextStepError):
+    """A bad command line, or an environment the command cannot run in."""
+
+
+class ConfigError(NextStepError, ValueError):
+    """A configuration file or training recipe is invalid."""
+
+
+class CheckpointError(NextStepError, ValueError):
+    """Model files cannot be read as what they claim to be, or do not fit together."""
+
+
+class MissingFileError(NextStepError, FileNotFoundError):
+    """A file or directory that was named does not exist, or is not a directory where one is needed."""
+
+
+class DataError(NextStepError, ValueError):
+    """A dataset cannot be used: empty, unreadable, or without the kinds of samples asked for."""
+
+
+class SampleError(DataError):
+    """One sample cannot be read; data loaders skip it and count it."""
+
+
+class RewardError(NextStepError, ValueError):
+    """A reward function is unknown or returned something that is not a reward."""
+
+
+class TrainingError(NextStepError, RuntimeError):
     """Training cannot continue (for example a non-finite loss); the last good checkpoint is kept."""

@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import MissingFileError
+
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -19,11 +21,11 @@ def resolve(name_or_path: str | os.PathLike, what: str = "model") -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{what} directory not found: {path} (to use hub ids like 'org/name', "
+        raise MissingFileError(f"{what} directory not found: {path} (to use hub ids like 'org/name', "
                                 f"pip install 'nextstep[hub]')") from None
     try:
         return Path(snapshot_download(str(name_or_path)))
     except Exception as e:  # offline with nothing cached, unknown repo, no network: one clear message
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FileNotFoundError(f"{what} {str(name_or_path)!r} is neither a local directory nor available from the "
+        raise MissingFileError(f"{what} {str(name_or_path)!r} is neither a local directory nor available from the "
                                 f"Hugging Face Hub or its cache ({type(e).__name__}: {first_line})") from None

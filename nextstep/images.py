@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .files import atomic_paths
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
@@ -37,7 +37,7 @@ def load_image(image: ImageInput) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"input image not found: {path}")
+            raise MissingFileError(f"input image not found: {path}")
         try:
             with Image.open(path) as im:
                 _check_pixels(*im.size, f"input image {path}")  # from the header: nothing decoded yet

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError, InputError
 from .checkpoint import read_json, require_dir, safetensors_files
 from .config import NextStepConfig, SamplingConfig, VAEConfig
 from .model.nextstep import NextStep
@@ -52,7 +53,7 @@ def model_info(model_dir: str | os.PathLike, vae_dir: str | os.PathLike | None =
     from .pipeline import NextStepPipeline  # the pipeline owns the prompt rows; imported late (it is heavy)
 
     if kv_dtype not in DTYPES:
-        raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {kv_dtype!r}")
+        raise InputError(f"kv_dtype must be one of {sorted(DTYPES)}, got {kv_dtype!r}")
     root = require_dir(model_dir, "model")
     raw = read_json(root / "config.json", "model config.json")
     fmt = schema_of(raw)
@@ -134,14 +135,14 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
+            raise CheckpointError(f"{path} is too short to be a safetensors file")
         (length,) = struct.unpack("<Q", head)
         if length > path.stat().st_size - 8:
-            raise ValueError(f"{path}: header length {length} runs past the end of the file (truncated?)")
+            raise CheckpointError(f"{path}: header length {length} runs past the end of the file (truncated?)")
         try:
             return json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
 
 
 # ---- KV cache and positions -----------------------------------------------------------------------------------------

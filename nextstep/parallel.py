@@ -35,8 +35,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from .errors import CheckpointError, InputError
 from . import quant
-from .checkpoint import CheckpointError, assign_state_dict, read_json, require_dir, safetensors_files
+from .checkpoint import assign_state_dict, read_json, require_dir, safetensors_files
 from .config import NextStepConfig, TransformerConfig
 from .model.nextstep import OFFICIAL_IGNORED_KEYS, NextStep, official_to_ours
 
@@ -56,13 +57,13 @@ def check_degree(cfg: TransformerConfig, tp: int) -> None:
     """Raise ValueError unless ``tp`` ranks can split the backbone evenly: whole query heads, whole KV heads (GQA
     groups stay on one rank) and equal MLP shares."""
     if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"the tensor-parallel degree must be a positive integer, got {tp!r}")
+        raise InputError(f"the tensor-parallel degree must be a positive integer, got {tp!r}")
     for name, n in (("num_heads (attention heads)", cfg.num_heads), ("num_kv_heads (key/value heads)",
                     cfg.num_kv_heads), ("intermediate_size (MLP width)", cfg.intermediate_size)):
         if n % tp:
             ok = [d for d in range(1, cfg.num_kv_heads + 1)
                   if cfg.num_heads % d == 0 and cfg.num_kv_heads % d == 0 and cfg.intermediate_size % d == 0]
-            raise ValueError(f"tensor-parallel degree {tp} does not divide the model's {name} = {n}: each rank "
+            raise InputError(f"tensor-parallel degree {tp} does not divide the model's {name} = {n}: each rank "
                              f"must hold whole heads and an equal share; degrees that work for this model: {ok}")
 
 
@@ -72,15 +73,15 @@ def tensor_parallel(model: NextStep, mesh: DeviceMesh) -> NextStep:
     The model may be on ``meta`` (then load weights with ``load_model``'s reader) or hold full weights on every
     rank (each rank then keeps its share; ``parallelize_module`` takes the values of rank 0)."""
     if mesh.ndim != 1:
-        raise ValueError(f"tensor parallelism needs a 1-D mesh, got {mesh.ndim} dimensions "
+        raise InputError(f"tensor parallelism needs a 1-D mesh, got {mesh.ndim} dimensions "
                          f"(pass the tensor-parallel dimension, e.g. mesh['tp'])")
     kind = quant.quantized_kind(model)
     if kind is not None:
-        raise ValueError(f"this model is quantized ({kind}); tensor parallelism splits float nn.Linear layers: "
+        raise InputError(f"this model is quantized ({kind}); tensor parallelism splits float nn.Linear layers: "
                          f"load it in float")
     layers = model.transformer.layers
     if isinstance(layers[0].self_attn.q_proj.weight, DTensor):
-        raise ValueError("this model is already tensor-parallel")
+        raise InputError("this model is already tensor-parallel")
     tp = mesh.size()
     check_degree(model.config.transformer, tp)
     for layer in layers:
@@ -167,14 +168,14 @@ def join_tensor_parallel(tp: int, device: torch.device):
     """Join torchrun's ``tp`` processes -> (DistInfo, 1-D mesh, this rank's device; CUDA: one GPU per local rank).
     ValueError when this run does not have exactly ``tp`` processes. Used by ``generate --tp`` and ``serve --tp``."""
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensor parallelism runs on cpu or cuda devices, not {device.type}")
+        raise InputError(f"tensor parallelism runs on cpu or cuda devices, not {device.type}")
     from torch.distributed.device_mesh import init_device_mesh
 
     from .train.distributed import init_from_env
 
     info = init_from_env(device.type)  # a lone process (no torchrun) joins nothing: world 1
     if info.world != tp:
-        raise ValueError(f"--tp {tp} needs {tp} processes: run it under torchrun --nproc_per_node {tp} (this run has "
+        raise InputError(f"--tp {tp} needs {tp} processes: run it under torchrun --nproc_per_node {tp} (this run has "
                          f"{info.world})")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)  # one GPU per rank

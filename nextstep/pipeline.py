@@ -26,9 +26,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import hub
-from .checkpoint import CheckpointError, read_json, require_dir
+from .checkpoint import read_json, require_dir
 from .config import SamplingConfig
-from .errors import InputError
+from .errors import CheckpointError, InputError, MissingFileError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
 from .model.kv_cache import KVCache
 from .model.distilled_head import DistilledHead
@@ -100,7 +100,7 @@ class NextStepPipeline:
         the tokenizer's BOS token when it has one. ``from_pretrained`` reads it from the model's config.json.
         ``head``: a distilled few-step head of this model (``fast=True`` samples with it)."""
         if format not in ("v1", "v1.1"):
-            raise ValueError(f"format must be 'v1' or 'v1.1', got {format!r}")
+            raise InputError(f"format must be 'v1' or 'v1.1', got {format!r}")
         self.format = format
         self.defaults = defaults or SamplingConfig.for_format(format)  # what a call uses for settings left at None
         self.model = model.eval()
@@ -108,7 +108,7 @@ class NextStepPipeline:
         self.tokenizer = tokenizer
         check_special_ids(tokenizer, model.config)
         if vae.config.z_channels != model.config.latent_channels:
-            raise ValueError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
+            raise CheckpointError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
                              f"{model.config.latent_channels}")
         self.head = head
         self._decode_step = self.decode_step  # replaced by a compiled version in compile()
@@ -139,7 +139,7 @@ class NextStepPipeline:
         if model_dir is None:
             model_dir = bundled_model_dir()
             if model_dir is None:
-                raise FileNotFoundError("no bundled model in this installation: pass a model directory "
+                raise MissingFileError("no bundled model in this installation: pass a model directory "
                                         "(e.g. NextStep-1-Large) and its VAE (e.g. NextStep-1-f8ch16-Tokenizer)")
         model_dir = require_dir(hub.resolve(model_dir, "model"), "model")
         if vae_dir is not None:
@@ -147,7 +147,7 @@ class NextStepPipeline:
         if vae_dir is None:
             vae_dir = model_dir / "vae"
             if not vae_dir.is_dir():
-                raise FileNotFoundError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
+                raise MissingFileError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
         if tp_mesh is not None:
             if quantize is not None:
                 raise InputError(f"quantize={quantize!r} and tp_mesh cannot be combined: tensor parallelism splits "

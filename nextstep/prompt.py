@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .tokenizer import Tokenizer
 
 IMAGE_TAG = "<image>"
@@ -31,7 +31,7 @@ def check_special_ids(tok: Tokenizer, config) -> None:
     """The tokenizer and the model (``NextStepConfig``) must agree on the image protocol's ids."""
     s, c = tok.special, config
     if (s.boi, s.eoi, s.placeholder) != (c.boi_id, c.eoi_id, c.image_placeholder_id):
-        raise ValueError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) differ from "
+        raise CheckpointError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) differ from "
                          f"the model config ({c.boi_id}, {c.eoi_id}, {c.image_placeholder_id})")
 
 

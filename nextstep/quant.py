@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
 from .checkpoint import StoredTensor
 
 KINDS = ("int8", "fp8")
@@ -273,7 +274,7 @@ def quantize_(module: nn.Module, kind: str) -> nn.Module:
     check_kind(kind)
     already = quantized_kind(module)
     if already is not None:
-        raise ValueError(f"the module is already quantized ({already}); quantize a float model")
+        raise InputError(f"the module is already quantized ({already}); quantize a float model")
     for name, linear in linears_to_quantize(module).items():
         module.set_submodule(name, QuantizedLinear.from_linear(linear, kind))
     return module
@@ -323,4 +324,4 @@ def is_quantized(module: nn.Module) -> bool:
 
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"quantization must be one of {KINDS}, got {kind!r}")
+        raise InputError(f"quantization must be one of {KINDS}, got {kind!r}")

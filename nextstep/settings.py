@@ -11,22 +11,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import InputError
+from .errors import SettingError
 from .sampling.flow import DISTILLED, SAMPLERS, min_steps
 from .sampling.guidance import SCHEDULES
 
 MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only amplifies noise; a larger value is surely a typo
 MAX_INFERENCE_STEPS = 1000
 MAX_TIME_SHIFT = 100.0
-
-
-class SettingError(InputError):
-    """An invalid sampling setting: ``field`` is its :class:`Settings` name and ``problem`` the rest of the message,
-    so the CLI and the server can name it as their users typed it (a flag, a request field)."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field} {problem}")
-        self.field, self.problem = field, problem
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .errors import CheckpointError, ConfigError, MissingFileError
+
 IMAGE_AREA = "<|image_area|>"
 BOI = "<|begin_of_image|>"
 EOI = "<|end_of_image|>"
@@ -40,17 +42,17 @@ class Tokenizer:
         for name, text in (("image_area", IMAGE_AREA), ("boi", BOI), ("eoi", EOI), ("placeholder", IMAGE_PLACEHOLDER)):
             i = tok.token_to_id(text)
             if i is None:
-                raise ValueError(f"tokenizer {source} lacks the special token {text!r} of the image protocol")
+                raise CheckpointError(f"tokenizer {source} lacks the special token {text!r} of the image protocol")
             ids[name] = i
         pad = next((tok.token_to_id(p) for p in PAD_CANDIDATES if tok.token_to_id(p) is not None), None)
         if pad is None:
-            raise ValueError(f"tokenizer {source} has no padding token (looked for {PAD_CANDIDATES})")
+            raise CheckpointError(f"tokenizer {source} has no padding token (looked for {PAD_CANDIDATES})")
         eos = next((tok.token_to_id(e) for e in EOS_CANDIDATES if tok.token_to_id(e) is not None), None)
         bos = None
         if bos_token is not None:
             bos = tok.token_to_id(bos_token)
             if bos is None:
-                raise ValueError(f"tokenizer {source}: its bos_token {bos_token!r} is not in the vocabulary")
+                raise CheckpointError(f"tokenizer {source}: its bos_token {bos_token!r} is not in the vocabulary")
         self.special = SpecialIds(pad=pad, eos=eos, bos=bos, **ids)
 
     @classmethod
@@ -58,7 +60,7 @@ class Tokenizer:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():
-            raise FileNotFoundError(f"tokenizer.json not found in {p}")
+            raise MissingFileError(f"tokenizer.json not found in {p}")
         return cls(_HFTokenizer.from_file(str(f)), source=str(f), bos_token=_bos_token(f.parent))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -88,7 +90,7 @@ def _bos_token(directory: Path) -> str | None:
     try:
         bos = json.loads(f.read_text()).get("bos_token")
     except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{f} is not a valid tokenizer config: {e}") from None
+        raise ConfigError(f"{f} is not a valid tokenizer config: {e}") from None
     return bos.get("content") if isinstance(bos, dict) else bos
 
 

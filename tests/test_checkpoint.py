@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nextstep.checkpoint import CheckpointError
+from nextstep.errors import MissingFileError
 from nextstep.config import ConfigError, NextStepConfig, preset
 from nextstep.model.nextstep import NextStep
 
@@ -301,7 +302,7 @@ def test_corrupt_weights_file_is_named(model_dir, tmp_path, size):
 
 
 def test_path_is_a_file(model_dir):
-    with pytest.raises(NotADirectoryError, match="config.json"):
+    with pytest.raises(MissingFileError, match="config.json"):
         NextStep.from_pretrained(model_dir / "config.json")
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nextstep.config import ConfigError, VAEConfig
+from nextstep.errors import InputError
 from nextstep.model.vae import VAE
 from nextstep.pipeline import NextStepPipeline
 from nextstep.train.ar import train as train_ar
@@ -426,7 +427,7 @@ def test_corrupt_samples_are_skipped_and_counted(world, tmp_path, capsys):
 def test_existing_run_needs_resume(world, tmp_path):
     cfg = from_dict(TrainConfig, ar_config(world, tmp_path / "r", steps=1))
     train_ar(cfg, progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(InputError, match="--resume"):
         train_ar(cfg, progress=False)
 
 

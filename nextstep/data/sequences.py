@@ -18,12 +18,12 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ..errors import DataError, SampleError
 from ..checkpoint import save_safetensors
 from ..images import fit_image, load_image
 from ..model.latents import token_grid
 from ..prompt import caption_ids, image_block_ids
 from ..tokenizer import Tokenizer
-from .sources import SampleError
 
 
 @dataclass
@@ -124,7 +124,7 @@ class BatchPlan:
 
     def __init__(self, records: list[Record], mix: dict[str, float], seed: int):
         if not records:
-            raise ValueError("the dataset is empty: no readable samples")
+            raise DataError("the dataset is empty: no readable samples")
         self.seed = seed
         pools: dict[tuple, dict[str, list[int]]] = {}
         for i, r in enumerate(records):
@@ -139,7 +139,7 @@ class BatchPlan:
             self.groups.append((bucket, kinds, p / p.sum(), [np.array(by_kind[k]) for k in kinds]))
             weights.append(sum(len(by_kind[k]) for k in kinds))
         if not self.groups:
-            raise ValueError(f"no samples of the kinds the mix asks for ({mix})")
+            raise DataError(f"no samples of the kinds the mix asks for ({mix})")
         self.group_p = np.array(weights, dtype=np.float64) / sum(weights)
 
     def step(self, step: int, batch_size: int) -> list[tuple[int, int]]:

@@ -23,11 +23,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DataError, MissingFileError, SampleError
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-
-
-class SampleError(Exception):
-    """One sample is unreadable (missing file, corrupt image, malformed record)."""
 
 
 def _open_image(data: bytes | Path, what: str) -> Image.Image:
@@ -42,10 +40,10 @@ class FolderSource:
     def __init__(self, root: str | Path, index: str = "captions.jsonl"):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data directory not found: {self.root}")
+            raise MissingFileError(f"data directory not found: {self.root}")
         path = self.root / index
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a folder source needs a {index} with one sample per line")
+            raise MissingFileError(f"{path} not found: a folder source needs a {index} with one sample per line")
         self.records: list[dict[str, Any] | str] = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
@@ -59,7 +57,7 @@ class FolderSource:
             except ValueError as e:
                 self.records.append(f"{path}:{n}: malformed record ({e})")  # kept so it is counted when read
         if not self.records:
-            raise ValueError(f"{path} holds no samples")
+            raise DataError(f"{path} holds no samples")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,7 +96,7 @@ class TarShardSource:
         p = Path(pattern)
         files = sorted(p.glob("*.tar")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(pattern)))
         if not files:
-            raise FileNotFoundError(f"no .tar shards found at {pattern}")
+            raise MissingFileError(f"no .tar shards found at {pattern}")
         self.samples: list[tuple[Path, str, dict[str, tarfile.TarInfo]]] = []
         for f in files:
             try:
@@ -109,10 +107,10 @@ class TarShardSource:
                             key, ext = _split_key(m.name)
                             groups.setdefault(key, {})[ext.lower()] = m
             except tarfile.TarError as e:
-                raise ValueError(f"cannot read shard {f}: {e}") from None
+                raise DataError(f"cannot read shard {f}: {e}") from None
             self.samples += [(f, k, g) for k, g in groups.items()]
         if not self.samples:
-            raise ValueError(f"the shards at {pattern} hold no samples")
+            raise DataError(f"the shards at {pattern} hold no samples")
 
     def __len__(self) -> int:
         return len(self.samples)

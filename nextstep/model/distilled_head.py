@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, assign_state_dict, iter_safetensors, read_json, require_dir, \
-    save_safetensors, write_json
+from ..errors import CheckpointError, ConfigError, MissingFileError, SettingError
+from ..checkpoint import assign_state_dict, iter_safetensors, read_json, require_dir, save_safetensors, write_json
 from ..config import FlowHeadConfig, SamplingConfig
 from ..sampling.flow import DISTILLED
-from ..settings import SettingError, Settings
+from ..settings import Settings
 from .flow_head import FlowHead, TimeEmbedding, VelocityNet
 
 CONFIG_FILE = "head_config.json"
@@ -157,7 +157,7 @@ class DistilledHead(nn.Module):
         student.net.init_weights(generator)  # blocks beyond the teacher's depth start as identities (zero gates)
         missing, unexpected = student.net.load_state_dict(teacher.net.state_dict(), strict=False)
         if unexpected or any(not k.startswith("res_blocks.") for k in missing):
-            raise ValueError(f"the student's head {config.head} does not extend the teacher's: missing {missing}, "
+            raise ConfigError(f"the student's head {config.head} does not extend the teacher's: missing {missing}, "
                              f"unexpected {unexpected}")
         nn.init.normal_(student.step_embed.mlp[0].weight, std=0.02, generator=generator)
         nn.init.zeros_(student.step_embed.mlp[0].bias)
@@ -190,7 +190,7 @@ class DistilledHead(nn.Module):
             head = cls(config)
         weights = d / WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"distilled head weights not found: {weights}")
+            raise MissingFileError(f"distilled head weights not found: {weights}")
         assign_state_dict(head, iter_safetensors([weights]), source=str(weights), dtype=dtype, device=device)
         return head.eval()
 

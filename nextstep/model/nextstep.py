@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .. import quant
 from ..checkpoint import (assign_state_dict, iter_safetensors, read_json, require_dir, safetensors_files,
                           save_safetensors_sharded, write_json)
@@ -271,7 +272,7 @@ class NextStep(nn.Module):
         A quantized model is refused: these files hold float weights (save the float model; quantize when loading)."""
         kind = quant.quantized_kind(self)
         if kind is not None:
-            raise ValueError(f"this model is quantized ({kind}) and save_pretrained writes float checkpoints only: "
+            raise InputError(f"this model is quantized ({kind}) and save_pretrained writes float checkpoints only: "
                              f"save the float model and load it with from_pretrained(..., quantize={kind!r})")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..model.nextstep import NextStep
 from ..sampling.flow import transition
 from ..train.conditions import teacher_forced
@@ -61,7 +62,7 @@ def random_steps(rollout: Rollout, count: int, generator: torch.Generator | None
     in (token, step) order."""
     every = all_steps(rollout)
     if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
+        raise ConfigError(f"count must be >= 1, got {count}")
     if count >= len(every):
         return every
     pick = torch.randperm(len(every), generator=generator)[:count].sort().values
@@ -116,7 +117,7 @@ def step_stats(model: NextStep, rollout: Rollout, steps: Steps, cond: torch.Tens
 def _last_layers(model: NextStep, count: int) -> list[nn.Module]:
     layers = model.transformer.layers
     if not 1 <= count <= len(layers):
-        raise ValueError(f"last_layers must be in [1, {len(layers)}], got {count}")
+        raise ConfigError(f"last_layers must be in [1, {len(layers)}], got {count}")
     return [model.image_out_projector, model.transformer.norm, *layers[len(layers) - count:]]
 
 
@@ -127,7 +128,7 @@ def set_trainable(model: NextStep, which: str, last_layers: int = 1) -> list[nn.
                            layers
         "all"              every parameter"""
     if which not in PARAMETER_SETS:
-        raise ValueError(f"parameter set must be one of {PARAMETER_SETS}, got {which!r}")
+        raise ConfigError(f"parameter set must be one of {PARAMETER_SETS}, got {which!r}")
     if which == "all":
         modules: list[nn.Module] = [model]
     else:

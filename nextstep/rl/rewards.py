@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import RewardError
 from ..eval.shapes import analyze, check, check_edit
 from ..eval.shapes.analysis import Analysis
 from ..eval.shapes.scoring import matches
@@ -31,10 +32,6 @@ RewardFn = Callable[[list[Image.Image], Sequence[Prompt]], torch.Tensor]
 EDIT_PSNR_TARGET_DB = 28.0  # preservation outside the edit counts fully from here (the issue's edit target)
 EDIT_PSNR_FLOOR_DB = 10.0  # ... and not at all below this (unrelated images score about this)
 EDIT_SUCCESS_WEIGHT = 2 / 3  # an edit score: this much for success, the rest for preservation
-
-
-class RewardError(ValueError):
-    """A reward cannot be loaded, or failed or returned the wrong thing; the message names it and says why."""
 
 
 def _matched(wants: Sequence[Mapping[str, Any]], found: Sequence[Any]) -> int:

@@ -18,11 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from ..images import fit_image, load_image
 from ..sampling.flow import NEXTSTEP_11_SAMPLERS, min_steps, times, transition
 from ..sampling.guidance import Guidance
-from ..settings import SettingError, Settings
+from ..settings import Settings
 from .policy import gaussian_log_prob
 
 

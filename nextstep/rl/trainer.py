@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.shapes import CATEGORIES, EDIT_TYPES, generate_edit, generate_t2i, render
 from ..images import grid_image, save_png
 from ..model.nextstep import NextStep

@@ -15,11 +15,11 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
 from ..sampling.flow import DISTILLED
-from ..settings import SPEC, SPECS, SettingError, Settings
+from ..settings import SPEC, SPECS, Settings
 from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_SEED,
                      MAX_SIZE, MAX_UPLOAD_BYTES)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request

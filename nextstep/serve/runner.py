@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 import uvicorn
 
+from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from .limits import QUEUE_SIZE
 from .routes import create_app
@@ -27,7 +28,7 @@ def check_exposure(host: str, access: Access, public_without_key: bool) -> None:
     """Refuse to bind beyond loopback without an API key (anyone who can reach the port could use the GPU), unless
     the caller says so explicitly (a trusted network, or a proxy in front that authenticates)."""
     if not is_loopback(host.strip("[]")) and access.api_key is None and not public_without_key:
-        raise ValueError(f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Set "
+        raise InputError(f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Set "
                          f"a key (--api-key KEY or the NEXTSTEP_API_KEY environment variable; clients send "
                          f"'Authorization: Bearer KEY'), or pass --public-without-key if the network is trusted")
 
@@ -50,12 +51,12 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+            raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if tp < 1:
-        raise ValueError(f"tp must be >= 1, got {tp}")
+        raise InputError(f"tp must be >= 1, got {tp}")
     if tp == 1:
         pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
         _run(pipe, model_dir, host, port, access, options, f"{device}, {dtype}")

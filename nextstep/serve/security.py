@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import InputError
 from .schemas import ApiError
 
 LOOPBACK_NAMES = frozenset({"localhost"})
@@ -58,7 +59,7 @@ def normalize_origin(origin: str) -> str:
     parts = urlsplit(origin.strip())
     hp = _host_port(parts.netloc) if parts.scheme in DEFAULT_PORTS and parts.path in ("", "/") else None
     if hp is None or parts.query or parts.fragment:
-        raise ValueError(f"an allowed origin looks like http://HOST or https://HOST:PORT (no path), got {origin!r}")
+        raise InputError(f"an allowed origin looks like http://HOST or https://HOST:PORT (no path), got {origin!r}")
     host, port = hp
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS[parts.scheme]) else f":{port}")
@@ -76,7 +77,7 @@ class Access:
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty")
+            raise InputError("the API key is empty")
         origins = tuple(dict.fromkeys(normalize_origin(o) for o in self.allow_origins))
         bound = (self.bound_host or "").strip("[]").lower()
         hosts = {urlsplit(o).hostname for o in origins} | ({bound} - WILDCARD_HOSTS)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, DataError
 from ..data.sequences import (BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records,
                               save_records)
 from ..config import SamplingConfig
@@ -77,7 +78,7 @@ def prepare_records(cfg: TrainConfig, vae: VAE, out: Path, info: DistInfo, progr
     if info.is_main and not path.is_file():
         records, skipped = encode_samples(open_source(cfg.data), vae, cfg.data.bucket_sizes, progress=progress)
         if not records:
-            raise ValueError(f"the dataset is empty: no readable samples ({skipped} unreadable)")
+            raise DataError(f"the dataset is empty: no readable samples ({skipped} unreadable)")
         save_records(records, path)
     barrier(info)
     return load_records(path), skipped
@@ -92,7 +93,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
     check_special_ids(tok, model.config)
     vocab = model.config.transformer.vocab_size
     if len(tok) > vocab:
-        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary {vocab}")
+        raise CheckpointError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary {vocab}")
     return model.train()
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import ConfigError, NextStepConfig, VAEConfig, _check, preset
+from ..errors import ConfigError, MissingFileError
+from ..config import NextStepConfig, VAEConfig, _check, preset
 
 KINDS = ("t2i", "edit", "text")
 # Fields that leave the trained weights as an uninterrupted run would have them (bookkeeping, and wrappers that do not
@@ -300,7 +301,7 @@ def from_dict(cls: type, d: dict[str, Any], prefix: str = ""):
 def load_recipe(path: str | Path, cls: type):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training config not found: {path}")
+        raise MissingFileError(f"training config not found: {path}")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:

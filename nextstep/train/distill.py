@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_safetensors
-from ..config import ConfigError, Settings
-from ..data.sources import SampleError, open_source
+from ..config import Settings
+from ..data.sources import open_source
+from ..errors import ConfigError, DataError, SampleError
 from ..images import fit_image, load_image
 from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means
 from ..model.latents import patchify
@@ -153,7 +154,7 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
     settings = teacher_settings(cfg, pipe)
     items, skipped = _readable(open_source(cfg.data))
     if not items:
-        raise ValueError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
+        raise DataError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
     size = tuple(cfg.data.bucket_sizes[0])
     tokens = (size[0] // pipe.size_multiple) * (size[1] // pipe.size_multiple)
     tokens = min(tokens, cfg.tokens_per_image or tokens)
@@ -325,7 +326,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
     targets, held, skipped = prepare_targets(cfg, pipe, out, info, progress)
     train_rows = targets["cond"].shape[0] - held
     if train_rows < 1:
-        raise ValueError("no training rows left after the holdout: lower holdout or add data")
+        raise ConfigError("no training rows left after the holdout: lower holdout or add data")
     if info.is_main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MissingFileError
+
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 VGG16_TAPS = (3, 8, 15, 22, 29)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (torchvision indices)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +55,7 @@ class VGGPerceptual(nn.Module):
 
 def _read_vgg(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"perceptual loss weights not found: {path}")
+        raise MissingFileError(f"perceptual loss weights not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -43,8 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
-from ..errors import TrainingError
+from ..errors import ConfigError, InputError, TrainingError
 from ..files import atomic_path
 from .config import from_dict, to_dict
 from .distributed import DistInfo, all_sum, barrier, unwrap
@@ -55,7 +54,7 @@ CKPT_PREFIX = "step_"
 def start_run(run, info: DistInfo) -> Path:
     """Check the run against the process count and create its output directory (seen by every process)."""
     if run.batch_size % info.world:
-        raise ValueError(f"batch_size {run.batch_size} is not divisible by the {info.world} processes")
+        raise ConfigError(f"batch_size {run.batch_size} is not divisible by the {info.world} processes")
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_shared_dir(out, info)
@@ -95,7 +94,7 @@ def resume_point(out: Path, recipe, resume: bool, info: DistInfo) -> Path | None
     any other change is a ``ConfigError`` naming each field old -> new. Checked before anything expensive is built."""
     found = checkpoints(out)
     if found and not resume:
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new out_dir")
+        raise InputError(f"{out} already holds checkpoints: pass --resume to continue, or use a new out_dir")
     if not found:
         if resume:
             _say(f"--resume: no checkpoint in {out / 'checkpoints'}: starting fresh", info)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from ..data.sources import SampleError, open_source
+from ..errors import DataError, SampleError
+from ..data.sources import open_source
 from ..eval.metrics import mean_finite, psnr, ssim
 from ..images import fit_image, load_image
 from ..model.vae import VAE, ResnetBlock
@@ -70,7 +71,7 @@ class ImagePool:
         self.source, self.size, self.seed = source, size, seed
         n = len(source)
         if n == 0:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         self.holdout = list(range(min(holdout, max(n - 1, 0))))
         self.train = np.arange(len(self.holdout), n)
         self.skipped = 0
@@ -96,7 +97,7 @@ class ImagePool:
                 images.append(x)
                 seeds.append(s)
         if not images:
-            raise ValueError("no readable images in this batch: is the dataset made of images?")
+            raise DataError("no readable images in this batch: is the dataset made of images?")
         return torch.stack(images), seeds
 
     def heldout(self) -> torch.Tensor | None:

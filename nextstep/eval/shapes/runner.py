@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ...errors import InputError
 from ...data.shapes.dataset import edit_set, prompt_set
 from ...data.shapes.edits import EDIT_TYPES
 from ...data.shapes.t2i import CATEGORIES
@@ -74,10 +75,10 @@ def evaluate(
         "sources": the input image of each edit record (None for text-to-image), plus "size" and "seed".
     """
     if n_per_category < 0 or n_edits < 0 or batch_size < 1:
-        raise ValueError(f"need n_per_category >= 0, n_edits >= 0, batch_size >= 1; got {n_per_category}, "
+        raise InputError(f"need n_per_category >= 0, n_edits >= 0, batch_size >= 1; got {n_per_category}, "
                          f"{n_edits}, {batch_size}")
     if n_edits > 0 and edit_fn is None:
-        raise ValueError("n_edits > 0 needs an edit_fn")
+        raise InputError("n_edits > 0 needs an edit_fn")
     categories, records, images, sources = {}, [], [], []
     if n_per_category:
         for category in CATEGORIES:
