@@ -38,6 +38,16 @@ def fixture_pipe(fixture):
     return NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
 
 
+@pytest.fixture(scope="module")
+def bundled_pipe():
+    """The bundled shapes model as a pipeline, one per test module (tests may change its state)."""
+    from nextstep.pipeline import NextStepPipeline, bundled_model_dir
+
+    if bundled_model_dir() is None:
+        pytest.fail("the package ships no bundled model")
+    return NextStepPipeline.from_pretrained()
+
+
 @pytest.fixture(scope="session")
 def ref(fixture) -> dict:
     """Inputs and outputs of the official implementation (``reference.safetensors``)."""

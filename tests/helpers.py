@@ -1,10 +1,23 @@
-"""Helpers shared by the test modules: seeded generators, differences, PSNR, and teacher-forced parity runs."""
+"""Helpers shared by the test modules: seeded generators, differences, PSNR, teacher-forced parity runs; the
+trainers' subprocesses (run, finish, kill -9 at a checkpoint); the server's test client, events and gates."""
 
 from __future__ import annotations
 
+import base64
+import importlib
+import io
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 import torch
 
 # Parity with the official code, per token and per component. The official code agrees with itself to about 2e-6
@@ -60,3 +73,102 @@ def forced_diffs(sampled: list[torch.Tensor], reference_tokens: torch.Tensor) ->
     """The largest difference at each token position between teacher-forced samples and the reference."""
     assert len(sampled) == reference_tokens.shape[1], (len(sampled), reference_tokens.shape)
     return [maxdiff(x, reference_tokens[:, k]) for k, x in enumerate(sampled)]
+
+
+# ---- the trainers' subprocesses ------------------------------------------------------------------------------
+
+def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
+    """``nextstep ARGS`` in a subprocess (under torchrun with ``nproc`` > 1), one thread, the tests' directory on the
+    path (recipes may name a reward defined in a test module)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nextstep.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000), "-m", "nextstep.cli", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out
+    return out
+
+
+def kill_at_checkpoint(p: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
+    """Wait until the run ``p`` (writing to ``out``) has completed its step-``step`` checkpoint, then kill -9 it."""
+    target = out / "checkpoints" / f"step_{step:07d}" / "trainer.json"
+    deadline = time.time() + timeout
+    while not target.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert target.exists(), f"the run never reached its step-{step} checkpoint"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+
+def need(module: str, install: str):
+    """Skip without the package, except in CI, which installs it: there a missing package fails the run."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed ({install})")
+
+
+def local(app):
+    """A test client that calls the app as a loopback client does (TestClient's own host name is refused)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
+def png_size(b64: str) -> tuple[int, int]:
+    from PIL import Image
+
+    data = base64.b64decode(b64)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def png_bytes(w: int, h: int, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def events(lines) -> list[tuple[str, dict]]:
+    """Server-Sent Events -> [(name, data)]."""
+    out, name = [], None
+    for line in lines:
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            out.append((name, json.loads(line[5:])))
+    return out
+
+
+class Gated:
+    """The pipeline, held at the start of each call until released."""
+
+    def __init__(self, pipe):
+        self.pipe, self.started, self.release = pipe, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def _generate(self, *args, **kwargs):
+        self.started.set()
+        assert self.release.wait(30), "test never released the gate"
+        return self.pipe._generate(*args, **kwargs)
+
+
+def wait_until(check, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

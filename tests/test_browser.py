@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT_COPY = Path("/tmp/serve_screenshot.png")
 KEY = "browser-test-key"
 
 
@@ -94,7 +92,6 @@ def test_generate_shows_previews_then_the_image(page, tmp_path):
     assert "Done" in page.inner_text("#status") and page.is_hidden("#error")
     shot = tmp_path / "serve_generate.png"
     page.screenshot(path=str(shot), full_page=True)
-    shutil.copyfile(shot, SCREENSHOT_COPY)
 
 
 def test_errors_are_shown_in_words(page):

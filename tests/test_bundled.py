@@ -9,7 +9,6 @@ from PIL import Image
 
 from nextstep.cli import main
 from nextstep.eval.shapes import analyze, evaluate_pipeline
-from nextstep.pipeline import NextStepPipeline, bundled_model_dir
 
 # accuracy (%) per category on `evaluate_pipeline(pipe, 10, seed=0)` at the bundled defaults, one thread
 MEASURED = {"single_object": 100.0, "two_objects": 60.0, "counting": 90.0, "colors": 90.0, "position": 100.0,
@@ -20,10 +19,8 @@ MEASURED_EDITS_N, MEASURED_EDITS, MEASURED_EDITS_PSNR = 12, 75.0, 33.76
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    if bundled_model_dir() is None:
-        pytest.fail("the package ships no bundled model")
-    return NextStepPipeline.from_pretrained()
+def pipe(bundled_pipe):
+    return bundled_pipe
 
 
 def test_generate_without_arguments_writes_an_image(tmp_path, one_thread):

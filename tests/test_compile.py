@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from nextstep.pipeline import NextStepPipeline
 

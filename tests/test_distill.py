@@ -21,7 +21,7 @@ from nextstep.model.distilled_head import (NORM_TOLERANCE, DistilledHead, Distil
 from nextstep.pipeline import NextStepPipeline
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
-from test_train import finish, kill_at_checkpoint, run_cli  # noqa: E402  (the trainers' process helpers)
+from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 
 
 def recipe(out: Path, **over) -> dict:
@@ -40,8 +40,8 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return NextStepPipeline.from_pretrained()
+def pipe(bundled_pipe):
+    return bundled_pipe
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_a_head_refuses_a_model_it_was_not_distilled_from(trained, pipe, fixture
         assert max(abs(a - b) for a, b in zip(norm_means(rounded), base)) <= NORM_TOLERANCE / 5
 
 
-def test_bad_recipes_are_refused():
+def test_bad_recipes_are_refused(tmp_path):
     from nextstep.config import ConfigError
 
     for bad, msg in (({"method": "magic"}, "method"), ({"teacher_steps": 12}, "power of 2"),
@@ -187,7 +187,7 @@ def test_bad_recipes_are_refused():
                      ({"run": {"ema_decay": 0.999}}, "run.ema_decay is not supported"),
                      ({"run": {"export_every": 5}}, "run.export_every is not supported")):
         with pytest.raises(ConfigError, match=msg):
-            from_dict(DistillConfig, recipe(Path("/tmp/x"), **bad))
+            from_dict(DistillConfig, recipe(tmp_path, **bad))
 
 
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption

@@ -15,7 +15,7 @@ if not os.environ.get("CI"):  # CI installs everything: there a missing package 
     pytest.importorskip("fastapi", reason="the server needs the 'serve' extra (pip install -e '.[serve]')")
 
 import openai  # noqa: E402
-from test_serve import Gated  # noqa: E402  (the pipeline held at each call's start)
+from helpers import Gated  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from nextstep.serve import limits  # noqa: E402

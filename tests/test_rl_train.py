@@ -22,7 +22,7 @@ from nextstep.rl.trainer import (PolicyModule, check_processes, local_slice, pre
                                  train_rl, update_loss, update_pairs)
 from nextstep.train.config import from_dict
 from nextstep.train.distributed import DistInfo
-from test_train import finish, kill_at_checkpoint, run_cli  # noqa: E402  (the trainers' process helpers)
+from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 
 REWARD = f"{Path(__file__).stem}:darkness"  # this module, imported by name (tests/ is on the path)
 
@@ -56,8 +56,8 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return NextStepPipeline.from_pretrained()
+def pipe(bundled_pipe):
+    return bundled_pipe
 
 
 # ---- the recipe ------------------------------------------------------------------------------------------------------

@@ -3,31 +3,18 @@ who may call it (Host, Origin, content type, API key)."""
 
 from __future__ import annotations
 
-import base64
-import importlib
-import io
-import json
 import logging
-import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-
-def need(module: str, install: str):
-    """Skip without the package, except in CI, which installs it: there a missing package fails the run."""
-    if os.environ.get("CI"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} is not installed ({install})")
-
+from helpers import Gated, events, local, need, png_bytes, png_size, wait_until
 
 need("fastapi", "pip install -e '.[serve]'")
 httpx = need("httpx", "pip install -e '.[dev]'")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from nextstep.config import ConfigError  # noqa: E402
 from nextstep.settings import MAX_GUIDANCE_SCALE, MAX_TIME_SHIFT  # noqa: E402
@@ -45,39 +32,10 @@ def pipe(fixture_pipe):
     return fixture_pipe
 
 
-def local(app) -> TestClient:
-    """A test client that calls the app as a loopback client does (TestClient's own host name is refused)."""
-    return TestClient(app, base_url="http://127.0.0.1:8000")
-
-
 @pytest.fixture(scope="module")
 def client(pipe):
     with local(create_app(pipe, queue_size=4)) as c:
         yield c
-
-
-def png_size(b64: str) -> tuple[int, int]:
-    data = base64.b64decode(b64)
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size
-
-
-def png_bytes(w: int, h: int, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def events(lines) -> list[tuple[str, dict]]:
-    """Server-Sent Events -> [(name, data)]."""
-    out, name = [], None
-    for line in lines:
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            out.append((name, json.loads(line[5:])))
-    return out
 
 
 def assert_error(r, status: int, *words: str):
@@ -515,29 +473,6 @@ def test_unknown_routes_answer_json(client):
 
 
 # ---- the queue ---------------------------------------------------------------------------------------------------
-class Gated:
-    """The pipeline, held at the start of each call until released."""
-
-    def __init__(self, pipe):
-        self.pipe, self.started, self.release = pipe, threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def _generate(self, *args, **kwargs):
-        self.started.set()
-        assert self.release.wait(30), "test never released the gate"
-        return self.pipe._generate(*args, **kwargs)
-
-
-def wait_until(check, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_full_queue_answers_429(pipe):
     gated = Gated(pipe)
     body = {"prompt": "a", "size": "16x16", **FAST}

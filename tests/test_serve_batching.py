@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from test_serve import events, local, need, png_size, wait_until
+from helpers import events, local, need, png_bytes, png_size, wait_until
 
 need("fastapi", "pip install -e '.[serve]'")
 httpx = need("httpx", "pip install -e '.[dev]'")
@@ -277,7 +277,6 @@ def test_incompatible_requests_are_not_merged(pipe):
 
 def test_edits_run_alone(pipe):
     rec = Recording(pipe)
-    from test_serve import png_bytes
 
     files = {"image": ("in.png", png_bytes(32, 32), "image/png")}
     data = {"prompt": "make it blue", "steps": "2", "size": "32x32"}

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,8 @@ from nextstep.pipeline import NextStepPipeline
 from nextstep.train.ar import train as train_ar
 from nextstep.train.config import TrainConfig, VAETrainConfig, from_dict
 from nextstep.train.vae import train as train_vae
+
+from helpers import finish, kill_at_checkpoint, run_cli
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
 # first losses of the AR run in `ar_config` (seed 0, one thread); a change in the model math, the data plan, the
@@ -161,36 +161,6 @@ def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):
     ev = json.loads((tmp_path / "vae" / "eval.json").read_text())
     assert ev["images"] == 4 and ev["psnr"] > 10 and 0 < ev["ssim"] <= 1
     assert VAE.from_pretrained(final).config.ch == 32
-
-
-def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
-    """``nextstep ARGS`` in a subprocess (under torchrun with ``nproc`` > 1), one thread, the tests' directory on the
-    path (recipes may name a reward defined in a test module)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "nextstep.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "nextstep.cli", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def finish(p: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out
-    return out
-
-
-def kill_at_checkpoint(p: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
-    """Wait until the run ``p`` (writing to ``out``) has completed its step-``step`` checkpoint, then kill -9 it."""
-    target = out / "checkpoints" / f"step_{step:07d}" / "trainer.json"
-    deadline = time.time() + timeout
-    while not target.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert target.exists(), f"the run never reached its step-{step} checkpoint"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
 
 
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from nextstep.config import ConfigError, SamplingConfig, VAEConfig
 from nextstep.errors import InputError
-from nextstep.model.nextstep import NextStep
 from nextstep.pipeline import NextStepPipeline
 from nextstep.sampling.flow import integrate, times, transition
 from nextstep.sampling.guidance import Guidance
