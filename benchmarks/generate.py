@@ -12,8 +12,8 @@ Examples (from the repository root):
 
 For every combination of --size x --batch x --steps x --cfg x --sampler: one warm-up call, then --repeats timed
 calls (``progress=False``, ``generator=torch.Generator().manual_seed(0)``, ``output_type="pt"``); the table shows
-medians. Phase shares come from ``PipelineOutput.timings`` (``timings=True``) (prefill, backbone, head, decode) divided by the
-median wall time of the whole call.
+medians. Phase shares come from ``PipelineOutput.timings`` (``timings=True``) (prefill, backbone, head, decode)
+divided by the median wall time of the whole call.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ if str(REPO_ROOT) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 from nextstep.config import PRESETS, VAEConfig, preset  # noqa: E402
-from nextstep.model.distilled_head import (DistilledHead, DistilledHeadConfig, model_fingerprint,  # noqa: E402
-                                           norm_means)
+from nextstep.model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means  # noqa: E402
 from nextstep.model.nextstep import NextStep  # noqa: E402
 from nextstep.model.vae import VAE  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402

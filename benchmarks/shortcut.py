@@ -95,7 +95,8 @@ def main() -> None:
     tf = teacher_forced(pipe, items, args.steps, args.cfg, args.seed)
     free = pipe([c for c, _, _ in items], generator=torch.Generator().manual_seed(args.seed), progress=False,
                 num_inference_steps=args.steps, guidance_scale=args.cfg, time_shift=1.0, sampler="sde").images
-    score = lambda ims: 100 * np.mean([check(spec, analyze(im)) for (_, spec, _), im in zip(items, ims)])
+    def score(ims):
+        return 100 * np.mean([check(spec, analyze(im)) for (_, spec, _), im in zip(items, ims)])
     print(f"context_noise {pipe.model.config.context_noise}; single-object accuracy over {args.n} prompts "
           f"(SDE {args.steps} steps, guidance {args.cfg}):")
     print(f"  teacher forced {score(tf):5.1f}%   free running {score(free):5.1f}%")

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from nextstep.config import num_params_estimate, preset
+from nextstep.config import VAEConfig, num_params_estimate, preset
 from nextstep.model.vae import VAE
-from nextstep.config import VAEConfig
 from nextstep.train.ar import train
 from nextstep.train.config import TrainConfig, from_dict
 

@@ -1,7 +1,7 @@
 """nextstep: NextStep-1 (autoregressive image generation with continuous tokens) in plain PyTorch."""
 
-from .errors import ConfigError
 from .config import FlowHeadConfig, NextStepConfig, TransformerConfig, VAEConfig, preset
+from .errors import ConfigError
 from .model.nextstep import NextStep
 from .model.vae import VAE
 from .pipeline import NextStepPipeline, PipelineOutput

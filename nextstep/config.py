@@ -114,7 +114,7 @@ class VAEConfig:
 
     # official tokenizer schema (checkpoint.pt + config.json): nextstep/official.py
     @classmethod
-    def from_official(cls, d: dict[str, Any], format: str = "v1") -> "VAEConfig":
+    def from_official(cls, d: dict[str, Any], format: str = "v1") -> VAEConfig:
         from .official import vae_from_official
         return vae_from_official(d, format)
 
@@ -170,7 +170,7 @@ class NextStepConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NextStepConfig":
+    def from_dict(cls, d: dict[str, Any]) -> NextStepConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -179,7 +179,7 @@ class NextStepConfig:
 
     # ---- official config.json (the translation lives in nextstep/official.py) --------------------------------
     @classmethod
-    def from_official(cls, d: dict[str, Any]) -> "NextStepConfig":
+    def from_official(cls, d: dict[str, Any]) -> NextStepConfig:
         from .official import nextstep_from_official
         return nextstep_from_official(d)
 
@@ -188,7 +188,7 @@ class NextStepConfig:
         return nextstep_to_official(self, schema)
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "NextStepConfig":
+    def from_json_file(cls, path: str | Path) -> NextStepConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -247,7 +247,7 @@ class SamplingConfig:
         return Settings(**base)
 
     @classmethod
-    def for_format(cls, version: str) -> "SamplingConfig":
+    def for_format(cls, version: str) -> SamplingConfig:
         """The official defaults of a checkpoint format. "v1": NextStep-1 (guidance 7.5, 50 steps, its SDE sampler,
         token norm on; editing 7.5 / 2.0, shift 3.2, "Copy original image."). "v1.1": the NextStep-1.1 inference
         script (guidance 7.5, 30 steps, the "flow_sde" sampler at noise level 0.8, token norm off; 1.1 is a
@@ -259,7 +259,7 @@ class SamplingConfig:
         raise ConfigError(f"unknown checkpoint format {version!r} (known: 'v1', 'v1.1')")
 
     @classmethod
-    def from_model_dir(cls, path: str | Path) -> "SamplingConfig":
+    def from_model_dir(cls, path: str | Path) -> SamplingConfig:
         """The defaults of the model in ``path``: its format's (read from ``config.json``), then its
         ``generation_config.json``."""
         from .official import schema_of  # the config.json schema tells NextStep-1 from 1.1

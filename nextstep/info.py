@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, InputError
 from .checkpoint import read_json, require_dir, safetensors_files
 from .config import NextStepConfig, SamplingConfig, VAEConfig
+from .errors import CheckpointError, InputError
 from .model.nextstep import NextStep
 from .model.vae import VAE
 from .official import schema_of

@@ -13,8 +13,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .errors import ConfigError
 from .config import FlowHeadConfig, NextStepConfig, TransformerConfig, VAEConfig, _check
+from .errors import ConfigError
 
 # ---- NextStep-1 / 1.1 model config.json --------------------------------------------------------------------------
 # Keys of official configs that carry no meaning for the model math: Hugging Face bookkeeping (accepted

@@ -16,9 +16,9 @@ Every rank runs the same sampling: the replicated parts compute the same numbers
 hands every rank the same sum, so with the same generator seed each rank draws the same noise and the same image
 (only one needs to save it). The rounding differs from one device by the order of the partial sums only.
 
-``load_model`` (``NextStepPipeline.from_pretrained(..., tp_mesh=mesh)``) builds the model on the ``meta`` device, split it, then read from the
-safetensors files only this rank's rows (columns) of each split weight (``safe_open(...).get_slice``) and the
-replicated tensors whole: a rank never holds the full backbone.
+``load_model`` (``NextStepPipeline.from_pretrained(..., tp_mesh=mesh)``) builds the model on the ``meta`` device,
+splits it, then reads from the safetensors files only this rank's rows (columns) of each split weight
+(``safe_open(...).get_slice``) and the replicated tensors whole: a rank never holds the full backbone.
 
 Processes and the mesh are the caller's (rule 4): under ``torchrun``, e.g.
     dist.init_process_group("gloo" or "nccl"); mesh = init_device_mesh("cpu" or "cuda", (world_size,))
@@ -27,7 +27,7 @@ Processes and the mesh are the caller's (rule 4): under ``torchrun``, e.g.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -35,10 +35,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .errors import CheckpointError, InputError
 from . import quant
 from .checkpoint import assign_state_dict, read_json, require_dir, safetensors_files
 from .config import NextStepConfig, TransformerConfig
+from .errors import CheckpointError, InputError
 from .model.nextstep import OFFICIAL_IGNORED_KEYS, NextStep, official_to_ours
 
 # submodule of a DecoderLayer -> its split (one place for the plan)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import os
 import time
+import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ from .checkpoint import read_json, require_dir
 from .config import SamplingConfig
 from .errors import CheckpointError, InputError, MissingFileError
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
-from .model.kv_cache import KVCache
 from .model.distilled_head import DistilledHead
+from .model.kv_cache import KVCache
 from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
@@ -120,7 +121,7 @@ class NextStepPipeline:
                         *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                         torch_dtype: torch.dtype | None = None, quantize: str | None = None,
                         head: str | os.PathLike | None = None, tp_mesh: DeviceMesh | None = None
-                        ) -> "NextStepPipeline":
+                        ) -> NextStepPipeline:
         """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model); a Hugging Face
         Hub id such as ``"stepfun-ai/NextStep-1.1"`` is fetched into (or read from) the hub cache. The VAE comes
         from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
@@ -169,7 +170,7 @@ class NextStepPipeline:
                 warnings.warn(f"{e}; fast mode is off until a matching head is loaded", stacklevel=2)
         return pipe
 
-    def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "NextStepPipeline":
+    def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> NextStepPipeline:
         """Load the distilled head in ``path`` for ``fast=True`` (checked against this pipeline's model)."""
         self.head = DistilledHead.from_pretrained(path, self.model, dtype=dtype or self.model.dtype,
                                                   device=self.device)
@@ -192,7 +193,7 @@ class NextStepPipeline:
             self.head.save_pretrained(out / FAST_HEAD_DIR)
         return out
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NextStepPipeline":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NextStepPipeline:
         for m in (self.model, self.vae, self.head):
             if m is not None:
                 m.to(device=device, dtype=dtype)
@@ -207,7 +208,7 @@ class NextStepPipeline:
         """Pixels per image token along a side (16 for an f8 VAE with 2x2 patches)."""
         return self.vae.config.downsample * self.model.config.patch_size
 
-    def compile(self, cache_bucket: int = 256, **options) -> "NextStepPipeline":
+    def compile(self, cache_bucket: int = 256, **options) -> NextStepPipeline:
         """Compile the per-token backbone step with ``torch.compile`` (``options`` are passed on). The step has
         static shapes and keeps its position on the device, so one compilation serves every token; KV caches are
         then sized in multiples of ``cache_bucket`` slots, so prompts of different lengths share a compilation

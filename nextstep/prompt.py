@@ -31,8 +31,8 @@ def check_special_ids(tok: Tokenizer, config) -> None:
     """The tokenizer and the model (``NextStepConfig``) must agree on the image protocol's ids."""
     s, c = tok.special, config
     if (s.boi, s.eoi, s.placeholder) != (c.boi_id, c.eoi_id, c.image_placeholder_id):
-        raise CheckpointError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) differ from "
-                         f"the model config ({c.boi_id}, {c.eoi_id}, {c.image_placeholder_id})")
+        raise CheckpointError(f"tokenizer special ids (boi {s.boi}, eoi {s.eoi}, placeholder {s.placeholder}) "
+                              f"differ from the model config ({c.boi_id}, {c.eoi_id}, {c.image_placeholder_id})")
 
 
 def image_block_ids(tok: Tokenizer, grid: tuple[int, int]) -> list[int]:

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
 from .checkpoint import StoredTensor
+from .errors import InputError
 
 KINDS = ("int8", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -120,7 +120,7 @@ class QuantizedLinear(nn.Module):
         self._pack()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kind: str) -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Linear, kind: str) -> QuantizedLinear:
         q, s = quantize_weight(linear.weight, kind)
         return cls(q, s, linear.bias, kind, linear.weight.dtype)
 
@@ -217,7 +217,7 @@ def _scaled_mm_ok(x: torch.Tensor, out_features: int) -> bool:
             and x.shape[1] % 16 == 0 and out_features % 16 == 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp8_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
@@ -228,7 +228,7 @@ def _fp8_capable(index: int) -> bool:
 _REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fbgemm() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
 

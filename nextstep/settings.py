@@ -8,8 +8,9 @@ code that reads it. The server applies stricter operational limits on top (``ser
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import SettingError
 from .sampling.flow import DISTILLED, SAMPLERS, min_steps

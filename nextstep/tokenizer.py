@@ -56,7 +56,7 @@ class Tokenizer:
         self.special = SpecialIds(pad=pad, eos=eos, bos=bos, **ids)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():

@@ -20,7 +20,8 @@ def fixtures_dir() -> Path:
     so a skip could only hide every parity test."""
     root = _fixtures_root()
     if not (root / "official-v1-a").is_dir():
-        pytest.fail(f"reference fixtures not found at {root} (they ship in tests/fixtures; NEXTSTEP_FIXTURES overrides)")
+        pytest.fail(f"reference fixtures not found at {root} (they ship in tests/fixtures; "
+                    f"NEXTSTEP_FIXTURES overrides)")
     return root
 
 

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nextstep.checkpoint import CheckpointError
-from nextstep.errors import MissingFileError
 from nextstep.config import ConfigError, NextStepConfig, preset
+from nextstep.errors import MissingFileError
 from nextstep.model.nextstep import NextStep
 
 

@@ -70,7 +70,8 @@ def test_generate_imports_no_training_code(tmp_path):
 
     out_png = tmp_path / "x.png"
     code = ("import sys; from nextstep.cli import main; "
-            f"assert main(['generate', 'x', '--steps', '2', '--size', '16x16', '--quiet', '-o', {str(out_png)!r}]) == 0; "
+            f"assert main(['generate', 'x', '--steps', '2', '--size', '16x16', '--quiet', '-o', "
+            f"{str(out_png)!r}]) == 0; "
             "print(sorted(m for m in sys.modules if m.startswith("
             "('nextstep.train', 'torch.distributed.checkpoint', 'nextstep.serve', 'fastapi'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

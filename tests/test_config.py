@@ -54,7 +54,8 @@ def _no_warnings(fn, *args):
 def test_from_official_reads_fixture(official):
     cfg = _no_warnings(NextStepConfig.from_official, official)
     t, h = cfg.transformer, cfg.head
-    assert (t.vocab_size, t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim) == (1024, 128, 2, 4, 2, 32)
+    shape = (t.vocab_size, t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim)
+    assert shape == (1024, 128, 2, 4, 2, 32)
     assert t.intermediate_size == 320
     assert t.rms_norm_eps == 1e-6 and t.rope_theta == 1e6
     assert t.qkv_bias is True and t.o_bias is False and t.mlp_bias is False and t.tie_word_embeddings is False

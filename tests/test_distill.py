@@ -14,14 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 from nextstep.checkpoint import CheckpointError
 from nextstep.errors import InputError
-from nextstep.model.distilled_head import (NORM_TOLERANCE, DistilledHead, DistilledHeadConfig, check_belongs,
-                                           model_fingerprint, norm_means)
+from nextstep.model.distilled_head import (
+    NORM_TOLERANCE,
+    DistilledHead,
+    DistilledHeadConfig,
+    check_belongs,
+    model_fingerprint,
+    norm_means,
+)
 from nextstep.pipeline import NextStepPipeline
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
-from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 
 
 def recipe(out: Path, **over) -> dict:
@@ -149,7 +155,8 @@ def test_a_stale_fast_head_in_the_model_directory_warns_and_the_model_still_load
 
 def test_a_head_refuses_a_model_it_was_not_distilled_from(trained, pipe, fixture):
     other = NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
-    with pytest.raises(CheckpointError, match="does not fit this model: condition size 256 vs the model's hidden size 128"):
+    with pytest.raises(CheckpointError,
+                       match="does not fit this model: condition size 256 vs the model's hidden size 128"):
         other.load_head(trained[1])
     # same shapes, other weights: the fingerprint names the base model
     with torch.no_grad():
@@ -193,7 +200,8 @@ def test_bad_recipes_are_refused(tmp_path):
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     for name in ("a", "b"):
-        (tmp_path / f"{name}.json").write_text(json.dumps(recipe(tmp_path / name, run={"steps": 150, "ckpt_every": 50})))
+        r = recipe(tmp_path / name, run={"steps": 150, "ckpt_every": 50})
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
     finish(run_cli(["distill-head", str(tmp_path / "a.json"), "--quiet"]))
     (tmp_path / "b").mkdir()
     for f in (tmp_path / "a").glob("targets-*.safetensors"):  # the same recipe's cached targets: built once

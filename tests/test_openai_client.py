@@ -15,9 +15,9 @@ if not os.environ.get("CI"):  # CI installs everything: there a missing package 
     pytest.importorskip("fastapi", reason="the server needs the 'serve' extra (pip install -e '.[serve]')")
 
 import openai  # noqa: E402
-from helpers import Gated  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from helpers import Gated  # noqa: E402
 from nextstep.serve import limits  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server  # noqa: E402

@@ -7,10 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import MIN_PSNR, TOKEN_TOL, forced_diffs, maxdiff, psnr01, seeded, teacher_forced
 from nextstep.model.latents import unpatchify
 from nextstep.pipeline import NextStepPipeline
-
-from helpers import MIN_PSNR, TOKEN_TOL, forced_diffs, maxdiff, psnr01, seeded, teacher_forced
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +299,11 @@ def test_prefill_condition_uses_the_reference_layout(fixture):
     torch.nn.init.normal_(model.image_out_projector.bias, std=0.02, generator=seeded(2))  # trained ones are not 0
     pipe = NextStepPipeline(model, VAE.from_pretrained(fixture / "vae"), Tokenizer.from_pretrained(fixture / "model"))
     seen = {}
+    def first(m, i, o):
+        seen.setdefault("first", (i[0], o))
+
     hooks = [model.transformer.register_forward_hook(lambda m, i, o: seen.setdefault("prefill", o)),
-             model.image_out_projector.register_forward_hook(lambda m, i, o: seen.setdefault("first", (i[0], o)) and None)]
+             model.image_out_projector.register_forward_hook(first)]
     try:
         pipe(["a red circle", "a blue square on the left", "two green triangles", "a yellow circle"], height=16,
              width=16, guidance_scale=1.0, num_inference_steps=2, generator=seeded(1), progress=False)

@@ -12,9 +12,22 @@ from PIL import Image
 from nextstep.data.shapes import generate_edit, generate_t2i, render
 from nextstep.errors import InputError
 from nextstep.images import to_pil
-from nextstep.rl import (Prompt, RewardError, all_steps, conditions, gaussian_kl, gaussian_log_prob,
-                         group_advantages, grpo_loss, load_reward, random_steps, reward_metrics, rollout,
-                         set_trainable, step_stats)
+from nextstep.rl import (
+    Prompt,
+    RewardError,
+    all_steps,
+    conditions,
+    gaussian_kl,
+    gaussian_log_prob,
+    group_advantages,
+    grpo_loss,
+    load_reward,
+    random_steps,
+    reward_metrics,
+    rollout,
+    set_trainable,
+    step_stats,
+)
 from nextstep.sampling.token import TOKEN_NORM_EPS
 
 SIZE = 32  # 2 x 2 image tokens

@@ -13,16 +13,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 from nextstep.cli import main
 from nextstep.config import ConfigError
 from nextstep.pipeline import NextStepPipeline
 from nextstep.rl import group_advantages, load_reward, set_trainable
 from nextstep.rl.config import RLConfig
-from nextstep.rl.trainer import (PolicyModule, check_processes, local_slice, prepare, roll, score, step_prompts,
-                                 train_rl, update_loss, update_pairs)
+from nextstep.rl.trainer import (
+    PolicyModule,
+    check_processes,
+    local_slice,
+    prepare,
+    roll,
+    score,
+    step_prompts,
+    train_rl,
+    update_loss,
+    update_pairs,
+)
 from nextstep.train.config import from_dict
 from nextstep.train.distributed import DistInfo
-from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 
 REWARD = f"{Path(__file__).stem}:darkness"  # this module, imported by name (tests/ is on the path)
 

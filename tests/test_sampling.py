@@ -230,7 +230,8 @@ FM_SAMPLE_CASES = ["cfg1", "cfg3", "cfg3_img1p5", "cfg3_shift3p2_20steps", "cfg1
 
 
 def test_fm_sample_cases_all_covered(ref_meta):
-    assert sorted(k[len("out.fm_sample."):] for k in ref_meta if k.startswith("out.fm_sample.")) == sorted(FM_SAMPLE_CASES)
+    cases = sorted(k[len("out.fm_sample."):] for k in ref_meta if k.startswith("out.fm_sample."))
+    assert cases == sorted(FM_SAMPLE_CASES)
 
 
 @torch.no_grad()

@@ -17,12 +17,12 @@ httpx = need("httpx", "pip install -e '.[dev]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from nextstep.config import ConfigError  # noqa: E402
-from nextstep.settings import MAX_GUIDANCE_SCALE, MAX_TIME_SHIFT  # noqa: E402
 from nextstep.errors import InputError  # noqa: E402
 from nextstep.serve import limits, parsing  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server, serve  # noqa: E402
 from nextstep.serve.security import Access, normalize_origin  # noqa: E402
+from nextstep.settings import MAX_GUIDANCE_SCALE, MAX_TIME_SHIFT  # noqa: E402
 
 FAST = {"steps": 2}  # two flow steps per token: the fixture model draws noise anyway
 

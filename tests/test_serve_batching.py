@@ -80,7 +80,7 @@ def queue_behind_blocker(c, rec: Recording, bodies: list[dict], pool: ThreadPool
             futures.append(pool.submit(stream_events, c, body))
         else:
             futures.append(pool.submit(c.post, "/v1/images/generations", json=body))
-        wait_until(lambda: worker.waiting == i + 1, what=f"request {i} to queue")
+        wait_until(lambda n=i + 1: worker.waiting == n, what=f"request {i} to queue")
     return blocker, futures
 
 
@@ -226,7 +226,7 @@ def test_cancelling_one_request_in_a_batch_leaves_the_others(pipe):
             others = []
             for i, b in enumerate(bodies[1:], start=2):  # one at a time: the batch's row order is the queue's
                 others.append(pool.submit(http.post, "/v1/images/generations", json=b))
-                wait_until(lambda: worker.waiting == i, what=f"request {i} to queue")
+                wait_until(lambda n=i: worker.waiting == n, what=f"request {i} to queue")
             rec.release.set()
             for line in r.iter_lines():  # up to the first progress event of the batch, then hang up
                 if line.startswith("event: progress"):

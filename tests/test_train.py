@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import finish, kill_at_checkpoint, run_cli
 from nextstep.config import ConfigError, VAEConfig
 from nextstep.errors import InputError
 from nextstep.model.vae import VAE
@@ -22,8 +23,6 @@ from nextstep.pipeline import NextStepPipeline
 from nextstep.train.ar import train as train_ar
 from nextstep.train.config import TrainConfig, VAETrainConfig, from_dict
 from nextstep.train.vae import train as train_vae
-
-from helpers import finish, kill_at_checkpoint, run_cli
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
 # first losses of the AR run in `ar_config` (seed 0, one thread); a change in the model math, the data plan, the
@@ -120,8 +119,8 @@ def test_init_from_keeps_the_checkpoints_loss_weights_unless_the_recipe_sets_the
     """Fine-tuning starts from the loaded model's own config; only the recipe's explicit values override it."""
     from nextstep.config import preset
     from nextstep.model.nextstep import NextStep
-    from nextstep.train.ar import build_model
     from nextstep.tokenizer import Tokenizer
+    from nextstep.train.ar import build_model
 
     cfg = preset("tiny")
     cfg.lm_loss_weight, cfg.im_loss_weight, cfg.context_noise, cfg.head.batch_mul = 0.05, 2.0, 0.25, 2
@@ -616,6 +615,7 @@ def test_latent_cache_key_is_stable():
     for same in ({"counting": 1, "move": 1.0}, {t: 2 for t in EDIT_TYPES}):  # weights that draw uniformly
         assert cache_key(from_dict(TrainConfig, {**base, "data": {**base["data"], "weights": same}})) == "fd05a2415769"
     weighted = {**base, "data": {**base["data"], "weights": {"counting": 2}}}
-    assert cache_key(from_dict(TrainConfig, weighted)) not in ("fd05a2415769", cache_key(from_dict(TrainConfig, with_bg)))
+    assert cache_key(from_dict(TrainConfig, weighted)) not in ("fd05a2415769",
+                                                               cache_key(from_dict(TrainConfig, with_bg)))
     assert cache_key(from_dict(TrainConfig, weighted)) == cache_key(
         from_dict(TrainConfig, {**base, "data": {**base["data"], "weights": {"counting": 2.0}}}))

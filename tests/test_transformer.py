@@ -29,7 +29,8 @@ def test_equals_transformers_qwen2():
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.Qwen2Config(
         vocab_size=CFG.vocab_size, hidden_size=CFG.hidden_size, num_hidden_layers=CFG.num_layers,
-        num_attention_heads=CFG.num_heads, num_key_value_heads=CFG.num_kv_heads, intermediate_size=CFG.intermediate_size,
+        num_attention_heads=CFG.num_heads, num_key_value_heads=CFG.num_kv_heads,
+        intermediate_size=CFG.intermediate_size,
         rms_norm_eps=CFG.rms_norm_eps, rope_theta=CFG.rope_theta, max_position_embeddings=512)
     hf_cfg._attn_implementation = "sdpa"
     hf = transformers.Qwen2Model(hf_cfg).eval()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import MIN_PSNR, TOKEN_TOL, forced_diffs, psnr01, seeded, teacher_forced
 from nextstep.config import ConfigError, SamplingConfig, VAEConfig
 from nextstep.errors import InputError
 from nextstep.pipeline import NextStepPipeline
@@ -17,8 +18,6 @@ from nextstep.sampling.flow import integrate, times, transition
 from nextstep.sampling.guidance import Guidance
 from nextstep.sampling.noise import NoiseSource
 from nextstep.sampling.token import TokenSampler
-
-from helpers import MIN_PSNR, TOKEN_TOL, forced_diffs, psnr01, seeded, teacher_forced
 
 SAMPLER = {"ode": "ode", "sde": "flow_sde", "cps": "cps"}  # official sde_type -> ours
 
@@ -189,7 +188,7 @@ def test_gaussian_transitions_are_the_samplers_steps(pipe):
         draws = [torch.randn(3, 64) for _ in range(6)]
         it = iter(draws)
         with torch.no_grad():
-            out = integrate(sampler, velocity, x0, 6, 2.0, lambda: next(it), noise_level=0.7)
+            out = integrate(sampler, velocity, x0, 6, 2.0, lambda it=it: next(it), noise_level=0.7)
             ts, x = times(sampler, 6, 2.0), x0
             for i, w in enumerate(draws):
                 mean, std = transition(sampler, x, velocity(x, ts[i]), ts, i, 0.7)

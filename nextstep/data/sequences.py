@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..errors import DataError, SampleError
 from ..checkpoint import save_safetensors
+from ..errors import DataError, SampleError
 from ..images import fit_image, load_image
 from ..model.latents import token_grid
 from ..prompt import caption_ids, image_block_ids
@@ -147,7 +147,7 @@ class BatchPlan:
         rng = np.random.default_rng([self.seed, step])
         _, kinds, p, pools = self.groups[rng.choice(len(self.groups), p=self.group_p)]
         out = []
-        for slot in range(batch_size):
+        for _slot in range(batch_size):
             k = rng.choice(len(kinds), p=p)
             out.append((int(pools[k][rng.integers(len(pools[k]))]), int(rng.integers(2**62))))
         return out

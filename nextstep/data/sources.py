@@ -7,7 +7,9 @@ Every source is indexable and returns plain sample dicts with PIL images:
 A sample that cannot be read raises ``SampleError``; callers skip it and count it, never crash.
 
 Folder layout: ``ROOT/captions.jsonl``, one JSON object per line, paths relative to ROOT:
-    {"image": "a.png", "caption": "..."} | {"source": "s.png", "target": "t.png", "instruction": "..."} | {"text": "..."}
+    {"image": "a.png", "caption": "..."}
+    | {"source": "s.png", "target": "t.png", "instruction": "..."}
+    | {"text": "..."}
 Shard layout (WebDataset convention: files grouped by the key before the first dot):
     KEY.png|jpg|jpeg|webp + KEY.txt (t2i) | KEY.src.png + KEY.tgt.png + KEY.txt (edit) | KEY.txt alone (text)
 """

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, MissingFileError, SettingError
 from ..checkpoint import assign_state_dict, iter_safetensors, read_json, require_dir, save_safetensors, write_json
 from ..config import FlowHeadConfig, SamplingConfig
+from ..errors import CheckpointError, ConfigError, MissingFileError, SettingError
 from ..sampling.flow import DISTILLED
 from ..settings import Settings
 from .flow_head import FlowHead, TimeEmbedding, VelocityNet
@@ -91,7 +91,7 @@ class DistilledHeadConfig:
         return dataclasses.replace(base, num_inference_steps=steps, **teacher)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "DistilledHeadConfig":
+    def read(cls, path: str | os.PathLike) -> DistilledHeadConfig:
         """The config of the distilled head in directory ``path`` (no weights read)."""
         d = require_dir(path, "distilled head")
         return cls.from_dict(read_json(d / CONFIG_FILE, "distilled head config"), str(d / CONFIG_FILE))
@@ -103,7 +103,7 @@ class DistilledHeadConfig:
         return {"kind": KIND, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str) -> "DistilledHeadConfig":
+    def from_dict(cls, d: dict[str, Any], source: str) -> DistilledHeadConfig:
         d = dict(d)
         if d.pop("kind", None) != KIND:
             raise CheckpointError(f"{source} is not a distilled head config (no \"kind\": \"{KIND}\")")
@@ -149,7 +149,7 @@ class DistilledHead(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: FlowHead, config: DistilledHeadConfig,
-                     generator: torch.Generator | None = None) -> "DistilledHead":
+                     generator: torch.Generator | None = None) -> DistilledHead:
         """A student equal to the teacher's conditional velocity: its weights, and a step embedding that adds 0
         (its first layer drawn from ``generator``). A student deeper than the teacher (``config.head.depth``) gets
         the teacher's blocks first, then blocks whose zero gates make them identities until trained."""
@@ -179,7 +179,7 @@ class DistilledHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
-                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> "DistilledHead":
+                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> DistilledHead:
         """Load a distilled head; with ``model`` given, check that it belongs to that model (shapes, fingerprint)
         and raise :class:`CheckpointError` naming the mismatch."""
         d = require_dir(path, "distilled head")
@@ -213,7 +213,8 @@ def check_belongs(config: DistilledHeadConfig, model: nn.Module, source: str) ->
         why = f"{len(config.norm_means)} normalisation layers, this model has {len(means)}"
     else:
         gap = max((abs(a - b) for a, b in zip(means, config.norm_means)), default=0.0)
-        why = None if gap <= NORM_TOLERANCE else f"its normalisation weights differ from this model's by up to {gap:.3g}"
+        why = (None if gap <= NORM_TOLERANCE
+               else f"its normalisation weights differ from this model's by up to {gap:.3g}")
     if why is not None:
         raise CheckpointError(f"distilled head {source} belongs to another model: it was distilled from "
                               f"{config.base_model!r} ({why}). Distill a head for this model with "

@@ -136,7 +136,8 @@ class FlowHead(nn.Module):
 
     def draw(self, rows: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss's randomness for ``rows`` rows, in the reference's order: noise (rows, token_dim), then u (rows,)."""
+        """The loss's randomness for ``rows`` rows, in the reference's order: noise (rows, token_dim), then u
+        (rows,)."""
         return randn((rows, self.token_dim), generator, device, dtype), randn((rows,), generator, device)
 
     def row_losses(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, u: torch.Tensor

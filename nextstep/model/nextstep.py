@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
 from .. import quant
-from ..checkpoint import (assign_state_dict, iter_safetensors, read_json, require_dir, safetensors_files,
-                          save_safetensors_sharded, write_json)
+from ..checkpoint import (
+    assign_state_dict,
+    iter_safetensors,
+    read_json,
+    require_dir,
+    safetensors_files,
+    save_safetensors_sharded,
+    write_json,
+)
 from ..config import NextStepConfig
+from ..errors import InputError
 from ..sampling.noise import randn
 from .flow_head import FlowHead
 from .kv_cache import KVCache
@@ -55,7 +62,7 @@ class NextStep(nn.Module):
         self._position_table: tuple[tuple, torch.Tensor] | None = None  # the last grid's (key, (h*w, D) table)
 
     # ---- construction -------------------------------------------------------------------------------------------
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "NextStep":
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> NextStep:
         """Fresh-training initialisation: N(0, std) linears/embeddings, unit norms, DiT-style head."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -77,7 +84,8 @@ class NextStep(nn.Module):
         return self.embed_tokens.weight.dtype
 
     # ---- embedding ----------------------------------------------------------------------------------------------
-    def image_tokens(self, latents: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def image_tokens(self, latents: torch.Tensor | Sequence[torch.Tensor]
+                     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Latents -> (N, token_dim) tokens of all images in order, and each image's token grid.
 
         ``latents``: a (n, C, h, w) tensor (n images of one size) or a sequence of (C, h, w) / (1, C, h, w)
@@ -109,7 +117,8 @@ class NextStep(nn.Module):
             return self.embed_tokens(input_ids)
         tokens, _ = self.image_tokens(latents)
         if tokens.shape[0] != n_slots:
-            raise ValueError(f"input_ids hold {n_slots} image placeholders but the latents give {tokens.shape[0]} tokens")
+            raise ValueError(f"input_ids hold {n_slots} image placeholders but the latents give {tokens.shape[0]} "
+                             f"tokens")
         if token_noise is not None:
             tokens = tokens + token_noise.to(tokens)
         out = torch.zeros(*input_ids.shape, self.config.transformer.hidden_size, device=self.device, dtype=self.dtype)
@@ -235,7 +244,7 @@ class NextStep(nn.Module):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu", quantize: str | None = None) -> "NextStep":
+                        device: torch.device | str = "cpu", quantize: str | None = None) -> NextStep:
         """Build from a model directory (official NextStep-1/1.1 layout or ours): ``config.json`` + safetensors.
 
         The model is built on ``meta``, every key and shape is checked against the files' headers, then each tensor

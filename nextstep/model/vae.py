@@ -355,7 +355,7 @@ class VAE(nn.Module):
     # -- files --
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu", format: str = "v1") -> "VAE":
+                        device: torch.device | str = "cpu", format: str = "v1") -> VAE:
         """Load a VAE directory: ``config.json`` (official schema) + ``model.safetensors`` (ours) or
         ``checkpoint.pt`` (official). Returns the model in eval mode on ``device`` (cast to ``dtype`` if given).
         ``format``: the release whose default applies to a config without normalisation keys (see

@@ -15,8 +15,17 @@
 
 from .config import RLConfig, RolloutConfig
 from .grpo import GRPOOutput, gaussian_kl, group_advantages, grpo_loss, reward_metrics
-from .policy import (PARAMETER_SETS, StepStats, Steps, all_steps, conditions, gaussian_log_prob, random_steps,
-                     set_trainable, step_stats)
+from .policy import (
+                     PARAMETER_SETS,
+                     Steps,
+                     StepStats,
+                     all_steps,
+                     conditions,
+                     gaussian_log_prob,
+                     random_steps,
+                     set_trainable,
+                     step_stats,
+)
 from .rewards import BUILTIN_REWARDS, RewardError, RewardFn, load_reward
 from .rollout import Prompt, Rollout, rollout
 from .trainer import train_rl

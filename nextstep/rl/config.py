@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import ConfigError, SettingError
 from ..config import _check
 from ..data.shapes import CATEGORIES, EDIT_TYPES, data_weights
+from ..errors import ConfigError, SettingError
 from ..settings import _is_number, check
 from ..train.config import RUN_MAY_CHANGE, OptimConfig, RunConfig, _coerce
 from .grpo import ADVANTAGE_EPS

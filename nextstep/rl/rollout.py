@@ -12,8 +12,9 @@ Images are prompt-major: image b belongs to prompt ``b // group`` (the pipeline'
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -72,7 +73,7 @@ class Rollout:
         return times(s.sampler, s.num_inference_steps, s.time_shift).to(self.states.device)
 
     @classmethod
-    def concat(cls, parts: Sequence["Rollout"]) -> "Rollout":
+    def concat(cls, parts: Sequence[Rollout]) -> Rollout:
         """One rollout of several made with the same settings and group size (e.g. one pipeline call each), in
         order."""
         first = parts[0]
@@ -87,7 +88,7 @@ class Rollout:
                        sources=cat("sources") if first.edit else None, states=cat("states"), fed=cat("fed"),
                        mean=cat("mean"), log_prob=cat("log_prob"), images=[im for p in parts for im in p.images])
 
-    def select(self, index: Sequence[int]) -> "Rollout":
+    def select(self, index: Sequence[int]) -> Rollout:
         """The rollout of images ``index`` only (a minibatch); ``prompts`` and ``group`` then describe one image
         each (group 1)."""
         idx = torch.as_tensor(list(index), dtype=torch.long, device=self.states.device)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..data.shapes import CATEGORIES, EDIT_TYPES, generate_edit, generate_t2i, render
+from ..errors import ConfigError
 from ..images import grid_image, save_png
 from ..model.nextstep import NextStep
 from ..model.transformer import DecoderLayer
@@ -43,7 +43,7 @@ from ..train.loop import Task, fit
 from ..train.state import EMA, plain_copy, plain_key, resume_point, start_run, training_autocast
 from .config import RLConfig
 from .grpo import gaussian_kl, group_advantages, grpo_loss, reward_metrics
-from .policy import StepStats, Steps, all_steps, conditions, random_steps, set_trainable, step_stats
+from .policy import Steps, StepStats, all_steps, conditions, random_steps, set_trainable, step_stats
 from .rewards import RewardFn, load_reward
 from .rollout import Prompt, Rollout, rollout
 

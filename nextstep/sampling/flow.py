@@ -32,9 +32,8 @@ Samplers:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from collections.abc import Callable
 
 import torch
 

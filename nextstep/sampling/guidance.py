@@ -49,7 +49,7 @@ class Guidance:
             raise ValueError(f"guidance schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
     @classmethod
-    def from_settings(cls, settings: Settings, edit: bool) -> "Guidance":
+    def from_settings(cls, settings: Settings, edit: bool) -> Guidance:
         """The guidance of a call with these settings (``edit``: an input image is given); the distilled head reads
         the conditional branch alone (it learnt its teacher's guidance)."""
         if settings.sampler == DISTILLED:

@@ -20,8 +20,16 @@ from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG
 from ..sampling.flow import DISTILLED
 from ..settings import SPEC, SPECS, Settings
-from .limits import (IMAGE_FORMATS, MAX_FORM_BYTES, MAX_INPUT_PIXELS, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_SEED,
-                     MAX_SIZE, MAX_UPLOAD_BYTES)
+from .limits import (
+    IMAGE_FORMATS,
+    MAX_FORM_BYTES,
+    MAX_INPUT_PIXELS,
+    MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_UPLOAD_BYTES,
+)
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
 
 IMAGE_FIELDS = ("image", "image[]")  # OpenAI's clients send a list of images as repeated "image[]" parts

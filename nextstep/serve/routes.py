@@ -68,8 +68,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..pipeline import NextStepPipeline
 from ..sampling.flow import SAMPLERS
 from ..settings import SPEC, SPECS, Settings
-from .limits import (BATCH_WAIT_S, MAX_BATCH, MAX_INPUT_PIXELS, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS,
-                     MAX_UPLOAD_BYTES, QUEUE_SIZE)
+from .limits import (
+    BATCH_WAIT_S,
+    MAX_BATCH,
+    MAX_INPUT_PIXELS,
+    MAX_N,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MAX_UPLOAD_BYTES,
+    QUEUE_SIZE,
+)
 from .parsing import build_job_kwargs, read_edit_request, read_json_request
 from .responses import event_stream, json_result
 from .schemas import ApiError, EditRequest, GenerationRequest

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from ..settings import SPECS
-from .limits import (ERROR_TYPES, MAX_LABEL_CHARS, MAX_N, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS)
+from .limits import ERROR_TYPES, MAX_LABEL_CHARS, MAX_N, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
 
 # the server's operational limits on settings, on top of their own bounds (limits.py says why)
 OPERATIONAL = {"num_inference_steps": {"le": MAX_STEPS}, "negative_prompt": {"max_length": MAX_PROMPT_CHARS}}

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, DataError
-from ..data.sequences import (BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records,
-                              save_records)
 from ..config import SamplingConfig
+from ..data.sequences import BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records, save_records
 from ..data.sources import open_source
+from ..errors import CheckpointError, DataError
 from ..images import grid_image, save_png, to_pil
 from ..model.flow_head import VelocityNet
 from ..model.latents import token_grid

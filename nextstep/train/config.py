@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ConfigError, MissingFileError
 from ..config import NextStepConfig, VAEConfig, _check, preset
+from ..errors import ConfigError, MissingFileError
 
 KINDS = ("t2i", "edit", "text")
 # Fields that leave the trained weights as an uninterrupted run would have them (bookkeeping, and wrappers that do not
@@ -269,7 +269,8 @@ class DistillConfig:
         _check(bool(self.trained_steps) and all(isinstance(s, int) and s >= 1 and k % s == 0 and s & (s - 1) == 0
                                                 for s in self.trained_steps),
                f"trained_steps must be powers of 2 dividing teacher_steps {k}, got {self.trained_steps}")
-        _check(self.steps in self.trained_steps, f"steps {self.steps} must be one of trained_steps {self.trained_steps}")
+        _check(self.steps in self.trained_steps,
+               f"steps {self.steps} must be one of trained_steps {self.trained_steps}")
         _check(0 <= self.policy_fraction <= 1, f"policy_fraction must be in [0, 1], got {self.policy_fraction}")
         _check(self.policy_steps >= 2, f"policy_steps must be >= 2, got {self.policy_steps}")
         _check(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")

@@ -83,7 +83,8 @@ def wrap(model: nn.Module, info: DistInfo, strategy: str, shard_types: tuple[typ
         return DDP(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     for m in model.modules():
         if isinstance(m, shard_types):
             fully_shard(m, mp_policy=mp)

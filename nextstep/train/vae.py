@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from ..errors import DataError, SampleError
 from ..data.sources import open_source
+from ..errors import DataError, SampleError
 from ..eval.metrics import mean_finite, psnr, ssim
 from ..images import fit_image, load_image
 from ..model.vae import VAE, ResnetBlock

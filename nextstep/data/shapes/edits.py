@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .scene import (
+    _MAX_OBJECT_TRIES,
     COLORS,
     DEFAULT_BACKGROUND,
     SHAPES,
@@ -23,7 +24,6 @@ from .scene import (
     _check_side,
     _choice,
     _fits,
-    _MAX_OBJECT_TRIES,
     _place,
     bbox_center,
     object_bbox,

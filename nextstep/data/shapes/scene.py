@@ -260,5 +260,6 @@ def scene_for_spec(spec: Mapping[str, Any], rng: np.random.Generator, size: int 
     accept = None
     if "relation" in spec:
         relation = spec["relation"]
-        accept = lambda objs: _relation_holds_strongly(relation, objs[0], objs[1], size)
+        def accept(objs):
+            return _relation_holds_strongly(relation, objs[0], objs[1], size)
     return Scene(tuple(_place(rng, kinds, size, accept=accept)), spec.get("background", DEFAULT_BACKGROUND), size)

@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ...errors import InputError
 from ...data.shapes.dataset import edit_set, prompt_set
 from ...data.shapes.edits import EDIT_TYPES
 from ...data.shapes.t2i import CATEGORIES
+from ...errors import InputError
 from .analysis import analyze, describe
 from .scoring import _check_edit, check
 
