@@ -277,7 +277,7 @@ def test_vae_two_processes_equal_one(tmp_path, strategy):
     """Tokenizer training with the discriminator (always DDP) on 2 processes makes the updates of 1. A bias right
     before a GroupNorm of one channel per group (the 32-channel levels) is nearly cancelled by it: its gradient is
     at rounding level, and Adam turns that into full steps. Measured (lr 5e-4): biases 1.2e-4 apart, the other
-    weights 4e-6."""
+    weights 4e-6 (AVX-512 kernels) to 1.25e-5 (ATEN_CPU_CAPABILITY=default); a step's update is about 5e-4."""
     recipe = vae_recipe(image_dataset(tmp_path / "data"), tmp_path / "one", parallel=strategy)
     recipe["optim"]["lr"] = 5e-4
     cfg_path = tmp_path / "cfg.json"
@@ -291,7 +291,7 @@ def test_vae_two_processes_equal_one(tmp_path, strategy):
             (key, one, two)
     w1, w2 = vae_weights(tmp_path / "one"), vae_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
-    for biases, bound in ((False, 1e-5), (True, 1e-3)):
+    for biases, bound in ((False, 5e-5), (True, 1e-3)):
         worst = max((w1[k] - w2[k]).abs().max().item() for k in w1 if k.endswith(".bias") == biases)
         assert worst <= bound, (biases, worst)
 
