@@ -96,17 +96,19 @@ class FewStepSampler:
         self.ts = fewstep_times(settings.num_inference_steps, settings.time_shift).to(device)  # (S + 1,)
         t, d = self.ts[:-1].to(dtype), (self.ts[1:] - self.ts[:-1]).to(dtype)
         net = head.net
-        # per step, the (rows, width) time + step-size embedding, made once per call
-        self.step_emb = [(net.time_embed(t[i].expand(rows)) + head.step_embed(d[i].expand(rows)))
-                         for i in range(len(d))]
+        # (S, rows, width): each step's time + step-size embedding, made once per call
+        self.step_emb = torch.stack([net.time_embed(t[i].expand(rows)) + head.step_embed(d[i].expand(rows))
+                                     for i in range(len(d))])
 
     def __call__(self, cond: torch.Tensor, scales: tuple[float, float], noise: torch.Tensor) -> torch.Tensor:
         """cond (n, D) conditional rows; noise (1, n, token_dim) -> token (n, token_dim). ``scales`` is unused."""
         net = self.head.net
-        cond_emb = net.cond_embed(cond)
+        # every step's AdaLN modulations at once (they depend on the condition and the step only): each modulation
+        # layer reads its weights once per token, not once per step
+        mods = net.modulations(self.step_emb + net.cond_embed(cond))
         x = noise[0]
-        for i, emb in enumerate(self.step_emb):
-            u = net.velocity(x.to(cond.dtype), emb + cond_emb).float()
+        for i in range(len(self.step_emb)):
+            u = net.velocity_from_modulations(x.to(cond.dtype), [m[i] for m in mods]).float()
             x = x + u * (self.ts[i + 1] - self.ts[i])
         if self.settings.token_norm:
             x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
