@@ -140,6 +140,8 @@ LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
     ({"prompt": "a <image> b"}, 400, ["<image>"]),
     ({"prompt": "a", "size": "65x64"}, 400, ["multiple of 16"]),
     ({"prompt": "a", "size": "0x64"}, 400, ["multiple of 16"]),
+    ({"prompt": "a", "size": "65x64", "stream": True}, 400, ["multiple of 16"]),  # before a stream starts: JSON
+    ({"prompt": " ", "stream": True, "partial_images": 2}, 400, ["prompt is empty"]),
     ({"prompt": "a", "size": "1024x512"}, 400, ["1024", f"limit of {limits.MAX_SIZE}"]),
     ({"prompt": "a", "size": "512"}, 400, ["WIDTHxHEIGHT"]),
     ({"prompt": "a", "size": "-16x16"}, 400, ["WIDTHxHEIGHT"]),
@@ -280,10 +282,41 @@ def test_openai_fields_are_accepted(client):
     auto = client.post("/v1/images/generations", json={"prompt": "a", "size": "auto", "n": None, **FAST}).json()
     default = client.get("/health").json()["defaults"]["size"]
     assert auto["size"] == default and png_size(auto["data"][0]["b64_json"]) == tuple(map(int, default.split("x")))
-    assert_error(client.post("/v1/images/generations", json={**body, "stream": True}), 400, "stream=true",
-                 "/v1/images/generations/stream")
     with client.stream("POST", "/v1/images/generations/stream", json={**body, "stream": True}) as r:
         assert r.status_code == 200 and events(r.iter_lines())[-1][0] == "final"
+
+
+def test_openai_stream_on_the_wire(client):
+    """stream=true on the plain routes: OpenAI's events, each named by its type, nothing else (no queued, started,
+    progress or [DONE]); the completed event carries the plain answer's image, usage and seed."""
+    body = {"prompt": "a red circle", "size": "64x32", "seed": 3, **FAST}
+    with client.stream("POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": 3}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = list(r.iter_lines())
+    ev = events(lines)
+    assert all(line.startswith(("event: ", "data: ")) or not line for line in lines)
+    assert [n for n, _ in ev] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert all(d["type"] == n for n, d in ev)
+    common = {"size": "64x32", "quality": "auto", "background": "opaque", "output_format": "png"}
+    for i, (_, d) in enumerate(ev[:3]):
+        assert set(d) == {"type", "b64_json", "created_at", "partial_image_index", *common}
+        assert d["partial_image_index"] == i and d.items() >= common.items() and png_size(d["b64_json"]) == (64, 32)
+    plain = client.post("/v1/images/generations", json=body).json()
+    done = ev[-1][1]
+    assert set(done) == {"type", "b64_json", "created_at", "usage", "seed", *common} and done.items() >= common.items()
+    assert (done["b64_json"], done["usage"], done["seed"]) == (plain["data"][0]["b64_json"], plain["usage"], 3)
+    files = {"image": ("in.png", png_bytes(32, 32), "image/png")}
+    with client.stream("POST", "/v1/images/edits", files=files,
+                       data={"prompt": "make it blue", "stream": "true", "partial_images": "1", **FAST}) as r:
+        assert [n for n, _ in events(r.iter_lines())] == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_partial_steps_are_evenly_spaced_and_never_the_last_token():
+    from nextstep.serve.worker import partial_steps
+
+    assert partial_steps(1024, 3) == {256, 512, 768} and partial_steps(8, 2) == {3, 5}
+    assert partial_steps(4, 3) == {1, 2, 3} and partial_steps(2, 3) == {1} and partial_steps(1, 3) == set()
+    assert partial_steps(16, 0) == set()
 
 
 def test_response_has_created_size_and_usage(client, pipe):
@@ -546,6 +579,20 @@ def test_disconnect_cancels_and_frees_the_worker(pipe):
         assert h["queue"]["depth"] == 0
 
 
+def test_openai_stream_disconnect_cancels_and_frees_the_worker(pipe):
+    held = HoldAtFirstToken(pipe)
+    app = create_app(held, queue_size=2)
+    worker = app.state.worker
+    body = {"prompt": "a", "size": "64x64", "stream": True, "partial_images": 2, **FAST}
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/images/generations", json=body) as r:  # hang up once it has started
+            assert r.status_code == 200 and held.held.wait(15)
+        wait_until(lambda: worker.running and worker.running[0].cancelled.is_set(), what="stream cancel")
+        held.release.set()
+        wait_until(lambda: worker.stats["cancelled"] == 1 and not worker.running, what="the worker to free up")
+        assert http.get("/health").json()["queue"]["depth"] == 0
+
+
 def test_load_20_concurrent_requests(pipe):
     """20 clients at once on a real server (loopback only): each gets its images or a 429; none is lost."""
     app = create_app(pipe, queue_size=4)
@@ -605,8 +652,11 @@ def test_generation_failures_are_reported(pipe, caplog, error, status):
         with c.stream("POST", "/v1/images/generations/stream", json=body) as r:
             assert r.status_code == 200
             ev = events(r.iter_lines())
+        with c.stream("POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": 1}) as r:
+            assert r.status_code == 200
+            openai_ev = events(r.iter_lines())
         assert [n for n, _ in ev] == ["queued", "started", "error"]
-        assert c.get("/health").json()["stats"]["failed"] == 2
+        assert c.get("/health").json()["stats"]["failed"] == 3
         assert c.get("/health").json()["queue"]["depth"] == 0
     if status == 400:
         assert_error(plain, 400, str(error))
@@ -614,8 +664,9 @@ def test_generation_failures_are_reported(pipe, caplog, error, status):
         assert_error(plain, 500, type(error).__name__, "server log")
         assert str(error) not in plain.json()["error"]["message"]
     assert ev[-1][1] == plain.json()  # the stream ends with the same error
+    assert openai_ev == [("error", {"type": "error", **plain.json()})]  # OpenAI's clients raise it as APIError
     logged = [rec for rec in caplog.records if rec.name == "nextstep.serve" and rec.exc_info]
-    assert [rec.exc_info[1] for rec in logged] == ([error, error] if status == 500 else [])
+    assert [rec.exc_info[1] for rec in logged] == ([error] * 3 if status == 500 else [])
 
 
 def test_openapi_schema_shows_the_limits(client):

@@ -129,6 +129,41 @@ def test_batched_requests_equal_each_request_alone(pipe):
     assert health["stats"] == {"completed": 4, "failed": 0, "cancelled": 0, "rejected": 0}
 
 
+def test_openai_streamed_requests_are_batched_like_the_others(pipe):
+    """stream=true requests (OpenAI's events) queue and batch like plain ones: a plain request and two streamed ones
+    with different partial_images share one call; each streamed one gets its own number of partial images (rows of
+    its own image) and its own completed image."""
+    rec = Recording(pipe)
+    bodies = [{"prompt": p, "seed": s, "size": "64x32", **FAST} for p, s in (("red", 1), ("green", 2), ("blue", 3))]
+    streamed = {1: 2, 2: 0}  # request index: partial_images
+
+    def openai_events(c, body: dict, partials: int) -> list[tuple[str, dict]]:
+        with c.stream("POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": partials}) \
+                as r:
+            assert r.status_code == 200
+            return events(r.iter_lines())
+
+    with local(create_app(rec, queue_size=4, batch_wait_s=0)) as c, ThreadPoolExecutor(4) as pool:
+        blocker = pool.submit(c.post, "/v1/images/generations", json={"prompt": "blocker", "size": "16x16", **FAST})
+        assert rec.started.wait(15)
+        futures = []
+        for i, body in enumerate(bodies):
+            futures.append(pool.submit(openai_events, c, body, streamed[i]) if i in streamed
+                           else pool.submit(c.post, "/v1/images/generations", json=body))
+            wait_until(lambda n=i + 1: c.app.state.worker.waiting == n, what=f"request {i} to queue")
+        rec.release.set()
+        assert blocker.result(30).status_code == 200
+        answers = [f.result(30) for f in futures]
+    assert prompts_per_call(rec) == [1, 3]
+    assert [n for n, _ in answers[1]] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [n for n, _ in answers[2]] == ["image_generation.completed"]
+    images = [answers[0].json()["data"][0]["b64_json"], *(answers[i][-1][1]["b64_json"] for i in streamed)]
+    assert [answers[i][-1][1]["seed"] for i in streamed] == [2, 3] and len(set(images)) == 3
+    for i in streamed:  # each streamed request's tokens are its own seed's
+        alone = solo_tokens(pipe, bodies[i], (64, 32))
+        assert (rec.calls[1]["tokens"][i:i + 1] - alone).abs().max().item() <= BATCH_TOLERANCE, i
+
+
 def test_reproducible_mode_gives_each_request_its_solo_images_bit_for_bit(pipe):
     """--reproducible: every batchable call is filled to max_batch // n prompts and its prompt rows padded to a
     multiple of PROMPT_BUCKET tokens, so three requests batched together get exactly (torch.equal) the tokens each

@@ -12,7 +12,7 @@ MAX_PROMPT_CHARS = 2000  # prompt and negative prompt, each
 MAX_JSON_BYTES = 64 * 1024  # JSON request bodies
 MAX_JSON_DEPTH = 8  # nesting of JSON arrays and objects (requests are flat objects; deep ones exhaust the parser)
 MAX_LABEL_CHARS = 256  # short text fields the server reads and ignores (model, user, quality, ...)
-MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on partial_images (accepted and ignored: /stream sends previews instead)
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on partial_images (stream=true: previews at evenly spaced image tokens)
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the edit input image file
 MAX_FORM_BYTES = MAX_UPLOAD_BYTES + 64 * 1024  # whole multipart body: the image plus the text fields
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded input image (checked from the header, before decoding)

@@ -163,6 +163,20 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     return kwargs, response
 
 
+def stream_partials(req: GenerationRequest) -> int | None:
+    """OpenAI's streaming on the plain routes: None when the request does not ask for it (``stream`` false or left
+    out), else how many partial images to send (``partial_images``, 0 when left out: only the final image). One image
+    per streamed request: OpenAI's stream events carry no image index, so ``n`` > 1 is refused (concurrent requests of
+    one image each share the worker's batch instead)."""
+    if not req.stream:
+        return None
+    if req.n not in (None, 1):
+        raise ApiError(400, f"stream=true streams one image per request, got n={req.n}: send n requests of one "
+                            f"image (the server batches them), or use the /stream routes for n images with previews",
+                       param="n")
+    return req.partial_images or 0
+
+
 # ---- reading request bodies --------------------------------------------------------------------------------------
 async def _read_body(request: Request, limit: int, what: str) -> bytes:
     length = request.headers.get("content-length")

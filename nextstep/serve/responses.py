@@ -1,10 +1,12 @@
-"""A job's events as an HTTP response: one JSON answer when it ends, or a Server-Sent Events stream of every event.
-Either way a client that leaves cancels its job."""
+"""A job's events as an HTTP response: one JSON answer when it ends, a Server-Sent Events stream of every event (the
+/stream routes), or OpenAI's image stream (``stream: true`` on the plain routes). Each way a client that leaves
+cancels its job."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -81,5 +83,40 @@ def event_stream(job: Job, ahead: int) -> _EventStream:
             yield sse(name, data)
             if name == "final":
                 return
+
+    return _EventStream(events(), on_close=job.cancel)
+
+
+def openai_stream(job: Job, kind: str) -> _EventStream:
+    """OpenAI's image streaming for a job of one image and ``job.partials`` partial images: a ``{kind}.partial_image``
+    event per partial image (``partial_image_index`` from 0), then one ``{kind}.completed`` with the final image and
+    ``usage`` (and the server's ``seed``), or an ``error`` event ``{"type": "error", "error": {...}}`` (the object a
+    JSON error carries, which OpenAI's clients raise as ``APIError``); then the stream ends. ``kind`` is
+    ``image_generation`` or ``image_edit``. The fields follow OpenAI's ``ImageGen*Event``/``ImageEdit*Event`` types;
+    ``quality`` is "auto" (the model has one). Closing the stream cancels the job."""
+    fields = {"size": job.response["size"], "quality": "auto", "background": job.response["background"],
+              "output_format": job.response["output_format"]}
+
+    def event(name: str, data: dict) -> bytes:
+        return sse(name, {"type": name, **data})
+
+    async def events() -> AsyncIterator[bytes]:
+        index = 0
+        while True:
+            name, data = await _next_event(job, None)
+            if name == "preview":  # only at the job's partial steps (worker.partial_steps)
+                for b64 in data["images"]:
+                    yield event(f"{kind}.partial_image", {"b64_json": b64, "created_at": int(time.time()), **fields,
+                                                          "partial_image_index": index})
+                    index += 1
+            elif name == "final":
+                for image in data["data"]:
+                    yield event(f"{kind}.completed", {"b64_json": image["b64_json"], "created_at": data["created"],
+                                                      **fields, "usage": data["usage"], "seed": data["seed"]})
+                return
+            elif name == "error":
+                yield event("error", data.body())
+                return
+            # queued, started, progress: OpenAI's stream has no such events
 
     return _EventStream(events(), on_close=job.cancel)

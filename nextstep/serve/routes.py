@@ -4,7 +4,8 @@ Endpoints
     GET  /                                   the single-page UI (static files held in memory)
     GET  /health                             status, model info, queue depth, limits, counters
     GET  /openapi.json                       the OpenAPI schema (no /docs page: Swagger UI would load from a CDN)
-    POST /v1/images/generations              JSON in, ``{"created", "seed", "size", "usage", "data": [{"b64_json"}]}``
+    POST /v1/images/generations              JSON in, ``{"created", "seed", "size", "usage", "data": [{"b64_json"}]}``;
+                                             with ``"stream": true`` OpenAI's image stream (see below)
     POST /v1/images/edits                    multipart/form-data: ``image`` file + the same fields as text
     POST /v1/images/generations/stream       same input; Server-Sent Events out (see below)
     POST /v1/images/edits/stream             same input as edits; Server-Sent Events out
@@ -26,6 +27,13 @@ generated are zeros, the mean of the normalised latent space: a plain area in th
 ``final`` (the same object as the non-streaming response) or ``error`` {error: {...}}; then the stream ends.
 Closing the connection cancels the generation (it stops at the next image token, the worker moves on; in a batch
 the request is answered at once and the others carry on).
+
+OpenAI's streaming (``"stream": true`` on the plain routes; one image per request, n > 1 is a 400):
+``partial_images`` (0..3, 0 when left out) events ``image_generation.partial_image`` (``image_edit.*`` for edits) at
+evenly spaced image tokens (``worker.partial_steps``; the preview machinery above), then one
+``image_generation.completed`` with the image and ``usage``, or an ``error`` event
+``{"type": "error", "error": {...}}``; the fields are those of the SDK's ``ImageGen*Event`` types
+(``responses.openai_stream``). The request is queued and batched like any other; closing the stream cancels it.
 
 Batching: the worker merges queued text-to-image requests that differ only in prompt and seed (same size, ``n`` and
 sampling settings) into one pipeline call of up to MAX_BATCH images, one generator per request (``worker``).
@@ -80,8 +88,8 @@ from .limits import (
     MAX_UPLOAD_BYTES,
     QUEUE_SIZE,
 )
-from .parsing import build_job_kwargs, read_edit_request, read_json_request
-from .responses import event_stream, json_result
+from .parsing import build_job_kwargs, read_edit_request, read_json_request, stream_partials
+from .responses import event_stream, json_result, openai_stream
 from .schemas import ApiError, EditRequest, GenerationRequest
 from .security import Access, HostOriginGuard
 from .worker import Job, Worker
@@ -174,13 +182,15 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                 "stats": dict(worker.stats)}
 
     def submit(req: GenerationRequest, image: Image.Image | None, stream: bool) -> tuple[Job, int]:
-        if req.stream and not stream:
-            raise ApiError(400, "stream=true is not supported on this route: POST the same request to "
-                                "/v1/images/generations/stream or /v1/images/edits/stream for Server-Sent Events",
-                           param="stream")
+        """Check and queue a request; on the plain routes (``stream`` False) ``stream: true`` makes the job an
+        OpenAI stream (``job.partials`` not None)."""
         kwargs, response = build_job_kwargs(req, pipe, default_size, image)
-        job = Job(kwargs, response, stream, asyncio.get_running_loop())
+        partials = None if stream else stream_partials(req)
+        job = Job(kwargs, response, stream or partials is not None, asyncio.get_running_loop(), partials=partials)
         return job, worker.submit(job)
+
+    async def answer(job: Job, request: Request, kind: str) -> Response:
+        return openai_stream(job, kind) if job.partials is not None else await json_result(job, request)
 
     json_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": GenerationRequest.model_json_schema()}}}}
@@ -192,7 +202,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     @api.post("/v1/images/generations", openapi_extra=json_body)
     async def generations(request: Request):
         job, _ = submit(await read_json_request(request, GenerationRequest), None, stream=False)
-        return await json_result(job, request)
+        return await answer(job, request, "image_generation")
 
     @api.post("/v1/images/generations/stream", openapi_extra=json_body)
     async def generations_stream(request: Request):
@@ -203,7 +213,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     async def edits(request: Request):
         req, image = await read_edit_request(request)
         job, _ = submit(req, image, stream=False)
-        return await json_result(job, request)
+        return await answer(job, request, "image_edit")
 
     @api.post("/v1/images/edits/stream", openapi_extra=form_body)
     async def edits_stream(request: Request):

@@ -41,9 +41,10 @@ class ApiError(Exception):
 class OpenAIFields(BaseModel):
     """Fields of OpenAI's images API that mean nothing to this server, accepted so OpenAI's clients work unchanged.
     ``model``, ``quality``, ``style``, ``user``, ``safety_identifier``, ``moderation`` and ``complexity`` are read and
-    ignored (one model per server; no moderation or per-user accounting here); ``output_compression`` and
-    ``partial_images`` are range-checked and ignored (PNG is lossless; previews come from the /stream routes).
-    ``background``, ``output_format`` and ``stream`` are checked against what the server does (``parsing``)."""
+    ignored (one model per server; no moderation or per-user accounting here); ``output_compression`` is
+    range-checked and ignored (PNG is lossless). ``stream`` asks for OpenAI's event stream with ``partial_images``
+    partial images (``parsing.stream_partials``). ``background`` and ``output_format`` are checked against what the
+    server does (``parsing``)."""
 
     model: str | None = Field(None, max_length=MAX_LABEL_CHARS)
     quality: str | None = Field(None, max_length=MAX_LABEL_CHARS)
@@ -53,10 +54,10 @@ class OpenAIFields(BaseModel):
     moderation: str | None = Field(None, max_length=MAX_LABEL_CHARS)
     complexity: str | None = Field(None, max_length=MAX_LABEL_CHARS)
     output_compression: int | None = Field(None, ge=0, le=100)
-    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES)
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES)  # with stream: partial images to send
     background: str | None = Field(None, max_length=MAX_LABEL_CHARS)  # "auto" or "opaque": the images have no alpha
     output_format: str | None = Field(None, max_length=MAX_LABEL_CHARS)  # "png" only
-    stream: bool | None = None  # false only: the /stream routes stream
+    stream: bool | None = None  # true: OpenAI's event stream (the /stream routes send this server's own events)
 
 
 class _Request(OpenAIFields):

@@ -6,7 +6,9 @@ pipeline call but for the prompt and the seed (``batch_key``: same size, images 
 settings), up to ``max_batch`` images, and runs them as one call with one generator per prompt, so each job's noise
 is its own seed's, as when it runs alone. Edits run one at a time. Progress, previews and cancellation stay per job:
 a job cancelled in a running batch is answered at once (its rows finish with the batch); the call stops early only
-when every job in it is cancelled.
+when every job in it is cancelled. A streamed job gets previews every few tokens (the /stream routes) or, as OpenAI's
+``partial_images``, at a few evenly spaced tokens (``partial_steps``); either way they are decoded in one VAE call
+per step for all the jobs that want one.
 
 Reproducible mode (``reproducible=True``, ``nextstep serve --reproducible``): every batchable call has one fixed
 layout, so a request's images are bit for bit the same whatever it is batched with (float weights; an int8
@@ -25,6 +27,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,10 +72,16 @@ class Job:
     started: bool = False  # "started" sent (worker thread only)
     answered: bool = False  # the terminal event sent (worker thread only): nothing more is emitted
     key: Any = _UNKNOWN  # Worker.batch_key's answer, once computed
+    partials: int | None = None  # OpenAI's stream=true: this many previews, evenly spaced (None: every few tokens)
 
     @property
     def images(self) -> int:
         return self.kwargs["num_images_per_prompt"]
+
+    def preview_steps(self, total: int, every: int) -> Container[int]:
+        """The image tokens (of ``total``) after which this streamed job gets a preview: every ``every`` tokens for
+        the /stream routes, or its ``partials`` at evenly spaced tokens (``partial_steps``)."""
+        return range(every, total, every) if self.partials is None else partial_steps(total, self.partials)
 
     def emit(self, name: str, data: Any = None) -> None:
         """Thread-safe: hand an event to the request's event loop."""
@@ -83,6 +92,13 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+def partial_steps(total: int, count: int) -> frozenset[int]:
+    """The image tokens after which OpenAI-style streaming sends its ``count`` partial images: evenly spaced over the
+    ``total`` tokens (token i * total / (count + 1), rounded), never the last one (that is the final image), so an
+    image of few tokens gets fewer partial images (as OpenAI allows: the final image may come first)."""
+    return frozenset(s for i in range(1, count + 1) if 0 < (s := round(i * total / (count + 1))) < total)
 
 
 class Worker:
@@ -270,6 +286,7 @@ class Worker:
         grid = (kwargs["height"] // m, kwargs["width"] // m)
         total = grid[0] * grid[1]
         every = self.preview_every or max(1, total // PREVIEWS_PER_IMAGE)
+        previews = {job: job.preview_steps(total, every) for job in jobs if job.stream}
         for job in jobs:
             if not job.started:
                 job.started = True
@@ -286,10 +303,11 @@ class Worker:
             streams = [(i, job) for i, job in live if job.stream]
             for _, job in streams:
                 job.emit("progress", {"step": step, "total": total})
-            if streams and step < total and step % every == 0:
-                rows = [i * n + r for i, _ in streams for r in range(n)]
+            shown = [(i, job) for i, job in streams if step in previews[job]]
+            if shown:
+                rows = [i * n + r for i, _ in shown for r in range(n)]
                 images = self._preview(partial[rows] if len(rows) < partial.shape[0] else partial, grid)
-                for s, (_, job) in enumerate(streams):
+                for s, (_, job) in enumerate(shown):
                     job.emit("preview", {"step": step, "total": total, "images": images[s * n:(s + 1) * n]})
 
         try:
