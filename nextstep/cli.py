@@ -8,13 +8,15 @@ import json
 import os
 import re
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import hub
 from .config import SamplingConfig
-from .errors import DataError, InputError, MissingFileError, NextStepError, SettingError, UsageError
+from .errors import DataError, InputError, MissingFileError, NextStepError, SettingError, UsageError, WriteError
 from .generate_many import LAYOUTS
 from .images import grid_image, save_pngs
 from .pipeline import FAST_HEAD_DIR, NextStepPipeline, bundled_model_dir
@@ -23,6 +25,8 @@ from .sampling.flow import DISTILLED, NEXTSTEP_11_SAMPLERS
 from .settings import SPECS, Settings
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_IMAGES_PER_CALL = 8  # -n is drawn in pipeline calls of at most this many images, each written when done
+MAX_GRID_IMAGES = 64  # -n up to this also writes a grid sheet (and all its files at once); beyond, the images only
 # the pipeline's argument names -> this CLI's flags, so errors speak the user's words
 FLAGS = {**{s.name: s.flag for s in SPECS if s.flag}, "num_images_per_prompt": "-n", "height": "--size height",
          "width": "--size width"}
@@ -336,15 +340,18 @@ def describe(s: Settings, edit: bool) -> str:
             + (f", negative prompt {s.negative_prompt!r}" if s.negative_prompt else ""))
 
 
-def output_paths(output: str, n: int) -> tuple[list[Path], Path | None]:
-    """The files a run writes, checked before anything is generated: a .png path whose directory exists (or can be
-    made) and is writable, and that is not itself a directory."""
+def output_paths(output: str, n: int) -> tuple[Callable[[int], Path], Path | None]:
+    """The files a run writes (image ``i``'s path, and the grid sheet or None), checked before anything is generated:
+    a .png path whose directory exists (or can be made) and is writable, and that is not itself a directory."""
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise UsageError(f"-o must name a .png file, got {output}")
-    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}.png") for i in range(n)]
-    grid = None if n == 1 else out.with_name(f"{out.stem}_grid.png")
-    for p in paths + ([grid] if grid else []):
+
+    def image_path(i: int) -> Path:
+        return out if n == 1 else out.with_name(f"{out.stem}_{i}.png")
+
+    grid = out.with_name(f"{out.stem}_grid.png") if 1 < n <= MAX_GRID_IMAGES else None
+    for p in [image_path(i) for i in range(min(n, MAX_GRID_IMAGES))] + ([grid] if grid else []):
         if p.is_dir():
             raise UsageError(f"-o {output}: {p} is a directory")
     parent = out.parent.resolve()
@@ -353,7 +360,17 @@ def output_paths(output: str, n: int) -> tuple[list[Path], Path | None]:
         raise UsageError(f"-o {output}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"-o {output}: cannot write in {existing}")
-    return paths, grid
+    try:  # access() trusts the mode bits; a file made and removed is what the write will meet (e.g. /sys as root)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"-o {output}: cannot write in {existing} ({e.strerror or e})") from None
+    return image_path, grid
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after some images of a chunked run were written: the message says which are kept."""
 
 
 def run(args) -> list[Path]:
@@ -361,7 +378,7 @@ def run(args) -> list[Path]:
         raise UsageError(f"-n must be >= 1, got {args.num_images}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
-    paths, grid_path = output_paths(args.output, args.num_images)
+    image_path, grid_path = output_paths(args.output, args.num_images)
     edit = args.command == "edit"
     if edit and not Path(args.image).is_file():
         raise UsageError(f"input image not found: {args.image}")
@@ -371,6 +388,7 @@ def run(args) -> list[Path]:
     in_force = settings_in_force(args, model_dir, edit)  # bad settings fail before loading
     info, mesh, device = tensor_parallel_setup(args, device)
     main = info is None or info.is_main  # under --tp every rank draws the same images: the first speaks and saves
+    written: list[Path] = []
     try:
         if main and not args.quiet:
             print(f"nextstep: {describe(in_force, edit)}; seed {args.seed}", file=sys.stderr)
@@ -378,25 +396,37 @@ def run(args) -> list[Path]:
         if args.compile:
             pipe.compile()
         width, height = args.size if args.size else (None, None)
-        kwargs = dict(height=height, width=width, num_images_per_prompt=args.num_images, think=args.think,
-                      generator=torch.Generator().manual_seed(args.seed), progress=main and not args.quiet,
-                      **settings)
-        if edit:
-            out = pipe(args.instruction, image=args.image, **kwargs)
-        else:
-            out = pipe(args.prompt, **kwargs)
+        generator = torch.Generator().manual_seed(args.seed)  # one generator over the chunks: -n 16 starts as -n 8
+        kept = []  # the images for the grid sheet (grid_path: at most MAX_GRID_IMAGES)
+        for start in range(0, args.num_images, MAX_IMAGES_PER_CALL):
+            count = min(MAX_IMAGES_PER_CALL, args.num_images - start)
+            kwargs = dict(height=height, width=width, num_images_per_prompt=count, think=args.think,
+                          generator=generator, progress=main and not args.quiet, **settings)
+            out = pipe(args.instruction, image=args.image, **kwargs) if edit else pipe(args.prompt, **kwargs)
+            if not main:
+                continue
+            if out.thoughts and start == 0:
+                print(f"thoughts: {out.thoughts[0]}")
+            paths = [image_path(i) for i in range(start, start + count)]
+            images = list(out.images)
+            if grid_path is not None:
+                kept += images
+                if start + count == args.num_images:  # a grid run is one chunk: its images and sheet together
+                    images, paths = kept + [grid_image(kept)], [image_path(i) for i in range(len(kept))] + [grid_path]
+                else:
+                    continue
+            save_pngs(images, paths)  # all files of a chunk or none
+            written += paths
+    except KeyboardInterrupt:
+        if written:
+            raise Interrupted(f"nextstep: interrupted (the {len(written)} images written are kept: {written[0]} to "
+                              f"{written[-1]})") from None
+        raise
     finally:
         if info is not None:
             from .train.distributed import shutdown
 
             shutdown()
-    if not main:
-        return []
-    images = list(out.images) + ([grid_image(out.images)] if grid_path is not None else [])
-    written = paths + ([grid_path] if grid_path is not None else [])
-    save_pngs(images, written)  # all files or none
-    if out.thoughts:
-        print(f"thoughts: {out.thoughts[0]}")
     return written
 
 
@@ -496,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
             written = run(args)
     except NextStepError as e:  # what a user can fix; anything else is a bug and shows its traceback
         print(f"nextstep: error: {cli_words(e) if isinstance(e, InputError) else e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, WriteError) else 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print({"generate": "nextstep: interrupted (nothing written)", "edit": "nextstep: interrupted (nothing written)",
                "generate-many": "nextstep: interrupted (the images written are kept: run the same command to resume)"}

@@ -1,6 +1,7 @@
 """Every error a user can fix, under one base: :class:`NextStepError`.
 
-The CLI prints a ``NextStepError`` as one line and exits 2; the server answers an :class:`InputError` with a 400.
+The CLI prints a ``NextStepError`` as one line and exits 2 (a :class:`WriteError`: 1); the server answers an
+:class:`InputError` with a 400.
 Anything else (a ``ValueError`` from a shape check, a ``RuntimeError`` from torch) is a bug or an environment failure:
 the CLI lets its traceback show, the server answers 500 and logs it. Each class also derives from the builtin a caller
 would catch without knowing this module (``ValueError``, ``FileNotFoundError``, ``RuntimeError``).
@@ -38,6 +39,11 @@ class CheckpointError(NextStepError, ValueError):
     """Model files cannot be read as what they claim to be, or do not fit together."""
 
 
+class WriteError(NextStepError, OSError):
+    """A file could not be written (disk full, no permission, a read-only file system): the request was right, the
+    machine refused it. Atomic writes raise it with nothing left behind."""
+
+
 class MissingFileError(NextStepError, FileNotFoundError):
     """A file or directory that was named does not exist, or is not a directory where one is needed."""
 
@@ -56,3 +62,11 @@ class RewardError(NextStepError, ValueError):
 
 class TrainingError(NextStepError, RuntimeError):
     """Training cannot continue (for example a non-finite loss); the last good checkpoint is kept."""
+
+
+class NextStepWarning(UserWarning):
+    """Base of the warnings about a request that runs but may not give what was asked."""
+
+
+class SizeWarning(NextStepWarning):
+    """An image size the model was not trained at (``SamplingConfig.trained_sizes``): it may draw noise there."""

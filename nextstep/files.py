@@ -1,6 +1,7 @@
 """Atomic file writes shared by images, weights and JSON: a temporary file beside the target, then a rename, so
 a failed or interrupted write leaves nothing behind; the result gets the permissions the umask allows (a plain
-``tempfile.mkstemp`` file would stay 0600)."""
+``tempfile.mkstemp`` file would stay 0600). A write the machine refuses (disk full, no permission) raises
+:class:`~nextstep.errors.WriteError` naming the file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from .errors import NextStepError, WriteError
 
 
 def _current_umask() -> int:
@@ -20,7 +23,8 @@ def _current_umask() -> int:
 @contextlib.contextmanager
 def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
     """Yields one temporary path per target; when the block succeeds every target is replaced (mode 0666 minus the
-    umask), otherwise none is and the temporaries are removed: all files or none."""
+    umask), otherwise none is and the temporaries are removed: all files or none. An ``OSError`` on the way (from
+    this function or from the block writing the temporaries) becomes a :class:`WriteError` naming the file."""
     temps: list[Path] = []
     try:
         for path in paths:
@@ -34,9 +38,20 @@ def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
             os.chmod(tmp, mode)
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, NextStepError):
+            raise
+        raise WriteError(f"cannot write {_target(e, paths, temps)}: {e.strerror or e}"
+                         + (f" (nothing written of its {len(paths)} files)" if len(paths) > 1 else "")) from e
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+def _target(e: OSError, paths: Sequence[Path], temps: list[Path]) -> Path:
+    """The file a failed write was for: the target of the temporary the error names, else the first."""
+    named = {str(t): p for t, p in zip(temps, paths)} | {str(p): p for p in paths}
+    return named.get(str(e.filename), paths[0]) if paths else Path(str(e.filename))
 
 
 @contextlib.contextmanager

@@ -163,3 +163,77 @@ def test_hub_ids_resolve_through_the_hub_cache_offline(tmp_path, fixtures_dir):
     assert subprocess.run(cli, env=env, capture_output=True, text=True).returncode == 0 and png.is_file()
     missing = subprocess.run(cli[:6] + ["acme/missing"] + cli[7:], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "neither a local directory nor available" in missing.stderr
+
+
+def test_a_large_n_is_drawn_in_chunks_written_as_they_go(tmp_path, dirs, monkeypatch):
+    """-n 100000 once grew to 23 GB in one pipeline call: now each call draws at most MAX_IMAGES_PER_CALL images and
+    writes them before the next starts (beyond MAX_GRID_IMAGES, without a grid sheet)."""
+    from nextstep import cli
+
+    calls, real = [], cli.NextStepPipeline.__call__
+
+    def spy(self, *a, **k):
+        calls.append((k["num_images_per_prompt"], {p.name for p in tmp_path.iterdir()}))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cli.NextStepPipeline, "__call__", spy)
+    monkeypatch.setattr(cli, "MAX_GRID_IMAGES", 4)
+    per_call = cli.MAX_IMAGES_PER_CALL
+    n = 2 * per_call + 3
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "-n", str(n), "--size", "16x16", "--steps", "2",
+                 "--quiet", *dirs]) == 0
+    assert [c[0] for c in calls] == [per_call, per_call, 3]
+    assert calls[1][1] == {f"x_{i}.png" for i in range(per_call)}  # the first chunk was on disk before the second
+    assert {p.name for p in tmp_path.iterdir()} == {f"x_{i}.png" for i in range(n)}  # no grid of 19
+
+
+def test_interrupt_keeps_the_chunks_written(tmp_path, dirs, capsys, monkeypatch):
+    from nextstep import cli
+
+    real, calls = cli.NextStepPipeline.__call__, []
+
+    def second_interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cli.NextStepPipeline, "__call__", second_interrupted)
+    monkeypatch.setattr(cli, "MAX_GRID_IMAGES", 4)
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "-n", "20", "--size", "16x16", "--steps", "2",
+                 "--quiet", *dirs]) == 130
+    per_call = cli.MAX_IMAGES_PER_CALL
+    assert capsys.readouterr().err == (f"nextstep: interrupted (the {per_call} images written are kept: "
+                                       f"{tmp_path / 'x_0.png'} to {tmp_path / f'x_{per_call - 1}.png'})\n")
+    assert len(list(tmp_path.iterdir())) == per_call
+
+
+def test_a_write_the_machine_refuses_is_one_line_with_exit_1(tmp_path, dirs, capsys, monkeypatch):
+    """A full disk: one line naming the file, exit 1 (the command was right), nothing left behind."""
+    import errno
+
+    def disk_full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "-n", "2", "--size", "16x16", "--steps", "2",
+                 "--quiet", *dirs]) == 1
+    assert capsys.readouterr().err == (f"nextstep: error: cannot write {tmp_path / 'x_0.png'}: No space left on "
+                                       f"device (nothing written of its 3 files)\n")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unwritable_output_directory_is_found_before_loading(tmp_path, capsys, monkeypatch):
+    """`-o /sys/x.png` as root: access() says yes, creating a file says no. A probe file finds it before loading."""
+    import tempfile
+
+    from nextstep import cli
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    assert cli.main(["generate", "x", "-o", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"nextstep: error: -o {tmp_path / 'x.png'}: cannot write in {tmp_path} "
+                                       f"(Permission denied)\n")
