@@ -4,11 +4,13 @@ Python API."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +18,20 @@ import torch
 
 from . import hub
 from .config import SamplingConfig
-from .errors import DataError, InputError, MissingFileError, NextStepError, SettingError, UsageError, WriteError
+from .errors import (
+    DataError,
+    InputError,
+    MissingFileError,
+    NextStepError,
+    NextStepWarning,
+    SettingError,
+    UsageError,
+    WriteError,
+)
 from .generate_many import LAYOUTS
 from .images import grid_image, save_pngs
 from .pipeline import FAST_HEAD_DIR, NextStepPipeline, bundled_model_dir
-from .prompt import area_text
+from .prompt import area_text, require_prompt
 from .sampling.flow import DISTILLED, NEXTSTEP_11_SAMPLERS
 from .settings import SPECS, Settings
 
@@ -193,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run_eval(args) -> list[Path]:
     from .eval.shapes import evaluate_pipeline, format_table, save_grid
 
+    for flag, v, least in (("--n", args.n, 0), ("--edits", args.edits, 0), ("--batch", args.batch, 1),
+                           ("--size", args.size, 16)):
+        if v < least:
+            raise UsageError(f"{flag} must be >= {least}, got {v}")
+    if args.n == 0 and args.edits == 0:
+        raise UsageError("nothing to score: --n 0 and --edits 0 (give --n N prompts per category, --edits N edits, "
+                         "or both)")
     settings = sampling_overrides(args)
     results = evaluate_pipeline(load_pipeline(args), args.n, args.seed, size=args.size, n_edits=args.edits,
                                 batch_size=args.batch, progress=not args.quiet,
@@ -373,6 +391,13 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C after some images of a chunked run were written: the message says which are kept."""
 
 
+def check_input_image(path: str) -> None:
+    if Path(path).is_dir():
+        raise UsageError(f"the input image {path} is a directory: name an image file in it")
+    if not Path(path).is_file():
+        raise UsageError(f"input image not found: {path}")
+
+
 def run(args) -> list[Path]:
     if args.num_images < 1:
         raise UsageError(f"-n must be >= 1, got {args.num_images}")
@@ -380,8 +405,9 @@ def run(args) -> list[Path]:
         raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
     image_path, grid_path = output_paths(args.output, args.num_images)
     edit = args.command == "edit"
-    if edit and not Path(args.image).is_file():
-        raise UsageError(f"input image not found: {args.image}")
+    require_prompt(args.instruction if edit else args.prompt, "instruction" if edit else "prompt")
+    if edit:
+        check_input_image(args.image)
     device = pick_device(args.device)
     settings = {**sampling_overrides(args), **({"fast": True} if args.fast else {})}
     model_dir = model_path(args)
@@ -394,7 +420,7 @@ def run(args) -> list[Path]:
             print(f"nextstep: {describe(in_force, edit)}; seed {args.seed}", file=sys.stderr)
         pipe = load_pipeline(args, model_dir, device, tp_mesh=mesh)
         if args.compile:
-            pipe.compile()
+            pipe.compile(announce=not args.quiet)
         width, height = args.size if args.size else (None, None)
         generator = torch.Generator().manual_seed(args.seed)  # one generator over the chunks: -n 16 starts as -n 8
         kept = []  # the images for the grid sheet (grid_path: at most MAX_GRID_IMAGES)
@@ -442,6 +468,9 @@ def run_generate_many(args) -> list[Path]:
 
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
+    for flag, v in (("-n", args.num_images), ("--batch", args.batch)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
     items = read_prompts(args.prompts)  # bad input fails before anything is loaded, alike on every rank
     model_dir = model_path(args)
     settings = settings_in_force(args, model_dir, edit=False)
@@ -465,7 +494,7 @@ def run_generate_many(args) -> list[Path]:
                   f"{args.num_images} images, {info.world} process(es)", file=sys.stderr)
         pipe = load_pipeline(args, model_dir, device)
         if args.compile:
-            pipe.compile()
+            pipe.compile(announce=not args.quiet)
         summary = generate_many(pipe, job, info, progress=not args.quiet)
     finally:
         shutdown()
@@ -497,7 +526,32 @@ def run_info(args) -> list[Path]:
     return []
 
 
+@contextlib.contextmanager
+def warnings_in_one_line():
+    """The library's NextStepWarnings printed as ``nextstep: warning: ...`` lines, each once per command; other
+    warnings as Python shows them."""
+    shown: set[str] = set()
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, NextStepWarning):
+            return show(message, category, filename, lineno, file, line)
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"nextstep: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NextStepWarning)
+        warnings.showwarning = one_line
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings_in_one_line():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "sampler", None) == DISTILLED:  # the distilled head's sampler: fast mode by its other name
         args.fast = True

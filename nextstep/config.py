@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,9 +222,17 @@ class SamplingConfig:
     edit_time_shift: float = 3.2
     edit_negative_prompt: str = "Copy original image."
     noise_level: float = 0.8  # read by the 1.1 samplers
+    # the image sizes ("WxH") the model was trained at; others are warned about (``size_warning``); empty: not known
+    trained_sizes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from .sampling.flow import DISTILLED
+
+        if isinstance(self.trained_sizes, str) or not all(
+                isinstance(x, str) and re.fullmatch(r"[1-9]\d*x[1-9]\d*", x) for x in self.trained_sizes):
+            raise ConfigError(f"sampling defaults: trained_sizes must be a list of sizes like \"64x64\" "
+                              f"(WIDTHxHEIGHT), got {self.trained_sizes!r}")
+        self.trained_sizes = tuple(self.trained_sizes)
 
         if self.sampler == DISTILLED:  # a distilled head is loaded on top of a model, never its default sampler
             raise ConfigError(f"sampling defaults: sampler {DISTILLED!r} names a distilled head's sampler; a model's "
@@ -233,6 +242,14 @@ class SamplingConfig:
                 self.resolve(edit)
             except InputError as e:
                 raise ConfigError(f"sampling defaults{' for editing' if edit else ''}: {e}") from None
+
+    def size_warning(self, width: int, height: int) -> str | None:
+        """What to tell a caller who asks this model for ``width`` x ``height`` when it was trained at other sizes
+        only (None: a trained size, or the trained sizes are not known)."""
+        if not self.trained_sizes or f"{width}x{height}" in self.trained_sizes:
+            return None
+        return (f"this model was trained at {' and '.join(self.trained_sizes)} only: at {width}x{height} it may draw "
+                f"noise rather than a picture")
 
     def resolve(self, edit: bool, **overrides: Any) -> Settings:
         """The settings of one call: ``overrides`` (any :class:`Settings` field; None means "the default") on top of
@@ -265,7 +282,7 @@ class SamplingConfig:
         from .official import schema_of  # the config.json schema tells NextStep-1 from 1.1
 
         model_config = Path(path) / "config.json"
-        base = cls.for_format(schema_of(json.loads(model_config.read_text())) if model_config.is_file() else "v1")
+        base = cls.for_format(schema_of(_read_json(model_config)) if model_config.is_file() else "v1")
         f = Path(path) / "generation_config.json"
         if not f.is_file():
             return base
@@ -290,6 +307,13 @@ class SamplingConfig:
         d["nextstep"] = dataclasses.asdict(self)
         with atomic_path(f) as tmp:
             tmp.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 # ---- named presets ----------------------------------------------------------------------------------------------

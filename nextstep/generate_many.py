@@ -64,6 +64,12 @@ if TYPE_CHECKING:  # the process-group helpers load with the first call, not wit
     from .train.distributed import DistInfo
 
 LAYOUTS = ("flat", "geneval")
+# a run record's keys as the `generate-many` command line names what decides them (sampling settings keep their own
+# names: the CLI turns those into its flags)
+RECORD_WORDS = {"prompts": "the number of prompts", "prompts_sha256": "the prompts", "images_per_prompt": "-n",
+                "seed": "--seed", "layout": "--layout", "size": "--size", "batch": "--batch", "model": "--model",
+                "vae": "--vae", "dtype": "--dtype", "quantize": "--quantize", "compile": "--compile",
+                "device": "--device", "head": "--fast's head"}
 RUN_FILE = "generate-many.json"
 MANIFEST = "manifest.jsonl"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -196,8 +202,9 @@ class Job:
                 diff = sorted(k for k in set(old) | set(record) if k != "settings" and old.get(k) != record.get(k))
                 s_old, s_new = old.get("settings") or {}, record["settings"]
                 diff += sorted(k for k in set(s_old) | set(s_new) if s_old.get(k) != s_new.get(k))
-                raise InputError(f"{self.out} holds a run with other {', '.join(diff)} ({path}): resume it with the "
-                                 f"same prompts and settings, or write to a new output directory")
+                words = list(dict.fromkeys(RECORD_WORDS.get(k, k) for k in diff))  # a setting: the CLI names it
+                raise InputError(f"{self.out} holds another run ({path}): it differs in {', '.join(words)}; resume "
+                                 f"it with the same prompts and settings, or write to a new output directory")
         elif self.out.exists() and not self.out.is_dir():
             raise InputError(f"--out {self.out} is a file, not a directory")
         if not is_main:

@@ -187,11 +187,8 @@ def positions(pipe, prompt: str) -> dict[str, Any]:
     length check), and the native size."""
     cfg, m = pipe.model.config, pipe.size_multiple
     limit = cfg.transformer.max_position_embeddings
-    g = math.isqrt(limit)
-    longest, _ = prompt_length(pipe, prompt, (g, g))
-    while g > 0 and longest + g * g > limit:  # the image-area text changes with the grid: step down to a fit
-        g -= 1
-        longest, _ = prompt_length(pipe, prompt, (max(g, 1), max(g, 1)))
+    g = pipe.largest_square(prompt, pipe.defaults.resolve(False), edit=False) // m  # the size errors' advice too
+    longest, _ = prompt_length(pipe, prompt, (max(g, 1), max(g, 1)))
     return {"max_position_embeddings": limit, "prompt_tokens": longest, "native_size": m * cfg.base_image_grid_size,
             "largest_square": g * m, "largest_square_tokens": g * g, "pixels_per_token": m}
 

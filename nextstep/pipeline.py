@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from . import hub
 from .checkpoint import read_json, require_dir
 from .config import SamplingConfig
-from .errors import CheckpointError, InputError, MissingFileError
+from .errors import CheckpointError, InputError, MissingFileError, SizeWarning
 from .images import ImageInput, fit_image, load_image, to_pil, to_unit
 from .model.distilled_head import DistilledHead
 from .model.kv_cache import KVCache
@@ -37,7 +38,7 @@ from .model.latents import unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
 from .official import schema_of
-from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad
+from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad, require_prompt
 from .sampling.flow import DISTILLED
 from .sampling.guidance import Guidance, image_blocks
 from .sampling.noise import NoiseSource
@@ -61,6 +62,23 @@ class PipelineOutput:
     thoughts: list[str] | None = None  # self-CoT text per prompt (think=True)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (timings=True): encode, prefill,
     #                                                          backbone, head, decode
+
+
+COMPILE_NOTICE = ("nextstep: compiling the per-token step with torch.compile (once; the first image token takes a "
+                  "while, up to a minute or more)")
+
+
+class _FirstCallNotice:
+    """A function that prints ``notice`` to stderr before its first call (where ``torch.compile`` compiles)."""
+
+    def __init__(self, fn: Callable, notice: str):
+        self.fn, self.notice = fn, notice
+
+    def __call__(self, *args, **kwargs):
+        if self.notice:
+            tqdm.write(self.notice, file=sys.stderr)
+            self.notice = ""
+        return self.fn(*args, **kwargs)
 
 
 def bundled_model_dir() -> Path | None:
@@ -208,16 +226,19 @@ class NextStepPipeline:
         """Pixels per image token along a side (16 for an f8 VAE with 2x2 patches)."""
         return self.vae.config.downsample * self.model.config.patch_size
 
-    def compile(self, cache_bucket: int = 256, **options) -> NextStepPipeline:
+    def compile(self, cache_bucket: int = 256, announce: bool = True, **options) -> NextStepPipeline:
         """Compile the per-token backbone step with ``torch.compile`` (``options`` are passed on). The step has
         static shapes and keeps its position on the device, so one compilation serves every token; KV caches are
         then sized in multiples of ``cache_bucket`` slots, so prompts of different lengths share a compilation
         (a new one comes with a new batch layout or a longer bucket). Masked slots change no output beyond float
-        rounding. CUDA graphs (``mode="reduce-overhead"``) additionally need a cache reused across calls: not yet."""
+        rounding. CUDA graphs (``mode="reduce-overhead"``) additionally need a cache reused across calls: not yet.
+        Compiling happens in the first call that draws an image, and takes a while (48 s on a 2-core CPU for the
+        bundled model): with ``announce`` that call says so on stderr, once."""
         if not isinstance(cache_bucket, int) or cache_bucket < 1:
             raise InputError(f"cache_bucket must be a positive integer, got {cache_bucket!r}")
         self._cache_bucket = cache_bucket
-        self._decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **options)
+        step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **options)
+        self._decode_step = _FirstCallNotice(step, COMPILE_NOTICE) if announce else step
         return self
 
     # ---- the call -------------------------------------------------------------------------------------------------
@@ -273,7 +294,9 @@ class NextStepPipeline:
             latents = self.encode_images(source, Guidance(), 1) if source is not None else None
             cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
         rows = self._rows(cond_ids, settings.negative_prompt, grid, guidance, num_images_per_prompt)
-        self._check_length(rows, grid, prompt_length)  # before any image is encoded
+        self._check_length(rows, grid, prompt_length, captions, settings, images is not None)  # before encoding
+        if (untrained := self.defaults.size_warning(width, height)) is not None:
+            warnings.warn(untrained, SizeWarning, stacklevel=3)  # the caller's line: __call__ -> _generate -> here
         with clock("encode"):
             latents = self.encode_images(source, guidance, num_images_per_prompt) if source is not None else None
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device,
@@ -293,6 +316,8 @@ class NextStepPipeline:
             raise InputError("prompt list is empty")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
+        for p in prompts:
+            require_prompt(p)
         if not isinstance(n, int) or n < 1:
             raise InputError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
         if output_type not in OUTPUT_TYPES:
@@ -345,7 +370,23 @@ class NextStepPipeline:
         guidance = Guidance.from_settings(settings, edit)
         return self._rows([self._caption(prompt, [grid] if edit else [])], settings.negative_prompt, grid, guidance, 1)
 
-    def _check_length(self, rows: list[list[int]], grid: tuple[int, int], prompt_length: int | None = None) -> None:
+    def largest_square(self, prompt: str, settings: Settings, edit: bool, max_side: int | None = None) -> int:
+        """The side in pixels of the largest square image a call for ``prompt`` can draw within the model's
+        positions (its longest prompt row, with an edit's input image at the output size, plus the image's tokens),
+        at most ``max_side``; 0 when no size fits. The advice of the pipeline's and the server's size errors."""
+        m, limit = self.size_multiple, self.model.config.transformer.max_position_embeddings
+        lo, hi = 0, math.isqrt(limit) if max_side is None else min(math.isqrt(limit), max_side // m)  # tokens a side
+
+        def fits(g: int) -> bool:
+            return max(map(len, self.prompt_rows(prompt, (g, g), settings, edit))) + g * g <= limit
+
+        while lo < hi:  # what a row holds grows with the grid: the largest fitting side by bisection
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo * m
+
+    def _check_length(self, rows: list[list[int]], grid: tuple[int, int], prompt_length: int | None = None,
+                      captions: list[str] = (), settings: Settings | None = None, edit: bool = False) -> None:
         longest, tokens = max(len(r) for r in rows), grid[0] * grid[1]
         if prompt_length is not None:
             if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < longest:
@@ -354,10 +395,11 @@ class NextStepPipeline:
             longest = prompt_length
         limit = self.model.config.transformer.max_position_embeddings
         if longest + tokens > limit:
-            side = int(math.sqrt(max(limit - longest, 0))) * self.size_multiple
-            raise InputError(f"prompt ({longest} tokens) + image ({tokens} tokens) exceeds the model's {limit} "
-                             f"positions: use a smaller size (at most about {side}x{side} with this prompt) or a "
-                             f"shorter prompt")
+            side = min((self.largest_square(c, settings, edit) for c in set(captions)), default=0) if settings else 0
+            advice = (f"use a smaller size (at most {side}x{side} with this prompt) or a shorter prompt" if side else
+                      "no size fits this prompt: shorten it")
+            raise InputError(f"{'prompt and input image' if edit else 'prompt'} ({longest} tokens) + image ({tokens} "
+                             f"tokens) exceeds the model's {limit} positions: {advice}")
 
     def _caption(self, text: str, grids: list[tuple[int, int]] = ()) -> list[int]:
         return caption_ids(self.tokenizer, text, grids, bos=self.format == "v1.1")

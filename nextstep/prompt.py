@@ -18,6 +18,14 @@ from .tokenizer import Tokenizer
 IMAGE_TAG = "<image>"
 
 
+def require_prompt(text: str, what: str = "prompt") -> None:
+    """The one rule for prompts, alike in the Python API, the CLI and the server: a blank one (empty, or only
+    whitespace) is refused: the model would draw its unconditional picture, which nobody asks for by an empty
+    prompt. ``what`` names it as the caller's user knows it (the CLI's "instruction", the server's field)."""
+    if not text.strip():
+        raise InputError(f"{what} is empty: say what to draw" if what == "prompt" else f"{what} is empty")
+
+
 def area_text(grid: tuple[int, int]) -> str:
     """The text after ``<|image_area|>`` that states a token grid: rows*cols."""
     return f"{grid[0]}*{grid[1]}"

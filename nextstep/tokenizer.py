@@ -61,7 +61,11 @@ class Tokenizer:
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():
             raise MissingFileError(f"tokenizer.json not found in {p}")
-        return cls(_HFTokenizer.from_file(str(f)), source=str(f), bos_token=_bos_token(f.parent))
+        try:
+            tok = _HFTokenizer.from_file(str(f))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise CheckpointError(f"{f} is not a valid tokenizer file: {e}") from None
+        return cls(tok, source=str(f), bos_token=_bos_token(f.parent))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """``tokenizer.json``, and the bos token (if any) in ``tokenizer_config.json`` as Hugging Face writes it."""

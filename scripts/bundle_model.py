@@ -43,7 +43,7 @@ def main() -> None:
     edit_cfg = args.cfg if args.edit_cfg is None else args.edit_cfg
     SamplingConfig(guidance_scale=args.cfg, num_inference_steps=args.steps, time_shift=args.shift,
                    sampler=args.sampler, edit_guidance_scale=edit_cfg, edit_image_guidance_scale=args.image_cfg,
-                   edit_time_shift=args.edit_shift, edit_negative_prompt="").save(DEST)
+                   edit_time_shift=args.edit_shift, edit_negative_prompt="", trained_sizes=("64x64",)).save(DEST)
     size = sum(f.stat().st_size for f in DEST.rglob("*") if f.is_file())
     print(f"bundled {src} -> {DEST} ({size / 2**20:.1f} MiB)")
 

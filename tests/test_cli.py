@@ -237,3 +237,147 @@ def test_an_unwritable_output_directory_is_found_before_loading(tmp_path, capsys
     assert cli.main(["generate", "x", "-o", str(tmp_path / "x.png"), "--quiet"]) == 2
     assert capsys.readouterr().err == (f"nextstep: error: -o {tmp_path / 'x.png'}: cannot write in {tmp_path} "
                                        f"(Permission denied)\n")
+
+
+# ---- the rough edges a new user hit ----------------------------------------------------------------------------
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_bad_port_before_loading(port, monkeypatch, capsys):
+    from helpers import need
+
+    need("fastapi", "pip install -e '.[serve]'")
+    from nextstep.serve import runner
+
+    monkeypatch.setattr(runner.NextStepPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["serve", "--port", port]) == 2
+    assert one_line(capsys.readouterr().err) == f"nextstep: error: --port must be from 0 to 65535 (0: a free port), " \
+                                                f"got {port}\n"
+
+
+def test_serve_finds_a_port_in_use_before_loading(monkeypatch, capsys):
+    import socket
+
+    from helpers import need
+
+    need("fastapi", "pip install -e '.[serve]'")
+    from nextstep.serve import runner
+
+    monkeypatch.setattr(runner.NextStepPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "--port 0" in err
+
+
+def test_serve_port_0_prints_the_port_it_got(monkeypatch, capsys):
+    from helpers import need
+
+    need("fastapi", "pip install -e '.[serve]'")
+    from nextstep.serve import runner
+
+    served = []
+    monkeypatch.setattr(runner.NextStepPipeline, "from_pretrained", lambda *a, **k: "a pipeline")
+    monkeypatch.setattr(runner, "create_app", lambda pipe, **k: None)
+    monkeypatch.setattr(runner._Server, "run", lambda self, sockets=None: served.append(sockets[0].getsockname()[1]))
+    assert main(["serve", "--port", "0"]) == 0
+    assert served and served[0] != 0
+    assert f"on http://127.0.0.1:{served[0]}/ " in capsys.readouterr().out
+
+
+def save_png(path, w, h):
+    Image.new("RGB", (w, h), (240, 240, 240)).save(path)
+    return str(path)
+
+
+def test_edit_size_advice_is_the_servers(tmp_path, capsys, bundled_pipe):
+    """The bundled model holds 512 positions: an edit at 512x512 needs twice 1024. The advice is the largest square
+    size that fits (240x240 for this instruction: its own tokens, the input and the output at 15x15 tokens), the one
+    function the server's 400 uses too."""
+    src = save_png(tmp_path / "512.png", 512, 512)
+    out = ["-o", str(tmp_path / "x.png"), "--steps", "2", "--quiet"]
+    assert main(["edit", src, "make the circle blue", *out]) == 2
+    err = one_line(capsys.readouterr().err)
+    side = bundled_pipe.largest_square("make the circle blue", bundled_pipe.resolve_settings(True), edit=True)
+    assert side == 240 and "use a smaller size (at most 240x240 with this prompt)" in err, err
+    big = save_png(tmp_path / "4096.png", 4096, 4096)
+    assert main(["edit", big, "make the circle blue", *out]) == 2
+    assert "at most 240x240" in one_line(capsys.readouterr().err)
+    assert main(["edit", src, "make the circle blue", "--size", "240x240", *out]) == 0  # the advice works
+    assert main(["edit", src, "make the circle blue", "--size", "256x256", *out]) == 2  # and is the largest
+    capsys.readouterr()
+    assert main(["generate", "a red circle " * 10000, *out]) == 2  # a 100 KB prompt: no size fits
+    assert "no size fits this prompt: shorten it" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json", "vae/config.json"])
+def test_a_broken_config_file_is_named(name, tmp_path, capsys):
+    import shutil
+
+    from nextstep.pipeline import bundled_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_model_dir(), model)
+    (model / name).write_text('{"hidden_size":\n}')
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--model", str(model), "--quiet"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"nextstep: error: {model / name} is not "), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "shapes", "--n", "-1"], "--n must be >= 0, got -1"),
+    (["eval", "shapes", "--n", "0"], "nothing to score: --n 0 and --edits 0"),
+    (["eval", "shapes", "--edits", "-2"], "--edits must be >= 0, got -2"),
+    (["eval", "shapes", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["generate-many", "PROMPTS", "--out", "OUT", "-n", "0"], "-n must be >= 1, got 0"),
+    (["generate-many", "PROMPTS", "--out", "OUT", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["edit", "DIR", "make it blue", "-o", "OUT/x.png"], "the input image DIR is a directory"),
+    (["generate", "", "-o", "OUT/x.png"], "prompt is empty: say what to draw"),
+    (["generate", "  \n", "-o", "OUT/x.png"], "prompt is empty: say what to draw"),
+    (["edit", "IMAGE", " ", "-o", "OUT/x.png"], "instruction is empty"),
+])
+def test_messages_name_the_clis_flags_before_loading(argv, message, tmp_path, capsys, monkeypatch):
+    from nextstep import cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    paths = {"PROMPTS": str(tmp_path / "prompts.txt"), "OUT": str(tmp_path / "out"), "DIR": str(tmp_path),
+             "IMAGE": save_png(tmp_path / "in.png", 64, 64)}
+    argv = [paths.get(a, a).replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main([*argv, "--quiet"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err == f"nextstep: error: {message.replace('DIR', str(tmp_path))}\n" or \
+        err.startswith(f"nextstep: error: {message.replace('DIR', str(tmp_path))}"), err
+
+
+def test_sizes_the_model_was_not_trained_at_are_warned_about(tmp_path, capsys):
+    """The bundled model was trained at 64x64 only (its generation_config.json says so): other sizes print one
+    warning line; 64x64 none."""
+    out = ["-o", str(tmp_path / "x.png"), "--steps", "2", "--quiet"]
+    assert main(["generate", "a red circle", "--size", "32x32", "-n", "2", *out]) == 0
+    assert capsys.readouterr().err == ("nextstep: warning: this model was trained at 64x64 only: at 32x32 it may "
+                                       "draw noise rather than a picture\n")
+    assert main(["generate", "a red circle", *out]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_compile_says_once_that_it_is_compiling(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from nextstep.pipeline import COMPILE_NOTICE
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)  # the message, not the 48 s
+    monkeypatch.setattr("nextstep.cli.MAX_IMAGES_PER_CALL", 1)  # two pipeline calls: still one message
+    assert main(["generate", "a red circle", "-n", "2", "--compile", "--steps", "2", "-o", str(tmp_path / "x.png"),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err.count(COMPILE_NOTICE) == 0  # --quiet: silent
+    assert main(["generate", "a red circle", "-n", "2", "--compile", "--steps", "2", "-o",
+                 str(tmp_path / "x.png")]) == 0
+    assert capsys.readouterr().err.count(COMPILE_NOTICE) == 1

@@ -205,9 +205,13 @@ def test_resume_refuses_other_settings(reference, prompts_file, tmp_path, capsys
     before = files(out)
     assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS, "--cfg", "2"]) == 2
     err = capsys.readouterr().err
-    assert "holds a run with other --cfg" in err and "new output directory" in err
+    assert "it differs in --cfg;" in err and "new output directory" in err
     assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS[:-2], "--seed", "8"]) == 2
-    assert "other seed" in capsys.readouterr().err
+    assert "it differs in --seed;" in capsys.readouterr().err
+    edited = tmp_path / "edited.jsonl"  # the run's words, never its record's keys (prompts_sha256)
+    edited.write_text(prompts_file.read_text().replace("a red circle", "a red square"))
+    assert main(["generate-many", str(edited), "--out", str(out), *ARGS]) == 2
+    assert "it differs in the prompts;" in capsys.readouterr().err
     assert files(out) == before
     # the same settings: nothing to do, nothing written
     assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS]) == 0

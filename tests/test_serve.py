@@ -695,3 +695,40 @@ def test_openapi_schema_shows_the_limits(client):
 def test_serve_refuses_a_missing_model(tmp_path):
     with pytest.raises(FileNotFoundError):
         serve(tmp_path / "no-such-model", port=0)
+
+
+# ---- what a new user met --------------------------------------------------------------------------------------
+def test_health_keys_are_the_documented_ones(client):
+    """docs/server.md's /health row names every key /health answers with (it said "counters" for ``stats``)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `GET /health`"))
+    h = client.get("/health").json()
+    assert [k for k in h if f"`{k}`" not in row] == []
+    assert h["model"]["trained_sizes"] == [] and "`trained_sizes`" in row  # the fixture model's are not known
+
+
+def test_health_lists_the_sizes_the_model_was_trained_at_and_size_advice_is_the_pipelines(bundled_pipe):
+    """The bundled model was trained at 64x64; its 512 positions hold no 512x512 image: the 400 names
+    ``pipe.largest_square`` (the CLI's advice too)."""
+    settings = bundled_pipe.resolve_settings(False)
+    side = bundled_pipe.largest_square("a red circle", settings, edit=False, max_side=limits.MAX_SIZE)
+    with local(create_app(bundled_pipe)) as c:
+        assert c.get("/health").json()["model"]["trained_sizes"] == ["64x64"]
+        r = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "512x512"})
+    assert_error(r, 400, f"the largest square size for this prompt is {side}x{side}")
+
+
+def test_favicon_is_served(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in client.get("/").text
+
+
+def test_blank_prompts_get_the_pipelines_words(client, pipe):
+    """One rule for the CLI, the Python API and the server (``prompt.require_prompt``)."""
+    with pytest.raises(InputError) as e:
+        pipe(" ", progress=False)
+    r = client.post("/v1/images/generations", json={"prompt": " "})
+    assert r.status_code == 400 and r.json()["error"]["message"] == str(e.value)

@@ -17,7 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..errors import InputError, SettingError
 from ..pipeline import NextStepPipeline
-from ..prompt import IMAGE_TAG
+from ..prompt import IMAGE_TAG, require_prompt
 from ..sampling.flow import DISTILLED
 from ..settings import SPEC, SPECS, Settings
 from .limits import (
@@ -56,8 +56,11 @@ def _check_text(name: str, text: str | None, tags_allowed: int, required: bool) 
     """The schema bounds the length; this rejects a blank prompt and image tags the request has no image for."""
     if text is None:
         return
-    if required and not text.strip():
-        raise ApiError(400, f"{name} is empty", param=name)
+    if required:
+        try:
+            require_prompt(text, name)  # the pipeline's and the CLI's rule
+        except InputError as e:
+            raise ApiError(400, str(e), param=name) from None
     if text.count(IMAGE_TAG) > tags_allowed:
         raise ApiError(400, f"{name} may contain {IMAGE_TAG} at most {tags_allowed} time(s) (it marks the input "
                             f"image of an edit)", param=name)
@@ -115,9 +118,7 @@ def _check_context(pipe: NextStepPipeline, req: GenerationRequest, settings: Set
     need = _positions(rows, size, m)
     if need <= limit:
         return rows[0]
-    fits = (s for s in range(MAX_SIZE // m * m, 0, -m)
-            if _positions(_prompt_rows(pipe, req, settings, (s, s), edit), (s, s), m) <= limit)
-    largest = next(fits, None)
+    largest = pipe.largest_square(req.prompt, settings, edit, MAX_SIZE)  # the CLI's advice too
     hint = (f"the largest square size for this prompt is {largest}x{largest}"
             if largest else "no size fits: shorten the prompt")
     raise ApiError(400, f"size {size[0]}x{size[1]} needs {need} positions (prompt and image tokens) but the model "

@@ -2,7 +2,7 @@
 
 Endpoints
     GET  /                                   the single-page UI (static files held in memory)
-    GET  /health                             status, model info, queue depth, limits, counters
+    GET  /health                             status, model info, queue depth, defaults, limits, stats (counters)
     GET  /openapi.json                       the OpenAPI schema (no /docs page: Swagger UI would load from a CDN)
     POST /v1/images/generations              JSON in, ``{"created", "seed", "size", "usage", "data": [{"b64_json"}]}``;
                                              with ``"stream": true`` OpenAI's image stream (see below)
@@ -97,7 +97,9 @@ from .worker import Job, Worker
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
                 "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-                "/app.css": ("app.css", "text/css; charset=utf-8")}
+                "/app.css": ("app.css", "text/css; charset=utf-8"),
+                "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+                "/favicon.ico": ("favicon.svg", "image/svg+xml")}  # where browsers look without a <link rel=icon>
 
 
 def _api_settings(s: Settings, edit: bool) -> dict:
@@ -123,7 +125,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     worker = Worker(pipe, queue_size, preview_every, max_batch, batch_wait_s, reproducible)
     model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
-                  "native_size": native}
+                  "native_size": native, "trained_sizes": list(pipe.defaults.trained_sizes)}  # [] not known
     defaults = {"generation": _api_settings(pipe.defaults.resolve(False), edit=False),
                 "edit": _api_settings(pipe.defaults.resolve(True), edit=True)}
     fast = {"available": pipe.head is not None}  # the distilled head's settings ("fast": true requests)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from .. import hub
+from ..checkpoint import require_dir
 from ..errors import InputError
 from ..pipeline import NextStepPipeline
 from .limits import QUEUE_SIZE
@@ -48,6 +51,10 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
     access = Access(api_key=api_key, allow_origins=tuple(allow_origins), bound_host=host)
     options = {"queue_size": queue_size, "reproducible": reproducible}  # create_app's
     check_exposure(host, access, public_without_key)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"--port must be from 0 to 65535 (0: a free port), got {port!r}")
+    if model_dir is not None and not hub.REPO_ID.match(str(model_dir)):  # a missing directory: before the port
+        require_dir(Path(model_dir), "model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -58,25 +65,28 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
     if tp < 1:
         raise InputError(f"tp must be >= 1, got {tp}")
     if tp == 1:
-        pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
-        _run(pipe, model_dir, host, port, access, options, f"{device}, {dtype}")
+        with listen(host, port) as sock:  # before the model loads: a port in use is found in a moment
+            pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
+            _run(pipe, model_dir, sock, host, access, options, f"{device}, {dtype}")
         return
     from ..parallel import join_tensor_parallel
     from ..train.distributed import shutdown
 
     try:
         info, mesh, device = join_tensor_parallel(tp, torch.device(device))
-        pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head,
-                                                tp_mesh=mesh)
-        if info.is_main:
-            _lead(pipe, mesh, model_dir, host, port, access, options, f"{device}, {dtype}, {tp} ranks")
-        else:
-            _follow(pipe, mesh)
+        with listen(host, port) if info.is_main else contextlib.nullcontext() as sock:
+            # (a rank-0 port in use ends rank 0 here; the others then fail at their first collective)
+            pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head,
+                                                    tp_mesh=mesh)
+            if info.is_main:
+                _lead(pipe, mesh, model_dir, sock, host, access, options, f"{device}, {dtype}, {tp} ranks")
+            else:
+                _follow(pipe, mesh)
     finally:
         shutdown()
 
 
-def _lead(pipe, mesh, model_dir, host, port, access, options: dict, where: str) -> None:
+def _lead(pipe, mesh, model_dir, sock, host, access, options: dict, where: str) -> None:
     """Rank 0: serve with the replicating pipeline; then release the followers. SIGTERM (what torchrun sends its
     processes when it is stopped) ends the server as Ctrl-C does instead of killing the process after uvicorn's
     graceful shutdown, so the followers always hear the shutdown."""
@@ -85,7 +95,7 @@ def _lead(pipe, mesh, model_dir, host, port, access, options: dict, where: str) 
     leader = Leader(pipe, mesh)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        _run(leader, model_dir, host, port, access, options, where)
+        _run(leader, model_dir, sock, host, access, options, where)
     except KeyboardInterrupt:  # a signal while uvicorn was not running its handlers
         pass
     finally:
@@ -106,14 +116,39 @@ def _follow(pipe, mesh) -> None:
     follow(pipe, mesh)
 
 
-def _run(pipe, model_dir, host, port, access, options: dict, where: str) -> None:
+@contextlib.contextmanager
+def listen(host: str, port: int) -> Iterator[socket.socket]:
+    """A socket bound to ``host``:``port`` (0: a free port), for uvicorn to serve on; an address that cannot be had
+    (in use, not this machine's, a privileged port) is an InputError that says what to do."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = ("another program is listening there (another nextstep serve?): choose another --port, or --port 0 "
+                "for a free one" if e.errno == errno.EADDRINUSE else "choose another --host or --port")
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from None
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def _run(pipe, model_dir, sock: socket.socket, host: str, access, options: dict, where: str) -> None:
     name = Path(model_dir).name if model_dir is not None else "bundled"
     app = create_app(pipe, model_name=name, access=access, **options)
     if not is_loopback(host.strip("[]")) and access.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    port = sock.getsockname()[1]  # the real one when --port 0 asked for any
     print(f"nextstep: serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/ ({where})")
     try:
-        _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)).run()
+        _Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
         pass
 
