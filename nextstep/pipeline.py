@@ -6,6 +6,8 @@ Reading order of ``NextStepPipeline._generate`` (what ``__call__`` runs):
     5. for each image token in raster order: condition the flow head on the last hidden state, integrate its
        velocity (``sampling.flow``) under guidance (``sampling.guidance``), feed the token back for one step;
     6. unpatchify the tokens and decode them with the VAE.
+A masked edit (``mask=``) feeds the input image's own tokens in step 5 away from the mask (``KeptTokens``), and in
+step 6 pastes the input's pixels back outside the mask (``paste_outside``).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from . import hub
 from .checkpoint import read_json, require_dir
 from .config import SamplingConfig
 from .errors import CheckpointError, InputError, MissingFileError, SizeWarning
-from .images import ImageInput, fit_image, load_image, to_pil, to_unit
+from .images import ImageInput, fit_image, fit_mask, load_image, load_mask, to_pil, to_unit
 from .model.distilled_head import DistilledHead
 from .model.kv_cache import KVCache
-from .model.latents import unpatchify
+from .model.latents import patchify, token_mask, unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
 from .official import schema_of
@@ -52,6 +54,10 @@ if TYPE_CHECKING:
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 FAST_HEAD_DIR = "fast"  # a model directory's own distilled head, loaded with it
+# A masked edit also generates the tokens within this many tokens of the mask (their pixels outside the mask are still
+# the input's): a VAE token encodes its neighbours' pixels too, so a kept neighbour still shows the old object and pulls
+# the model back to copying it (benchmarks/masked_edits.py; docs/api.md#masked-editing has the numbers).
+MASK_MARGIN = 1
 
 
 @dataclass
@@ -62,6 +68,21 @@ class PipelineOutput:
     thoughts: list[str] | None = None  # self-CoT text per prompt (think=True)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (timings=True): encode, prefill,
     #                                                          backbone, head, decode
+
+
+@dataclass
+class KeptTokens:
+    """The image tokens a masked edit takes from its input image instead of sampling them."""
+
+    tokens: torch.Tensor  # (B, h*w, token_dim) the input image's tokens at the output grid, one row per image drawn
+    keep: torch.Tensor  # (B, h*w) bool: True where a token is the input's (no pixel in the mask or its margin)
+
+    def __post_init__(self):
+        self.every_row = self.keep.all(dim=0).tolist()  # per token: kept in every row (then the head is skipped)
+
+    def merge(self, k: int, sampled: torch.Tensor) -> torch.Tensor:
+        """Token k of every row: the input's where kept, else ``sampled`` (B, token_dim)."""
+        return torch.where(self.keep[:, k, None], self.tokens[:, k], sampled)
 
 
 COMPILE_NOTICE = ("nextstep: compiling the per-token step with torch.compile (once; the first image token takes a "
@@ -247,7 +268,8 @@ class NextStepPipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  progress: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
                  positive_prompt: str | None = None, think: bool = False, max_think_tokens: int = 64,
-                 timings: bool = False, fast: bool = False, **settings: Any) -> PipelineOutput:
+                 timings: bool = False, fast: bool = False, mask: ImageInput | list[ImageInput] | None = None,
+                 **settings: Any) -> PipelineOutput:
         """``settings``: the sampling settings by name (``nextstep.settings.Settings``: ``guidance_scale``,
         ``image_guidance_scale``, ``guidance_schedule``, ``num_inference_steps``, ``time_shift``, ``sampler``,
         ``token_norm``, ``noise_level``, ``negative_prompt``); those left out or None take the model's defaults
@@ -255,16 +277,23 @@ class NextStepPipeline:
         ``PipelineOutput.timings`` (it synchronises the device at each phase). ``fast=True`` (or
         ``sampler="distilled"``) samples with the distilled head (``head=`` in ``from_pretrained``):
         ``num_inference_steps`` (default: the head's) steps on the conditional branch alone, at the guidance it was
-        distilled for."""
+        distilled for.
+        ``mask`` (with ``image``; one, or one per input image) edits only part of the input, in OpenAI's convention: an
+        image of the input's size whose fully transparent pixels (alpha 0) mark where to edit (``images.load_mask``
+        reads PIL images, paths and tensors); it is resized with the input when the output size differs. The tokens
+        with a pixel in the mask, and those within ``MASK_MARGIN`` tokens of one, are generated; the others are the
+        input image's own (fed back, never sampled); the output's pixels outside the mask are the input's, exactly. A
+        mask covering the whole image gives the unmasked edit."""
         return self._generate(prompt, image, height, width, num_images_per_prompt, generator, output_type, progress,
-                              callback, positive_prompt, think, max_think_tokens, timings, fast, **settings)
+                              callback, positive_prompt, think, max_think_tokens, timings, fast, mask, **settings)
 
     @torch.no_grad()
     def _generate(self, prompt, image=None, height=None, width=None, num_images_per_prompt=1, generator=None,
                   output_type="pil", progress=True, callback=None, positive_prompt=None, think=False,
-                  max_think_tokens=64, timings=False, fast=False, *, exact: bool = False,
+                  max_think_tokens=64, timings=False, fast=False, mask=None, *, exact: bool = False,
                   observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                  prompt_length: int | None = None, group_noise: bool = False, **settings: Any) -> PipelineOutput:
+                  prompt_length: int | None = None, group_noise: bool = False, mask_margin: int = MASK_MARGIN,
+                  **settings: Any) -> PipelineOutput:
         """``__call__`` with the library's own hooks.
         ``exact=True`` keeps the reference implementation's arithmetic in the flow head (bit-for-bit reproduction of
         the official pipeline, about 2x slower per head step); the default computes each token's AdaLN modulations
@@ -277,14 +306,20 @@ class NextStepPipeline:
         still quantize a call's activations with one shared range).
         ``group_noise=True``: the ``num_images_per_prompt`` images of a prompt share each token's start noise and
         context noise and differ only by the sampler's step noise (identical with a deterministic sampler). RL
-        rollouts use it: every difference within a group is then one the policy's log-probability accounts for."""
+        rollouts use it: every difference within a group is then one the policy's log-probability accounts for.
+        ``mask_margin``: a masked edit generates the tokens within this many tokens of the mask too (default
+        ``MASK_MARGIN``; 0 keeps every token with no pixel in the mask: the benchmark's comparison)."""
         settings = self.resolve_settings(image is not None, fast, **settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = self._check(prompts, image, num_images_per_prompt, output_type)
+        masks = self._check_masks(mask, images, observe, mask_margin)
         height, width = self._size(height, width, images)
         grid = (height // self.size_multiple, width // self.size_multiple)
         guidance = Guidance.from_settings(settings, images is not None)
         source = [fit_image(x, height, width) for x in images] if images is not None else None
+        # (B, H, W) True where to edit, one per image drawn (a prompt's images in a row, as the noise rows)
+        region = (torch.stack([fit_mask(m, height, width) for m in masks]).repeat_interleave(num_images_per_prompt, 0)
+                  if masks is not None else None)
 
         clock = Stopwatch(timings)
         thoughts = None
@@ -298,16 +333,25 @@ class NextStepPipeline:
         if (untrained := self.defaults.size_warning(width, height)) is not None:
             warnings.warn(untrained, SizeWarning, stacklevel=3)  # the caller's line: __call__ -> _generate -> here
         with clock("encode"):
-            latents = self.encode_images(source, guidance, num_images_per_prompt) if source is not None else None
+            z = self.encode_latents(source) if source is not None else None
+        latents = self.image_rows(z, guidance, num_images_per_prompt) if z is not None else None
+        kept = None
+        if region is not None:  # the input's tokens at the output grid, kept where no pixel is in the mask
+            inputs = patchify(z, self.model.config.patch_size).float().repeat_interleave(num_images_per_prompt, 0)
+            kept = KeptTokens(inputs, ~token_mask(region, grid, mask_margin).to(self.device))
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device,
                             group_noise)
         tokens = self._sample_tokens(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
-                                     observe, prompt_length)
+                                     observe, prompt_length, kept)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:
             with clock("decode"):
-                images = self._format(to_unit(self.decode(tokens, grid)), output_type)
+                pixels = self.decode(tokens, grid)
+                if region is not None:
+                    pixels = paste_outside(pixels, torch.stack(source).repeat_interleave(num_images_per_prompt, 0),
+                                           region)
+                images = self._format(to_unit(pixels), output_type)
         return PipelineOutput(images=images, tokens=tokens, grid=grid, thoughts=thoughts, timings=dict(clock.totals))
 
     # ---- steps ----------------------------------------------------------------------------------------------------
@@ -330,6 +374,31 @@ class NextStepPipeline:
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} input images for {len(prompts)} prompts (give one, or one per prompt)")
         return [load_image(x) for x in images]
+
+    def _check_masks(self, mask, images: list[torch.Tensor] | None, observe, margin) -> list[torch.Tensor] | None:
+        """Each input image's mask as (H, W) bool, True where to edit (``images.load_mask``); None without a mask."""
+        if mask is None:
+            return None
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+            raise InputError(f"mask_margin must be an integer >= 0 (tokens), got {margin!r}")
+        if images is None:
+            raise InputError("mask needs an input image: it marks where to edit the image (alpha 0) and is given with "
+                             "image=")
+        if observe is not None:
+            raise InputError("observe= records sampled tokens; a masked edit copies some of its tokens from the input "
+                             "instead: not available with mask")
+        masks = [load_mask(m) for m in (mask if isinstance(mask, list) else [mask])]
+        if len(masks) == 1 and len(images) > 1:
+            masks = masks * len(images)
+        if len(masks) != len(images):
+            raise InputError(f"got {len(masks)} masks for {len(images)} input images (give one, or one per image)")
+        for i, (m, x) in enumerate(zip(masks, images)):
+            if m.shape != x.shape[-2:]:
+                which = f"input image {i}" if len(images) > 1 else "the input image"
+                raise InputError(f"the mask is {m.shape[1]}x{m.shape[0]} but {which} is {x.shape[2]}x{x.shape[1]}: "
+                                 f"a mask has its input image's size (when the output size differs, both are resized "
+                                 f"by the same rule)")
+        return masks
 
     def _size(self, height, width, images) -> tuple[int, int]:
         m = self.size_multiple
@@ -414,10 +483,19 @@ class NextStepPipeline:
 
     def encode_images(self, source: list[torch.Tensor], guidance: Guidance, n: int) -> list[torch.Tensor]:
         """Input images (each (3, H, W) in [-1, 1], already at the output size) -> scaled VAE latents for each image
-        block in row order: the ``n`` images of each prompt, for every guidance branch that carries the image."""
+        block in row order (``image_rows``)."""
+        return self.image_rows(self.encode_latents(source), guidance, n)
+
+    def encode_latents(self, source: list[torch.Tensor]) -> torch.Tensor:
+        """Input images (each (3, H, W) in [-1, 1], already at the output size) -> (P, C, h, w) scaled VAE latents."""
         x = torch.stack(source).to(self.device, self.vae.encoder.conv_in.weight.dtype)
-        z = self.vae.scale(self.vae.encode(x).mode())  # (P, C, h, w)
-        per_row = [z[i] for i in range(len(source)) for _ in range(n)]
+        return self.vae.scale(self.vae.encode(x).mode())
+
+    @staticmethod
+    def image_rows(z: torch.Tensor, guidance: Guidance, n: int) -> list[torch.Tensor]:
+        """(P, C, h, w) latents -> one per image block in row order: the ``n`` images of each prompt, for every
+        guidance branch that carries the image."""
+        per_row = [z[i] for i in range(z.shape[0]) for _ in range(n)]
         return per_row * image_blocks(guidance.branches)
 
     def _prefill(self, rows: list[list[int]], latents, extra: int, length: int | None = None
@@ -443,7 +521,10 @@ class NextStepPipeline:
 
     def _sample_tokens(self, rows, latents, grid, settings: Settings, guidance: Guidance, noise: NoiseSource,
                        progress: bool, callback, clock: Stopwatch, exact: bool = False, observe=None,
-                       prompt_length: int | None = None) -> torch.Tensor:
+                       prompt_length: int | None = None, kept: KeptTokens | None = None) -> torch.Tensor:
+        """The image tokens (B, h*w, token_dim) in raster order; with ``kept`` (a masked edit) the tokens it keeps are
+        the input's, fed back like sampled ones. Every token draws its noise whether sampled or kept, so a generated
+        token gets the noise it would get in an unmasked run with the same generator."""
         model, device = self.model, self.device
         total = grid[0] * grid[1]
         with clock("prefill"):
@@ -461,13 +542,18 @@ class NextStepPipeline:
         input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back
         tokens = torch.empty(noise.rows, total, model.config.token_dim, device=device)
         for k in tqdm(range(total), disable=not progress, desc="image tokens", leave=False):
-            cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
             fed_back = k + 1 < total  # the last token is not fed back (and draws no context noise)
             context = context_noise > 0 and fed_back
             # (draws, n, token_dim) in one call; with group_noise the start and context noise are a prompt's
             eps = noise.block(sample.draws + context, shared=(0, -1) if context else (0,))
-            with clock("head"):
-                x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
+            if kept is not None and kept.every_row[k]:  # the input's token in every row: no head call
+                x = kept.tokens[:, k]
+            else:
+                cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
+                with clock("head"):
+                    x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
+                if kept is not None:
+                    x = kept.merge(k, x)
             tokens[:, k] = x
             if callback is not None:
                 callback(k + 1, total, tokens[:, : k + 1])
@@ -493,3 +579,11 @@ class NextStepPipeline:
         if output_type == "np":
             return pixels01.permute(0, 2, 3, 1).cpu().numpy()
         return to_pil(pixels01)
+
+
+def paste_outside(pixels: torch.Tensor, source: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """A masked edit's composite: decoded ``pixels`` inside ``region`` (B, H, W) bool, the input image ``source``
+    (B, 3, H, W) in [-1, 1] outside it, exactly; the decoded pixels of tokens that straddle the mask's edge are kept
+    only inside it."""
+    region = region.to(pixels.device)[:, None]  # (B, 1, H, W)
+    return torch.where(region, pixels, source.to(pixels))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 
 def token_grid(latent_hw: tuple[int, int], patch: int) -> tuple[int, int]:
@@ -41,6 +42,20 @@ def unpatchify(tokens: torch.Tensor, grid_hw: tuple[int, int], patch: int) -> to
     x = tokens.reshape(b, gh, gw, c, patch, patch)
     x = torch.einsum("bhwcpq->bchpwq", x)  # (B, C, gh, p, gw, p)
     return x.reshape(b, c, gh * patch, gw * patch)
+
+
+def token_mask(pixels: torch.Tensor, grid_hw: tuple[int, int], margin: int = 0) -> torch.Tensor:
+    """(B, H, W) bool pixel mask -> (B, gh*gw) bool in raster order: True for each token of which any pixel is in
+    the mask (a token covers (H/gh) x (W/gw) pixels, 16 x 16 for an f8 VAE with 2x2 patches), and for every token
+    within ``margin`` tokens of one (Chebyshev distance: the 8 neighbours for 1)."""
+    b, h, w = pixels.shape
+    gh, gw = grid_hw
+    if h % gh or w % gw:
+        raise ValueError(f"a {h}x{w} pixel mask does not split into a {gh}x{gw} token grid")
+    touched = pixels.reshape(b, gh, h // gh, gw, w // gw).any(dim=4).any(dim=2)  # (B, gh, gw)
+    if margin:
+        touched = F.max_pool2d(touched[:, None].float(), 2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
+    return touched.reshape(b, gh * gw)
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
