@@ -29,7 +29,7 @@ from .errors import (
     WriteError,
 )
 from .generate_many import LAYOUTS
-from .images import grid_image, save_pngs
+from .images import grid_image, load_mask, save_pngs
 from .pipeline import FAST_HEAD_DIR, NextStepPipeline, bundled_model_dir
 from .prompt import area_text, require_prompt
 from .sampling.flow import DISTILLED, NEXTSTEP_11_SAMPLERS
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("edit", help="edit an image with an instruction")
     e.add_argument("image", help="input image file")
     e.add_argument("instruction")
+    e.add_argument("--mask", default=None, metavar="FILE",
+                   help="edit only where this PNG, the input image's size, is fully transparent (alpha 0; OpenAI's "
+                        "convention): the rest of the output is the input's pixels")
     _common(e, edit=True)
     for name, what in (("train", "train the autoregressive model"), ("train-vae", "train the VAE tokenizer"),
                        ("distill-head", "distill the flow head into a few-step head (guidance included)"),
@@ -398,6 +401,24 @@ def check_input_image(path: str) -> None:
         raise UsageError(f"input image not found: {path}")
 
 
+def check_mask(path: str, image: str) -> None:
+    """--mask read and checked against the input image before the model loads (the pipeline checks it again, and
+    reports an unreadable input image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"--mask {path}: not found" + (" (a directory)" if Path(path).is_dir() else ""))
+    edit = load_mask(path)
+    try:
+        with Image.open(image) as im:
+            size = im.size
+    except (UnidentifiedImageError, OSError):
+        return
+    if (edit.shape[1], edit.shape[0]) != size:
+        raise UsageError(f"--mask {path} is {edit.shape[1]}x{edit.shape[0]} but the input image is {size[0]}x{size[1]}"
+                         f": the mask must have the input image's size")
+
+
 def run(args) -> list[Path]:
     if args.num_images < 1:
         raise UsageError(f"-n must be >= 1, got {args.num_images}")
@@ -408,6 +429,8 @@ def run(args) -> list[Path]:
     require_prompt(args.instruction if edit else args.prompt, "instruction" if edit else "prompt")
     if edit:
         check_input_image(args.image)
+        if args.mask is not None:
+            check_mask(args.mask, args.image)
     device = pick_device(args.device)
     settings = {**sampling_overrides(args), **({"fast": True} if args.fast else {})}
     model_dir = model_path(args)
@@ -428,7 +451,8 @@ def run(args) -> list[Path]:
             count = min(MAX_IMAGES_PER_CALL, args.num_images - start)
             kwargs = dict(height=height, width=width, num_images_per_prompt=count, think=args.think,
                           generator=generator, progress=main and not args.quiet, **settings)
-            out = pipe(args.instruction, image=args.image, **kwargs) if edit else pipe(args.prompt, **kwargs)
+            out = (pipe(args.instruction, image=args.image, mask=args.mask, **kwargs) if edit
+                   else pipe(args.prompt, **kwargs))
             if not main:
                 continue
             if out.thoughts and start == 0:

@@ -188,3 +188,32 @@ def test_bad_masks_are_clear_errors(pipe, cases, tmp_path):
         call(rgba(region), mask_margin=-1)
     with pytest.raises(InputError, match="observe"):
         call(rgba(region), observe=lambda *a: None)
+
+
+# ---- the command line ----------------------------------------------------------------------------------------------
+def test_cli_edit_with_a_mask(tmp_path, cases, one_thread):
+    from nextstep.cli import main
+
+    src, mask, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    cases[0][0].save(src)
+    region = box(64, 64, 30, 50, 10, 40)
+    rgba(region).save(mask)
+    assert main(["edit", str(src), cases[0][1], "--mask", str(mask), "-o", str(out), "--steps", str(STEPS),
+                 "--quiet"]) == 0
+    got, before = np.asarray(Image.open(out).convert("RGB")), np.asarray(Image.open(src).convert("RGB"))
+    assert (got[~region] == before[~region]).all()
+
+
+def test_cli_bad_masks_are_one_line_errors(tmp_path, cases, capsys):
+    from nextstep.cli import main
+
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    cases[0][0].save(src)
+    rgba(box(64, 64, 0, 8, 0, 8)).convert("RGB").save(tmp_path / "rgb.png")
+    rgba(box(32, 32, 0, 8, 0, 8)).save(tmp_path / "small.png")
+    for mask, message in (("rgb.png", "no alpha channel"), ("small.png", "is 32x32 but the input image is 64x64"),
+                          ("missing.png", "not found")):
+        assert main(["edit", str(src), "x", "--mask", str(tmp_path / mask), "-o", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not out.exists()
