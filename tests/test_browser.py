@@ -96,11 +96,18 @@ def test_generate_shows_previews_then_the_image(page, tmp_path):
 
 def test_errors_are_shown_in_words(page):
     page.fill("#prompt", "a blue square")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img")
+    assert page.locator("#preview img").count() == 1  # the result, shown in the preview
+    # after an error the preview no longer shows the previous result (it looked like this request's)
     page.fill("#width", "72")
     page.fill("#steps", "2")
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])")
     assert "multiple of 16" in page.inner_text("#error")
+    assert page.locator("#preview img").count() == 0 and "appears here" in page.inner_text("#preview")
+    assert page.locator("#gallery figure").count() == 1  # the history stays
     page.fill("#prompt", "")
     page.click("#generate")
     page.wait_for_function("document.getElementById('error').textContent.includes('prompt')")
@@ -122,7 +129,7 @@ def test_edit_tab_uploads_and_edits(page, tmp_path):
     page.wait_for_function("document.querySelectorAll('#gallery figure img').length === 2 && "
                            "[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth > 0)")
     assert natural_sizes(page, "#gallery figure img") == [[32, 32], [32, 32]]
-    assert page.inner_text("#gallery figcaption").startswith("edit: make it red")
+    assert page.inner_text("#gallery figcaption").startswith("#1 · edit: make it red")
     page.screenshot(path=str(tmp_path / "serve_edit.png"), full_page=True)
 
 
@@ -146,3 +153,54 @@ def test_page_asks_for_the_api_key(pipe):
         page.wait_for_function("document.querySelector('#gallery img') && "
                                "document.querySelector('#gallery img').naturalWidth > 0")
         assert natural_sizes(page, "#gallery figure img") == [[32, 32]]
+
+
+def test_edit_a_result_again_and_step_back(page, tmp_path):
+    """Multi-turn editing: "Edit this" on a result makes it the next edit's input; the results stay on the page, an
+    edit's input can be stepped back to the result it was edited from, and any earlier result edited again."""
+    page.fill("#prompt", "a red circle")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.fill("#steps", "2")
+    page.fill("#seed", "1")
+    page.click("#generate")
+    page.wait_for_selector("#result-1 img")
+
+    def edit(instruction: str, made: int) -> None:
+        page.fill("#prompt", instruction)
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_selector(f"#result-{made} img")
+        page.wait_for_function(f"document.querySelector('#result-{made} img').naturalWidth > 0")
+
+    page.click("#result-1 .edit-this")
+    assert page.get_attribute("#tab-edit", "aria-selected") == "true" and page.input_value("#prompt") == ""
+    page.wait_for_function("document.getElementById('image-thumb').naturalWidth === 64")
+    assert page.inner_text("#source-label") == "Editing result #1" and page.is_hidden("#source-back")
+    assert page.get_attribute("#result-1", "class") == "source"
+    edit("make the circle blue", 2)
+    assert page.inner_text("#result-2 figcaption").startswith("#2 · edit of #1: make the circle blue · 64x64")
+    page.click("#result-2 .edit-this")  # the last result, edited again
+    assert page.inner_text("#source-label") == "Editing result #2" and page.inner_text("#source-back") == "Back to #1"
+    edit("make the circle green", 3)
+    assert page.inner_text("#result-3 figcaption").startswith("#3 · edit of #2: make the circle green")
+    page.click("#result-3 .edit-this")
+    page.click("#source-back")  # step back: #3 was made from #2
+    assert page.inner_text("#source-label") == "Editing result #2"
+    page.click("#source-back")
+    assert page.inner_text("#source-label") == "Editing result #1" and page.is_hidden("#source-back")
+    edit("make the circle yellow", 4)  # a branch from the first result
+    assert page.inner_text("#result-4 figcaption").startswith("#4 · edit of #1: make the circle yellow")
+    ids = page.eval_on_selector_all("#gallery figure", "els => els.map(e => e.id)")
+    assert ids == ["result-4", "result-3", "result-2", "result-1"]  # every result kept, newest first
+    assert natural_sizes(page, "#gallery figure img") == [[64, 64]] * 4
+    page.screenshot(path=str(tmp_path / "serve_multi_turn.png"), full_page=True)
+
+
+def test_a_size_the_model_was_not_trained_at_is_noted(bundled_pipe):
+    with running_server(create_app(bundled_pipe, queue_size=2)) as url, browser_page(url) as page:
+        page.wait_for_function("document.getElementById('width').value !== ''")
+        assert page.input_value("#width") == "64" and page.is_hidden("#size-note")
+        page.fill("#width", "128")
+        page.wait_for_selector("#size-note:not([hidden])")
+        assert page.inner_text("#size-note") == "This model was trained at 64x64 only: at 128x64 it may draw noise."

@@ -7,6 +7,8 @@ let mode = "generate";
 let info = null;        // GET /health
 let controller = null;  // AbortController of the running request
 let inputSize = null;   // [w, h] of the chosen edit image
+let results = [];       // every image made on this page, oldest first: {id, b64, prompt, size, seed, parent}
+let source = null;      // the edit's input: {blob, name, result (its results entry, or null for a file)}
 const KEY_STORE = "nextstep-api-key";  // sessionStorage: the key lasts as long as the tab
 let apiKey = sessionStorage.getItem(KEY_STORE) || "";
 
@@ -34,6 +36,15 @@ function setError(message) {
 }
 
 function setStatus(message) { $("status").textContent = message; }
+
+// The preview back to its placeholder: a failed request must not leave the last result looking like its own.
+function clearPreview() {
+  const p = document.createElement("p");
+  p.className = "muted";
+  p.textContent = "The image appears here token by token.";
+  $("preview").replaceChildren(p);
+  $("preview").dataset.count = "0";
+}
 
 function setBusy(busy) {
   $("generate").disabled = busy;
@@ -69,12 +80,20 @@ function switchTab(next) {
   if (mode === "edit" && inputSize) fitSize(...inputSize);
 }
 
+// A size the model was not trained at draws noise (the bundled model knows only 64x64): say so next to the size.
+function sizeNote() {
+  const trained = info ? info.model.trained_sizes : [], size = `${$("width").value}x${$("height").value}`;
+  $("size-note").hidden = !trained.length || trained.includes(size);
+  $("size-note").textContent = `This model was trained at ${trained.join(", ")} only: at ${size} it may draw noise.`;
+}
+
 // The edit size: the input's own size when the server accepts it, else scaled to fit, in multiples of the token.
 function fitSize(w, h) {
   const m = info ? info.model.size_multiple : 16, max = info ? info.limits.max_size : 512;
   const s = Math.min(1, max / Math.max(w, h));
   $("width").value = Math.max(m, Math.floor((w * s) / m) * m);
   $("height").value = Math.max(m, Math.floor((h * s) / m) * m);
+  sizeNote();
 }
 
 async function loadInfo() {
@@ -98,6 +117,7 @@ async function loadInfo() {
   $("sampler").replaceChildren(...l.samplers.map((s) => new Option(s, s)));
   $("fast-box").hidden = !info.fast.available;
   placeholders();
+  sizeNote();
 }
 
 // Fields as the API names them; empty optional fields are left out so the server's defaults apply.
@@ -158,10 +178,14 @@ function showImages(container, images) {
   });
 }
 
-function addToGallery(result, request) {
+function addToGallery(result, request, parent) {
   const figures = result.data.map((item, i) => {
+    const entry = { id: results.length + 1, b64: item.b64_json, prompt: request.prompt, size: result.size,
+                    seed: result.seed, parent };
+    results.push(entry);
     const url = `data:image/png;base64,${item.b64_json}`;
     const fig = document.createElement("figure");
+    fig.id = `result-${entry.id}`;
     const img = document.createElement("img");
     img.src = url;
     img.alt = request.prompt;
@@ -170,11 +194,52 @@ function addToGallery(result, request) {
     link.href = url;
     link.download = `nextstep-${result.seed}-${i}.png`;
     link.textContent = "Download PNG";
-    cap.append(`${mode === "edit" ? "edit: " : ""}${request.prompt} · ${request.size} · seed ${result.seed} · `, link);
-    fig.append(img, cap);
+    const from = parent === undefined ? "" : parent ? `edit of #${parent.id}: ` : "edit: ";
+    cap.append(`#${entry.id} · ${from}${request.prompt} · ${result.size} · seed ${result.seed} · `, link);
+    const again = document.createElement("button");
+    again.type = "button";
+    again.className = "edit-this";
+    again.textContent = "Edit this";
+    again.addEventListener("click", () => editResult(entry));
+    fig.append(img, cap, again);
     return fig;
   });
   $("gallery").prepend(...figures);  // newest request first, its images in order
+}
+
+function dataBlob(b64) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type: "image/png" });
+}
+
+// The edit's input image: a file the user chose, or a result of this page (whose own input it can step back to).
+function setSource(next) {
+  source = next;
+  const thumb = $("image-thumb");
+  thumb.hidden = !next;
+  for (const fig of document.querySelectorAll("#gallery figure")) fig.classList.remove("source");
+  const from = next && next.result;
+  if (from) $(`result-${from.id}`).classList.add("source");
+  $("source-info").hidden = !from;
+  $("source-back").hidden = !(from && from.parent);
+  if (from) {
+    $("source-label").textContent = `Editing result #${from.id}`;
+    if (from.parent) $("source-back").textContent = `Back to #${from.parent.id}`;
+  }
+  if (!next) { inputSize = null; return; }
+  thumb.onload = () => { inputSize = [thumb.naturalWidth, thumb.naturalHeight]; fitSize(...inputSize); };
+  thumb.onerror = () => setError("That file is not an image this browser can read.");
+  thumb.src = URL.createObjectURL(next.blob);
+}
+
+// "Edit this" on a result: it becomes the input of the next edit (the Edit tab, a fresh instruction).
+function editResult(entry) {
+  $("image").value = "";
+  setSource({ blob: dataBlob(entry.b64), name: `result-${entry.id}.png`, result: entry });
+  if (mode !== "edit") switchTab("edit");
+  $("prompt").value = "";
+  $("prompt").focus();
+  setError("");
 }
 
 async function errorMessage(res) {
@@ -190,12 +255,12 @@ async function run(event) {
   setError("");
   const f = fields();
   if (!f.prompt.trim()) { setError("Please write a prompt."); return; }
-  let url, init;
+  let url, init, parent;
   if (mode === "edit") {
-    const file = $("image").files[0];
-    if (!file) { setError("Please choose an image to edit."); return; }
+    if (!source) { setError("Please choose an image to edit."); return; }
+    parent = source.result;  // null: a file the user chose
     const form = new FormData();
-    form.append("image", file);
+    form.append("image", source.blob, source.name);
     for (const [k, v] of Object.entries(f)) form.append(k, v);
     url = "/v1/images/edits/stream";
     init = { method: "POST", headers: authHeaders(), body: form };
@@ -205,6 +270,7 @@ async function run(event) {
   }
   controller = new AbortController();
   setBusy(true);
+  clearPreview();
   setStatus("Sending…");
   $("progress").value = 0;
   const started = performance.now();
@@ -228,10 +294,11 @@ async function run(event) {
       } else if (name === "final") {
         finished = true;
         showImages($("preview"), data.data.map((d) => d.b64_json));
-        addToGallery(data, f);
+        addToGallery(data, f, parent);
         setStatus(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s (seed ${data.seed}).`);
       } else if (name === "error") {
         finished = true;
+        clearPreview();
         setError(data.error.message);
         setStatus("");
       }
@@ -248,14 +315,8 @@ async function run(event) {
 
 function pickImage() {
   const file = $("image").files[0];
-  inputSize = null;
-  $("image-thumb").hidden = !file;
-  if (!file) return;
-  const url = URL.createObjectURL(file);
-  const thumb = $("image-thumb");
-  thumb.onload = () => { inputSize = [thumb.naturalWidth, thumb.naturalHeight]; fitSize(...inputSize); setError(""); };
-  thumb.onerror = () => setError("That file is not an image this browser can read.");
-  thumb.src = url;
+  setSource(file ? { blob: file, name: file.name, result: null } : null);
+  setError("");
 }
 
 $("tab-generate").addEventListener("click", () => switchTab("generate"));
@@ -264,5 +325,8 @@ $("form").addEventListener("submit", run);
 $("cancel").addEventListener("click", () => controller && controller.abort());
 $("image").addEventListener("change", pickImage);
 $("fast").addEventListener("change", placeholders);
+for (const id of ["width", "height"]) $(id).addEventListener("input", sizeNote);
 $("key-form").addEventListener("submit", useKey);
+$("source-back").addEventListener("click", () => source && source.result && source.result.parent &&
+                                  editResult(source.result.parent));
 loadInfo();
