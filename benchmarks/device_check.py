@@ -317,6 +317,15 @@ def darkness(images, prompts, sources) -> list[float]:
     return [1 - float(np.asarray(im.convert("L"), dtype=np.float64).mean()) / 255 for im in images]
 
 
+def reason(e: Exception) -> str:
+    """One line for the table: the exception's type and its message's first line (and the next one when the first
+    only introduces it, as torch.compile's "backend='inductor' raised:" does)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = " ".join(lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1])
+    text = f"{type(e).__name__}: {text}".replace("|", "/")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def run_path(checks: Checks, name: str) -> tuple[str, float, str]:
     """-> (status, seconds, check or reason)."""
     sync(checks.device)
@@ -327,7 +336,7 @@ def run_path(checks: Checks, name: str) -> tuple[str, float, str]:
     except Skip as e:
         status, text = "skipped", str(e)
     except Exception as e:  # a failing path does not stop the others
-        status, text = "FAILED", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        status, text = "FAILED", reason(e)
     sync(checks.device)
     return status, time.perf_counter() - t0, text
 
@@ -483,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             timings = time_layer(device, args.dtype, args.prefill, args.cache, args.repeats)
             timings += time_head(device, args.dtype, args.repeats, token=True)
         except Exception as e:
-            rows.append(("timings", "FAILED", 0.0, f"{type(e).__name__}: {e}"))
+            rows.append(("timings", "FAILED", 0.0, reason(e)))
 
     print()
     print("| path | result | s | check |")
