@@ -58,3 +58,20 @@ def test_commands_and_page_prompts_are_in_the_bundled_models_world():
         for color, shape in re.findall(r"(red|orange|yellow|green|blue|purple|black|gray) (circle|square|triangle)",
                                        prompt):
             assert f"{color} {shape}" in found, (prompt, found)
+
+
+def test_what_the_readme_makes_is_ignored_by_git():
+    """The setup's .venv/ and every PNG the README's commands write in the checkout (out.png, shapes_0.png,
+    shapes_grid.png, fast.png, grid.png, edited.png) stay out of `git status`."""
+    import shutil
+    import subprocess
+
+    root = README.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    made = [".venv/bin/python"] + sorted(set(re.findall(r"(?<![\w/.-])([\w-]+\.png)\b", README.read_text())))
+    made = [m for m in made if not (root / m).exists() or m.startswith(".venv")]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=root, capture_output=True, text=True)
+    assert sorted(out.stdout.split()) == sorted(made), out.stdout
