@@ -3,12 +3,15 @@ tokens away from the mask are the input's; a full mask is the unmasked edit; bad
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import seeded
+from helpers import events, local, need, seeded
 from nextstep.data.shapes.dataset import edit_set
 from nextstep.errors import InputError
 from nextstep.images import fit_image, fit_mask, load_image, load_mask
@@ -217,3 +220,71 @@ def test_cli_bad_masks_are_one_line_errors(tmp_path, cases, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ---- the server ----------------------------------------------------------------------------------------------------
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decoded(b64: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    need("fastapi", "pip install -e '.[serve]'")
+    from nextstep.serve.routes import create_app
+
+    with local(create_app(pipe, queue_size=4)) as c:
+        yield c
+
+
+def test_server_edit_with_a_mask(server, cases):
+    region = box(64, 64, 8, 40, 20, 52)
+    files = [("image[]", ("a.png", png(cases[0][0]), "image/png")), ("mask", ("m.png", png(rgba(region)), "image/png"))]
+    data = {"prompt": cases[0][1], "steps": str(STEPS), "seed": "3"}
+    r = server.post("/v1/images/edits", files=files, data=data)
+    assert r.status_code == 200, r.text
+    got, src = decoded(r.json()["data"][0]["b64_json"]), np.asarray(cases[0][0])
+    assert (got[~region] == src[~region]).all() and (got[region] != src[region]).any()
+    lines = server.post("/v1/images/edits/stream", files=files, data=data).text.splitlines()
+    final = [d for name, d in events(lines) if name == "final"][0]
+    assert final["data"] == r.json()["data"]  # the same seed: the same image
+
+
+def test_server_bad_masks_are_400s(server, cases):
+    image = ("image", ("a.png", png(cases[0][0]), "image/png"))
+    data = {"prompt": "x", "steps": str(STEPS)}
+    for mask, words in ((rgba(box(32, 32, 0, 8, 0, 8)), "the mask is 32x32 but the image is 64x64"),
+                        (rgba(np.zeros((64, 64), dtype=bool)), "no fully transparent pixel"),
+                        (rgba(box(64, 64, 0, 8, 0, 8)).convert("RGB"), "no alpha channel")):
+        r = server.post("/v1/images/edits", files=[image, ("mask", ("m.png", png(mask), "image/png"))], data=data)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "mask"
+    one = ("mask", ("m.png", png(rgba(box(64, 64, 0, 8, 0, 8))), "image/png"))
+    r = server.post("/v1/images/edits", files=[image, one, one], data=data)
+    assert r.status_code == 400 and "got 2 masks" in r.json()["error"]["message"]
+    r = server.post("/v1/images/edits", files=[image], data={**data, "mask": "everything"})
+    assert r.status_code == 400 and "must be a file upload" in r.json()["error"]["message"]
+    r = server.post("/v1/images/edits", files=[image, ("mask", ("m.png", b"", "image/png"))], data=data)
+    assert r.status_code == 400 and "the mask file is empty" in r.json()["error"]["message"]
+
+
+def test_openai_client_sends_a_mask(pipe, cases):
+    need("openai", "pip install -e '.[dev]'")
+    import openai
+
+    from nextstep.serve.routes import create_app
+    from nextstep.serve.runner import running_server
+
+    region = box(64, 64, 30, 60, 0, 30)
+    with running_server(create_app(pipe, queue_size=2)) as base:
+        c = openai.OpenAI(api_key="unused", base_url=f"{base}/v1", max_retries=0, timeout=60)
+        out = c.images.edit(image=("a.png", png(cases[1][0])), mask=("m.png", png(rgba(region))),
+                            prompt=cases[1][1], extra_body={"steps": STEPS, "seed": 1})
+    got, src = decoded(out.data[0].b64_json), np.asarray(cases[1][0])
+    assert (got[~region] == src[~region]).all()

@@ -174,7 +174,7 @@ def test_stream_error_mid_stream_raises_api_error(pipe):
     (lambda c: c.images.generate(prompt="a", stream=True, n=2), "n", "one image per request"),
     (lambda c: c.images.generate(prompt="a", stream=True, partial_images=4), "partial_images", "[0, 3]"),
     (lambda c: c.images.edit(image=("a.png", png(16, 16)), mask=("m.png", png(16, 16)), prompt="x"), "mask",
-     "masks are not supported"),
+     "no alpha channel"),
     (lambda c: c.images.edit(image=[("a.png", png(16, 16)), ("b.png", png(16, 16))], prompt="x"), "image",
      "one image per request"),
 ])

@@ -252,7 +252,7 @@ def test_json_routes_take_only_json(client, content_type):
     assert client.get("/health").json()["stats"] == before
 
 
-def test_edit_takes_one_image_and_no_mask(client):
+def test_edit_takes_one_image_and_a_mask_with_alpha(client):
     one = png_bytes(32, 32)
     data = {"prompt": "make it blue", "steps": "2", "size": "16x16"}
     r = client.post("/v1/images/edits", files=[("image[]", ("a.png", one, "image/png"))], data=data)
@@ -264,8 +264,8 @@ def test_edit_takes_one_image_and_no_mask(client):
         assert_error(r, 400, "got 2 images", "one image per request")
         assert r.json()["error"]["param"] == "image"
     mask = [("image", ("a.png", one, "image/png")), ("mask", ("m.png", one, "image/png"))]
-    r = client.post("/v1/images/edits", files=mask, data=data)
-    assert_error(r, 400, "masks are not supported")
+    r = client.post("/v1/images/edits", files=mask, data=data)  # an RGB mask: OpenAI's masks mark edits with alpha
+    assert_error(r, 400, "no alpha channel", "alpha 0")
     assert r.json()["error"]["param"] == "mask"
 
 

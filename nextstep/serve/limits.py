@@ -13,8 +13,8 @@ MAX_JSON_BYTES = 64 * 1024  # JSON request bodies
 MAX_JSON_DEPTH = 8  # nesting of JSON arrays and objects (requests are flat objects; deep ones exhaust the parser)
 MAX_LABEL_CHARS = 256  # short text fields the server reads and ignores (model, user, quality, ...)
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on partial_images (stream=true: previews at evenly spaced image tokens)
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the edit input image file
-MAX_FORM_BYTES = MAX_UPLOAD_BYTES + 64 * 1024  # whole multipart body: the image plus the text fields
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the edit input image file (and its mask file, each)
+MAX_FORM_BYTES = 2 * MAX_UPLOAD_BYTES + 64 * 1024  # whole multipart body: the image, its mask and the text fields
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded input image (checked from the header, before decoding)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders allowed for uploads (no EPS/PDF helpers)
 QUEUE_SIZE = 8  # requests waiting behind the running one; more get 429

@@ -16,6 +16,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..errors import InputError, SettingError
+from ..images import load_mask
 from ..pipeline import NextStepPipeline
 from ..prompt import IMAGE_TAG, require_prompt
 from ..sampling.flow import DISTILLED
@@ -33,6 +34,7 @@ from .limits import (
 from .schemas import ApiError, EditRequest, GenerationRequest, validate_request
 
 IMAGE_FIELDS = ("image", "image[]")  # OpenAI's clients send a list of images as repeated "image[]" parts
+MASK_FIELD = "mask"  # OpenAI's: a PNG of the image's size, fully transparent (alpha 0) where to edit
 
 
 # ---- checking a parsed request -----------------------------------------------------------------------------------
@@ -136,7 +138,8 @@ def _usage(prompt_row: list[int], size: tuple[int, int], multiple: int, n: int, 
 
 
 def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_size: tuple[int, int],
-                     image: Image.Image | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                     image: Image.Image | None = None, mask: Image.Image | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check a parsed request (already within the schema's bounds) against the model; returns the pipeline keyword
     arguments and the fields of the final response besides the images (seed, size, usage). Settings the request
     leaves out stay None, so the pipeline applies the model's defaults."""
@@ -159,6 +162,8 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
     prompt_row = _check_context(pipe, req, settings, (w, h), edit)
     kwargs: dict[str, Any] = dict(prompt=req.prompt, image=image, height=h, width=w, num_images_per_prompt=n,
                                   generator=torch.Generator().manual_seed(seed), fast=bool(req.fast), **overrides)
+    if mask is not None:  # an edit's mask (read_edit_request checked it against the image)
+        kwargs["mask"] = mask
     response = {"seed": seed, "size": f"{w}x{h}", "output_format": "png", "background": "opaque",
                 "usage": _usage(prompt_row, (w, h), pipe.size_multiple, n, edit)}
     return kwargs, response
@@ -286,35 +291,51 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dic
     return fields, files
 
 
-def read_image(data: bytes) -> Image.Image:
-    """Uploaded bytes -> RGB PIL image; the pixel count is checked from the header before decoding."""
+def read_image(data: bytes, what: str = "image", mode: str = "RGB") -> Image.Image:
+    """Uploaded bytes -> PIL image in ``mode`` (RGB; a mask keeps its alpha: RGBA); the pixel count is checked from
+    the header before decoding. ``what`` names the upload in errors ("image", "mask")."""
     if len(data) > MAX_UPLOAD_BYTES:
-        raise ApiError(413, f"the image file is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}")
+        raise ApiError(413, f"the {what} file is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}", param=what)
     if not data:
-        raise ApiError(400, "the image file is empty")
+        raise ApiError(400, f"the {what} file is empty", param=what)
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             w, h = im.size
             if w * h > MAX_INPUT_PIXELS:
-                raise ApiError(400, f"the image is {w}x{h} pixels; the limit is {MAX_INPUT_PIXELS} pixels")
-            return im.convert("RGB")
+                raise ApiError(400, f"the {what} is {w}x{h} pixels; the limit is {MAX_INPUT_PIXELS} pixels",
+                               param=what)
+            if mode == "RGBA" and not im.has_transparency_data:
+                raise ApiError(400, f"the {what} has no alpha channel (mode {im.mode}): OpenAI's convention marks "
+                                    f"where to edit with fully transparent pixels (alpha 0); send a PNG with alpha",
+                               param=what)
+            return im.convert(mode)
     except ApiError:
         raise
     except Exception as e:  # PIL raises many types for corrupt or foreign files; all mean "not an image we read"
         why = "" if isinstance(e, UnidentifiedImageError) else f" ({type(e).__name__}: {e})"
-        raise ApiError(400, f"the uploaded file is not a readable image; send {', '.join(IMAGE_FORMATS)}{why}") \
-            from None
+        raise ApiError(400, f"the uploaded {what} file is not a readable image; send {', '.join(IMAGE_FORMATS)}"
+                            f"{why}", param=what) from None
+
+
+def read_mask(data: bytes, image: Image.Image) -> Image.Image:
+    """An edit's mask upload -> RGBA PIL image, checked: alpha, the image's size, some pixel fully transparent."""
+    mask = read_image(data, MASK_FIELD, "RGBA")
+    if mask.size != image.size:
+        raise ApiError(400, f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x"
+                            f"{image.size[1]}: send a mask of the image's size", param=MASK_FIELD)
+    try:
+        load_mask(mask)
+    except InputError as e:
+        raise ApiError(400, str(e), param=MASK_FIELD) from None
+    return mask
 
 
 def _edit_image(fields: dict[str, str], files: dict[str, list[bytes]]) -> bytes:
-    """The one image file of an edit, under 'image' or OpenAI's 'image[]'; a clear error for masks, several images
-    or other files."""
-    if "mask" in files or "mask" in fields:
-        raise ApiError(400, "masks are not supported: NextStep edits the whole image from the instruction; leave "
-                            "out 'mask'", param="mask")
+    """The one image file of an edit, under 'image' or OpenAI's 'image[]'; a clear error for several images or other
+    files."""
     for name in files:
-        if name not in IMAGE_FIELDS:
-            raise ApiError(422, f"unknown file field '{name}' (only 'image' is accepted)", param=name)
+        if name not in (*IMAGE_FIELDS, MASK_FIELD):
+            raise ApiError(422, f"unknown file field '{name}' (only 'image' and 'mask' are accepted)", param=name)
     for name in IMAGE_FIELDS:
         if name in fields:
             raise ApiError(400, f"'{name}' must be a file upload, not a text field", param="image")
@@ -326,10 +347,24 @@ def _edit_image(fields: dict[str, str], files: dict[str, list[bytes]]) -> bytes:
     return images[0]
 
 
-async def read_edit_request(request: Request) -> tuple[EditRequest, Image.Image]:
+def _edit_mask(fields: dict[str, str], files: dict[str, list[bytes]]) -> bytes | None:
+    """The edit's mask file, if any: one file under 'mask'."""
+    if MASK_FIELD in fields:
+        raise ApiError(400, f"'{MASK_FIELD}' must be a file upload (a PNG with alpha), not a text field",
+                       param=MASK_FIELD)
+    masks = files.get(MASK_FIELD, [])
+    if len(masks) > 1:
+        raise ApiError(400, f"got {len(masks)} masks; an edit takes one", param=MASK_FIELD)
+    return masks[0] if masks else None
+
+
+async def read_edit_request(request: Request) -> tuple[EditRequest, Image.Image, Image.Image | None]:
+    """(request, RGB image, RGBA mask or None) of a multipart edit."""
     _require_content_type(request, b"multipart/form-data", "an 'image' file and a 'prompt' field")
-    body = await _read_body(request, MAX_FORM_BYTES, f"the request body (the image may be at most {MAX_UPLOAD_BYTES} "
-                                                     f"bytes)")
+    body = await _read_body(request, MAX_FORM_BYTES, f"the request body (the image and the mask may be at most "
+                                                     f"{MAX_UPLOAD_BYTES} bytes each)")
     fields, files = parse_multipart(body, request.headers.get("content-type", ""))
-    image = _edit_image(fields, files)
-    return validate_request(EditRequest, fields, strict=False), read_image(image)
+    image_data, mask_data = _edit_image(fields, files), _edit_mask(fields, files)
+    req = validate_request(EditRequest, fields, strict=False)
+    image = read_image(image_data)
+    return req, image, read_mask(mask_data, image) if mask_data is not None else None

@@ -17,7 +17,8 @@ size), ``response_format`` ("b64_json" only), ``seed`` (int 0..MAX_SEED; omitted
 and the sampling settings under their request names (``nextstep.settings``: ``steps``, at most MAX_STEPS here,
 ``guidance_scale``, ``time_shift``, ``sampler``, ``noise_level``, ``negative_prompt``; edits add
 ``image_guidance_scale``). OpenAI's other fields are accepted (``schemas.OpenAIFields`` says which are ignored and
-which checked); edits take OpenAI's ``image[]`` for the image (one image per request) and refuse ``mask``.
+which checked); edits take OpenAI's ``image[]`` for the image (one image per request) and its ``mask`` (a PNG of
+the image's size, fully transparent where to edit: outside it the output is the input image's pixels).
 Sampling settings left out take the model's defaults (``GET /health`` lists them). Unknown fields are rejected.
 The bounds are in the request schemas (``nextstep.serve.schemas``), so the OpenAPI schema shows them.
 
@@ -44,9 +45,10 @@ route but the page's files and ``/openapi.json`` needs ``Authorization: Bearer K
 Errors are ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape) with:
     400 invalid_request_error  body is not valid JSON / not an object / nested too deeply / not valid multipart; a
                                value outside the limits or not supported (size, n, steps, prompt, response_format
-                               "url", mask, several images, ...); a size the model's positions cannot hold with the
-                               prompt (code context_length_exceeded); the upload is not a readable image; the model
-                               refuses the input (an ``InputError``)
+                               "url", a mask without alpha, of another size or with nothing to edit, several
+                               images, ...); a size the model's positions cannot hold with the prompt (code
+                               context_length_exceeded); the upload is not a readable image; the model refuses the
+                               input (an ``InputError``)
     401 authentication_error   the API key is missing or wrong (code invalid_api_key)
     403 permission_error       the Host or Origin is not allowed (code host_not_allowed / origin_not_allowed)
     413 request_too_large      body over MAX_JSON_BYTES, or upload over MAX_UPLOAD_BYTES
@@ -183,10 +185,11 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
                            "samplers": sorted(SAMPLERS)},
                 "stats": dict(worker.stats)}
 
-    def submit(req: GenerationRequest, image: Image.Image | None, stream: bool) -> tuple[Job, int]:
+    def submit(req: GenerationRequest, image: Image.Image | None, stream: bool, mask: Image.Image | None = None
+               ) -> tuple[Job, int]:
         """Check and queue a request; on the plain routes (``stream`` False) ``stream: true`` makes the job an
         OpenAI stream (``job.partials`` not None)."""
-        kwargs, response = build_job_kwargs(req, pipe, default_size, image)
+        kwargs, response = build_job_kwargs(req, pipe, default_size, image, mask)
         partials = None if stream else stream_partials(req)
         job = Job(kwargs, response, stream or partials is not None, asyncio.get_running_loop(), partials=partials)
         return job, worker.submit(job)
@@ -199,6 +202,8 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     form_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image", "prompt"],
         "properties": {"image": {"type": "string", "format": "binary"},
+                       "mask": {"type": "string", "format": "binary",
+                                "description": "a PNG of the image's size: edit where fully transparent (alpha 0)"},
                        **EditRequest.model_json_schema()["properties"]}}}}}}
 
     @api.post("/v1/images/generations", openapi_extra=json_body)
@@ -213,14 +218,14 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
 
     @api.post("/v1/images/edits", openapi_extra=form_body)
     async def edits(request: Request):
-        req, image = await read_edit_request(request)
-        job, _ = submit(req, image, stream=False)
+        req, image, mask = await read_edit_request(request)
+        job, _ = submit(req, image, stream=False, mask=mask)
         return await answer(job, request, "image_edit")
 
     @api.post("/v1/images/edits/stream", openapi_extra=form_body)
     async def edits_stream(request: Request):
-        req, image = await read_edit_request(request)
-        job, ahead = submit(req, image, stream=True)
+        req, image, mask = await read_edit_request(request)
+        job, ahead = submit(req, image, stream=True, mask=mask)
         return event_stream(job, ahead)
 
     app.include_router(api)
