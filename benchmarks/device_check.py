@@ -7,10 +7,11 @@
 Paths (one row each; a failing path does not stop the others): float32 (the reference images), bfloat16, int8, fp8
 (PSNR of their images against float32's, same seed), compile (compiled == eager: max token difference), fast (the
 fixture model with an untrained distilled head made from its own head, and the bundled model with its trained one:
-one backbone row per image instead of two), edit (the output's size), tp (``nextstep generate --tp N`` under
-``torch.distributed.run``: the image against one device's; CPU: 2 gloo processes; CUDA: every visible GPU, at least
-2), and one step of each trainer (``train``, ``train-vae``, ``distill-head``, ``train-rl``: loss finite, weights
-changed). A path that cannot run on this device prints ``skipped: why``; the exit code is 1 when any path FAILED.
+one backbone row per image instead of two), edit (the output's size), tp (``nextstep generate --tp 2`` under
+``torch.distributed.run``: the image against one device's; CPU: 2 gloo processes; CUDA: NCCL over 2 of the
+visible GPUs, skipped with fewer: the fixture's 2 KV heads split 2 ways), and one step of each trainer
+(``train``, ``train-vae``, ``distill-head``, ``train-rl``: loss finite, weights changed). A path that cannot run
+on this device prints ``skipped: why``; the exit code is 1 when any path FAILED.
 
 Timings: one NextStep-1-shaped decoder layer (hidden 5120, 40 heads / 8 KV heads x 128, MLP 13824; this package's
 ``DecoderLayer``, random weights) for one decoding step against a KV cache of ``--cache`` positions and a prefill of
