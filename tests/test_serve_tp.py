@@ -115,6 +115,9 @@ def _replicate_worker(rank: int, init: str, out: str):
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     dist.barrier()  # the file writes above come after the protocol's own barrier: meet again before tearing down
     dist.destroy_process_group()
+    # Under load a rank aborted at interpreter exit now and then ("terminate called without an active exception":
+    # a gloo thread destroyed while joinable, after everything above had finished); leave without finalization.
+    os._exit(0)
 
 
 @pytest.mark.slow
