@@ -31,6 +31,7 @@ int8/fp8 weights or their float32 scales.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -175,23 +176,47 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if self._packed is not None:
-            # a sequence of rows (a prefill, the head's batched modulations: (B, T > 1, D)) gets per-row activation
-            # scales; the per-token calls (a decode step (B, 1, D), a head step (N, D)) do not pay for them
-            rowwise = x.dim() >= 3 and x.shape[-2] > 1
-            y = _fbgemm_rowwise(x2.float(), self._packed, rowwise).to(x.dtype)
-        elif self.kind == "fp8" and _scaled_mm_ok(x2, self.out_features):
-            y = fp8_scaled_mm(x2, self.qweight.view(FP8), self.scale)
+        # a sequence of rows (a prefill, the head's batched modulations: (B, T > 1, D)) gets per-row activation scales
+        # on fbgemm; the per-token calls (a decode step (B, 1, D), a head step (N, D)) do not pay for them
+        rowwise = x.dim() >= 3 and x.shape[-2] > 1
+        # training adapters on a frozen quantized base (QLoRA) backpropagates through this layer to its input: the
+        # fast kernels have no backward (fbgemm's would be silently wrong), so the gradient is taken against the
+        # dequantized weight; inference (no gradient asked) takes the kernels directly, unchanged
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _FrozenWeightMatmul.apply(x2, self, rowwise)
         else:
-            y = dequant_mm(x2, self.int_weight(), self.scale)
+            y = self._matmul(x2, rowwise)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _matmul(self, x2: torch.Tensor, rowwise: bool) -> torch.Tensor:
+        """(M, in) -> (M, out) in x2's dtype, without the bias."""
+        if self._packed is not None:
+            return _fbgemm_rowwise(x2.float(), self._packed, rowwise).to(x2.dtype)
+        if self.kind == "fp8" and _scaled_mm_ok(x2, self.out_features):
+            return fp8_scaled_mm(x2, self.qweight.view(FP8), self.scale)
+        return dequant_mm(x2, self.int_weight(), self.scale)
 
     def extra_repr(self) -> str:
         where = "fbgemm" if self._packed is not None else "tensor"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"kind={self.kind}, dtype={self.dtype}, storage={where}")
+
+
+class _FrozenWeightMatmul(torch.autograd.Function):
+    """``QuantizedLinear._matmul`` with a backward to its input only (the weight is frozen): grad_x = (grad_y *
+    scale) @ q, the gradient of the dequantized layer, as QLoRA takes it."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: QuantizedLinear, rowwise: bool) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(x2, rowwise)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer = ctx.layer
+        return (grad * layer.scale.to(grad.dtype)) @ layer.int_weight().to(grad.dtype), None, None
 
 
 def dequant_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -311,6 +336,21 @@ class LoadTimeQuantizer:
             layer = self.done.pop(name)
             layer.set_bias(lin.bias)
             self.model.set_submodule(name, layer)
+
+
+@contextlib.contextmanager
+def unpacked(module: nn.Module):
+    """Inside the block every ``QuantizedLinear`` of ``module`` holds its int8 weight as the ``qweight`` tensor
+    rather than fbgemm's packed object (for code that reads ``qweight``, as PEFT does to place an adapter); packed
+    again after it, bit for bit."""
+    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear) and m._packed is not None]
+    for m in layers:
+        m._unpack()
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m._pack()
 
 
 def quantized_kind(module: nn.Module) -> str | None:
