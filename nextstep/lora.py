@@ -208,7 +208,7 @@ class Adapters:
         self.loaded: dict[str, Path] = {}
         self.active: dict[str, float] = {}  # name -> scale
         self._fused: dict[str, torch.Tensor] | None = None  # layer name -> host copy of its base weight
-        self._requires_grad: dict[str, bool] | None = None  # the base's flags before the first adapter
+        self._requires_grad: dict[int, bool] | None = None  # the base's flags before the first adapter, by id
 
     @property
     def fused(self) -> bool:
@@ -229,10 +229,15 @@ class Adapters:
         _check_scale(scale)
         identity.check(self.model, source)
         if self._requires_grad is None:
-            self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            self._requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
         _register_quantized(config, self.model)
         peft = _peft()
         inject(config, self.model, name)
+        # PEFT froze the base; give it back its flags: torch's CPU linear on a strided 3-D input takes another path
+        # (other float rounding) when the weight requires grad, so a frozen base would not sample as the base does
+        for p in self.model.parameters():
+            if id(p) in self._requires_grad:
+                p.requires_grad_(self._requires_grad[id(p)])
         result = peft.set_peft_model_state_dict(self.model, state, adapter_name=name)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
@@ -299,9 +304,6 @@ class Adapters:
             self.unfuse()
         for name, layer in lora_layers(self.model).items():
             self.model.set_submodule(name, layer.get_base_layer())
-        for n, p in self.model.named_parameters():
-            if self._requires_grad is not None and n in self._requires_grad:
-                p.requires_grad_(self._requires_grad[n])
         self.loaded, self.active, self._requires_grad = {}, {}, None
 
     def _drop(self, name: str) -> None:

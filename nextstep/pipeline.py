@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+LoraSpec = str | os.PathLike | tuple[str | os.PathLike, float]  # a LoRA adapter directory, or (directory, scale)
 FAST_HEAD_DIR = "fast"  # a model directory's own distilled head, loaded with it
 # A masked edit also generates the tokens within this many tokens of the mask (their pixels outside the mask are still
 # the input's): a VAE token encodes its neighbours' pixels too, so a kept neighbour still shows the old object and pulls
@@ -151,6 +152,7 @@ class NextStepPipeline:
             raise CheckpointError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
                              f"{model.config.latent_channels}")
         self.head = head
+        self._adapters = None  # nextstep.lora.Adapters once a LoRA adapter is loaded
         self._decode_step = self.decode_step  # replaced by a compiled version in compile()
         self._cache_bucket = 1  # KV-cache lengths are rounded up to a multiple of this (compile(): fewer shapes)
 
@@ -159,8 +161,8 @@ class NextStepPipeline:
     def from_pretrained(cls, model_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
                         *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                         torch_dtype: torch.dtype | None = None, quantize: str | None = None,
-                        head: str | os.PathLike | None = None, tp_mesh: DeviceMesh | None = None
-                        ) -> NextStepPipeline:
+                        head: str | os.PathLike | None = None, tp_mesh: DeviceMesh | None = None,
+                        lora: LoraSpec | list[LoraSpec] | None = None) -> NextStepPipeline:
         """``model_dir`` holds config.json, weights and tokenizer.json (default: the bundled model); a Hugging Face
         Hub id such as ``"stepfun-ai/NextStep-1.1"`` is fetched into (or read from) the hub cache. The VAE comes
         from ``vae_dir`` (a directory or hub id), else the model's ``vae/`` subdirectory. ``torch_dtype`` is
@@ -171,7 +173,8 @@ class NextStepPipeline:
         distilled from another model is refused (:class:`~nextstep.checkpoint.CheckpointError`). ``tp_mesh``
         (a 1-D ``DeviceMesh``; every rank of it makes this call) splits the backbone's layers over its ranks, each
         rank reading only its share of the weights (``nextstep.parallel``); with the same generator seed every rank
-        draws the same images."""
+        draws the same images. ``lora``: a LoRA adapter directory of this model, a ``(DIR, scale)`` pair, or a list of
+        them, loaded with :meth:`load_lora` (all active)."""
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one")
@@ -188,6 +191,10 @@ class NextStepPipeline:
             vae_dir = model_dir / "vae"
             if not vae_dir.is_dir():
                 raise MissingFileError(f"{model_dir} has no vae/ subdirectory: pass the VAE directory explicitly")
+        loras = [] if lora is None else [lora] if isinstance(lora, (str, os.PathLike, tuple)) else list(lora)
+        if tp_mesh is not None and loras:
+            raise InputError("lora and tp_mesh cannot be combined yet: tensor parallelism splits the layers an "
+                             "adapter adds to")
         if tp_mesh is not None:
             if quantize is not None:
                 raise InputError(f"quantize={quantize!r} and tp_mesh cannot be combined: tensor parallelism splits "
@@ -200,6 +207,9 @@ class NextStepPipeline:
         fmt = schema_of(read_json(model_dir / "config.json", "model config.json"))
         vae = VAE.from_pretrained(vae_dir, dtype=dtype, device=device, format=fmt)
         pipe = cls(model, vae, Tokenizer.from_pretrained(model_dir), SamplingConfig.from_model_dir(model_dir), fmt)
+        for spec in loras:  # checked against the base model before a distilled head is attached
+            path, scale = spec if isinstance(spec, tuple) else (spec, 1.0)
+            pipe.load_lora(path, scale=scale)
         if head is not None:
             return pipe.load_head(head, dtype=dtype)
         if (model_dir / FAST_HEAD_DIR).is_dir():  # the model's own head: a stale one must not stop the model loading
@@ -208,6 +218,67 @@ class NextStepPipeline:
             except CheckpointError as e:
                 warnings.warn(f"{e}; fast mode is off until a matching head is loaded", stacklevel=2)
         return pipe
+
+    # ---- LoRA adapters (nextstep.lora) -----------------------------------------------------------------------------
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> NextStepPipeline:
+        """Load the LoRA adapter directory ``path`` (``nextstep train`` with a ``lora`` section writes one) under
+        ``name`` (default: the directory's name) and make it active with ``scale``, alongside the adapters already
+        active. An adapter trained on another base model is a :class:`~nextstep.errors.CheckpointError`."""
+        from .lora import Adapters
+
+        if self._adapters is None:
+            self._adapters = Adapters(self.model)
+        self._adapters.load(path, name=name, scale=scale)
+        return self
+
+    def set_lora(self, adapters: str | list[str] | dict[str, float] | None) -> NextStepPipeline:
+        """Choose the active adapters among those loaded: a name, a list of names (scale 1) or {name: scale};
+        None or {} samples with the base model alone. Nothing is reloaded: switching costs next to nothing."""
+        if adapters is None:
+            adapters = {}
+        elif isinstance(adapters, str):
+            adapters = {adapters: 1.0}
+        elif not isinstance(adapters, dict):
+            adapters = dict.fromkeys(adapters, 1.0)
+        if self._adapters is None:
+            if adapters:
+                raise InputError(f"no LoRA adapter is loaded, so none named {', '.join(map(repr, adapters))}: "
+                                 f"load one with load_lora(DIR)")
+            return self
+        self._adapters.set(adapters)
+        return self
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The active LoRA adapters: {name: scale}."""
+        return {} if self._adapters is None else dict(self._adapters.active)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """Every LoRA adapter loaded, active or not."""
+        return [] if self._adapters is None else list(self._adapters.loaded)
+
+    def fuse_lora(self) -> NextStepPipeline:
+        """Merge the active adapters into the model's weights (sampling then costs what the base costs); a host copy
+        of each changed weight is kept for :meth:`unfuse_lora`. Refused on a quantized model."""
+        if self._adapters is None:
+            raise InputError("no LoRA adapter is loaded: nothing to fuse")
+        self._adapters.fuse()
+        return self
+
+    def unfuse_lora(self) -> NextStepPipeline:
+        """Restore the weights :meth:`fuse_lora` changed, bit for bit."""
+        if self._adapters is None:
+            raise InputError("no LoRA adapter is fused")
+        self._adapters.unfuse()
+        return self
+
+    def unload_lora(self) -> NextStepPipeline:
+        """Remove every LoRA adapter (unfusing first): the model is the base model again."""
+        if self._adapters is not None:
+            self._adapters.unload()
+            self._adapters = None
+        return self
 
     def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> NextStepPipeline:
         """Load the distilled head in ``path`` for ``fast=True`` (checked against this pipeline's model)."""
@@ -222,6 +293,9 @@ class NextStepPipeline:
         refused (``NextStep.save_pretrained``): save the float model and quantize when loading."""
         from .checkpoint import write_json
 
+        if self._adapters is not None:
+            raise InputError("LoRA adapters are loaded: save_pretrained writes the base model only. Unload them "
+                             "first (unload_lora()); a merged model: nextstep.lora.merge_and_unload(pipe.model)")
         out = Path(path)
         self.model.save_pretrained(out)
         write_json(self.model.config.to_official(self.format), out / "config.json")
