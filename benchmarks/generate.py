@@ -47,19 +47,19 @@ from nextstep.quant import quantize_  # noqa: E402
 from nextstep.sampling.flow import SAMPLERS  # noqa: E402
 from nextstep.tokenizer import Tokenizer  # noqa: E402
 
-DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "official-v1-a" / "model"
+DEFAULT_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "official-v1-a" / "model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# The speed issue's reference workload "ns34m": a random model in the official layout (9.1M parameters), the f8/16
-# VAE layout, one prompt at 128x128 (64 tokens), SDE sampler, shift 1, no token norm. Rows: (guidance, steps, images)
-# with the official NextStep-1 code's float32 seconds per image on one thread (measured in that issue).
+# The reference workload "ns34m": a random model in the official layout (9.1M parameters), the f8/16 VAE layout,
+# one prompt at 128x128 (64 tokens), SDE sampler, shift 1, no token norm. Rows: (guidance, steps, images). Ratios
+# against the official code come only from running both in one process (../shared/official_speed/run.sh).
 SHAPES = {"ns34m": dict(
     transformer=dict(vocab_size=1024, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
                      intermediate_size=1408),
     head=dict(width=512, depth=6),
     vae=dict(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),  # this benchmark's default VAE
     size=(128, 128),
-    rows=[(3.0, 10, 1, 6.28), (3.0, 10, 4, 1.97), (1.0, 50, 1, 20.5), (3.0, 50, 1, 25.9)],
+    rows=[(3.0, 10, 1), (3.0, 10, 4), (1.0, 50, 1), (3.0, 50, 1)],
 )}
 PHASES = ("prefill", "backbone", "head", "decode")
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", type=Path, help="checkpoint directory (config.json, weights, tokenizer.json)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a named configuration")
     g.add_argument("--shape", choices=sorted(SHAPES), help="a reference workload: its random model and its rows "
-                   "(ns34m: the speed issue's, with the official implementation's seconds per image beside ours)")
+                   "(ns34m: the side-by-side harness's rows)")
     src.add_argument("--vae", type=Path, help="VAE directory for --model (default: the model's vae/ subdirectory)")
     src.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                      help="tokenizer directory for --preset (its special ids must match the preset's)")
@@ -111,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only quantization of the model's linears")
     run.add_argument("--fast", type=int, nargs="+", metavar="STEPS",
                      help="time a distilled few-step head (fast=True) at these step counts instead of the sampler "
-                          "grid: an untrained student made from the model's head (same cost as a trained one); "
-                          "with --shape, against the workload's official 50-step row")
+                          "grid: an untrained student made from the model's head (same cost as a trained one)")
 
     grid = p.add_argument_group("grid (every combination is run)")
     grid.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="images per prompt")
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                   product(sizes, [1] if args.shape else args.batch, args.fast)]
     elif args.shape:  # the workload's own rows
         spec = SHAPES[args.shape]
-        combos = [(spec["size"], n, steps, cfg, "sde") for cfg, steps, n, _ in spec["rows"]]
+        combos = [(spec["size"], n, steps, cfg, "sde") for cfg, steps, n in spec["rows"]]
     else:
         combos = list(product(args.size, args.batch, args.steps, args.cfg, args.sampler))
     rows = []
@@ -366,23 +365,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"mark: a row also shows any larger peak of an earlier row.")
     print(table(rows, "¹"))
     print()
-    if args.shape and args.fast:
-        cfg, steps, n, official = SHAPES[args.shape]["rows"][-1]
-        print(f"against the official implementation's {steps}-step row at guidance {cfg:g} ({args.shape}, float32, "
-              f"one thread, from the speed issue):")
-        print("| distilled steps | guidance branches | official s/image | this run s/image | speed-up |")
-        print("|---|---|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r['steps']} | 1 | {official} | {r['s_per_image']:.3g} | {official / r['s_per_image']:.1f}x |")
-        print()
-    elif args.shape:
-        print(f"against the official implementation ({args.shape}, float32, one thread, from the speed issue):")
-        print("| guidance | steps | images | official s/image | this run s/image | speed-up |")
-        print("|---|---|---|---:|---:|---:|")
-        for (cfg, steps, n, official), r in zip(SHAPES[args.shape]["rows"], rows):
-            print(f"| {cfg:g} | {steps} | {n} | {official} | {r['s_per_image']:.3g} | "
-                  f"{official / r['s_per_image']:.2f}x |")
-        print()
     print(mem_note)
     print("s/image = median wall time of one call / batch; ms/token = that time / (batch x image tokens); phase % = "
           "median phase time (PipelineOutput.timings) / median wall time; the rest is tokenization, output "
