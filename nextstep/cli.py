@@ -18,6 +18,7 @@ import torch
 
 from . import hub
 from .config import SamplingConfig
+from .data.shapes.scene import CONCEPT_SHAPES
 from .errors import (
     DataError,
     InputError,
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="prompt-set and sampling seed")
     ev.add_argument("--size", type=int, default=64, help="image side in pixels")
     ev.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
+    ev.add_argument("--concept", default=None, choices=CONCEPT_SHAPES,
+                    help="score prompts naming this shape the default shapes world never draws (--n per category)")
     _setting_flags(ev, edit=True)
     _fast_flag(ev)
     ev.add_argument("--head", default=None, metavar="DIR", help="a distilled head for --fast (default: the model's)")
@@ -217,7 +220,8 @@ def run_eval(args) -> list[Path]:
     settings = sampling_overrides(args)
     results = evaluate_pipeline(load_pipeline(args), args.n, args.seed, size=args.size, n_edits=args.edits,
                                 batch_size=args.batch, progress=not args.quiet,
-                                image_guidance_scale=settings.pop("image_guidance_scale"), **settings,
+                                image_guidance_scale=settings.pop("image_guidance_scale"), concept=args.concept,
+                                **settings,
                                 **({"fast": True} if args.fast else {}))
     print(format_table(results))
     written = []

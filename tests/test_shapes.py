@@ -3,6 +3,7 @@ that can fail, caption variety, other image sizes, and the benchmark end to end.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -402,3 +403,143 @@ def test_evaluate_end_to_end(tmp_path):
         E.evaluate(lambda caps: caps[:1], 2, seed=0, progress=False)
     with pytest.raises(ValueError, match="edit_fn"):
         E.evaluate(_oracle(1, 0, 64), 1, seed=0, n_edits=3, progress=False)
+
+
+# -- concepts: shapes the default world never draws ---------------------------------------------------------------
+
+# sha256 of the default world's samples and evaluation sets (``_default_world_fingerprint``), computed before the
+# concept shapes existed: adding them must leave the bundled model's training data and benchmark untouched.
+DEFAULT_WORLD_SHA256 = "204a33cdc8753c1449ae3d9087dc48c7346bb108d0c2acc58c28789f49938fa0"
+
+
+def _default_world_fingerprint() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def put(v):
+        h.update(np.asarray(v).tobytes() if isinstance(v, Image.Image) else repr(v).encode())
+
+    for ds in (S.ShapesDataset(200, seed=0),
+               S.ShapesDataset(100, seed=3, backgrounds=0.3, weights={"counting": 2, "move": 3})):
+        for i in range(len(ds)):
+            for k, v in sorted(ds[i].items()):
+                put(k)
+                put(v)
+    for c in S.CATEGORIES:
+        put(S.prompt_set(c, 30, seed=0))
+    for item in S.edit_set(30, seed=0):
+        for v in item:
+            put(v)
+    return h.hexdigest()
+
+
+def test_default_world_is_unchanged_by_concepts():
+    assert _default_world_fingerprint() == DEFAULT_WORLD_SHA256
+    assert "star" in S.CONCEPT_SHAPES and "star" not in S.SHAPES
+    for category in S.CATEGORIES:  # the default world never names or draws a concept shape
+        for caption, _, scene in _t2i(category, 40, seed=12):
+            assert "star" not in caption and all(o.shape in S.SHAPES for o in scene.objects)
+
+
+def test_star_renders_and_reads_exactly():
+    objs = (S.Obj("star", "red", 18.0, 18.0, 28), S.Obj("circle", "blue", 48.0, 46.0, 14))
+    for background in S.BACKGROUND_COLORS:
+        result = E.analyze(S.render(S.Scene(objs, background)))
+        got = sorted((d.shape, d.color, d.bbox, d.area) for d in result.objects)
+        assert got == sorted((o.shape, o.color, S.object_bbox(o, 64), int(S.object_mask(o, 64).sum())) for o in objs)
+    mask = S.shape_mask("star", 500, 500, 1000, 1000, 1000)
+    assert abs(mask.mean() - E.analysis.SHAPE_FILL["star"]) < 1e-3  # the analyzer's template fill is the star's
+    assert mask[500, 500] and mask[5, 500] and not mask[5, 5] and not mask[990, 500]  # a point up, none down
+    assert S.size_range(64, "star") == (24, 30) and S.size_range(64) == S.size_range(64, "circle") == (12, 18)
+
+
+def _concept_samples(n: int, seed: int):
+    return [S.generate_concept("star", S.CONCEPT_CATEGORIES[k % 3], np.random.default_rng([seed, k]))
+            for k in range(n)]
+
+
+def test_concept_ground_truth_is_recognised():
+    samples = _concept_samples(200, seed=13)
+    assert _t2i_accuracy(samples, perturb=False) == 100.0
+    assert _t2i_accuracy(samples, perturb=True) >= 98.0
+    # what the evaluator reads is the star, not a default shape that happens to fit the spec's count
+    rng = np.random.default_rng(0)
+    for _, spec, scene in samples[:60]:
+        found = E.analyze(_perturb(S.render(scene), rng)).objects
+        assert sum(d.shape == "star" for d in found) == sum(w["shape"] == "star" for w in spec["objects"])
+
+
+def test_default_shapes_are_never_read_as_concepts():
+    rng = np.random.default_rng(1)
+    for category in S.CATEGORIES:
+        for _, _, scene in _t2i(category, 60, seed=14):
+            image = S.render(scene)
+            for im in (image, _perturb(image, rng)):
+                assert all(d.shape != "star" for d in E.analyze(im).objects)
+    # a star redrawn as a default shape fails a star prompt, and the other way round
+    for _, spec, scene in _t2i("single_object", 20, seed=15):
+        o = scene.objects[0]
+        star = S.Scene((S.Obj("star", o.color, 32, 32, 26),))
+        assert not E.check(spec, E.analyze(S.render(star)))
+    for _, spec, scene in _concept_samples(30, seed=16):
+        if spec["category"] == "single_object":
+            o = scene.objects[0]
+            circle = S.Scene((S.Obj("circle", o.color, o.cx, o.cy, o.size),))
+            assert E.check(spec, E.analyze(S.render(scene))) and not E.check(spec, E.analyze(S.render(circle)))
+
+
+def test_concept_prompts_name_the_concept_and_are_fixed():
+    for category in S.CONCEPT_CATEGORIES:
+        prompts = S.concept_prompt_set("star", category, 30, seed=3)
+        assert prompts == S.concept_prompt_set("star", category, 30, seed=3)
+        assert prompts != S.concept_prompt_set("star", category, 30, seed=4)
+        assert all(re.search(r"\bstars?\b", c) for c, _ in prompts)
+        assert len({_skeleton(c.replace("star", "circle")) for c, _ in prompts}) >= 3  # worded several ways
+        assert all(any(w["shape"] == "star" for w in spec["objects"]) and spec["category"] == category
+                   for _, spec in prompts)
+    assert "two" in S.concept_prompt_set("star", "counting", 1, seed=0)[0][0]
+    for bad in (("hexagon", "single_object"), ("star", "position")):
+        with pytest.raises(ValueError, match="concept|category"):
+            S.concept_prompt_set(*bad, 3, seed=0)
+
+
+def test_concept_dataset_is_a_folder_source(tmp_path):
+    from nextstep.data.sources import FolderSource
+
+    index = S.concept_dataset("star", tmp_path / "star", n=12, seed=5)
+    assert index == tmp_path / "star" / "captions.jsonl"
+    source = FolderSource(tmp_path / "star")
+    assert len(source) == 12
+    records = [json.loads(line) for line in index.read_text().splitlines()]
+    for i in range(12):
+        item = source[i]
+        caption, spec, scene = S.concept_sample("star", i, seed=5)
+        assert item["kind"] == "t2i" and item["caption"] == caption == records[i]["caption"]
+        assert records[i]["spec"] == spec and np.array_equal(_pixels(item["image"]), _pixels(S.render(scene)))
+        assert E.check(spec, E.analyze(item["image"]))
+    eval_captions = {c for cat in S.CONCEPT_CATEGORIES for c, _ in S.concept_prompt_set("star", cat, 12, seed=5)}
+    assert len({r["caption"] for r in records} - eval_captions) > 0  # another stream than the evaluation set
+    with pytest.raises(FileExistsError, match="captions.jsonl"):
+        S.concept_dataset("star", tmp_path / "star", n=3)
+    with pytest.raises(ValueError, match="concept"):
+        S.concept_dataset("hexagon", tmp_path / "hex")
+    with pytest.raises(ValueError, match="n must"):
+        S.concept_dataset("star", tmp_path / "zero", n=0)
+
+
+def test_evaluate_a_concept():
+    specs = {c: s for cat in S.CONCEPT_CATEGORIES for c, s in S.concept_prompt_set("star", cat, 5, 7)}
+    rng = np.random.default_rng(0)
+    oracle = lambda caps: [S.render(S.scene_for_spec(specs[c], rng)) for c in caps]  # noqa: E731
+    results = E.evaluate(oracle, 5, seed=7, concept="star", progress=False)
+    assert results["categories"] == {c: 100.0 for c in S.CONCEPT_CATEGORIES} and results["concept"] == "star"
+    assert "| category (star prompts) | accuracy (%) |" in E.format_table(results)
+
+    def default_shapes(caps):  # what a model that never saw a star draws: the right colours, a default shape
+        return [S.render(S.scene_for_spec({**specs[c], "objects": [{**w, "shape": "circle"} for w in
+                                                                   specs[c]["objects"]]}, rng)) for c in caps]
+
+    assert E.evaluate(default_shapes, 5, seed=7, concept="star", progress=False)["overall"] == 0.0
+    with pytest.raises(ValueError, match="concept"):
+        E.evaluate(oracle, 1, seed=0, concept="hexagon", progress=False)

@@ -3,13 +3,18 @@ and random placement of objects that keep apart from each other and from the bor
 
 Geometry is in pixel units with x to the right and y down; an object of ``size`` s fills the box
 ``[cx - s/2, cx + s/2) x [cy - s/2, cy + s/2)``: a square fills it, a circle is inscribed, an upright triangle
-has its apex at the top centre and its base on the bottom edge. ``render`` draws hard edges (a pixel is an
-object's colour when its centre lies inside the shape), so ``nextstep.eval.shapes.analyze`` recovers ground truth
-exactly.
+has its apex at the top centre and its base on the bottom edge, and a star (a concept shape, see below) is a
+five-pointed star inscribed in the circle, one point up. ``render`` draws hard edges (a pixel is an object's colour
+when its centre lies inside the shape), so ``nextstep.eval.shapes.analyze`` recovers ground truth exactly.
+
+``SHAPES`` are the shapes of the default world (what ``ShapesDataset`` and the evaluation sets draw); the shapes in
+``CONCEPT_SHAPES`` render, place and analyse like them but appear only where asked for by name
+(``nextstep.data.shapes.concept``), so a model trained on the default world has never seen them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -38,6 +43,8 @@ BACKGROUND_COLORS: Mapping[str, RGB] = MappingProxyType({
 DEFAULT_BACKGROUND = "white"
 COLORS = tuple(OBJECT_COLORS)
 SHAPES = ("circle", "square", "triangle")
+CONCEPT_SHAPES = ("star",)  # never drawn by the default world: new concepts to teach a trained model
+ALL_SHAPES = SHAPES + CONCEPT_SHAPES
 RELATIONS = ("left of", "right of", "above", "below")
 
 MIN_SIDE = 32  # below this four objects no longer fit with recognisable sizes
@@ -47,6 +54,11 @@ GAP_FRACTION = 0.06  # minimum gap between object boxes, relative to the side
 EDGE_FRACTION = 0.03  # minimum gap between an object box and the image border
 POSITION_GAP_FRACTION = 0.25  # ground-truth "left of" etc.: centre offset along the asked axis, at least
 POSITION_SKEW_FRACTION = 0.15  # ... and at most this much offset across it
+STAR_INNER_RATIO = 0.55  # a star's inner vertices lie at this fraction of its outer radius
+# Shapes drawn at other sizes than SIZE_FRACTIONS. Stars: at the default 12-18 px (64 px image) the bundled f8
+# tokenizer decodes 82% of them as circles (their points are a pixel or two wide); at 24-30 px all 100 of a test
+# survive an encode-decode round trip and read as stars (measured with nextstep.eval.shapes.analyze).
+SHAPE_SIZE_FRACTIONS: Mapping[str, tuple[float, float]] = MappingProxyType({"star": (0.375, 0.47)})
 
 _MAX_SCENE_TRIES = 500
 _MAX_OBJECT_TRIES = 50
@@ -67,8 +79,8 @@ class Obj:
     size: float
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.shape not in ALL_SHAPES:
+            raise ValueError(f"shape must be one of {ALL_SHAPES}, got {self.shape!r}")
         if self.color not in OBJECT_COLORS:
             raise ValueError(f"color must be one of {COLORS}, got {self.color!r}")
         if not self.size > 0:
@@ -102,11 +114,31 @@ def _check_side(side: int) -> None:
         raise ValueError(f"image size must be an integer >= {MIN_SIDE} pixels, got {side}")
 
 
-def size_range(side: int) -> tuple[int, int]:
-    """Object sizes (box side in pixels, inclusive range) used for an image of ``side`` pixels."""
+def size_range(side: int, shape: str | None = None) -> tuple[int, int]:
+    """Object sizes (box side in pixels, inclusive range) used for an image of ``side`` pixels: those of the
+    default shapes, or of ``shape`` (its ``SHAPE_SIZE_FRACTIONS`` where it has its own)."""
     _check_side(side)
-    lo = max(MIN_OBJECT_PX, round(SIZE_FRACTIONS[0] * side))
-    return lo, max(lo + 2, round(SIZE_FRACTIONS[1] * side))
+    lo_frac, hi_frac = SHAPE_SIZE_FRACTIONS.get(shape, SIZE_FRACTIONS)
+    lo = max(MIN_OBJECT_PX, round(lo_frac * side))
+    return lo, max(lo + 2, round(hi_frac * side))
+
+
+def _in_polygon(xs: np.ndarray, ys: np.ndarray, vertices: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Bool mask of the points (xs, ys) inside the polygon (even-odd rule; any array shape)."""
+    inside = np.zeros(xs.shape, dtype=bool)
+    for (x1, y1), (x2, y2) in zip(vertices, [*vertices[1:], vertices[0]]):
+        if y1 == y2:
+            continue  # a horizontal edge crosses no horizontal ray
+        crosses = (y1 > ys) != (y2 > ys)
+        inside ^= crosses & (xs < x1 + (x2 - x1) * (ys - y1) / (y2 - y1))
+    return inside
+
+
+def _star_vertices(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """The 10 vertices of a five-pointed star of outer radius ``r``, one point straight up, clockwise on screen."""
+    radii = [r if k % 2 == 0 else STAR_INNER_RATIO * r for k in range(10)]
+    angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    return [(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles)]
 
 
 def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width: int) -> np.ndarray:
@@ -120,7 +152,9 @@ def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width
     if shape == "triangle":
         depth = dy + r  # 0 at the apex, size at the base; the half-width grows as depth / 2
         return (depth >= 0) & (depth <= size) & (np.abs(dx) <= depth / 2)
-    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if shape == "star":
+        return _in_polygon(xs, ys, _star_vertices(cx, cy, r))
+    raise ValueError(f"shape must be one of {ALL_SHAPES}, got {shape!r}")
 
 
 def object_mask(obj: Obj, side: int) -> np.ndarray:
@@ -191,7 +225,7 @@ def _fits(obj: Obj, others: Sequence[Obj], side: int) -> bool:
 
 def _random_obj(rng: np.random.Generator, shape: str, color: str, side: int) -> Obj:
     """An object of a random size at a random integer corner inside the canvas (overlap not checked)."""
-    lo, hi = size_range(side)
+    lo, hi = size_range(side, shape)
     s = int(rng.integers(lo, hi + 1))
     pad = _edge_pad(side)
     x0, y0 = (int(v) for v in rng.integers(pad, side - pad - s + 1, size=2))

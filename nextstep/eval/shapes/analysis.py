@@ -5,7 +5,9 @@ along the straight RGB line from the background to that colour and close to that
 edge makes with the background keep their colour instead of turning into a neighbouring palette colour);
 same-colour pixels are grouped into 4-connected components, specks dropped, and each component's shape read by
 template matching: the square, circle and upright triangle of the component's area placed at its centroid, best
-intersection over union wins.
+intersection over union wins. The concept shapes (``CONCEPT_SHAPES``: the star) are templates too, so an image of
+the default world is read the same way, only a component that matches a star better than every default shape
+(never one of the default world's ground truth, clean or blurred and noisy: ``tests/test_shapes.py``) reads as one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ...data.shapes.scene import BACKGROUND_COLORS, COLORS, OBJECT_COLORS, shape_mask, size_range
+from ...data.shapes.scene import BACKGROUND_COLORS, COLORS, OBJECT_COLORS, STAR_INNER_RATIO, shape_mask, size_range
 
 # Pixel colours (RGB units 0-255).
 ALPHA_MIN = 0.5  # a pixel is an object's when at least half-way from the background to the object colour
@@ -26,7 +28,8 @@ UNKNOWN_MIN_DIST = 100.0  # off-palette pixels this far from the background form
 BACKGROUND_MAX_DIST = 60.0  # border colour farther than this from every background name reads as "unknown"
 # Objects.
 SPECK_FRACTION = 0.3  # components smaller than this fraction of the smallest object's area are noise
-SHAPE_FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}  # shape area / box area
+SHAPE_FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5,  # shape area / box area
+              "star": 1.25 * STAR_INNER_RATIO * math.sin(math.pi / 5)}  # 10 triangles of sides R, kR at 36 degrees
 SHAPE_MIN_IOU = 0.6  # best template overlap below this: shape "unknown"
 
 _PALETTE = np.array([OBJECT_COLORS[c] for c in COLORS], dtype=np.float32)  # (K, 3)

@@ -1,6 +1,8 @@
 """The shapes benchmark run: a model's images for the fixed evaluation sets (``prompt_set`` / ``edit_set`` of
 ``nextstep.data.shapes``), scored by ``check`` / ``check_edit`` and summed up as GenEval-style accuracies and
-GEdit-style edit scores (``evaluate``, ``evaluate_pipeline``), and as Markdown (``format_table``).
+GEdit-style edit scores (``evaluate``, ``evaluate_pipeline``), and as Markdown (``format_table``). With a
+``concept`` (a shape of ``CONCEPT_SHAPES``) the text-to-image sets are the concept's (``concept_prompt_set``):
+every prompt names the new shape.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ...data.shapes.concept import CONCEPT_CATEGORIES, concept_prompt_set
 from ...data.shapes.dataset import edit_set, prompt_set
 from ...data.shapes.edits import EDIT_TYPES
+from ...data.shapes.scene import CONCEPT_SHAPES
 from ...data.shapes.t2i import CATEGORIES
 from ...errors import InputError
 from .analysis import analyze, describe
@@ -59,13 +63,16 @@ def evaluate(
     n_edits: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    concept: str | None = None,
 ) -> dict[str, Any]:
     """Score a text-to-image model (and optionally an editor) on the fixed shapes evaluation sets
     (``prompt_set`` / ``edit_set`` of ``nextstep.data.shapes`` with this seed and size).
 
     generate_fn(captions) -> one PIL image per caption; edit_fn(sources, instructions) -> one PIL per source,
-    same size as its source. Returns
+    same size as its source. ``concept``: score ``concept_prompt_set(concept, category, ...)`` for the
+    ``CONCEPT_CATEGORIES`` instead (prompts that name the new shape). Returns
         "categories": {category: accuracy %} ({} when n_per_category is 0), "overall": their mean (%),
+        "concept": the concept or None,
         "edits": {"success": %, "psnr_outside": mean dB (inf counted as PSNR_CAP_DB),
                   "types": {edit type: {"success": %, "psnr_outside": dB}}} or None without edits,
         "records": per sample {"kind": "t2i" | "edit", "category": category or edit type, "caption": the text
@@ -79,11 +86,14 @@ def evaluate(
                          f"{n_edits}, {batch_size}")
     if n_edits > 0 and edit_fn is None:
         raise InputError("n_edits > 0 needs an edit_fn")
+    if concept is not None and concept not in CONCEPT_SHAPES:
+        raise InputError(f"concept must be one of {CONCEPT_SHAPES}, got {concept!r}")
     categories, records, images, sources = {}, [], [], []
     if n_per_category:
-        for category in CATEGORIES:
-            accuracy, recs, outs = _evaluate_category(generate_fn, category, n_per_category, seed, size,
-                                                      batch_size, progress)
+        for category in CATEGORIES if concept is None else CONCEPT_CATEGORIES:
+            prompts = (prompt_set(category, n_per_category, seed, size) if concept is None
+                       else concept_prompt_set(concept, category, n_per_category, seed, size))
+            accuracy, recs, outs = _evaluate_category(generate_fn, category, prompts, batch_size, progress)
             categories[category] = accuracy
             records += recs
             images += outs
@@ -95,16 +105,17 @@ def evaluate(
         images += outs
         sources += srcs
     overall = float(np.mean(list(categories.values()))) if categories else float("nan")
-    return {"size": size, "seed": seed, "categories": categories, "overall": overall, "edits": edits,
+    return {"size": size, "seed": seed, "concept": concept, "categories": categories, "overall": overall,
+            "edits": edits,
             "records": records, "images": images, "sources": sources}
 
 
 def evaluate_pipeline(pipe, n_per_category: int, seed: int, size: int = 64, n_edits: int = 0, batch_size: int = 16,
-                      progress: bool = True, image_guidance_scale: float | None = None, **settings: Any
-                      ) -> dict[str, Any]:
+                      progress: bool = True, image_guidance_scale: float | None = None, concept: str | None = None,
+                      **settings: Any) -> dict[str, Any]:
     """``evaluate`` for a ``NextStepPipeline``: one generator seeded with ``seed`` for all its calls, ``size`` x
     ``size`` images; ``settings`` (steps, guidance, ...) go to every call, ``image_guidance_scale`` to edits only.
-    Settings left out take the pipeline's defaults (``pipe.defaults``)."""
+    Settings left out take the pipeline's defaults (``pipe.defaults``); ``concept`` as in ``evaluate``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -117,12 +128,11 @@ def evaluate_pipeline(pipe, n_per_category: int, seed: int, size: int = 64, n_ed
         return pipe(instructions, image=sources, image_guidance_scale=image_guidance_scale, **kw).images
 
     return evaluate(generate, n_per_category, seed, size=size, edit_fn=edit if n_edits else None, n_edits=n_edits,
-                    batch_size=batch_size, progress=progress)
+                    batch_size=batch_size, progress=progress, concept=concept)
 
 
-def _evaluate_category(generate_fn, category, n, seed, size, batch_size, progress):
-    """(accuracy %, records, images) of the generator on ``prompt_set(category, n, seed, size)``."""
-    prompts = prompt_set(category, n, seed, size)
+def _evaluate_category(generate_fn, category, prompts, batch_size, progress):
+    """(accuracy %, records, images) of the generator on ``prompts`` ([(caption, spec)] of ``category``)."""
     outputs = _batched(generate_fn, [[c for c, _ in prompts]], batch_size, category, progress)
     analyses = [analyze(im) for im in outputs]
     passed = [check(spec, a) for (_, spec), a in zip(prompts, analyses)]
@@ -156,7 +166,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     """Markdown tables of ``evaluate``'s results: accuracy per category and overall, then edits if any."""
     lines = []
     if results["categories"]:
-        lines += ["| category | accuracy (%) |", "|---|---:|"]
+        what = "category" if results.get("concept") is None else f"category ({results['concept']} prompts)"
+        lines += [f"| {what} | accuracy (%) |", "|---|---:|"]
         lines += [f"| {c} | {a:.1f} |" for c, a in results["categories"].items()]
         lines += [f"| **overall** | **{results['overall']:.1f}** |"]
     edits = results.get("edits")
