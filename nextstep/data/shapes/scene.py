@@ -55,9 +55,9 @@ EDGE_FRACTION = 0.03  # minimum gap between an object box and the image border
 POSITION_GAP_FRACTION = 0.25  # ground-truth "left of" etc.: centre offset along the asked axis, at least
 POSITION_SKEW_FRACTION = 0.15  # ... and at most this much offset across it
 STAR_INNER_RATIO = 0.55  # a star's inner vertices lie at this fraction of its outer radius
-# Shapes drawn at other sizes than SIZE_FRACTIONS. Stars: at the default 12-18 px (64 px image) the bundled f8
-# tokenizer decodes 82% of them as circles (their points are a pixel or two wide); at 24-30 px all 100 of a test
-# survive an encode-decode round trip and read as stars (measured with nextstep.eval.shapes.analyze).
+# Shapes drawn at other sizes than SIZE_FRACTIONS. Stars: after an encode-decode round trip through the bundled f8
+# tokenizer, 0 of 100 stars of the default 12-18 px (64 px image) still read as stars (all as circles: their points
+# are a pixel or two wide), 38 of 100 at 18-24 px, 100 of 100 at 24-30 px (benchmarks/concept_vae.py).
 SHAPE_SIZE_FRACTIONS: Mapping[str, tuple[float, float]] = MappingProxyType({"star": (0.375, 0.47)})
 
 _MAX_SCENE_TRIES = 500
