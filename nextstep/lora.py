@@ -80,6 +80,11 @@ def _lora_layer_type():
         dequantized weight), the adapter's is PEFT's own. Merging is refused: the merged weight would have to be
         quantized again, and unmerging could not restore the base."""
 
+        @property
+        def weight(self) -> torch.Tensor:
+            # PEFT reads a quantized base's ``qweight``; ours is None while fbgemm holds the int8 weight packed
+            return self.get_base_layer().weight
+
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             raise InputError("cannot fuse LoRA adapters into a quantized model (the sum would be quantized again and "
                              "could not be undone): sample with the adapters unfused, or load the model in float")

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import SamplingConfig
 from ..data.sequences import BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records, save_records
 from ..data.sources import open_source
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..images import grid_image, save_png, to_pil
 from ..model.flow_head import VelocityNet
 from ..model.latents import token_grid
@@ -30,11 +30,12 @@ from ..tokenizer import Tokenizer
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
 from .loop import Task, fit
-from .state import plain_copy, resume_point, start_run, training_autocast
+from .state import full_state_dict, plain_copy, plain_key, resume_point, start_run, training_autocast
 
 # How the sample grids are drawn, and so the defaults every export carries (its generation_config.json): a freshly
 # trained small model loads with the settings its grids were judged by, not the 14B model's 50 steps at guidance 7.5.
 GRID_SAMPLING = SamplingConfig(num_inference_steps=20, guidance_scale=3.0)
+TRAINING_ADAPTER = "default"  # the adapter's name inside the model while a LoRA run trains it (PEFT's default)
 
 
 class LossModule(nn.Module):
@@ -147,6 +148,87 @@ class ARTask(Task):
         return None if model is None else NextStepPipeline(model, self.vae, self.tok, defaults=GRID_SAMPLING)
 
 
+class LoraTask(ARTask):
+    """AR training of LoRA adapters on a frozen base: the same data and loss; checkpoints hold the adapters and
+    their optimizer; exports are adapter directories (``nextstep.lora``)."""
+
+    trained_only = True
+
+    def __init__(self, *args, identity, peft_config):
+        super().__init__(*args)
+        self.identity, self.peft_config = identity, peft_config
+
+    def export(self, ema, path: Path) -> Path:
+        from .. import lora
+
+        state = full_state_dict(self.trainable, trained_only=True)
+        if ema is not None:
+            state.update((k, (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu())
+                         for k, v in ema.weights().items())
+        state = {_adapter_key(k): v for k, v in state.items()}
+        if self.info.is_main:
+            lora.save_adapter(path, state, self.peft_config, self.identity)
+            if self.cfg.lora.export_merged and path.name == "final":
+                self._export_merged(path, path.with_name("final-merged"))
+        barrier(self.info)
+        return path
+
+    def _export_merged(self, adapter: Path, out: Path) -> None:
+        """The float base (``init_from``) with the adapter merged in, as a model directory of its own."""
+        from ..lora import Adapters, merge_and_unload
+        from ..pipeline import NextStepPipeline
+
+        base = NextStep.from_pretrained(self.cfg.init_from)
+        Adapters(base).load(adapter)
+        NextStepPipeline(merge_and_unload(base), self.vae, self.tok, defaults=GRID_SAMPLING).save_pretrained(out)
+
+    def sample(self, ema, path: Path) -> None:
+        """The grid from the model being trained (the EMA's adapter weights swapped in meanwhile), on the main rank."""
+        from ..pipeline import NextStepPipeline
+
+        if not self.info.is_main:
+            return
+        model = unwrap(self.trainable).model
+        params = {n: p for n, p in self.trainable.named_parameters() if p.requires_grad}
+        saved = {n: p.detach().clone() for n, p in params.items()} if ema is not None else {}
+        try:
+            with torch.no_grad():
+                for n in saved:
+                    params[n].copy_(ema.shadow[n])
+            pipe = NextStepPipeline(model, self.vae, self.tok, defaults=GRID_SAMPLING)
+            height, width = self.cfg.data.bucket_sizes[0]
+            out = pipe(self.cfg.sample_prompts, height=height, width=width, progress=False,
+                       generator=torch.Generator().manual_seed(0), output_type="pt")
+            save_png(grid_image(to_pil(out.images)), path)
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+            model.train()
+
+
+def _adapter_key(key: str) -> str:
+    """A trained parameter's name (wrappers' parts and all) -> PEFT's saved name: ``model.X.lora_A.default.weight``
+    -> ``X.lora_A.weight``."""
+    return plain_key(key).removeprefix("model.").replace(f".{TRAINING_ADAPTER}.", ".")
+
+
+def build_lora_model(cfg: TrainConfig, tok: Tokenizer):
+    """The frozen base (``init_from``, quantized per the recipe) with fresh adapters (drawn from the run's seed, the
+    same on every rank), its identity and PEFT config."""
+    from .. import lora
+
+    base = NextStep.from_pretrained(cfg.init_from, quantize=cfg.quantize)
+    identity = lora.AdapterIdentity.of(base, cfg.init_from, cfg.lora.targets, cfg.quantize)  # before the overrides
+    cfg.apply_overrides(base.config)  # the loss weights and head batch: training only
+    check_special_ids(tok, base.config)
+    peft_config = lora.lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        lora.inject(peft_config, base, TRAINING_ADAPTER)
+    return base.train(), identity, peft_config
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = None, progress: bool = True) -> Path:
     """Run (or resume) training; returns the exported model directory ``OUT/final``."""
     info = info or DistInfo()
@@ -156,7 +238,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
     vae = VAE.from_pretrained(cfg.vae, device=info.device)
     records, skipped = prepare_records(cfg, vae, out, info, progress)
-    model = build_model(cfg, tok).to(info.device)
+    if cfg.lora is not None:
+        if info.enabled and cfg.run.parallel == "fsdp" and cfg.run.sample_every:
+            raise ConfigError("lora with parallel fsdp draws no sample grids (the base is sharded): set "
+                              "run.sample_every to 0, or use parallel ddp")
+        model, identity, peft_config = build_lora_model(cfg, tok)
+        model = model.to(info.device)
+    else:
+        model = build_model(cfg, tok).to(info.device)
     if info.is_main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
@@ -166,5 +255,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     if run.compile:
         model.transformer.compile()
     notes = [f"skipped {skipped} unreadable samples while encoding the dataset"] if skipped else []
-    return fit(ARTask(cfg, trainable, records, tok, vae, info), cfg, trainable, out, ckpt, info, progress=progress,
-               notes=notes)
+    task = (ARTask(cfg, trainable, records, tok, vae, info) if cfg.lora is None
+            else LoraTask(cfg, trainable, records, tok, vae, info, identity=identity, peft_config=peft_config))
+    return fit(task, cfg, trainable, out, ckpt, info, progress=progress, notes=notes)

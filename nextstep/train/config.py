@@ -132,6 +132,32 @@ class RunConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    """A recipe's ``lora`` section: train low-rank adapters (PEFT) on the frozen ``init_from`` model instead of the
+    model itself. ``targets``: groups of linear layers (``nextstep.lora.TARGETS``): "attn" (q/k/v/o), "mlp"
+    (gate/up/down), "head" (the flow head's linears), "projectors" (image in/out). The run's checkpoints hold the
+    adapters and their optimizer only; ``OUT/final`` is the adapter directory, and ``export_merged`` also writes the
+    base with the adapter merged in (float) to ``OUT/final-merged``."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0  # drawn from the global RNG: with dropout, 2 processes do not give 1's result exactly
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    export_merged: bool = False
+
+    def __post_init__(self) -> None:
+        from ..lora import TARGETS
+
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+               f"lora.rank must be an integer >= 1, got {self.rank!r}")
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+               f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        _check(isinstance(self.targets, list) and bool(self.targets) and all(t in TARGETS for t in self.targets),
+               f"lora.targets must be a non-empty list among {list(TARGETS)}, got {self.targets!r}")
+
+
+@dataclass
 class TrainConfig:
     """``nextstep train``: the autoregressive model on mixed text-to-image / edit / text batches."""
 
@@ -149,11 +175,21 @@ class TrainConfig:
     batch_mul: int | None = None
     context_noise: float | None = None  # NextStepConfig.context_noise
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square above a green triangle"])
+    lora: LoraTrainConfig | None = None  # train adapters on the frozen init_from model (see LoraTrainConfig)
+    quantize: str | None = None  # with lora: the frozen base in "int8" or "fp8" weights (QLoRA-style)
 
     def __post_init__(self) -> None:
         _coerce(self, "run", RunConfig)
         _coerce(self, "data", DataConfig)
         _coerce(self, "optim", OptimConfig)
+        _coerce(self, "lora", LoraTrainConfig)
+        if self.lora is not None:
+            _check(bool(self.init_from), "lora: adapters are trained on a base model: set init_from")
+            _check(self.context_noise is None, "lora: context_noise is the base model's (an adapter samples with "
+                                               "its base's config): leave it out")
+        _check(self.quantize in (None, "int8", "fp8"), f"quantize must be 'int8' or 'fp8', got {self.quantize!r}")
+        _check(self.quantize is None or self.lora is not None,
+               "quantize: only a frozen base can be quantized: add a lora section (or train in float)")
         _check(bool(self.vae), "vae: the VAE directory is required (train one with `nextstep train-vae`)")
         _check(bool(self.tokenizer or self.init_from), "tokenizer: a directory with tokenizer.json is required")
         for name in ("lm_loss_weight", "im_loss_weight"):

@@ -27,6 +27,7 @@ class Task:
     it trains itself and that the checkpoints carry too (the tokenizer's discriminator)."""
 
     desc = "train"
+    trained_only = False  # checkpoints and EMA hold the trained parameters only (a LoRA run: not its frozen base)
     extra: Mapping[str, tuple[nn.Module, torch.optim.Optimizer]] = MappingProxyType({})
 
     def updates(self, step: int) -> Iterator[tuple[torch.Tensor, dict[str, float]]]:
@@ -56,8 +57,9 @@ def fit(task: Task, cfg, trainable: nn.Module, out: Path, ckpt: Path | None, inf
     run, opt = cfg.run, cfg.optim
     params = [p for p in trainable.parameters() if p.requires_grad]  # FSDP2: the shards (listed before any forward)
     optimizer = make_optimizer(trainable, opt.lr, opt.betas, opt.weight_decay)
-    ema = EMA(trainable, run.ema_decay) if run.ema_decay > 0 else None
-    start = load_checkpoint(ckpt, trainable, optimizer, ema, info, task.extra)["step"] if ckpt else 0
+    ema = EMA(trainable, run.ema_decay, task.trained_only) if run.ema_decay > 0 else None
+    start = load_checkpoint(ckpt, trainable, optimizer, ema, info, task.extra, task.trained_only)["step"] if ckpt \
+        else 0
     bar = Progress(out, run.steps, start, info, task.desc, show=progress)
     for line in notes:
         bar.write(line)
@@ -93,7 +95,7 @@ def fit(task: Task, cfg, trainable: nn.Module, out: Path, ckpt: Path | None, inf
                 task.sample(ema, out / "samples" / f"step_{done:07d}.png")
             if checkpoint:
                 save_checkpoint(out, done, trainable, optimizer, ema, {"config": to_dict(cfg), "data_position": done},
-                                info, run.keep_checkpoints, task.extra)
+                                info, run.keep_checkpoints, task.extra, task.trained_only)
             if run.export_every and done % run.export_every == 0 and done != run.steps:
                 task.export(ema, out / "exports" / f"step_{done:07d}")
     finally:

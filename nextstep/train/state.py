@@ -199,9 +199,10 @@ class EMA:
     The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the random initial weights do not
     linger in the average of a short run (with a fixed 0.999, 22% of them remain after 1500 steps)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, trained_only: bool = False):
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad or not trained_only}
         self.shadow["_updates"] = torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
@@ -244,10 +245,20 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-def _checkpoint_state(model: nn.Module, optimizer, ema: EMA | None, extra: Mapping) -> dict[str, Any]:
-    """What a checkpoint holds: the model and its optimizer, the EMA, and each of ``extra``'s {name: (module,
-    optimizer)} pairs as ``name`` and ``name_optim``; keys named without the wrappers' prefixes (DDP's ``module.``)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def _options(trained_only: bool) -> StateDictOptions | None:
+    """``trained_only``: the model's part of a checkpoint is its trained parameters (a LoRA run's adapters), not the
+    frozen base, which the run loads again from its recipe."""
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trained_only else None
+
+
+def _checkpoint_state(model: nn.Module, optimizer, ema: EMA | None, extra: Mapping, trained_only: bool = False
+                      ) -> dict[str, Any]:
+    """What a checkpoint holds: the model (its trained parameters only with ``trained_only``) and its optimizer, the
+    EMA, and each of ``extra``'s {name: (module, optimizer)} pairs as ``name`` and ``name_optim``; keys named without
+    the wrappers' prefixes (DDP's ``module.``)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trained_only))
+    if trained_only:
+        model_sd = _only_trained(model, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -257,14 +268,15 @@ def _checkpoint_state(model: nn.Module, optimizer, ema: EMA | None, extra: Mappi
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, ema: EMA | None,
-                    trainer: dict[str, Any], info: DistInfo, keep: int, extra: Mapping | None = None) -> Path:
+                    trainer: dict[str, Any], info: DistInfo, keep: int, extra: Mapping | None = None,
+                    trained_only: bool = False) -> Path:
     final = out_dir / "checkpoints" / f"{CKPT_PREFIX}{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    state = _checkpoint_state(model, optimizer, ema, extra or {})
+    state = _checkpoint_state(model, optimizer, ema, extra or {}, trained_only)
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended on one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
@@ -281,11 +293,11 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, ema: 
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, info: DistInfo,
-                    extra: Mapping | None = None) -> dict[str, Any]:
+                    extra: Mapping | None = None, trained_only: bool = False) -> dict[str, Any]:
     """Restore model, optimizer, EMA, ``extra``'s pairs and this rank's RNG from ``path``; returns its trainer.json.
     A part this run needs that the checkpoint lacks is a ``TrainingError`` naming it."""
     extra = extra or {}
-    state = _checkpoint_state(model, optimizer, ema, extra)
+    state = _checkpoint_state(model, optimizer, ema, extra, trained_only)
     saved = {key.split(".")[0] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
     missing = [name for name in state if name not in saved]
     if missing:
@@ -295,7 +307,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, in
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(trained_only))
     for name, (module, opt) in extra.items():
         set_state_dict(module, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     rng = path / f"rng_rank{info.rank}.pt"
@@ -304,9 +317,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMA | None, in
     return json.loads((path / "trainer.json").read_text())
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU state dict (every rank must call; FSDP gathers)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict, of the trained parameters only with ``trained_only`` (every rank must call; FSDP
+    gathers)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=trained_only))
+    return _only_trained(model, state) if trained_only else state
+
+
+def _only_trained(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the buffers (a quantized base's int8 weights and scales), which ``ignore_frozen_params``
+    keeps: the entries of parameters that require grad."""
+    trained = {plain_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
 
 
 def plain_key(key: str) -> str:
