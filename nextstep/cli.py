@@ -234,6 +234,15 @@ def run_eval(args) -> list[Path]:
         written.append(Path(args.save_grid))
     return written
 
+    i.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="instead: the memory plan of LoRA training at rank R (see docs/lora.md, Memory plan)")
+    i.add_argument("--lora-targets", default="attn,mlp", help="LoRA target groups, comma-separated (default attn,mlp)")
+    i.add_argument("--train-size", default="512x512", metavar="HxW", help="LoRA training image size (default 512x512)")
+    i.add_argument("--batch", type=int, default=1, help="LoRA training images per step (default 1)")
+    i.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="LoRA training: the frozen base's weights")
+    i.add_argument("--checkpointing", action="store_true", help="LoRA training with activation checkpointing")
+    i.add_argument("--preset", default=None, help="LoRA training: a nextstep.config preset (nextstep-1-large) instead "
+                                                  "of a model directory")
 
 def make_tokenizer(args) -> list[Path]:
     from .tokenizer import train_tokenizer
@@ -587,6 +596,8 @@ def _main(argv: list[str] | None) -> int:
         if args.command in ("train", "train-vae", "distill-head", "train-rl"):
             written = run_training(args)
         elif args.command == "serve":
+    if args.lora_rank is not None or args.preset is not None:
+        return run_lora_memory(args, vae)
             try:
                 from .serve.runner import serve
             except ImportError as e:
@@ -610,6 +621,25 @@ def _main(argv: list[str] | None) -> int:
         print(f"nextstep: error: {cli_words(e) if isinstance(e, InputError) else e}", file=sys.stderr)
         return 1 if isinstance(e, WriteError) else 2
     except Interrupted as e:
+
+
+def run_lora_memory(args, vae) -> list[Path]:
+    from .info import TYPICAL_PROMPT, format_lora_memory, lora_memory_info
+
+    if args.lora_rank is None:
+        raise UsageError("--preset estimates LoRA training memory: give --lora-rank R")
+    size = re.fullmatch(r"(\d+)x(\d+)", args.train_size)
+    if size is None:
+        raise UsageError(f"--train-size must be HxW, e.g. 512x512, got {args.train_size!r}")
+    kw = dict(rank=args.lora_rank, height=int(size[1]), width=int(size[2]), batch=args.batch,
+              targets=[t for t in args.lora_targets.split(",") if t], quantize=args.quantize, dtype=args.dtype,
+              checkpointing=args.checkpointing)
+    if args.preset is not None:
+        plan = lora_memory_info(preset_name=args.preset, **kw)
+    else:
+        plan = lora_memory_info(model_path(args), vae_dir=vae, prompt=args.prompt or TYPICAL_PROMPT, **kw)
+    print(json.dumps(plan, indent=2) if args.json else format_lora_memory(plan, plan["model"]))
+    return []
         print(e, file=sys.stderr)
         return 130
     except KeyboardInterrupt:

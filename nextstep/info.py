@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import textwrap
 from pathlib import Path
@@ -253,3 +254,154 @@ def format_info(info: dict[str, Any]) -> str:
                   f"{pos['native_size']}x{pos['native_size']}"]
     return "\n".join(textwrap.fill(line, WIDTH, subsequent_indent=" " * 13, break_on_hyphens=False)
                      if not line.startswith("  ") else line for line in lines)
+
+
+# ---- LoRA training memory ------------------------------------------------------------------------------------------
+TRAIN_PROMPT_TOKENS = 64  # text tokens per training sequence when no tokenizer is at hand (a preset)
+LORA_STATE_BYTES = 16  # per adapter parameter: float32 value, gradient, AdamW's two moments
+LOGIT_BYTES = 4  # text logits are cast to float32 for the cross-entropy
+PROCESS_BYTES = 512 * 2**20  # the process itself: interpreter, libtorch and friends (on a GPU: the CUDA context)
+WORKSPACE_FRACTION = 0.05  # allocator slack and transient buffers, on top of everything else
+
+
+def lora_training_memory(config: NextStepConfig, *, rank: int, height: int, width: int, batch: int = 1,
+                         targets=("attn", "mlp"), quantize: str | None = None, dtype: str = "bfloat16",
+                         checkpointing: bool = True, prompt_tokens: int = TRAIN_PROMPT_TOKENS,
+                         downsample: int = 8) -> dict[str, Any]:
+    """Estimated peak memory of a LoRA training step on a frozen base (``nextstep train`` with a ``lora`` section), in
+    bytes per term, from the config's layer shapes alone (the model is built on the ``meta`` device).
+
+    Sequence: T = prompt_tokens + N, N = (height/downsample/patch) * (width/downsample/patch) image tokens, B rows.
+    a = bytes of the activations (``dtype``: the compute dtype, also of the non-quantized weights).
+      base_weights     every weight in ``dtype``; with ``quantize`` int8/fp8: 1 byte per linear weight plus one
+                       float32 scale per output channel (``weight_bytes``)
+      lora             rank * (in + out) per targeted linear (``nextstep.lora.TARGETS``), LORA_STATE_BYTES each:
+                       float32 value, gradient and AdamW's two moments
+      checkpoints      with checkpointing, every decoder layer's input: L * B * T * d * a
+      layer            one decoder layer's saved activations, recomputed in the backward, and as much again for their
+                       gradients: 2 * B * T * (5d + 3 h hd + 3 kv hd + 4 I + r * (LoRA layers per decoder layer)) * a,
+                       plus its attention probabilities B * h * T^2 * a (the math kernel's; fused kernels keep less).
+                       Without checkpointing every layer keeps its activations (L times the first part, not doubled)
+      logits           the text positions' float32 logits and their gradient: 2 * B * prompt_tokens * V * 4
+      flow_head        the head runs on R = B * N * batch_mul rows (each image token repeated batch_mul times),
+                       not checkpointed: R * (d + 4w + depth * (8w + 2 inner) + 4w) * a (the repeated condition, the
+                       time / condition / input embeddings, each residual block's saved tensors, the final layer)
+      workspace        the largest quantized linear dequantized to ``dtype`` (its backward to the input), then
+                       WORKSPACE_FRACTION of all the above
+      process          PROCESS_BYTES
+    Data (the latent cache), the VAE and the tokenizer are not counted: the AR trainer encodes images once up front.
+    """
+    from .lora import TARGETS, check_targets  # the adapters' own target groups
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize not in (None, "int8", "fp8"):
+        raise InputError(f"quantize must be int8 or fp8 (or none), got {quantize!r}")
+    for name, v in (("rank", rank), ("batch", batch), ("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+    if prompt_tokens < 0:
+        raise InputError(f"prompt_tokens must be >= 0, got {prompt_tokens}")
+    m = downsample * config.patch_size
+    if height % m or width % m:
+        raise InputError(f"training size {height}x{width} must be a multiple of {m} (VAE f{downsample} x patch "
+                         f"{config.patch_size})")
+    targets = check_targets(targets)
+    with torch.device("meta"):
+        model = NextStep(config)
+    t, h = config.transformer, config.head
+    a = _size(DTYPES[dtype])
+    n_img = (height // m) * (width // m)
+    seq = prompt_tokens + n_img
+    d, layers = t.hidden_size, t.num_layers
+
+    pattern = re.compile("|".join(f"({TARGETS[g]})" for g in targets))
+    lora_linears = {k: mod for k, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+                    and pattern.fullmatch(k)}
+    lora_params = sum(rank * (mod.in_features + mod.out_features) for mod in lora_linears.values())
+    per_layer = sum(1 for k in lora_linears if k.startswith("transformer.layers.0."))
+
+    weights = weight_bytes(model)["float32" if dtype == "float32" else "bfloat16"]
+    if quantize:
+        weights = weight_bytes(model)[f"{quantize}+{'float32' if dtype == 'float32' else 'bfloat16'}"]
+        if dtype == "float16":
+            raise InputError("quantize: the compute dtype of a quantized base is bfloat16 or float32")
+    elif dtype == "float16":
+        weights = sum(p.numel() for p in model.parameters()) * 2
+
+    layer_values = (5 * d + 3 * t.num_heads * t.head_dim + 3 * t.num_kv_heads * t.head_dim
+                    + 4 * t.intermediate_size + rank * per_layer)  # per token
+    one_layer = batch * seq * layer_values * a
+    attn_probs = batch * t.num_heads * seq * seq * a
+    if checkpointing:
+        checkpoints = layers * batch * seq * d * a
+        layer = 2 * one_layer + attn_probs
+    else:
+        checkpoints = 0
+        layer = layers * (one_layer + attn_probs)
+    logits = 2 * batch * prompt_tokens * t.vocab_size * LOGIT_BYTES
+    rows = batch * n_img * h.batch_mul
+    inner = int(h.width * h.mlp_ratio)
+    flow_head = rows * (d + 4 * h.width + h.depth * (8 * h.width + 2 * inner) + 4 * h.width) * a
+    largest = max((mod.weight.numel() for mod in linears_to_quantize(model).values()), default=0)
+    terms = {"base_weights": weights, "lora": lora_params * LORA_STATE_BYTES, "checkpoints": checkpoints,
+             "layer": layer, "logits": logits, "flow_head": flow_head,
+             "workspace": largest * a if quantize else 0}
+    terms["workspace"] += int(WORKSPACE_FRACTION * sum(terms.values()))
+    terms["process"] = PROCESS_BYTES
+    return {"rank": rank, "targets": list(targets), "lora_layers": len(lora_linears), "lora_parameters": lora_params,
+            "size": [height, width], "batch": batch, "quantize": quantize, "dtype": dtype,
+            "checkpointing": checkpointing, "sequence": {"prompt_tokens": prompt_tokens, "image_tokens": n_img,
+                                                          "total": seq, "head_rows": rows},
+            "bytes": terms, "total_bytes": sum(terms.values())}
+
+
+def format_lora_memory(plan: dict[str, Any], what: str) -> str:
+    """The plan of ``lora_training_memory`` as a small table for people."""
+    s, b = plan["sequence"], plan["bytes"]
+    lines = [f"LoRA training memory   {what}: rank {plan['rank']} on {'+'.join(plan['targets'])} "
+             f"({plan['lora_layers']} linears, {human(plan['lora_parameters'])} adapter parameters), "
+             f"{plan['size'][0]}x{plan['size'][1]}, batch {plan['batch']}, base "
+             f"{plan['quantize'] or plan['dtype']} (activations {plan['dtype']}), checkpointing "
+             f"{'on' if plan['checkpointing'] else 'off'}",
+             f"  sequence {s['total']} tokens ({s['prompt_tokens']} prompt + {s['image_tokens']} image), flow head "
+             f"{s['head_rows']} rows"]
+    labels = {"base_weights": "base weights", "lora": "adapters + grads + AdamW",
+              "checkpoints": "checkpointed layer inputs", "layer": "layer activations",
+              "logits": "text logits", "flow_head": "flow head activations", "workspace": "workspace",
+              "process": "process"}
+    lines += [f"  {labels[k]:<27} {human(v, 'B'):>12}" for k, v in b.items()]
+    lines.append(f"  {'total (estimate)':<27} {human(plan['total_bytes'], 'B'):>12} "
+                 f"({plan['total_bytes'] / 1e9:.1f} GB)")
+    return "\n".join(lines)
+
+
+def lora_memory_info(model_dir: str | os.PathLike | None = None, *, preset_name: str | None = None,
+                     vae_dir: str | os.PathLike | None = None, prompt: str = TYPICAL_PROMPT, **kw: Any
+                     ) -> dict[str, Any]:
+    """``lora_training_memory`` for a model directory (its config, VAE downsampling and the tokenizer's length of
+    ``prompt`` with the image header, as ``model_info`` counts prompt rows) or a ``nextstep.config`` preset (no
+    tokenizer: TRAIN_PROMPT_TOKENS, f8). ``kw``: the training figures (rank, height, width, batch, ...)."""
+    from .config import preset
+
+    if (model_dir is None) == (preset_name is None):
+        raise InputError("give a model directory or a preset, not both or neither")
+    if preset_name is not None:
+        return {"model": f"preset {preset_name}", **lora_training_memory(preset(preset_name), **kw)}
+    from .pipeline import NextStepPipeline
+
+    root = require_dir(model_dir, "model")
+    raw = read_json(root / "config.json", "model config.json")
+    fmt = schema_of(raw)
+    config = NextStepConfig.from_official(raw)
+    vae_path = Path(vae_dir) if vae_dir is not None else root / "vae"
+    vae_config = (VAEConfig.from_official(read_json(vae_path / "config.json", "VAE config.json"), fmt)
+                  if (vae_path / "config.json").is_file() else VAEConfig(z_channels=config.latent_channels))
+    with torch.device("meta"):
+        model, vae = NextStep(config), VAE(vae_config)
+    pipe = NextStepPipeline(model, vae, Tokenizer.from_pretrained(root), SamplingConfig.from_model_dir(root), fmt)
+    m = vae_config.downsample * config.patch_size
+    grid = (max(kw.get("height", m) // m, 1), max(kw.get("width", m) // m, 1))
+    rows, _ = prompt_length(pipe, prompt, grid)
+    plan = lora_training_memory(config, prompt_tokens=rows, downsample=vae_config.downsample, **kw)
+    return {"model": str(root), **plan}

@@ -175,3 +175,42 @@ def test_cli(capsys, info):
     assert "exceeds the 512 positions" in text  # 512x512 and 1024x1024 do not fit the bundled model
     assert main(["info", "/nonexistent/model"]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+# ---- LoRA training memory plan --------------------------------------------------------------------------------------
+def test_lora_memory_plan_adds_up_and_counts_the_adapters(bundled):
+    from nextstep.info import LORA_STATE_BYTES, lora_memory_info
+
+    plan = lora_memory_info(bundled, rank=8, height=64, width=64, batch=4, dtype="float32")
+    assert plan["total_bytes"] == sum(plan["bytes"].values())
+    t = NextStepConfig.from_official(read_json(bundled / "config.json", "config")).transformer
+    d, i, q, kv = t.hidden_size, t.intermediate_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + i) + (i + d)  # q, k, v, o, gate, up, down
+    assert plan["lora_parameters"] == 8 * t.num_layers * per_layer and plan["lora_layers"] == 7 * t.num_layers
+    assert plan["bytes"]["lora"] == plan["lora_parameters"] * LORA_STATE_BYTES
+    assert plan["bytes"]["base_weights"] == model_info(bundled)["weights_bytes"]["float32"]
+    assert plan["sequence"]["image_tokens"] == 16 and plan["sequence"]["head_rows"] == 4 * 16 * 4
+
+
+def test_lora_memory_plan_is_monotone_and_nextstep1_fits_24gb(capsys):
+    from nextstep.config import preset
+    from nextstep.info import lora_training_memory
+
+    large = preset("nextstep-1-large")
+    base = dict(rank=16, height=512, width=512, batch=1, quantize="int8", checkpointing=True)
+    total = lambda **kw: lora_training_memory(large, **{**base, **kw})["total_bytes"]  # noqa: E731
+    assert total() <= 24e9  # the target: NextStep-1 (14B), rank 16, int8 base, 512x512, batch 1
+    assert total(rank=8) < total() < total(rank=32) < total(rank=64)
+    assert total() < total(batch=2) < total(batch=4)
+    assert total(height=256, width=256) < total() < total(height=768, width=768)
+    assert total() < total(checkpointing=False)
+    assert total() < total(quantize=None)
+    assert total(targets=["attn"]) < total() < total(targets=["attn", "mlp", "head"])
+    with pytest.raises(InputError, match="multiple of 16"):
+        total(height=500)
+    with pytest.raises(InputError, match="targets"):
+        total(targets=["everything"])
+    main(["info", "--preset", "nextstep-1-large", "--lora-rank", "16", "--train-size", "512x512", "--quantize", "int8",
+          "--checkpointing"])
+    out = capsys.readouterr().out
+    assert "rank 16 on attn+mlp" in out and f"({total() / 1e9:.1f} GB)" in out
