@@ -107,6 +107,39 @@ def _loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
                    help="weight-only quantization of the model's linear layers while loading (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _lora_flag(p)
+
+
+def _lora_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="a LoRA adapter of the model (nextstep train with a lora section), at SCALE (default 1); "
+                        "repeatable: the adapters add up")
+
+
+def lora_specs(args) -> list[tuple[Path, float]]:
+    """--lora DIR[:SCALE] flags, each directory checked before the model loads."""
+    from .lora import parse_spec
+
+    specs = []
+    for text in getattr(args, "lora", []):
+        path, scale = parse_spec(text)
+        if not Path(path).is_dir():
+            raise InputError(f"--lora {text}: no such adapter directory {path!r}")
+        specs.append((Path(path), scale))
+    return specs
+
+
+def named_loras(flags: list[str]) -> dict[str, str]:
+    """serve's --lora NAME=DIR flags -> {NAME: DIR}."""
+    out = {}
+    for text in flags:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--lora {text!r}: expected NAME=DIR")
+        if name in out:
+            raise InputError(f"--lora {name}: the name is given twice")
+        out[name] = path
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="weight-only quantization of the model")
     ev.add_argument("--quiet", action="store_true")
+    _lora_flag(ev)
     sv = sub.add_parser("serve", help="web page + OpenAI-compatible images API with live previews")
     sv.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     sv.add_argument("--vae", default=None)
@@ -189,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one fixed layout per batched call (filled up to the batch limit, prompts padded to fixed "
                          "token steps: serve.limits MAX_BATCH, PROMPT_BUCKET): a request's images are bit for bit the "
                          "same whatever it is batched with; a request alone then costs a full batch")
+    sv.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                    help="load the LoRA adapter in DIR under NAME; a request picks it with \"lora\": \"NAME\" "
+                         "(default: the base model); repeatable")
     i = sub.add_parser("info", help="parameters, weight and KV-cache memory, largest image: from config.json and "
                                     "file headers, no weights read")
     i.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the bundled model)")
@@ -197,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the KV-cache figures (default bfloat16)")
     i.add_argument("--prompt", default=None, help="the prompt for the KV-cache and largest-image figures "
                                                    "(default: a typical 17-word prompt)")
+    i.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="instead: the memory plan of LoRA training at rank R (see docs/lora.md, Memory plan)")
+    i.add_argument("--lora-targets", default="attn,mlp", help="LoRA target groups, comma-separated (default attn,mlp)")
+    i.add_argument("--train-size", default="512x512", metavar="HxW", help="LoRA training image size (default 512x512)")
+    i.add_argument("--batch", type=int, default=1, help="LoRA training images per step (default 1)")
+    i.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="LoRA training: the frozen base's weights")
+    i.add_argument("--checkpointing", action="store_true", help="LoRA training with activation checkpointing")
+    i.add_argument("--preset", default=None, help="LoRA training: a nextstep.config preset (nextstep-1-large) instead "
+                                                  "of a model directory")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     t = sub.add_parser("make-tokenizer", help="train a small byte-level BPE with the image protocol's tokens")
     t.add_argument("out", help="output directory (tokenizer.json)")
@@ -234,15 +280,6 @@ def run_eval(args) -> list[Path]:
         written.append(Path(args.save_grid))
     return written
 
-    i.add_argument("--lora-rank", type=int, default=None, metavar="R",
-                   help="instead: the memory plan of LoRA training at rank R (see docs/lora.md, Memory plan)")
-    i.add_argument("--lora-targets", default="attn,mlp", help="LoRA target groups, comma-separated (default attn,mlp)")
-    i.add_argument("--train-size", default="512x512", metavar="HxW", help="LoRA training image size (default 512x512)")
-    i.add_argument("--batch", type=int, default=1, help="LoRA training images per step (default 1)")
-    i.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="LoRA training: the frozen base's weights")
-    i.add_argument("--checkpointing", action="store_true", help="LoRA training with activation checkpointing")
-    i.add_argument("--preset", default=None, help="LoRA training: a nextstep.config preset (nextstep-1-large) instead "
-                                                  "of a model directory")
 
 def make_tokenizer(args) -> list[Path]:
     from .tokenizer import train_tokenizer
@@ -332,7 +369,8 @@ def load_pipeline(args, model_dir: Path | None = None, device: torch.device | No
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name(args, device)]
     vae = hub.resolve(args.vae, "VAE") if args.vae else None
     return NextStepPipeline.from_pretrained(model_dir or model_path(args), vae, dtype=dtype, device=device,
-                                            quantize=args.quantize, tp_mesh=tp_mesh, head=getattr(args, "head", None))
+                                            quantize=args.quantize, tp_mesh=tp_mesh, head=getattr(args, "head", None),
+                                            lora=lora_specs(args) or None)
 
 
 def settings_in_force(args, model_dir: Path, edit: bool) -> Settings:
@@ -558,6 +596,8 @@ def run_info(args) -> list[Path]:
 
     args.model = args.model_dir
     vae = hub.resolve(args.vae, "VAE") if args.vae else None
+    if args.lora_rank is not None or args.preset is not None:
+        return run_lora_memory(args, vae)
     info = model_info(model_path(args), vae, kv_dtype=args.dtype, prompt=args.prompt or TYPICAL_PROMPT)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return []
@@ -583,46 +623,6 @@ def warnings_in_one_line():
         yield
 
 
-def main(argv: list[str] | None = None) -> int:
-    with warnings_in_one_line():
-        return _main(argv)
-
-
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "sampler", None) == DISTILLED:  # the distilled head's sampler: fast mode by its other name
-        args.fast = True
-    try:
-        if args.command in ("train", "train-vae", "distill-head", "train-rl"):
-            written = run_training(args)
-        elif args.command == "serve":
-    if args.lora_rank is not None or args.preset is not None:
-        return run_lora_memory(args, vae)
-            try:
-                from .serve.runner import serve
-            except ImportError as e:
-                raise UsageError(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})") from None
-            serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                  api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
-                  allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head,
-                  tp=args.tp, reproducible=args.reproducible)
-            written = []
-        elif args.command == "eval":
-            written = run_eval(args)
-        elif args.command == "make-tokenizer":
-            written = make_tokenizer(args)
-        elif args.command == "generate-many":
-            written = run_generate_many(args)
-        elif args.command == "info":
-            written = run_info(args)
-        else:
-            written = run(args)
-    except NextStepError as e:  # what a user can fix; anything else is a bug and shows its traceback
-        print(f"nextstep: error: {cli_words(e) if isinstance(e, InputError) else e}", file=sys.stderr)
-        return 1 if isinstance(e, WriteError) else 2
-    except Interrupted as e:
-
-
 def run_lora_memory(args, vae) -> list[Path]:
     from .info import TYPICAL_PROMPT, format_lora_memory, lora_memory_info
 
@@ -640,6 +640,44 @@ def run_lora_memory(args, vae) -> list[Path]:
         plan = lora_memory_info(model_path(args), vae_dir=vae, prompt=args.prompt or TYPICAL_PROMPT, **kw)
     print(json.dumps(plan, indent=2) if args.json else format_lora_memory(plan, plan["model"]))
     return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    with warnings_in_one_line():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "sampler", None) == DISTILLED:  # the distilled head's sampler: fast mode by its other name
+        args.fast = True
+    try:
+        if args.command in ("train", "train-vae", "distill-head", "train-rl"):
+            written = run_training(args)
+        elif args.command == "serve":
+            try:
+                from .serve.runner import serve
+            except ImportError as e:
+                raise UsageError(f"nextstep serve needs the serve extra: pip install 'nextstep[serve]' ({e})") from None
+            serve(args.model, args.vae, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                  api_key=args.api_key or os.environ.get("NEXTSTEP_API_KEY") or None,
+                  allow_origins=args.allow_origin, public_without_key=args.public_without_key, head=args.head,
+                  tp=args.tp, reproducible=args.reproducible, loras=named_loras(args.lora))
+            written = []
+        elif args.command == "eval":
+            written = run_eval(args)
+        elif args.command == "make-tokenizer":
+            written = make_tokenizer(args)
+        elif args.command == "generate-many":
+            written = run_generate_many(args)
+        elif args.command == "info":
+            written = run_info(args)
+        else:
+            written = run(args)
+    except NextStepError as e:  # what a user can fix; anything else is a bug and shows its traceback
+        print(f"nextstep: error: {cli_words(e) if isinstance(e, InputError) else e}", file=sys.stderr)
+        return 1 if isinstance(e, WriteError) else 2
+    except Interrupted as e:
         print(e, file=sys.stderr)
         return 130
     except KeyboardInterrupt:

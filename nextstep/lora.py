@@ -225,9 +225,11 @@ class Adapters:
         self._not_fused("load an adapter")
         config, identity, state = read_adapter(path)
         source = str(path)
-        name = name or Path(path).resolve().name
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-            raise InputError(f"LoRA adapter name must be 1-64 letters, digits, '_', '.', '-', got {name!r}")
+        name = name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).resolve().name)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name) \
+                or hasattr(nn.ModuleDict(), name):  # PEFT keeps adapters in ModuleDicts: "half", "to" are taken
+            raise InputError(f"LoRA adapter name must be 1-64 letters, digits, '_', '-' and not a torch module "
+                             f"attribute, got {name!r}")
         if name in self.loaded:
             raise InputError(f"a LoRA adapter named {name!r} is loaded already ({self.loaded[name]}): pass another "
                              f"name, or unload the adapters first")

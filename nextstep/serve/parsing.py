@@ -164,6 +164,12 @@ def build_job_kwargs(req: GenerationRequest, pipe: NextStepPipeline, default_siz
                                   generator=torch.Generator().manual_seed(seed), fast=bool(req.fast), **overrides)
     if mask is not None:  # an edit's mask (read_edit_request checked it against the image)
         kwargs["mask"] = mask
+    loaded = getattr(pipe, "lora_names", [])
+    if req.lora is not None and req.lora not in loaded:
+        raise ApiError(400, f"lora {req.lora!r} is not an adapter of this server (it has: "
+                            f"{', '.join(loaded) or 'none'}; nextstep serve --lora NAME=DIR loads one)", param="lora")
+    if loaded:  # which adapter the call runs with (None: the base): part of the worker's batch key
+        kwargs["lora"] = req.lora
     response = {"seed": seed, "size": f"{w}x{h}", "output_format": "png", "background": "opaque",
                 "usage": _usage(prompt_row, (w, h), pipe.size_multiple, n, edit)}
     return kwargs, response

@@ -127,7 +127,8 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     worker = Worker(pipe, queue_size, preview_every, max_batch, batch_wait_s, reproducible)
     model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
-                  "native_size": native, "trained_sizes": list(pipe.defaults.trained_sizes)}  # [] not known
+                  "native_size": native, "trained_sizes": list(pipe.defaults.trained_sizes),  # [] not known
+                  "loras": list(getattr(pipe, "lora_names", []))}  # the adapters a request may name ("lora")
     defaults = {"generation": _api_settings(pipe.defaults.resolve(False), edit=False),
                 "edit": _api_settings(pipe.defaults.resolve(True), edit=True)}
     fast = {"available": pipe.head is not None}  # the distilled head's settings ("fast": true requests)

@@ -39,7 +39,7 @@ def check_exposure(host: str, access: Access, public_without_key: bool) -> None:
 def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: torch.dtype | str | None = None, queue_size: int = QUEUE_SIZE, api_key: str | None = None,
           allow_origins: tuple[str, ...] = (), public_without_key: bool = False, head=None, tp: int = 1,
-          reproducible: bool = False) -> None:
+          reproducible: bool = False, loras: dict[str, str] | None = None) -> None:
     """Load a model (default: the bundled one) and serve it until interrupted. ``device`` defaults to CUDA when
     available; ``dtype`` to bfloat16 on GPU, float32 on CPU. ``api_key``: clients must send it as a bearer token;
     ``allow_origins``: web pages on these origins may call the API (``security``). Binding beyond loopback needs a
@@ -47,7 +47,8 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
     directory, for requests with ``"fast": true``. ``tp``: split the model over this many processes, started by
     torchrun (``--nproc_per_node tp``): rank 0 serves and each call it makes is replayed on the others
     (``replicate``); every rank runs this function and returns when rank 0 is interrupted. ``reproducible``: batched
-    calls keep one fixed layout, so a request's images do not depend on what it is batched with (``worker``)."""
+    calls keep one fixed layout, so a request's images do not depend on what it is batched with (``worker``).
+    ``loras``: {name: adapter directory}, loaded once; a request picks one by its ``lora`` field (default: the base)."""
     access = Access(api_key=api_key, allow_origins=tuple(allow_origins), bound_host=host)
     options = {"queue_size": queue_size, "reproducible": reproducible}  # create_app's
     check_exposure(host, access, public_without_key)
@@ -64,9 +65,17 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if tp < 1:
         raise InputError(f"tp must be >= 1, got {tp}")
+    loras = dict(loras or {})
+    if loras and tp > 1:
+        raise InputError("LoRA adapters and tensor parallelism cannot be combined yet")
+    for name, d in loras.items():  # a missing directory: before the model loads
+        require_dir(Path(d), f"LoRA adapter {name!r}")
     if tp == 1:
         with listen(host, port) as sock:  # before the model loads: a port in use is found in a moment
             pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
+            for name, d in loras.items():
+                pipe.load_lora(d, name=name)
+            pipe.set_lora(None)  # requests name their adapter; none: the base
             _run(pipe, model_dir, sock, host, access, options, f"{device}, {dtype}")
         return
     from ..parallel import join_tensor_parallel

@@ -68,6 +68,7 @@ class _Request(OpenAIFields):
     response_format: str | None = None  # "b64_json" (as when left out)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     fast: bool | None = None  # sample with the server's distilled few-step head (``nextstep serve --head DIR``)
+    lora: str | None = Field(None, min_length=1, max_length=64)  # a LoRA adapter the server loaded (--lora NAME=DIR)
 
 
 def _setting_fields(edit_only: bool) -> dict[str, Any]:

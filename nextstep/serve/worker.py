@@ -310,6 +310,8 @@ class Worker:
                 for s, (_, job) in enumerate(shown):
                     job.emit("preview", {"step": step, "total": total, "images": images[s * n:(s + 1) * n]})
 
+        if "lora" in kwargs:  # the batch's adapter (one per batch: it is in the key); switching is a flag, not a load
+            self.pipe.set_lora(kwargs.pop("lora"))
         try:
             out = self.pipe._generate(**kwargs, progress=False, callback=on_token)
         except Cancelled:
