@@ -73,9 +73,10 @@ def serve(model_dir=None, vae_dir=None, host: str = "127.0.0.1", port: int = 800
     if tp == 1:
         with listen(host, port) as sock:  # before the model loads: a port in use is found in a moment
             pipe = NextStepPipeline.from_pretrained(model_dir, vae_dir, dtype=dtype, device=device, head=head)
-            for name, d in loras.items():
-                pipe.load_lora(d, name=name)
-            pipe.set_lora(None)  # requests name their adapter; none: the base
+            if loras:
+                for name, d in loras.items():
+                    pipe.load_lora(d, name=name)
+                pipe.set_lora(None)  # requests name their adapter; none: the base
             _run(pipe, model_dir, sock, host, access, options, f"{device}, {dtype}")
         return
     from ..parallel import join_tensor_parallel
