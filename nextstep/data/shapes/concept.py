@@ -94,14 +94,21 @@ def concept_sample(concept: str, i: int, seed: int, size: int = 64) -> tuple[str
     return generate_concept(concept, category, rng, size)
 
 
-def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64) -> Path:
+def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64,
+                    replay: int = 0) -> Path:
     """Write ``n`` text-to-image samples naming ``concept`` (``concept_sample`` 0..n-1) as a folder source:
     ``OUT/images/NNNNN.png`` and ``OUT/captions.jsonl`` ({"image", "caption", "spec"} per line, written last, so a
-    folder without it is incomplete). Returns the path of ``captions.jsonl``. FileExistsError if it exists."""
+    folder without it is incomplete). ``replay`` more samples come from the default shapes world (``ShapesDataset``
+    with seed ``seed + 1``: text-to-image and edits, as the base model was trained on), so that fine-tuning on the
+    concept keeps what the model could do (their lines carry no "spec"). Returns the path of ``captions.jsonl``.
+    FileExistsError if it exists."""
+    from .dataset import ShapesDataset
+
     _check_concept(concept)
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _check_non_negative("seed", seed)
+    _check_non_negative("replay", replay)
     _check_side(size)
     root = Path(out_dir)
     index = root / CONCEPT_INDEX
@@ -114,6 +121,17 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
         rel = f"images/{i:05d}.png"
         render(scene).save(root / rel, format="PNG")
         lines.append(json.dumps({"image": rel, "caption": caption, "spec": spec}))
+    world = ShapesDataset(replay, seed=seed + 1, size=size)
+    for i in range(replay):
+        sample, stem = world[i], f"images/{n + i:05d}"
+        if sample["kind"] == "t2i":
+            sample["image"].save(root / f"{stem}.png", format="PNG")
+            lines.append(json.dumps({"image": f"{stem}.png", "caption": sample["caption"]}))
+        else:
+            sample["source"].save(root / f"{stem}_src.png", format="PNG")
+            sample["target"].save(root / f"{stem}_tgt.png", format="PNG")
+            lines.append(json.dumps({"source": f"{stem}_src.png", "target": f"{stem}_tgt.png",
+                                     "instruction": sample["instruction"]}))
     tmp = index.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(index)
