@@ -528,6 +528,25 @@ def test_concept_dataset_is_a_folder_source(tmp_path):
         S.concept_dataset("star", tmp_path / "zero", n=0)
 
 
+def test_concept_dataset_replays_the_default_world(tmp_path):
+    """``replay`` adds the default world's samples (what the base model was trained on) after the concept's."""
+    from nextstep.data.sources import FolderSource
+
+    S.concept_dataset("star", tmp_path / "mix", n=3, seed=5, replay=6)
+    source, world = FolderSource(tmp_path / "mix"), S.ShapesDataset(6, seed=6)
+    assert len(source) == 9 and source[0]["caption"] == S.concept_sample("star", 0, seed=5)[0]
+    for i in range(6):
+        got, want = source[3 + i], world[i]
+        assert got["kind"] == want["kind"]
+        if want["kind"] == "t2i":
+            assert got["caption"] == want["caption"]
+            assert np.array_equal(_pixels(got["image"]), _pixels(want["image"]))
+        else:
+            assert got["instruction"] == want["instruction"]
+            assert np.array_equal(_pixels(got["target"]), _pixels(want["target"]))
+    assert {source[3 + i]["kind"] for i in range(6)} <= {"t2i", "edit"}
+
+
 def test_evaluate_a_concept():
     specs = {c: s for cat in S.CONCEPT_CATEGORIES for c, s in S.concept_prompt_set("star", cat, 5, 7)}
     rng = np.random.default_rng(0)
