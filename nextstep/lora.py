@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import read_json, require_dir, write_json
 from .errors import CheckpointError, InputError, MissingFileError
-from .model.distilled_head import NORM_TOLERANCE, model_fingerprint, norm_means
+from .model.distilled_head import base_mismatch, model_fingerprint, norm_means
 from .quant import QuantizedLinear, is_quantized, unpacked
 
 CONFIG_FILE = "adapter_config.json"  # PEFT's
@@ -151,14 +151,7 @@ class AdapterIdentity:
 
     def check(self, model: nn.Module, source: str) -> None:
         """CheckpointError unless ``model`` is the base this adapter was trained on (architecture and weights)."""
-        mine, means = model_fingerprint(model), norm_means(model)
-        if self.fingerprint != mine:
-            why = f"architecture fingerprint {self.fingerprint}, this model's is {mine}"
-        elif len(means) != len(self.norm_means):
-            why = f"{len(self.norm_means)} normalisation layers, this model has {len(means)}"
-        else:
-            gap = max((abs(a - b) for a, b in zip(means, self.norm_means)), default=0.0)
-            why = None if gap <= NORM_TOLERANCE else f"its normalisation weights differ from this model's by {gap:.3g}"
+        why = base_mismatch(self.fingerprint, self.norm_means, model)
         if why is not None:
             raise CheckpointError(f"LoRA adapter {source} belongs to another model: it was trained on "
                                   f"{self.base_model!r} ({why}). Load it onto that model, or train an adapter for "

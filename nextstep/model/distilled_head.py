@@ -129,6 +129,18 @@ def model_fingerprint(model: nn.Module) -> str:
                                      default=str).encode()).hexdigest()[:16]
 
 
+def base_mismatch(fingerprint: str, means: list[float] | tuple[float, ...], model: nn.Module) -> str | None:
+    """Why ``model`` is not the base recorded as (``fingerprint``, ``means``) (:func:`model_fingerprint`,
+    :func:`norm_means`): its architecture or its trained weights; None when it is."""
+    mine, now = model_fingerprint(model), norm_means(model)
+    if fingerprint != mine:
+        return f"architecture fingerprint {fingerprint}, this model's is {mine}"
+    if len(now) != len(means):
+        return f"{len(means)} normalisation layers, this model has {len(now)}"
+    gap = max((abs(a - b) for a, b in zip(now, means)), default=0.0)
+    return None if gap <= NORM_TOLERANCE else f"its normalisation weights differ from this model's by up to {gap:.3g}"
+
+
 def norm_means(model: nn.Module) -> list[float]:
     """The mean of every normalisation scale (each RMSNorm / LayerNorm weight of the backbone and the head, in name
     order): which trained weights a model holds. Norms are never quantized, and a mean moves by about 1e-4 when the
@@ -206,15 +218,7 @@ def check_belongs(config: DistilledHeadConfig, model: nn.Module, source: str) ->
         problems.append(f"condition size {config.cond_dim} vs the model's hidden size {mc.transformer.hidden_size}")
     if problems:
         raise CheckpointError(f"distilled head {source} does not fit this model: " + "; ".join(problems))
-    mine, means = model_fingerprint(model), norm_means(model)
-    if config.fingerprint != mine:
-        why = f"architecture fingerprint {config.fingerprint}, this model's is {mine}"
-    elif len(means) != len(config.norm_means):
-        why = f"{len(config.norm_means)} normalisation layers, this model has {len(means)}"
-    else:
-        gap = max((abs(a - b) for a, b in zip(means, config.norm_means)), default=0.0)
-        why = (None if gap <= NORM_TOLERANCE
-               else f"its normalisation weights differ from this model's by up to {gap:.3g}")
+    why = base_mismatch(config.fingerprint, config.norm_means, model)
     if why is not None:
         raise CheckpointError(f"distilled head {source} belongs to another model: it was distilled from "
                               f"{config.base_model!r} ({why}). Distill a head for this model with "
