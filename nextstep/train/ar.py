@@ -7,6 +7,7 @@ normalisation (so any number of ranks computes the same update) -> AdamW with wa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -139,13 +140,20 @@ class ARTask(Task):
         barrier(self.info)
         return path
 
+    @property
+    def defaults(self) -> SamplingConfig:
+        """The sampling defaults of the run's grids and exports: the grids' settings, and the sizes trained at (other
+        sizes warn when the exported model is used)."""
+        sizes = tuple(f"{w}x{h}" for h, w in self.cfg.data.bucket_sizes)
+        return dataclasses.replace(GRID_SAMPLING, trained_sizes=sizes)
+
     def _pipeline(self, ema):
         """The trained model (its EMA weights where there are some) with the run's tokenizer and VAE, on the main
         process (None elsewhere); every process calls."""
         from ..pipeline import NextStepPipeline
 
         model = plain_copy(self.trainable, ema, "model", NextStep)
-        return None if model is None else NextStepPipeline(model, self.vae, self.tok, defaults=GRID_SAMPLING)
+        return None if model is None else NextStepPipeline(model, self.vae, self.tok, defaults=self.defaults)
 
 
 class LoraTask(ARTask):
@@ -180,7 +188,7 @@ class LoraTask(ARTask):
 
         base = NextStep.from_pretrained(self.cfg.init_from)
         Adapters(base).load(adapter)
-        NextStepPipeline(merge_and_unload(base), self.vae, self.tok, defaults=GRID_SAMPLING).save_pretrained(out)
+        NextStepPipeline(merge_and_unload(base), self.vae, self.tok, defaults=self.defaults).save_pretrained(out)
 
     def sample(self, ema, path: Path) -> None:
         """The grid from the model being trained (the EMA's adapter weights swapped in meanwhile), on the main rank."""
@@ -195,7 +203,7 @@ class LoraTask(ARTask):
             with torch.no_grad():
                 for n in saved:
                     params[n].copy_(ema.shadow[n])
-            pipe = NextStepPipeline(model, self.vae, self.tok, defaults=GRID_SAMPLING)
+            pipe = NextStepPipeline(model, self.vae, self.tok, defaults=self.defaults)
             height, width = self.cfg.data.bucket_sizes[0]
             out = pipe(self.cfg.sample_prompts, height=height, width=width, progress=False,
                        generator=torch.Generator().manual_seed(0), output_type="pt")
