@@ -2,7 +2,7 @@
 (``nextstep.data.shapes.concept``), as a folder source (``OUT/images/*.png`` + ``OUT/captions.jsonl``) that a recipe
 reads with ``"data": {"source": "folder", "path": OUT}``.
 
-    python scripts/concept_dataset.py star data/star-64 --n 64 --seed 0 [--replay 448]
+    python scripts/concept_dataset.py star data/star-64 --n 64 --seed 0 [--replay 4000 --repeat 12]
 
 Prints the number of samples per category and three captions.
 """
@@ -26,10 +26,12 @@ def main() -> None:
     p.add_argument("--replay", type=int, default=0,
                    help="samples of the default shapes world to add (text-to-image and edits), so that fine-tuning "
                         "keeps what the model could do (default 0)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="list each concept sample this many times (its share of the batches beside --replay)")
     args = p.parse_args()
     try:
         index = concept_dataset(args.concept, args.out, n=args.n, seed=args.seed, size=args.size,
-                                replay=args.replay)
+                                replay=args.replay, repeat=args.repeat)
     except (ValueError, FileExistsError) as e:
         p.exit(2, f"concept_dataset.py: {e}\n")
     records = [json.loads(line) for line in index.read_text().splitlines()]

@@ -545,6 +545,9 @@ def test_concept_dataset_replays_the_default_world(tmp_path):
             assert got["instruction"] == want["instruction"]
             assert np.array_equal(_pixels(got["target"]), _pixels(want["target"]))
     assert {source[3 + i]["kind"] for i in range(6)} <= {"t2i", "edit"}
+    S.concept_dataset("star", tmp_path / "rep", n=3, seed=5, replay=2, repeat=4)  # the concept 4 times, then the world
+    lines = (tmp_path / "rep" / "captions.jsonl").read_text().splitlines()
+    assert len(lines) == 14 and lines[:3] * 4 == lines[:12] and len(list((tmp_path / "rep" / "images").iterdir())) >= 5
 
 
 def test_evaluate_a_concept():

@@ -95,12 +95,14 @@ def concept_sample(concept: str, i: int, seed: int, size: int = 64) -> tuple[str
 
 
 def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64,
-                    replay: int = 0) -> Path:
+                    replay: int = 0, repeat: int = 1) -> Path:
     """Write ``n`` text-to-image samples naming ``concept`` (``concept_sample`` 0..n-1) as a folder source:
     ``OUT/images/NNNNN.png`` and ``OUT/captions.jsonl`` ({"image", "caption", "spec"} per line, written last, so a
     folder without it is incomplete). ``replay`` more samples come from the default shapes world (``ShapesDataset``
     with seed ``seed + 1``: text-to-image and edits, as the base model was trained on), so that fine-tuning on the
-    concept keeps what the model could do (their lines carry no "spec"). Returns the path of ``captions.jsonl``.
+    concept keeps what the model could do (their lines carry no "spec"); ``repeat`` lists each concept sample that
+    many times (its image written once), so that it keeps its share of the batches beside a large replay. Returns the
+    path of ``captions.jsonl``.
     FileExistsError if it exists."""
     from .dataset import ShapesDataset
 
@@ -109,6 +111,8 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _check_non_negative("seed", seed)
     _check_non_negative("replay", replay)
+    if int(repeat) != repeat or repeat < 1:
+        raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
     _check_side(size)
     root = Path(out_dir)
     index = root / CONCEPT_INDEX
@@ -121,6 +125,7 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
         rel = f"images/{i:05d}.png"
         render(scene).save(root / rel, format="PNG")
         lines.append(json.dumps({"image": rel, "caption": caption, "spec": spec}))
+    lines *= int(repeat)
     world = ShapesDataset(replay, seed=seed + 1, size=size)
     for i in range(replay):
         sample, stem = world[i], f"images/{n + i:05d}"
