@@ -26,6 +26,20 @@ def _check_pixels(w: int, h: int, what: str) -> None:
                          f"{MAX_INPUT_PIXELS / 1e6:.0f} (8192x8192): downscale it first")
 
 
+def _open(path: Path, what: str) -> Image.Image:
+    """The image file ``path``, loaded: missing, too large (read from its header, before decoding) or unreadable is a
+    clear error naming it as ``what``."""
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as im:
+            _check_pixels(*im.size, f"{what} {path}")  # from the header: nothing decoded yet
+            im.load()
+            return im
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read {what} {path}: {e}") from None
+
+
 def load_image(image: ImageInput) -> torch.Tensor:
     """A PIL image, a path, or a float tensor (3, H, W) / (1, 3, H, W) in [0, 1] -> (3, H, W) in [-1, 1]."""
     if isinstance(image, torch.Tensor):
@@ -35,15 +49,7 @@ def load_image(image: ImageInput) -> torch.Tensor:
         _check_pixels(t.shape[2], t.shape[1], "the input image")
         return (t.float() - 0.5) / 0.5
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise MissingFileError(f"input image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                _check_pixels(*im.size, f"input image {path}")  # from the header: nothing decoded yet
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot read input image {path}: {e}") from None
+        image = _open(Path(image), "input image")
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
     _check_pixels(*image.size, "the input image")
@@ -106,16 +112,8 @@ def _tensor_alpha(mask: torch.Tensor) -> torch.Tensor:
 def _image_alpha(mask: Image.Image | str | os.PathLike) -> tuple[torch.Tensor, str]:
     """(H, W) uint8 alpha of a PIL image or an image file, and how to name it in errors."""
     if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask)
-        if not path.is_file():
-            raise MissingFileError(f"mask image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                _check_pixels(*im.size, f"mask image {path}")  # from the header: nothing decoded yet
-                im.load()
-                return _image_alpha_of(im, f"mask image {path}"), f"mask image {path}"
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot read mask image {path}: {e}") from None
+        what = f"mask image {mask}"
+        return _image_alpha_of(_open(Path(mask), "mask image"), what), what
     if not isinstance(mask, Image.Image):
         raise TypeError(f"mask must be a PIL image, a path or a tensor, got {type(mask).__name__}")
     return _image_alpha_of(mask, "the mask image"), "the mask image"
