@@ -96,6 +96,16 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def one_and_two(command: str, recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """Run ``nextstep COMMAND`` on ``recipe`` (its out_dir ``tmp_path / "one"``) in one process, then in two under
+    torchrun writing to ``tmp_path / "two"``: the two run directories, for a 2-processes-equal-1 test."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(recipe))
+    finish(run_cli([command, str(cfg), "--quiet"]))
+    finish(run_cli([command, str(cfg), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
+    return tmp_path / "one", tmp_path / "two"
+
+
 def kill_at_checkpoint(p: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
     """Wait until the run ``p`` (writing to ``out``) has completed its step-``step`` checkpoint, then kill -9 it."""
     target = out / "checkpoints" / f"step_{step:07d}" / "trainer.json"

@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from helpers import finish, kill_at_checkpoint, need, run_cli, seeded, wait_until
+from helpers import finish, kill_at_checkpoint, need, one_and_two, run_cli, seeded, wait_until
 from nextstep.config import VAEConfig
 from nextstep.errors import CheckpointError, ConfigError, InputError
 from nextstep.lora import IDENTITY_FILE, PEFT_PREFIX, lora_layers
@@ -185,11 +185,8 @@ def test_kill_and_resume_gives_the_same_losses_and_adapter(world, tmp_path):
 @pytest.mark.slow  # torchrun with 2 processes against 1
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(world, tmp_path, strategy):
-    cfg = recipe(world, tmp_path / "one", steps=3, parallel=strategy, activation_checkpointing=True)
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
-    finish(run_cli(["train", str(cfg_path), "--quiet"]))
-    finish(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
+    one_and_two("train", recipe(world, tmp_path / "one", steps=3, parallel=strategy, activation_checkpointing=True),
+                tmp_path)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     for s in (1, 2, 3):
         assert abs(one[s] - two[s]) <= 1e-5, (s, one[s], two[s])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
+from helpers import finish, kill_at_checkpoint, one_and_two, run_cli  # noqa: E402
 from nextstep.cli import main
 from nextstep.config import ConfigError
 from nextstep.pipeline import NextStepPipeline
@@ -239,10 +239,7 @@ def test_two_processes_equal_one(tmp_path, strategy):
     reference on. Measured: DDP weights bit-identical (AVX-512 kernels), FSDP2 2e-6 apart."""
     r = recipe(tmp_path / "one", run={"steps": 3, "seed": 1, "parallel": strategy}, mix={"t2i": 0.5, "edit": 0.5},
                group=2, parameters="head+last_layers", optim={"lr": 1e-4})
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(r))
-    finish(run_cli(["train-rl", str(cfg), "--quiet"]))
-    finish(run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
+    one_and_two("train-rl", r, tmp_path)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     kinds = ["reward_edit" in m for m in one]
     assert kinds == [True, False, True], kinds

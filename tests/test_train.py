@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import finish, kill_at_checkpoint, run_cli
+from helpers import finish, kill_at_checkpoint, one_and_two, run_cli
 from nextstep.config import ConfigError, VAEConfig
 from nextstep.errors import InputError
 from nextstep.model.vae import VAE
@@ -183,10 +183,7 @@ def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
 def test_two_processes_equal_one(world, tmp_path, strategy):
     cfg = ar_config(world, tmp_path / "one", steps=3, parallel=strategy)
     cfg["context_noise"] = 0.3  # its noise is drawn per image, so the ranks' split cannot change it
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
-    finish(run_cli(["train", str(cfg_path), "--quiet"]))
-    finish(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
+    one_and_two("train", cfg, tmp_path)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     for s in (1, 2, 3):
         assert abs(one[s] - two[s]) <= 1e-5, (s, one[s], two[s])
@@ -282,10 +279,7 @@ def test_vae_two_processes_equal_one(tmp_path, strategy):
     weights 4e-6 (AVX-512 kernels) to 1.25e-5 (ATEN_CPU_CAPABILITY=default); a step's update is about 5e-4."""
     recipe = vae_recipe(image_dataset(tmp_path / "data"), tmp_path / "one", parallel=strategy)
     recipe["optim"]["lr"] = 5e-4
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(recipe))
-    finish(run_cli(["train-vae", str(cfg_path), "--quiet"]))
-    finish(run_cli(["train-vae", str(cfg_path), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
+    one_and_two("train-vae", recipe, tmp_path)
     # the loss holds the adversarial term from step 2; the gradient norm, a sum of many squares, is the most sensitive
     for key, bound in (("loss", 1e-5), ("mse", 1e-5), ("grad_norm", 1e-4)):
         one, two = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
