@@ -295,7 +295,8 @@ class NextStepPipeline:
 
         if self._adapters is not None:
             raise InputError("LoRA adapters are loaded: save_pretrained writes the base model only. Unload them "
-                             "first (unload_lora()); a merged model: nextstep.lora.merge_and_unload(pipe.model)")
+                             "first (unload_lora()); a model with an adapter merged in is what a LoRA recipe's "
+                             "\"export_merged\": true writes (OUT/final-merged)")
         out = Path(path)
         self.model.save_pretrained(out)
         write_json(self.model.config.to_official(self.format), out / "config.json")
@@ -503,9 +504,6 @@ class NextStepPipeline:
             raise InputError("fast mode needs a distilled head: load one with from_pretrained(..., head=DIR) or "
                              "pipe.load_head(DIR) (CLI: --head DIR), or make one with `nextstep distill-head`")
         return self.head.config.settings(self.defaults, edit, **overrides)
-
-    def guidance(self, settings: Settings, edit: bool) -> Guidance:
-        return Guidance.from_settings(settings, edit)  # train.distill's spelling
 
     def prompt_rows(self, prompt: str, grid: tuple[int, int], settings: Settings, edit: bool) -> list[list[int]]:
         """Token ids of every row a call prefills for ``prompt`` drawing one image of ``grid`` tokens (the prompt,

@@ -300,7 +300,7 @@ def test_prefill_condition_uses_the_reference_layout(fixture):
     pipe = NextStepPipeline(model, VAE.from_pretrained(fixture / "vae"), Tokenizer.from_pretrained(fixture / "model"))
     seen = {}
     def first(m, i, o):
-        seen.setdefault("first", (i[0], o))
+        seen.setdefault("first", i[0])
 
     hooks = [model.transformer.register_forward_hook(lambda m, i, o: seen.setdefault("prefill", o)),
              model.image_out_projector.register_forward_hook(first)]
@@ -311,11 +311,9 @@ def test_prefill_condition_uses_the_reference_layout(fixture):
         for h in hooks:
             h.remove()
     last = seen["prefill"]  # (4, L, 256)
-    first_in, first_out = seen["first"]
+    first_in = seen["first"]
     assert first_in.shape == (4, 1, 256)
     assert torch.equal(first_in, last[:, -1:])
-    with torch.no_grad():
-        assert torch.equal(first_out, model.image_out_projector(last[:, -1:]))
 
 
 def test_self_cot_draws_each_prompt_with_its_own_generator(pipe):

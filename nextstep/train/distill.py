@@ -125,7 +125,7 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
         tokens = patchify(torch.stack(pipe.encode_images(images, Guidance(), 1)), model.config.patch_size).float()
     b, total, dim = tokens.shape
     grid = (height // pipe.size_multiple, width // pipe.size_multiple)
-    guidance = pipe.guidance(settings, edit)
+    guidance = Guidance.from_settings(settings, edit)
     copies = len(guidance.branches)
     fed = tokens[:, :-1] + model.config.context_noise * torch.randn(tokens[:, :-1].shape, generator=gen)
     latents = torch.stack(pipe.encode_images(sources, Guidance(), 1)) if edit else None
