@@ -37,7 +37,7 @@ from .sampling.flow import DISTILLED, NEXTSTEP_11_SAMPLERS
 from .settings import SPECS, Settings
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
-MAX_IMAGES_PER_CALL = 8  # -n is drawn in pipeline calls of at most this many images, each written when done
+MAX_IMAGES_PER_CALL = 8  # -n is drawn in pipeline calls of at most this many images (written as done, sheet aside)
 MAX_GRID_IMAGES = 64  # -n up to this also writes a grid sheet (and all its files at once); beyond, the images only
 # the pipeline's argument names -> this CLI's flags, so errors speak the user's words
 FLAGS = {**{s.name: s.flag for s in SPECS if s.flag}, "num_images_per_prompt": "-n", "height": "--size height",
@@ -506,13 +506,14 @@ def run(args) -> list[Path]:
                    else pipe(args.prompt, **kwargs))
             if not main:
                 continue
-            if out.thoughts and start == 0:
-                print(f"thoughts: {out.thoughts[0]}")
+            if out.thoughts:  # each call thinks anew: its images follow its thoughts
+                chunked = args.num_images > MAX_IMAGES_PER_CALL
+                print(f"thoughts{f' (images {start}-{start + count - 1})' if chunked else ''}: {out.thoughts[0]}")
             paths = [image_path(i) for i in range(start, start + count)]
             images = list(out.images)
             if grid_path is not None:
                 kept += images
-                if start + count == args.num_images:  # a grid run is one chunk: its images and sheet together
+                if start + count == args.num_images:  # with a sheet: every image and the sheet written at the end
                     images, paths = kept + [grid_image(kept)], [image_path(i) for i in range(len(kept))] + [grid_path]
                 else:
                     continue

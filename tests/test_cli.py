@@ -381,3 +381,11 @@ def test_compile_says_once_that_it_is_compiling(tmp_path, capsys, monkeypatch):
     assert main(["generate", "a red circle", "-n", "2", "--compile", "--steps", "2", "-o",
                  str(tmp_path / "x.png")]) == 0
     assert capsys.readouterr().err.count(COMPILE_NOTICE) == 1
+
+
+def test_think_with_chunks_prints_the_thoughts_of_each_call(tmp_path, capsys):
+    """-n beyond one call: each call thinks anew, and its images follow its own thoughts, so each is printed."""
+    out = ["-o", str(tmp_path / "x.png"), "--steps", "2", "--size", "16x16", "--quiet", "--think"]
+    assert main(["generate", "a red circle", "-n", "9", *out]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("thoughts")]
+    assert [x.split(":")[0] for x in lines] == ["thoughts (images 0-7)", "thoughts (images 8-8)"], lines
