@@ -532,10 +532,10 @@ def test_concept_dataset_replays_the_default_world(tmp_path):
     """``replay`` adds the default world's samples (what the base model was trained on) after the concept's."""
     from nextstep.data.sources import FolderSource
 
-    S.concept_dataset("star", tmp_path / "mix", n=3, seed=5, replay=6)
-    source, world = FolderSource(tmp_path / "mix"), S.ShapesDataset(6, seed=6)
-    assert len(source) == 9 and source[0]["caption"] == S.concept_sample("star", 0, seed=5)[0]
-    for i in range(6):
+    S.concept_dataset("star", tmp_path / "mix", n=3, seed=5, replay=12)
+    source, world = FolderSource(tmp_path / "mix"), S.ShapesDataset(12, seed=6)
+    assert len(source) == 15 and source[0]["caption"] == S.concept_sample("star", 0, seed=5)[0]
+    for i in range(12):
         got, want = source[3 + i], world[i]
         assert got["kind"] == want["kind"]
         if want["kind"] == "t2i":
@@ -544,7 +544,7 @@ def test_concept_dataset_replays_the_default_world(tmp_path):
         else:
             assert got["instruction"] == want["instruction"]
             assert np.array_equal(_pixels(got["target"]), _pixels(want["target"]))
-    assert {source[3 + i]["kind"] for i in range(6)} <= {"t2i", "edit"}
+    assert {source[3 + i]["kind"] for i in range(12)} == {"t2i", "edit"}  # both kinds replayed (sample 8: an edit)
     S.concept_dataset("star", tmp_path / "rep", n=3, seed=5, replay=2, repeat=4)  # the concept 4 times, then the world
     lines = (tmp_path / "rep" / "captions.jsonl").read_text().splitlines()
     assert len(lines) == 14 and lines[:3] * 4 == lines[:12] and len(list((tmp_path / "rep" / "images").iterdir())) >= 5
