@@ -400,15 +400,19 @@ class NextStepPipeline:
         thoughts = None
         captions = [p if not positive_prompt else f"{p} {positive_prompt}" for p in prompts]
         cond_ids = [self._caption(c, [grid] if source is not None else []) for c in captions]
+        z = None  # (P, C, h, w) latents of the input images, encoded once
         if think:
-            latents = self.encode_images(source, Guidance(), 1) if source is not None else None
+            with clock("encode"):
+                z = self.encode_latents(source) if source is not None else None
+            latents = self.image_rows(z, Guidance(), 1) if z is not None else None
             cond_ids, thoughts = self_cot(self.model, self.tokenizer, cond_ids, latents, max_think_tokens, generator)
         rows = self._rows(cond_ids, settings.negative_prompt, grid, guidance, num_images_per_prompt)
         self._check_length(rows, grid, prompt_length, captions, settings, images is not None)  # before encoding
         if (untrained := self.defaults.size_warning(width, height)) is not None:
             warnings.warn(untrained, SizeWarning, stacklevel=3)  # the caller's line: __call__ -> _generate -> here
-        with clock("encode"):
-            z = self.encode_latents(source) if source is not None else None
+        with clock("encode"):  # (timed even when there is nothing left to encode: out.timings has every phase)
+            if z is None and source is not None:
+                z = self.encode_latents(source)
         latents = self.image_rows(z, guidance, num_images_per_prompt) if z is not None else None
         kept = None
         if region is not None:  # the input's tokens at the output grid, kept where no pixel is in the mask
@@ -552,11 +556,6 @@ class NextStepPipeline:
                   "uncond_all": [self._caption(negative)] * len(cond_ids)}
         suffix = generation_suffix_ids(self.tokenizer, grid)
         return [ids + suffix for b in guidance.branches for ids in blocks[b] for _ in range(n)]
-
-    def encode_images(self, source: list[torch.Tensor], guidance: Guidance, n: int) -> list[torch.Tensor]:
-        """Input images (each (3, H, W) in [-1, 1], already at the output size) -> scaled VAE latents for each image
-        block in row order (``image_rows``)."""
-        return self.image_rows(self.encode_latents(source), guidance, n)
 
     def encode_latents(self, source: list[torch.Tensor]) -> torch.Tensor:
         """Input images (each (3, H, W) in [-1, 1], already at the output size) -> (P, C, h, w) scaled VAE latents."""

@@ -180,7 +180,7 @@ def rollout(pipe, prompts: Sequence[Prompt], group: int, height: int, width: int
     per_prompt = [pipe.prompt_rows(p.text, out.grid, resolved, edit) for p in prompts]
     latents = None
     if edit:  # the pipeline's own encoding of the input images (one latent per prompt)
-        latents = torch.stack(pipe.encode_images(sources, Guidance(), 1)).repeat_interleave(group, 0)
+        latents = pipe.encode_latents(sources).repeat_interleave(group, 0)
     return Rollout(prompts=list(prompts), group=group, settings=resolved, grid=out.grid,
                    ids=[rows for rows in per_prompt for _ in range(group)], pad_id=pipe.tokenizer.special.pad,
                    sources=latents, states=states, fed=torch.stack(record.fed, 1)[:, :-1], mean=mean, std=std,

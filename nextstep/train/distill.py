@@ -122,13 +122,13 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
                       output_type="latent").tokens.float()
     else:
         images = [fit_image(load_image(it["target" if edit else "image"]), height, width) for _, it in items]
-        tokens = patchify(torch.stack(pipe.encode_images(images, Guidance(), 1)), model.config.patch_size).float()
+        tokens = patchify(pipe.encode_latents(images), model.config.patch_size).float()
     b, total, dim = tokens.shape
     grid = (height // pipe.size_multiple, width // pipe.size_multiple)
     guidance = Guidance.from_settings(settings, edit)
     copies = len(guidance.branches)
     fed = tokens[:, :-1] + model.config.context_noise * torch.randn(tokens[:, :-1].shape, generator=gen)
-    latents = torch.stack(pipe.encode_images(sources, Guidance(), 1)) if edit else None
+    latents = pipe.encode_latents(sources) if edit else None
     ids = [pipe.prompt_rows(t, grid, settings, edit) for t in texts]
     cond = teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid)
     keep = cfg.tokens_per_image or total
