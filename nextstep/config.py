@@ -147,6 +147,9 @@ class NextStepConfig:
     # the VAE encoder (attention, GroupNorm) leaves in every token instead of reading the prompt (README, "Bundled
     # model"; benchmarks/shortcut.py measures it). 0 is the reference behaviour.
     context_noise: float = 0.0
+    # Parallel decoding: the image tokens one hidden state is trained to predict (``NextStep.condition``'s
+    # ``ahead``): a model with K > 1 can decode up to K tokens per backbone forward. 1: the reference model.
+    parallel_tokens: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.transformer, dict):
@@ -161,6 +164,9 @@ class NextStepConfig:
         _check(self.lm_loss_weight >= 0 and self.im_loss_weight >= 0, "loss weights must be >= 0")
         _check(isinstance(self.context_noise, (int, float)) and 0 <= self.context_noise < float("inf"),
                f"NextStepConfig.context_noise must be a finite number >= 0, got {self.context_noise!r}")
+        _check(isinstance(self.parallel_tokens, int) and not isinstance(self.parallel_tokens, bool)
+               and 1 <= self.parallel_tokens <= 64,
+               f"NextStepConfig.parallel_tokens must be an integer in [1, 64], got {self.parallel_tokens!r}")
 
     @property
     def token_dim(self) -> int:

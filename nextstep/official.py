@@ -50,6 +50,7 @@ _ALIASES: list[tuple[tuple[str, ...], str]] = [
     (("pad_token_id",), "pad_id"),
     (("eos_token_id",), "eos_id"),
     (("context_noise",), "context_noise"),
+    (("parallel_tokens",), "parallel_tokens"),
     (("vocab_size",), "transformer.vocab_size"),
     (("hidden_size",), "transformer.hidden_size"),
     (("num_hidden_layers",), "transformer.num_layers"),
@@ -174,6 +175,8 @@ def nextstep_to_official(cfg: NextStepConfig, schema: str = "v1") -> dict[str, A
     }
     if cfg.context_noise:  # our extension; written only when used so official-format files stay unchanged
         out["context_noise"] = cfg.context_noise
+    if cfg.parallel_tokens > 1:  # ours too: a model trained for parallel decoding (``NextStep.condition``)
+        out["parallel_tokens"] = cfg.parallel_tokens
     if schema == "v1":
         out.update(fm_head_dim=h.width, fm_head_layers=h.depth, fm_head_batch_mul=h.batch_mul,
                    latent_channels=cfg.latent_channels, latent_patch_size=cfg.patch_size,

@@ -584,9 +584,11 @@ class NextStepPipeline:
 
     def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed sampled tokens (n, token_dim) back, once per guidance branch, at slot ``input_pos`` (1,): the hot
-        per-token backbone step -> hidden states (copies * n, 1, D). Static shapes, no host state: compilable."""
+        per-token backbone step -> hidden states (copies * n, 1, D). Static shapes, no host state: compilable.
+        Parallel decoding feeds a group: tokens (n, T, token_dim) at slots ``input_pos`` (T,) -> (copies * n, T, D)."""
         model = self.model
-        e = model.embed_image_tokens(tokens.to(model.dtype))[:, None]  # (n, 1, D)
+        e = model.embed_image_tokens(tokens.to(model.dtype))
+        e = e[:, None] if tokens.dim() == 2 else e  # (n, T, D)
         copies = cache.batch // tokens.shape[0]
         return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
 
@@ -609,18 +611,22 @@ class NextStepPipeline:
             sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
                                   batched_modulations=not exact, trace=observe is not None)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
+        group = self._parallel(settings.parallel, observe)
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
-        input_pos = torch.tensor([cache.length], device=device)  # slot of the next token fed back
+        input_pos = torch.arange(group, device=device) + cache.length  # slots of the next tokens fed back
         tokens = torch.empty(noise.rows, total, model.config.token_dim, device=device)
+        fed = torch.empty(noise.rows, group, model.config.token_dim, device=device)  # the group read back so far
         for k in tqdm(range(total), disable=not progress, desc="image tokens", leave=False):
             fed_back = k + 1 < total  # the last token is not fed back (and draws no context noise)
             context = context_noise > 0 and fed_back
+            ahead = k % group + 1  # tokens since the hidden state in h (1: sequential decoding)
             # (draws, n, token_dim) in one call; with group_noise the start and context noise are a prompt's
             eps = noise.block(sample.draws + context, shared=(0, -1) if context else (0,))
             if kept is not None and kept.every_row[k]:  # the input's token in every row: no head call
                 x = kept.tokens[:, k]
             else:
-                cond = model.condition(h, index[k].expand(h.shape[0], 1), grid)[:, 0]  # (rows, D)
+                prev = torch.cat([fed[:, ahead - 2]] * (h.shape[0] // noise.rows))[:, None] if ahead > 1 else None
+                cond = model.condition(h, index[k].expand(h.shape[0], 1), grid, prev, ahead)[:, 0]  # (rows, D)
                 with clock("head"):
                     x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
                 if kept is not None:
@@ -629,14 +635,31 @@ class NextStepPipeline:
             if callback is not None:
                 callback(k + 1, total, tokens[:, : k + 1])
             if fed_back:
-                with clock("backbone"):
-                    if context:
-                        x = x + context_noise * eps[-1]
-                    h = self._decode_step(x, input_pos, cache)
-                    input_pos += 1
+                if context:
+                    x = x + context_noise * eps[-1]
+                if group == 1:
+                    with clock("backbone"):
+                        h = self._decode_step(x, input_pos, cache)
+                        input_pos += 1
+                else:
+                    fed[:, ahead - 1] = x
+                    if ahead == group:  # the group is complete: one forward reads it, its last state goes on
+                        with clock("backbone"):
+                            h = self._decode_step(fed, input_pos, cache)[:, -1:]
+                            input_pos += group
             if observe is not None:
                 observe(*sample.trace, x)
         return tokens
+
+    def _parallel(self, k: int, observe) -> int:
+        """The tokens per backbone forward of a call asking for ``k``: what the model was trained for bounds it."""
+        most = self.model.config.parallel_tokens
+        if k > most:
+            raise InputError(f"parallel={k}: this model decodes at most {most} image token(s) per backbone forward "
+                             f"(its config's parallel_tokens; train one for more with the recipe's parallel_tokens)")
+        if k > 1 and observe is not None:
+            raise InputError("observe= records sequentially decoded tokens (RL): not available with parallel > 1")
+        return k
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped)."""

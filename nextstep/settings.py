@@ -19,6 +19,7 @@ from .sampling.guidance import SCHEDULES
 MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only amplifies noise; a larger value is surely a typo
 MAX_INFERENCE_STEPS = 1000
 MAX_TIME_SHIFT = 100.0
+MAX_PARALLEL = 64  # image tokens per backbone forward; a model decodes at most its config's parallel_tokens
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class Settings:
     noise_level: float = setting("noise level of the 1.1 samplers flow_sde and cps", flag="--noise-level",
                                  api="noise_level", lo=0, hi=1)
     negative_prompt: str = setting("negative prompt", flag="--negative", api="negative_prompt", default="")
+    parallel: int = setting("image tokens per backbone forward (1: sequential; more needs a model trained for "
+                            "parallel decoding, up to its parallel_tokens)", flag="--parallel", api="parallel",
+                            lo=1, hi=MAX_PARALLEL, default=1)
 
     def __post_init__(self) -> None:
         check({name: getattr(self, name) for name in SPEC})

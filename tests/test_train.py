@@ -167,7 +167,7 @@ def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
     cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(ar_config(world, tmp_path / "a", steps=16, ckpt_every=4)))
+    cfg_path.write_text(json.dumps({**ar_config(world, tmp_path / "a", steps=16, ckpt_every=4), "parallel_tokens": 2}))
     finish(run_cli(["train", str(cfg_path), "--quiet"]))
     reference = losses(tmp_path / "a")
 
@@ -183,6 +183,8 @@ def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
 def test_two_processes_equal_one(world, tmp_path, strategy):
     cfg = ar_config(world, tmp_path / "one", steps=3, parallel=strategy)
     cfg["context_noise"] = 0.3  # its noise is drawn per image, so the ranks' split cannot change it
+    if strategy == "fsdp":
+        cfg["parallel_tokens"] = 2  # parallel decoding's rows and parameters (outside the wrapped layers)
     one_and_two("train", cfg, tmp_path)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     for s in (1, 2, 3):

@@ -124,9 +124,12 @@ NORM_TOLERANCE = 1e-3  # how far a model's norm means may be from the recorded o
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of a base model's architecture (its config): what a head's shapes and conditions depend on."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True,
-                                     default=str).encode()).hexdigest()[:16]
+    """A short hash of a base model's architecture (its config): what a head's shapes and conditions depend on.
+    Fields added later are left out at their old meaning's value, so fingerprints recorded before them still match."""
+    config = dataclasses.asdict(model.config)
+    if config.get("parallel_tokens") == 1:
+        del config["parallel_tokens"]
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def base_mismatch(fingerprint: str, means: list[float] | tuple[float, ...], model: nn.Module) -> str | None:

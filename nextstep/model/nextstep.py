@@ -4,6 +4,10 @@ Data flow (training and sampling share every step):
     ids + image latents --embed()--> (B, L, D) --transformer--> hidden (B, L, D)
     hidden at a position whose next token is an image token --condition()--> c --image_head--> velocity
     hidden elsewhere --lm_head--> logits
+
+Parallel decoding (``config.parallel_tokens`` = K > 1): the hidden state before token t also conditions the head for
+tokens t+1 .. t+K-1, each given the token just before it (sampled, or teacher-forced in training) through
+``image_ahead_projector`` and an offset embedding, so a decoder feeds K tokens per backbone forward.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class NextStep(nn.Module):
         self.image_in_projector = nn.Linear(config.token_dim, t.hidden_size)
         self.image_out_projector = nn.Linear(t.hidden_size, t.hidden_size)
         self.image_head = FlowHead(config.token_dim, t.hidden_size, config.head)
+        if config.parallel_tokens > 1:
+            self._add_ahead(config.parallel_tokens)
         self._position_table: tuple[tuple, torch.Tensor] | None = None  # the last grid's (key, (h*w, D) table)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -73,6 +79,30 @@ class NextStep(nn.Module):
             if name.endswith("layernorm.weight") or name == "transformer.norm.weight":
                 nn.init.ones_(p)
         self.image_head.net.init_weights(generator)
+        if self.config.parallel_tokens > 1:
+            self._add_ahead(self.config.parallel_tokens)  # zero: the ahead conditions start as the plain ones
+        return self
+
+    def _add_ahead(self, k: int) -> None:
+        """Zero-initialised parallel-decoding parameters for K = ``k`` (see the module's docstring)."""
+        d, kw = self.config.transformer.hidden_size, {"device": self.embed_tokens.weight.device,
+                                                      "dtype": self.embed_tokens.weight.dtype}
+        self.image_ahead_projector = nn.Linear(self.config.token_dim, d, bias=False, **kw)
+        self.image_ahead_offsets = nn.Parameter(torch.zeros(k - 1, d, **kw))
+        if self.image_ahead_projector.weight.device.type != "meta":
+            nn.init.zeros_(self.image_ahead_projector.weight)
+
+    def enable_parallel(self, k: int) -> NextStep:
+        """Train this model to predict ``k`` tokens per hidden state (fine-tuning a K = 1 model for parallel
+        decoding): adds the parallel-decoding parameters, zero-initialised, so the model computes what it did."""
+        if k == self.config.parallel_tokens:
+            return self
+        if self.config.parallel_tokens != 1:
+            raise InputError(f"this model was trained for parallel_tokens={self.config.parallel_tokens}; "
+                             f"changing it to {k} is not supported")
+        self.config.parallel_tokens = k
+        if k > 1:
+            self._add_ahead(k)
         return self
 
     @property
@@ -151,14 +181,33 @@ class NextStep(nn.Module):
         return self._position_table[1][index]
 
     def condition(self, hidden: torch.Tensor, index: torch.Tensor | None = None,
-                  grid: tuple[int, int] | None = None) -> torch.Tensor:
+                  grid: tuple[int, int] | None = None, prev: torch.Tensor | None = None, ahead: int = 1
+                  ) -> torch.Tensor:
         """The flow head's condition for the image token at raster ``index`` of ``grid``, from the hidden state
-        (..., D) of the position before it. Used identically by training and sampling."""
+        (..., D) of the position ``ahead`` tokens before it (1: the position just before it). With ``ahead`` > 1
+        (parallel decoding) ``prev`` (..., token_dim) is the token just before it as the backbone reads it (context
+        noise included). Used identically by training and sampling."""
+        if ahead > 1:
+            if not 1 < ahead <= self.config.parallel_tokens:
+                raise InputError(f"this model predicts at most {self.config.parallel_tokens} token(s) per hidden "
+                                 f"state, asked for {ahead}")
+            hidden = hidden + self.image_ahead_projector(prev.to(hidden.dtype)) + self.image_ahead_offsets[ahead - 2]
         if self.config.use_gen_pos_embed:
             if index is None or grid is None:
                 raise ValueError("use_gen_pos_embed needs the token index and grid")
             hidden = hidden + self.position_embedding(index, grid).reshape(*index.shape, -1)
         return self.image_out_projector(hidden)
+
+    def conditions(self, states: torch.Tensor, fed: torch.Tensor | None, grid: tuple[int, int], ahead: int = 1
+                   ) -> torch.Tensor:
+        """The head's conditions of one image's tokens ``ahead - 1`` .. n-1, teacher-forced: ``states`` (..., n, D)
+        the hidden state before each token, ``fed`` (..., n - 1 or more, token_dim) the tokens as the backbone reads
+        them (context noise included; unused for ``ahead`` 1) -> (..., n - ahead + 1, D). Token t is conditioned on
+        the state before token t - ahead + 1 and token t - 1: what parallel decoding gives it (``condition``)."""
+        n = states.shape[-2]
+        index = torch.arange(ahead - 1, n, device=states.device).expand(*states.shape[:-2], n - ahead + 1)
+        prev = fed[..., ahead - 2:n - 1, :] if ahead > 1 else None
+        return self.condition(states[..., :n - ahead + 1, :], index, grid, prev, ahead)
 
     # ---- training loss ------------------------------------------------------------------------------------------
     def loss(self, input_ids: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -195,7 +244,7 @@ class NextStep(nn.Module):
 
         im_sum, im_count = hidden.new_zeros((), dtype=torch.float32), 0.0
         if latents is not None and int(next_is_img.sum()) > 0 and cfg.im_loss_weight > 0:
-            im_sum, im_count = self._image_loss_sum(hidden[next_is_img], latents, image_loss_mask, generator)
+            im_sum, im_count = self._image_loss_sum(hidden[next_is_img], latents, image_loss_mask, generator, noise)
         lm_norm, im_norm = normalizers if normalizers is not None else (lm_count, im_count)
         lm_loss = lm_sum / max(lm_norm, 1)
         im_loss = im_sum / max(im_norm, 1e-8)
@@ -219,22 +268,31 @@ class NextStep(nn.Module):
                 parts.append(torch.zeros(n, d, device=self.device))
         return torch.cat(parts)
 
-    def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator):
-        """hidden (N, D): states before each image token, in image order -> (sum of weighted row losses, weight)."""
+    def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator, token_noise=None):
+        """hidden (N, D): states before each image token, in image order -> (sum of weighted row losses, weight).
+        With ``parallel_tokens`` K > 1 every token t also has a row for each ``ahead`` in 2..K (the state before
+        token t-ahead+1, the token before t as read with ``token_noise``), drawn after the plain rows."""
         target, grids = self.image_tokens(latents)
+        fed = target if token_noise is None else target + token_noise.to(target)
         sizes = [h * w for h, w in grids]
         m = self.config.head.batch_mul
-        conds = [self.condition(hs, torch.arange(n, device=hs.device), g)
-                 for hs, n, g in zip(hidden.split(sizes), sizes, grids)]
         weights = (torch.ones(len(grids), device=hidden.device) if image_loss_mask is None
                    else image_loss_mask.to(hidden.device, torch.float32))
-        rows_t = torch.cat([t.repeat(m, 1) for t in target.split(sizes)]).to(hidden.dtype)
-        rows_c = torch.cat([c.repeat(m, 1) for c in conds])
-        rows_w = torch.cat([w.expand(n * m) for w, n in zip(weights, sizes)])
+        parts = []  # (image, conds (r, D), targets (r, token_dim)) for every ahead, the plain rows first
+        for ahead in range(1, self.config.parallel_tokens + 1):
+            for i, (hs, t, x, n, g) in enumerate(zip(hidden.split(sizes), target.split(sizes), fed.split(sizes), sizes,
+                                                     grids)):
+                if n < ahead:
+                    continue
+                parts.append((i, self.conditions(hs, x, g, ahead), t[ahead - 1:]))
+        rows_t = torch.cat([t.repeat(m, 1) for _, _, t in parts]).to(hidden.dtype)
+        rows_c = torch.cat([c.repeat(m, 1) for _, c, _ in parts])
+        rows_w = torch.cat([weights[i].expand(t.shape[0] * m) for i, _, t in parts])
         if isinstance(generator, Sequence):
             if len(generator) != len(sizes):
                 raise ValueError(f"got {len(generator)} generators for {len(sizes)} images")
-            draws = [self.image_head.draw(n * m, g, rows_t.device, rows_t.dtype) for n, g in zip(sizes, generator)]
+            draws = [self.image_head.draw(t.shape[0] * m, generator[i], rows_t.device, rows_t.dtype)
+                     for i, _, t in parts]
             noise, u = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
         else:
             noise, u = self.image_head.draw(rows_t.shape[0], generator, rows_t.device, rows_t.dtype)

@@ -54,12 +54,15 @@ class LossModule(nn.Module):
                                image_loss_mask=batch.image_loss_mask.to(dev), generator=gens, normalizers=normalizers)
 
 
-def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int) -> tuple[float, float]:
-    """(text positions in the CE sum, weighted head rows in the flow-loss sum), from the batch alone."""
+def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int, parallel_tokens: int = 1
+                 ) -> tuple[float, float]:
+    """(text positions in the CE sum, weighted head rows in the flow-loss sum), from the batch alone: an image of n
+    tokens has n rows per ahead in 1..K (``parallel_tokens``), fewer by ahead - 1, each drawn ``batch_mul`` times."""
     nxt_ids, nxt_mask = batch.input_ids[:, 1:], batch.attention_mask[:, 1:]
     text = float(((nxt_ids != placeholder) & (nxt_mask == 1)).sum())
     tokens = [math.prod(token_grid(tuple(z.shape[-2:]), patch)) for z in batch.latents]
-    return text, float(sum(w * n for w, n in zip(batch.image_loss_mask.tolist(), tokens))) * batch_mul
+    rows = [sum(max(n - a + 1, 0) for a in range(1, parallel_tokens + 1)) for n in tokens]
+    return text, float(sum(w * r for w, r in zip(batch.image_loss_mask.tolist(), rows))) * batch_mul
 
 
 def cache_key(cfg: TrainConfig) -> str:
@@ -89,6 +92,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
     if cfg.init_from:
         model = NextStep.from_pretrained(cfg.init_from)
         cfg.apply_overrides(model.config)
+        if cfg.parallel_tokens is not None:
+            model.enable_parallel(cfg.parallel_tokens)
     else:
         model = NextStep(cfg.model_config()).init_weights(generator=torch.Generator().manual_seed(cfg.run.seed))
     check_special_ids(tok, model.config)
@@ -114,8 +119,8 @@ class ARTask(Task):
         examples = [build_example(self.records[i], self.tok, cfg_m.patch_size, s, self.cfg.data.caption_dropout,
                                   self.cfg.data.image_dropout) for i, s in slots]
         batch = collate(examples, self.tok.special.pad, [s for _, s in slots])
-        counts = all_sum([*batch_counts(batch, cfg_m.image_placeholder_id, cfg_m.patch_size, cfg_m.head.batch_mul),
-                          batch.num_tokens], info)
+        counts = all_sum([*batch_counts(batch, cfg_m.image_placeholder_id, cfg_m.patch_size, cfg_m.head.batch_mul,
+                                        cfg_m.parallel_tokens), batch.num_tokens], info)
         self.tokens = counts[2]
         with self.autocast:
             out = self.trainable(batch, (max(counts[0], 1) / info.world, max(counts[1], 1e-8) / info.world))

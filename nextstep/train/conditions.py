@@ -16,14 +16,16 @@ from ..sampling.guidance import image_blocks
 
 
 def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, branches: tuple[str, ...],
-                   sources: torch.Tensor | None, fed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+                   sources: torch.Tensor | None, fed: torch.Tensor, grid: tuple[int, int], ahead: int = 1
+                   ) -> torch.Tensor:
     """The head's condition at every image token of B images, for every guidance branch.
 
     ``ids``: per image, the prefill row of each branch (branch order, as ``NextStepPipeline.prompt_rows`` gives them);
     ``sources``: (B, C, h, w) scaled input-image latents of edits (read by the branches that carry the image), or
     None; ``fed``: (B, T - 1, token_dim) the image's tokens as fed back (context noise included); ``grid``: (h, w)
     token grid, T = h * w. Returns (copies * B, T, D) rows branch-major ([cond; uncond...], images within): the
-    pipeline's layout."""
+    pipeline's layout. ``ahead`` > 1: the conditions parallel decoding gives tokens ahead - 1 .. T - 1
+    (``NextStep.conditions``), (copies * B, T - ahead + 1, D)."""
     copies, b = len(branches), len(ids)
     device = model.device
     batch = left_pad([rows[c] for c in range(copies) for rows in ids], pad_id)
@@ -36,5 +38,4 @@ def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, bra
     embeds = torch.cat([prompt, torch.cat([image] * copies)], 1)
     mask = torch.cat([batch.attention_mask, torch.ones(copies * b, tokens - 1, dtype=torch.long)], 1)
     hidden = model(embeds, attention_mask=mask.to(device))[:, prompt.shape[1] - 1:]  # (R, T, Dm)
-    index = torch.arange(tokens, device=device).expand(hidden.shape[0], tokens)
-    return model.condition(hidden, index, grid)
+    return model.conditions(hidden, torch.cat([fed.to(device)] * copies) if ahead > 1 else None, grid, ahead)

@@ -174,6 +174,9 @@ class TrainConfig:
     im_loss_weight: float | None = None
     batch_mul: int | None = None
     context_noise: float | None = None  # NextStepConfig.context_noise
+    # NextStepConfig.parallel_tokens: K > 1 trains the model to decode K image tokens per backbone forward (with
+    # init_from, a K = 1 model gains the zero-initialised parameters for it)
+    parallel_tokens: int | None = None
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square above a green triangle"])
     lora: LoraTrainConfig | None = None  # train adapters on the frozen init_from model (see LoraTrainConfig)
     quantize: str | None = None  # with lora: the frozen base in "int8" or "fp8" weights (QLoRA-style)
@@ -197,12 +200,19 @@ class TrainConfig:
             _check(v is None or v >= 0, f"{name} must be >= 0")
         _check(self.batch_mul is None or self.batch_mul >= 1, "batch_mul must be >= 1")
         _check(self.context_noise is None or self.context_noise >= 0, "context_noise must be >= 0")
+        _check(self.parallel_tokens is None or (isinstance(self.parallel_tokens, int) and 1 <= self.parallel_tokens
+                                                <= 64), f"parallel_tokens must be an integer in [1, 64], got "
+                                                        f"{self.parallel_tokens!r}")
+        _check(self.parallel_tokens is None or self.lora is None,
+               "lora: parallel_tokens adds parameters to the base model: train it without lora")
         if self.init_from is None:
             self.model_config()  # validate early
 
     def model_config(self) -> NextStepConfig:
         """The config of a model trained from scratch: ``model`` (a preset or a dict) with the recipe's overrides."""
         cfg = preset(self.model) if isinstance(self.model, str) else NextStepConfig.from_dict(dict(self.model))
+        if self.parallel_tokens is not None:
+            cfg.parallel_tokens = self.parallel_tokens
         return self.apply_overrides(cfg)
 
     def apply_overrides(self, cfg: NextStepConfig) -> NextStepConfig:

@@ -130,7 +130,10 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
     fed = tokens[:, :-1] + model.config.context_noise * torch.randn(tokens[:, :-1].shape, generator=gen)
     latents = pipe.encode_latents(sources) if edit else None
     ids = [pipe.prompt_rows(t, grid, settings, edit) for t in texts]
-    cond = teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid)
+    # every token's condition, then (a model trained for parallel decoding) the conditions parallel decoding gives
+    cond = torch.cat([teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid, a)
+                      for a in range(1, model.config.parallel_tokens + 1)], 1)
+    total = cond.shape[1]  # conditions per image
     keep = cfg.tokens_per_image or total
     if keep < total:  # a random subset of each image's tokens (large images: storage and teacher time)
         pick = torch.stack([torch.randperm(total, generator=gen)[:keep].sort().values for _ in range(b)])
@@ -157,6 +160,7 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
         raise DataError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
     size = tuple(cfg.data.bucket_sizes[0])
     tokens = (size[0] // pipe.size_multiple) * (size[1] // pipe.size_multiple)
+    tokens = sum(tokens - a + 1 for a in range(1, pipe.model.config.parallel_tokens + 1))  # conditions per image
     tokens = min(tokens, cfg.tokens_per_image or tokens)
     held = min(math.ceil(cfg.holdout / tokens), len(items) - 1)
     rng = np.random.default_rng([cfg.run.seed, 7])

@@ -1,0 +1,186 @@
+"""Parallel decoding (``parallel=K``): K image tokens per backbone forward on a model trained for it
+(``NextStepConfig.parallel_tokens``). Each token's condition while decoding is the one training teaches
+(``NextStep.conditions``, teacher-forced), batches equal single prompts, masked edits keep their tokens, and a model
+that was not trained for it says so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import maxdiff, run_cli, seeded
+from nextstep.data.shapes import edit_set
+from nextstep.errors import InputError
+from nextstep.images import fit_image, load_image
+from nextstep.model.latents import patchify, token_mask
+from nextstep.pipeline import NextStepPipeline
+from nextstep.prompt import caption_ids
+from nextstep.sampling.guidance import Guidance
+from nextstep.train.ar import batch_counts
+from nextstep.train.conditions import teacher_forced
+
+STEPS = 3  # these tests are about which states condition which token, not picture quality
+TOL = 2e-5  # cached (a group of tokens per forward) against uncached (one forward over the sequence), float32
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The bundled model with random (non-zero) parameters for 3 tokens per hidden state."""
+    p = NextStepPipeline.from_pretrained()
+    p.model.enable_parallel(3)
+    g = seeded(5)
+    with torch.no_grad():
+        p.model.image_ahead_projector.weight.normal_(0, 0.1, generator=g)
+        p.model.image_ahead_offsets.normal_(0, 0.5, generator=g)
+    return p
+
+
+class Recorder:
+    """Records every condition the pipeline computes, (ahead, index, value), and every group of tokens it feeds."""
+
+    def __init__(self, pipe):
+        self.pipe, self.conds, self.fed, self.prevs = pipe, [], [], {}
+
+    def __enter__(self):
+        model, pipe = self.pipe.model, self.pipe
+        self.condition, self.step = model.condition, pipe._decode_step
+
+        def condition(hidden, index=None, grid=None, prev=None, ahead=1):
+            out = self.condition(hidden, index, grid, prev, ahead)
+            self.conds.append((ahead, int(index[0, 0]), out[:, 0].detach().clone()))
+            if prev is not None:  # the token before, as read back (the group's last is never fed to the backbone)
+                self.prevs[int(index[0, 0]) - 1] = prev[:1, 0].clone()
+            return out
+
+        def step(tokens, input_pos, cache):
+            self.fed.append(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]).clone())
+            return self.step(tokens, input_pos, cache)
+
+        model.condition, pipe._decode_step = condition, step
+        return self
+
+    def __exit__(self, *exc):
+        del self.pipe.model.condition
+        self.pipe._decode_step = self.step
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
+    """Decoding K tokens per forward conditions token t on the state before token t - ahead + 1 and token t - 1 as
+    fed back: exactly what ``NextStep.conditions`` computes in training (one forward, no cache)."""
+    prompt, settings = "a red circle above a blue square", pipe.resolve_settings(False, num_inference_steps=STEPS)
+    with Recorder(pipe) as rec:
+        out = pipe._generate(prompt, generator=seeded(0), output_type="latent", progress=False, parallel=k,
+                             num_inference_steps=STEPS)
+    total = out.grid[0] * out.grid[1]
+    assert len(rec.conds) == total and len(rec.fed) == (total - 1) // k  # forwards: the full groups before the last
+    assert [a for a, _, _ in rec.conds] == [t % k + 1 for t in range(total)]
+    fed = torch.cat(rec.fed, 1)  # (1, groups * k, token_dim): the tokens read back by the backbone
+    for t, x in rec.prevs.items():  # and the tokens before each ahead > 1 token, as the head was given them
+        if t < fed.shape[1]:
+            assert torch.equal(x, fed[:, t]), t
+    fed = torch.cat([fed, *(rec.prevs[t][:, None] for t in range(fed.shape[1], total - 1))], 1)
+    assert fed.shape[1] == total - 1
+    guidance = Guidance.from_settings(settings, False)
+    ids = [pipe.prompt_rows(prompt, out.grid, settings, False)]
+    worst = 0.0
+    for ahead in range(1, k + 1):
+        want = teacher_forced(pipe.model, ids, pipe.tokenizer.special.pad, guidance.branches, None, fed, out.grid,
+                              ahead)  # (copies, total - ahead + 1, D): tokens ahead - 1 ..
+        for a, t, got in rec.conds:
+            if a == ahead:
+                worst = max(worst, maxdiff(got, want[:, t - ahead + 1]))
+    assert worst <= TOL, worst
+
+
+def test_the_ahead_parameters_matter(pipe):
+    """The same call with the parallel parameters zeroed draws other tokens after each group's first (the test above
+    would pass for a decoder that ignored them only if they did nothing)."""
+    kw = dict(generator=seeded(0), output_type="latent", progress=False, parallel=2, num_inference_steps=STEPS)
+    a = pipe("a green triangle", **kw).tokens
+    saved = pipe.model.image_ahead_projector.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            pipe.model.image_ahead_projector.weight.zero_()
+        b = pipe("a green triangle", **{**kw, "generator": seeded(0)}).tokens
+    finally:
+        with torch.no_grad():
+            pipe.model.image_ahead_projector.weight.copy_(saved)
+    assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1], b[:, 1])
+
+
+def test_batch_equals_single(pipe):
+    prompts = ["a red circle", "two blue squares to the left of a yellow triangle"]
+    kw = dict(output_type="latent", progress=False, parallel=3, num_inference_steps=STEPS)
+    batch = pipe(prompts, generator=[seeded(1), seeded(2)], **kw).tokens
+    for i, p in enumerate(prompts):
+        single = pipe(p, generator=seeded(i + 1), **kw).tokens
+        assert maxdiff(batch[i], single[0]) <= 1e-3  # as sequential decoding: float rounding of other row counts
+    # with every row padded to one length and the same number of rows, a prompt's tokens are exactly its own
+    fixed = dict(kw, prompt_length=40)
+    a = pipe._generate([prompts[0], prompts[1]], generator=[seeded(1), seeded(2)], **fixed).tokens
+    b = pipe._generate([prompts[0], prompts[0]], generator=[seeded(1), seeded(7)], **fixed).tokens
+    assert torch.equal(a[0], b[0])
+
+
+def test_masked_edit_keeps_its_tokens(pipe):
+    source, instruction, _ = edit_set(1, 0, 64)[0]
+    region = np.zeros((64, 64), dtype=bool)
+    region[16:32, 16:32] = True  # token (1, 1)
+    alpha = np.where(region, 0, 255).astype(np.uint8)
+    mask = Image.fromarray(np.dstack([np.full((64, 64, 3), 200, np.uint8), alpha]), "RGBA")
+    out = pipe._generate(instruction, image=source, mask=mask, mask_margin=0, generator=seeded(0), progress=False,
+                         parallel=2, num_inference_steps=STEPS, output_type="pt")
+    with torch.no_grad():
+        inputs = patchify(pipe.encode_latents([fit_image(load_image(source), 64, 64)]), 2)[0].float()
+    generated = token_mask(torch.from_numpy(region)[None], out.grid, 0)[0]
+    assert torch.equal(out.tokens[0, ~generated], inputs[~generated])
+    assert not torch.equal(out.tokens[0, generated], inputs[generated])
+
+
+def test_more_than_trained_is_refused_with_the_models_limit(pipe, bundled_pipe):
+    with pytest.raises(InputError, match="at most 3 image token"):
+        pipe("a red circle", parallel=4, progress=False)
+    with pytest.raises(InputError, match="at most 1 image token"):
+        bundled_pipe("a red circle", parallel=2, progress=False)
+    with pytest.raises(InputError, match="observe"):
+        pipe._generate("a red circle", parallel=2, progress=False, observe=lambda *a: None)
+    with pytest.raises(InputError, match="parallel"):
+        pipe("a red circle", parallel=0, progress=False)
+
+
+def test_cli_flag_reaches_the_pipeline(tmp_path):
+    p = run_cli(["generate", "a red circle", "--parallel", "2", "--out", str(tmp_path / "a.png")])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "--parallel=2: this model decodes at most 1 image token" in out, out
+
+
+def test_training_counts_every_ahead_row(pipe):
+    """The loss's flow rows: n per image for ahead 1, n - 1 for ahead 2, ...: what the trainer normalises by."""
+    model = pipe.model
+    tok = pipe.tokenizer
+    ids = caption_ids(tok, "a red circle", []) + [model.config.boi_id] + [model.config.image_placeholder_id] * 16 + [
+        model.config.eoi_id]
+    z = torch.randn(1, 16, 8, 8, generator=seeded(3))
+    out = model.loss(torch.tensor([ids]), [z[0]], generator=[seeded(4)])
+    from nextstep.data.sequences import TrainBatch
+
+    batch = TrainBatch(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       latents=[z[0]], image_loss_mask=torch.ones(1), image_seeds=[0], num_samples=1,
+                       num_tokens=len(ids))
+    rows = batch_counts(batch, model.config.image_placeholder_id, 2, model.config.head.batch_mul, 3)[1]
+    assert out.im_count == rows == (16 + 15 + 14) * model.config.head.batch_mul
+
+
+def test_enabling_parallel_changes_no_output(bundled_pipe):
+    """A K = 1 model given the (zero) parameters for K = 3 decodes sequentially exactly as before: fine-tuning for
+    parallel decoding starts from the model as it was."""
+    kw = dict(output_type="latent", progress=False, num_inference_steps=STEPS)
+    before = bundled_pipe("a red circle", generator=seeded(0), **kw).tokens
+    p = NextStepPipeline.from_pretrained()
+    p.model.enable_parallel(3)
+    assert torch.equal(p("a red circle", generator=seeded(0), **kw).tokens, before)
+    # and the first ahead condition of a fresh model is the plain one of the token's own position
+    assert not p.model.image_ahead_projector.weight.any() and not p.model.image_ahead_offsets.any()
