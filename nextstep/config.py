@@ -228,6 +228,7 @@ class SamplingConfig:
     edit_time_shift: float = 3.2
     edit_negative_prompt: str = "Copy original image."
     noise_level: float = 0.8  # read by the 1.1 samplers
+    parallel: int = 1  # image tokens per backbone forward: 1 (sequential) unless the model was trained for more
     # the image sizes ("WxH") the model was trained at; others are warned about (``size_warning``); empty: not known
     trained_sizes: tuple[str, ...] = ()
 

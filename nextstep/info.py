@@ -41,7 +41,8 @@ BATCHES = (1, 4)  # images per call for the KV-cache table
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # parameter groups of NextStep, by attribute name (every parameter belongs to exactly one)
 GROUPS = {"embeddings": ("embed_tokens",), "backbone": ("transformer",), "lm_head": ("lm_head",),
-          "projectors": ("image_in_projector", "image_out_projector"), "flow_head": ("image_head",)}
+          "projectors": ("image_in_projector", "image_out_projector", "image_ahead_projector", "image_ahead_offsets"),
+          "flow_head": ("image_head",)}
 WIDTH = 116  # text output is wrapped to this many columns (the KV table excepted)
 QUANT_SCALE_BYTES = 4  # one float32 scale per output channel (nextstep.quant)
 
@@ -74,7 +75,8 @@ def model_info(model_dir: str | os.PathLike, vae_dir: str | os.PathLike | None =
         "architecture": {"hidden_size": t.hidden_size, "layers": t.num_layers, "heads": t.num_heads,
                          "kv_heads": t.num_kv_heads, "head_dim": t.head_dim, "intermediate_size": t.intermediate_size,
                          "vocab_size": t.vocab_size, "tied_embeddings": t.tie_word_embeddings,
-                         "flow_head": {"width": config.head.width, "depth": config.head.depth}},
+                         "flow_head": {"width": config.head.width, "depth": config.head.depth},
+                         "parallel_tokens": config.parallel_tokens},
         "parameters": counts,
         "vae": {"dir": str(vae_path) if vae_found else None, "parameters": vae_params if vae_found else None,
                 "downsample": vae_config.downsample, "latent_channels": vae_config.z_channels},
@@ -219,7 +221,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"model        {info['model_dir']} ({'NextStep-1.1' if info['format'] == 'v1.1' else 'NextStep-1'} format)",
         f"architecture {a['layers']} layers, hidden {a['hidden_size']}, {a['heads']} heads / {a['kv_heads']} KV heads "
         f"x {a['head_dim']}, MLP {a['intermediate_size']}, vocabulary {a['vocab_size']}; flow head "
-        f"{a['flow_head']['depth']} blocks x {a['flow_head']['width']}",
+        f"{a['flow_head']['depth']} blocks x {a['flow_head']['width']}"
+        + (f"; parallel decoding up to {a['parallel_tokens']} image tokens per forward (--parallel)"
+           if a["parallel_tokens"] > 1 else ""),
         f"parameters   {human(p['total'])} ({p['total']:,}): backbone {human(p['backbone'])}, flow head "
         f"{human(p['flow_head'])}, embeddings {human(p['embeddings'])}, LM head {lm}, image projectors "
         f"{human(p['projectors'])}",

@@ -151,6 +151,10 @@ class NextStepPipeline:
         if vae.config.z_channels != model.config.latent_channels:
             raise CheckpointError(f"VAE has {vae.config.z_channels} latent channels, the model expects "
                              f"{model.config.latent_channels}")
+        if self.defaults.parallel > model.config.parallel_tokens:
+            raise CheckpointError(f"the generation config's parallel={self.defaults.parallel} is more image tokens per "
+                                  f"forward than the model was trained for (parallel_tokens="
+                                  f"{model.config.parallel_tokens})")
         self.head = head
         self._adapters = None  # nextstep.lora.Adapters once a LoRA adapter is loaded
         self._decode_step = self.decode_step  # replaced by a compiled version in compile()

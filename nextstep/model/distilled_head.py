@@ -36,7 +36,7 @@ from .flow_head import FlowHead, TimeEmbedding, VelocityNet
 CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head.safetensors"
 KIND = "nextstep-distilled-head"
-FAST_MODE_CHOICES = ("num_inference_steps", "token_norm")  # the settings a call with the distilled head may choose
+FAST_MODE_CHOICES = ("num_inference_steps", "token_norm", "parallel")  # the settings a call with the distilled head may choose
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class DistilledHeadConfig:
                        image_guidance_scale=self.edit_image_guidance_scale if edit else 1.0,
                        time_shift=self.edit_time_shift if edit else self.time_shift, guidance_schedule="constant",
                        sampler=DISTILLED, negative_prompt=self.negative_prompt if edit else "")
-        base = defaults.resolve(edit, token_norm=overrides.get("token_norm"))
+        base = defaults.resolve(edit, token_norm=overrides.get("token_norm"), parallel=overrides.get("parallel"))
         held = {**dataclasses.asdict(base), **teacher}  # what a call with this head samples at (its steps aside)
         for name, asked in overrides.items():
             if name not in held:

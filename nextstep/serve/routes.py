@@ -128,6 +128,7 @@ def create_app(pipe: NextStepPipeline, *, queue_size: int = QUEUE_SIZE, preview_
     model_info = {"name": model_name, "device": str(pipe.device), "dtype": str(pipe.model.dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in pipe.model.parameters()), "size_multiple": multiple,
                   "native_size": native, "trained_sizes": list(pipe.defaults.trained_sizes),  # [] not known
+                  "parallel_tokens": pipe.model.config.parallel_tokens,  # the most "parallel" a request may ask
                   "loras": list(getattr(pipe, "lora_names", []))}  # the adapters a request may name ("lora")
     defaults = {"generation": _api_settings(pipe.defaults.resolve(False), edit=False),
                 "edit": _api_settings(pipe.defaults.resolve(True), edit=True)}
