@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import hub
 from .checkpoint import read_json, require_dir
 from .config import SamplingConfig
-from .errors import CheckpointError, InputError, MissingFileError, SizeWarning
+from .errors import CheckpointError, InputError, MissingFileError, SettingError, SizeWarning
 from .images import ImageInput, fit_image, fit_mask, load_image, load_mask, to_pil, to_unit
 from .model.distilled_head import DistilledHead
 from .model.kv_cache import KVCache
@@ -502,8 +502,14 @@ class NextStepPipeline:
         """The settings a call with these overrides runs with: the distilled head's with ``fast`` (or sampler
         "distilled"), else the model's defaults under the overrides; an InputError says what is wrong."""
         if fast or overrides.get("sampler") == DISTILLED:
-            return self.distilled_settings(edit, **overrides)
-        return self.defaults.resolve(edit, **overrides)
+            settings = self.distilled_settings(edit, **overrides)
+        else:
+            settings = self.defaults.resolve(edit, **overrides)
+        if settings.parallel > (most := self.model.config.parallel_tokens):
+            raise SettingError("parallel", f"must be at most {most} for this model: it decodes at most {most} image "
+                                           f"token(s) per backbone forward (train one for more with a recipe's "
+                                           f"parallel_tokens), got {settings.parallel}")
+        return settings
 
     def distilled_settings(self, edit: bool, **overrides) -> Settings:
         """The settings of a call with the distilled head: its steps (default: the head's), the teacher settings it
@@ -615,7 +621,9 @@ class NextStepPipeline:
             sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
                                   batched_modulations=not exact, trace=observe is not None)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
-        group = self._parallel(settings.parallel, observe)
+        group = settings.parallel  # image tokens per backbone forward (resolve_settings bounds it by the model)
+        if group > 1 and observe is not None:
+            raise InputError("observe= records sequentially decoded tokens (RL): not available with parallel > 1")
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
         input_pos = torch.arange(group, device=device) + cache.length  # slots of the next tokens fed back
         tokens = torch.empty(noise.rows, total, model.config.token_dim, device=device)
@@ -654,16 +662,6 @@ class NextStepPipeline:
             if observe is not None:
                 observe(*sample.trace, x)
         return tokens
-
-    def _parallel(self, k: int, observe) -> int:
-        """The tokens per backbone forward of a call asking for ``k``: what the model was trained for bounds it."""
-        most = self.model.config.parallel_tokens
-        if k > most:
-            raise InputError(f"parallel={k}: this model decodes at most {most} image token(s) per backbone forward "
-                             f"(its config's parallel_tokens; train one for more with the recipe's parallel_tokens)")
-        if k > 1 and observe is not None:
-            raise InputError("observe= records sequentially decoded tokens (RL): not available with parallel > 1")
-        return k
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped)."""

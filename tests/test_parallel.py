@@ -141,9 +141,9 @@ def test_masked_edit_keeps_its_tokens(pipe):
 
 
 def test_more_than_trained_is_refused_with_the_models_limit(pipe, bundled_pipe):
-    with pytest.raises(InputError, match="at most 3 image token"):
+    with pytest.raises(InputError, match="parallel must be at most 3 for this model"):
         pipe("a red circle", parallel=4, progress=False)
-    with pytest.raises(InputError, match="at most 1 image token"):
+    with pytest.raises(InputError, match="parallel must be at most 1"):
         bundled_pipe("a red circle", parallel=2, progress=False)
     with pytest.raises(InputError, match="observe"):
         pipe._generate("a red circle", parallel=2, progress=False, observe=lambda *a: None)
@@ -154,7 +154,7 @@ def test_more_than_trained_is_refused_with_the_models_limit(pipe, bundled_pipe):
 def test_cli_flag_reaches_the_pipeline(tmp_path):
     p = run_cli(["generate", "a red circle", "--parallel", "2", "--out", str(tmp_path / "a.png")])
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 2 and "--parallel=2: this model decodes at most 1 image token" in out, out
+    assert p.returncode == 2 and "--parallel must be at most 1 for this model" in out, out
 
 
 def test_training_counts_every_ahead_row(pipe):

@@ -159,6 +159,8 @@ LONG = "x" * (limits.MAX_PROMPT_CHARS + 1)
     ({"prompt": "a", "n": "2", "steps": 0}, 422, ["'n'", "integer"]),  # a wrong type first, alone
     ({"prompt": "a", "sampler": "euler"}, 400, ["sampler must be one of"]),
     ({"prompt": "a", "noise_level": 1.5}, 400, ["noise_level must be in"]),
+    ({"prompt": "a", "parallel": 0}, 400, ["parallel must be in"]),
+    ({"prompt": "a", "parallel": 2}, 400, ["parallel must be at most 1 for this model"]),  # the model's trained limit
     ({"prompt": "a", "response_format": "url"}, 400, ["'url' is not supported", "b64_json"]),
     ({"prompt": "a", "output_format": "jpeg"}, 400, ["output_format 'jpeg' is not supported", "png"]),
     ({"prompt": "a", "background": "transparent"}, 400, ["background 'transparent'", "opaque"]),
