@@ -36,7 +36,8 @@ from .flow_head import FlowHead, TimeEmbedding, VelocityNet
 CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head.safetensors"
 KIND = "nextstep-distilled-head"
-FAST_MODE_CHOICES = ("num_inference_steps", "token_norm", "parallel")  # the settings a call with the distilled head may choose
+# the settings a call with the distilled head may choose
+FAST_MODE_CHOICES = ("num_inference_steps", "token_norm", "parallel")
 
 
 @dataclass(frozen=True)
