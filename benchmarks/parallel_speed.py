@@ -45,7 +45,8 @@ def load(args) -> tuple[NextStepPipeline, str]:
     pipe, desc = build_pipeline(ns, torch.float32, torch.device("cpu"))
     pipe.model.enable_parallel(max(args.parallel))
     with torch.no_grad():  # random like the rest: cost only
-        pipe.model.image_ahead_projector.weight.normal_(0, 0.02)
+        for q in pipe.model.image_ahead.parameters():
+            q.normal_(0, 0.02)
     pipe.head = untrained_head(pipe)
     return pipe, desc + f"; parallel parameters for K = {max(args.parallel)}; an untrained distilled head"
 

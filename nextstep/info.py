@@ -41,7 +41,7 @@ BATCHES = (1, 4)  # images per call for the KV-cache table
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # parameter groups of NextStep, by attribute name (every parameter belongs to exactly one)
 GROUPS = {"embeddings": ("embed_tokens",), "backbone": ("transformer",), "lm_head": ("lm_head",),
-          "projectors": ("image_in_projector", "image_out_projector", "image_ahead_projector", "image_ahead_offsets"),
+          "projectors": ("image_in_projector", "image_out_projector", "image_ahead"),
           "flow_head": ("image_head",)}
 WIDTH = 116  # text output is wrapped to this many columns (the KV table excepted)
 QUANT_SCALE_BYTES = 4  # one float32 scale per output channel (nextstep.quant)

@@ -32,8 +32,8 @@ def pipe():
     p.model.enable_parallel(3)
     g = seeded(5)
     with torch.no_grad():
-        p.model.image_ahead_projector.weight.normal_(0, 0.1, generator=g)
-        p.model.image_ahead_offsets.normal_(0, 0.5, generator=g)
+        for q in p.model.image_ahead.parameters():
+            q.normal_(0, 0.1, generator=g)
     return p
 
 
@@ -100,14 +100,15 @@ def test_the_ahead_parameters_matter(pipe):
     would pass for a decoder that ignored them only if they did nothing)."""
     kw = dict(generator=seeded(0), output_type="latent", progress=False, parallel=2, num_inference_steps=STEPS)
     a = pipe("a green triangle", **kw).tokens
-    saved = pipe.model.image_ahead_projector.weight.detach().clone()
+    fc2 = pipe.model.image_ahead.fc2
+    saved = fc2.weight.detach().clone()
     try:
         with torch.no_grad():
-            pipe.model.image_ahead_projector.weight.zero_()
+            fc2.weight.zero_()
         b = pipe("a green triangle", **{**kw, "generator": seeded(0)}).tokens
     finally:
         with torch.no_grad():
-            pipe.model.image_ahead_projector.weight.copy_(saved)
+            fc2.weight.copy_(saved)
     assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1], b[:, 1])
 
 
@@ -182,5 +183,6 @@ def test_enabling_parallel_changes_no_output(bundled_pipe):
     p = NextStepPipeline.from_pretrained()
     p.model.enable_parallel(3)
     assert torch.equal(p("a red circle", generator=seeded(0), **kw).tokens, before)
-    # and the first ahead condition of a fresh model is the plain one of the token's own position
-    assert not p.model.image_ahead_projector.weight.any() and not p.model.image_ahead_offsets.any()
+    # a fresh adapter adds nothing yet: its last layer is zero
+    a = p.model.image_ahead
+    assert not a.fc2.weight.any() and not a.fc2.bias.any() and a.fc1.weight.any()

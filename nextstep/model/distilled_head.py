@@ -126,10 +126,10 @@ NORM_TOLERANCE = 1e-3  # how far a model's norm means may be from the recorded o
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a base model's architecture (its config): what a head's shapes and conditions depend on.
-    Fields added later are left out at their old meaning's value, so fingerprints recorded before them still match."""
+    ``parallel_tokens`` is left out: a model fine-tuned for parallel decoding with its base frozen (the recipe's
+    ``trainable``) keeps its base's heads and adapters, and its norm means tell a changed base apart."""
     config = dataclasses.asdict(model.config)
-    if config.get("parallel_tokens") == 1:
-        del config["parallel_tokens"]
+    config.pop("parallel_tokens", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

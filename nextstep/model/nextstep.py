@@ -6,8 +6,8 @@ Data flow (training and sampling share every step):
     hidden elsewhere --lm_head--> logits
 
 Parallel decoding (``config.parallel_tokens`` = K > 1): the hidden state before token t also conditions the head for
-tokens t+1 .. t+K-1, each given the token just before it (sampled, or teacher-forced in training) through
-``image_ahead_projector`` and an offset embedding, so a decoder feeds K tokens per backbone forward.
+tokens t+1 .. t+K-1, each corrected by ``image_ahead`` (an MLP of the state and the token just before the target:
+sampled, or teacher-forced in training), so a decoder feeds K tokens per backbone forward.
 """
 
 from __future__ import annotations
@@ -50,6 +50,30 @@ class LossOutput:
     im_count: float = 0.0  # (weighted) head rows that entered the flow-loss sum
 
 
+class AheadAdapter(nn.Module):
+    """Parallel decoding's correction of the hidden state before token s for the token ``ahead`` positions after s
+    (ahead 2 .. K): an MLP of the state and the token just before that target, as the backbone reads it (what a
+    sequential decoder would have fed the backbone since), plus an offset embedding; its output is added to the
+    state. Width 2 x hidden. Fine-tuning it alone leaves sequential decoding exactly as it was."""
+
+    def __init__(self, dim: int, token_dim: int, k: int):
+        super().__init__()
+        width = 2 * dim
+        self.fc1 = nn.Linear(dim + token_dim, width)
+        self.offsets = nn.Parameter(torch.zeros(k - 1, width))
+        self.fc2 = nn.Linear(width, dim)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.fc1.weight, std=0.02, generator=generator)
+        for p in (self.fc1.bias, self.offsets, self.fc2.weight, self.fc2.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor, ahead: int) -> torch.Tensor:
+        """hidden (..., D), prev (..., token_dim) -> (..., D) to add to ``hidden``."""
+        x = self.fc1(torch.cat([hidden, prev.to(hidden.dtype)], -1)) + self.offsets[ahead - 2]
+        return self.fc2(F.silu(x))
+
+
 class NextStep(nn.Module):
     def __init__(self, config: NextStepConfig):
         super().__init__()
@@ -80,21 +104,20 @@ class NextStep(nn.Module):
                 nn.init.ones_(p)
         self.image_head.net.init_weights(generator)
         if self.config.parallel_tokens > 1:
-            self._add_ahead(self.config.parallel_tokens)  # zero: the ahead conditions start as the plain ones
+            self.image_ahead.reset_parameters(generator)  # its output starts at zero
         return self
 
-    def _add_ahead(self, k: int) -> None:
-        """Zero-initialised parallel-decoding parameters for K = ``k`` (see the module's docstring)."""
-        d, kw = self.config.transformer.hidden_size, {"device": self.embed_tokens.weight.device,
-                                                      "dtype": self.embed_tokens.weight.dtype}
-        self.image_ahead_projector = nn.Linear(self.config.token_dim, d, bias=False, **kw)
-        self.image_ahead_offsets = nn.Parameter(torch.zeros(k - 1, d, **kw))
-        if self.image_ahead_projector.weight.device.type != "meta":
-            nn.init.zeros_(self.image_ahead_projector.weight)
+    def _add_ahead(self, k: int, generator: torch.Generator | None = None) -> None:
+        """Fresh parallel-decoding parameters for K = ``k``: ``image_ahead`` with its last layer at zero."""
+        w = self.embed_tokens.weight
+        with torch.device(w.device):
+            self.image_ahead = AheadAdapter(self.config.transformer.hidden_size, self.config.token_dim, k).to(w.dtype)
+        if w.device.type != "meta":
+            self.image_ahead.reset_parameters(generator)
 
-    def enable_parallel(self, k: int) -> NextStep:
+    def enable_parallel(self, k: int, generator: torch.Generator | None = None) -> NextStep:
         """Train this model to predict ``k`` tokens per hidden state (fine-tuning a K = 1 model for parallel
-        decoding): adds the parallel-decoding parameters, zero-initialised, so the model computes what it did."""
+        decoding): adds the parallel-decoding parameters (``AheadAdapter``), whose output starts at zero."""
         if k == self.config.parallel_tokens:
             return self
         if self.config.parallel_tokens != 1:
@@ -102,7 +125,7 @@ class NextStep(nn.Module):
                              f"changing it to {k} is not supported")
         self.config.parallel_tokens = k
         if k > 1:
-            self._add_ahead(k)
+            self._add_ahead(k, generator)
         return self
 
     @property
@@ -191,7 +214,7 @@ class NextStep(nn.Module):
             if not 1 < ahead <= self.config.parallel_tokens:
                 raise InputError(f"this model predicts at most {self.config.parallel_tokens} token(s) per hidden "
                                  f"state, asked for {ahead}")
-            hidden = hidden + self.image_ahead_projector(prev.to(hidden.dtype)) + self.image_ahead_offsets[ahead - 2]
+            hidden = hidden + self.image_ahead(hidden, prev, ahead)
         if self.config.use_gen_pos_embed:
             if index is None or grid is None:
                 raise ValueError("use_gen_pos_embed needs the token index and grid")

@@ -93,9 +93,17 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
         model = NextStep.from_pretrained(cfg.init_from)
         cfg.apply_overrides(model.config)
         if cfg.parallel_tokens is not None:
-            model.enable_parallel(cfg.parallel_tokens)
+            model.enable_parallel(cfg.parallel_tokens, torch.Generator().manual_seed(cfg.run.seed))
     else:
         model = NextStep(cfg.model_config()).init_weights(generator=torch.Generator().manual_seed(cfg.run.seed))
+    if cfg.trainable is not None:  # the rest stays frozen: exactly as loaded
+        names = [n for n, _ in model.named_parameters()]
+        for t in cfg.trainable:
+            if not any(n == t or n.startswith(t + ".") for n in names):
+                raise ConfigError(f"trainable: {t!r} names no parameter of the model (e.g. image_ahead, "
+                                  f"transformer.layers.5, image_head)")
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name == t or name.startswith(t + ".") for t in cfg.trainable))
     check_special_ids(tok, model.config)
     vocab = model.config.transformer.vocab_size
     if len(tok) > vocab:

@@ -177,6 +177,8 @@ class TrainConfig:
     # NextStepConfig.parallel_tokens: K > 1 trains the model to decode K image tokens per backbone forward (with
     # init_from, a K = 1 model gains the zero-initialised parameters for it)
     parallel_tokens: int | None = None
+    # train only these parameters (names or module prefixes, e.g. ["image_ahead"]); the rest stays frozen
+    trainable: list[str] | None = None
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square above a green triangle"])
     lora: LoraTrainConfig | None = None  # train adapters on the frozen init_from model (see LoraTrainConfig)
     quantize: str | None = None  # with lora: the frozen base in "int8" or "fp8" weights (QLoRA-style)
@@ -203,6 +205,10 @@ class TrainConfig:
         _check(self.parallel_tokens is None or (isinstance(self.parallel_tokens, int) and 1 <= self.parallel_tokens
                                                 <= 64), f"parallel_tokens must be an integer in [1, 64], got "
                                                         f"{self.parallel_tokens!r}")
+        _check(self.trainable is None or (isinstance(self.trainable, list) and self.trainable
+                                          and all(isinstance(t, str) and t for t in self.trainable)),
+               f"trainable must be a non-empty list of parameter names or prefixes, got {self.trainable!r}")
+        _check(self.trainable is None or self.lora is None, "lora trains its adapters only: leave trainable out")
         _check(self.parallel_tokens is None or self.lora is None,
                "lora: parallel_tokens adds parameters to the base model: train it without lora")
         if self.init_from is None:
