@@ -135,6 +135,38 @@ def test_init_from_keeps_the_checkpoints_loss_weights_unless_the_recipe_sets_the
     assert (over.lm_loss_weight, over.im_loss_weight, over.context_noise, over.head.batch_mul) == (0.05, 0.5, 0.25, 3)
 
 
+def test_parallel_finetune_of_the_adapter_alone_keeps_the_base_and_lowers_its_loss(world, tmp_path, one_thread):
+    """The parallel-decoding recipe's shape: init_from a model, parallel_tokens 2, trainable ["image_ahead"]. Every
+    base weight is exported exactly as loaded (sequential decoding unchanged), the adapter learns, its loss falls."""
+    from nextstep.config import preset
+    from nextstep.model.nextstep import NextStep
+
+    cfg = preset("tiny")
+    cfg.context_noise = 0.3
+    model = NextStep(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a fresh head's output layers are zero (it ignores its condition): a trained head's are not
+        for m in model.image_head.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path / "m")
+    recipe = {**ar_config(world, tmp_path / "p", steps=24, ema_decay=0.9), "init_from": str(tmp_path / "m"),
+              "parallel_tokens": 2, "trainable": ["image_ahead"]}
+    recipe["optim"]["lr"] = 1e-2
+    train_ar(from_dict(TrainConfig, recipe), progress=False)
+    base = load_file(str(tmp_path / "m" / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "p" / "final" / "model.safetensors"))
+    assert sorted(set(tuned) - set(base)) == ["image_ahead.fc1.bias", "image_ahead.fc1.weight", "image_ahead.fc2.bias",
+                                              "image_ahead.fc2.weight", "image_ahead.offsets"]
+    for k, v in base.items():
+        assert torch.equal(tuned[k], v), k
+    assert tuned["image_ahead.fc2.weight"].abs().max() > 0  # starts at zero: it learnt
+    loss = losses(tmp_path / "p", "im_loss")
+    assert sum(loss[s] for s in range(20, 25)) < sum(loss[s] for s in range(1, 6))
+    with pytest.raises(ConfigError, match="trainable: 'image_behind' names no parameter"):
+        train_ar(from_dict(TrainConfig, {**recipe, "trainable": ["image_behind"],
+                                         "run": {**recipe["run"], "out_dir": str(tmp_path / "q")}}), progress=False)
+
+
 def test_vae_decoder_only_finetune_keeps_the_encoder(world, tmp_path, one_thread):
     cfg = {"run": {"out_dir": str(tmp_path / "dec"), "steps": 6, "batch_size": 2, "log_every": 1, "ckpt_every": 0,
                    "ema_decay": 0.99},
