@@ -5,6 +5,12 @@
 
 Weights are stored in bfloat16 (they load into float32 models); the sampling settings given here become the
 model's defaults (``generation_config.json``). Prints the size of what is bundled.
+
+    python scripts/bundle_model.py runs/shapes-ar-parallel/final --weights-only   # the parallel-decoding bundle
+
+``--weights-only`` replaces the model's weights and config.json only: its VAE, tokenizer, distilled head (``fast/``)
+and generation config stay (a fine-tune that trained an adapter on the frozen bundled model). ``--dest DIR`` writes
+a copy elsewhere instead of the package.
 """
 
 from __future__ import annotations
@@ -34,18 +40,31 @@ def main() -> None:
     p.add_argument("--shift", type=float, default=1.0)
     p.add_argument("--edit-shift", type=float, default=1.0)
     p.add_argument("--sampler", default="sde")
+    p.add_argument("--weights-only", action="store_true",
+                   help="replace the weights and config.json only (keep the VAE, tokenizer, fast/ head, settings)")
+    p.add_argument("--dest", type=Path, default=DEST, help="where to write (default: the package's bundled model)")
     args = p.parse_args()
-    src = Path(args.model_dir)
-    shutil.rmtree(DEST, ignore_errors=True)
-    NextStep.from_pretrained(src).to(torch.bfloat16).save_pretrained(DEST)
-    VAE.from_pretrained(args.vae or src / "vae").save_pretrained(DEST / "vae")
-    Tokenizer.from_pretrained(src).save_pretrained(DEST)
+    src, dest = Path(args.model_dir), args.dest
+    if args.weights_only:
+        if dest != DEST:
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(DEST, dest)
+        for old in dest.glob("model*.safetensors"):
+            old.unlink()
+        NextStep.from_pretrained(src).to(torch.bfloat16).save_pretrained(dest)
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+        print(f"weights of {src} -> {dest} ({size / 2**20:.1f} MiB in all)")
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    NextStep.from_pretrained(src).to(torch.bfloat16).save_pretrained(dest)
+    VAE.from_pretrained(args.vae or src / "vae").save_pretrained(dest / "vae")
+    Tokenizer.from_pretrained(src).save_pretrained(dest)
     edit_cfg = args.cfg if args.edit_cfg is None else args.edit_cfg
     SamplingConfig(guidance_scale=args.cfg, num_inference_steps=args.steps, time_shift=args.shift,
                    sampler=args.sampler, edit_guidance_scale=edit_cfg, edit_image_guidance_scale=args.image_cfg,
-                   edit_time_shift=args.edit_shift, edit_negative_prompt="", trained_sizes=("64x64",)).save(DEST)
-    size = sum(f.stat().st_size for f in DEST.rglob("*") if f.is_file())
-    print(f"bundled {src} -> {DEST} ({size / 2**20:.1f} MiB)")
+                   edit_time_shift=args.edit_shift, edit_negative_prompt="", trained_sizes=("64x64",)).save(dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"bundled {src} -> {dest} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
