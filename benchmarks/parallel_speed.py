@@ -4,10 +4,12 @@ split, interleaved in one process, medians; prints a Markdown table.
     # a model trained for parallel decoding (default: the bundled model), 4 prompts per call, one core
     taskset -c 0 python benchmarks/parallel_speed.py --threads 1 --repeats 7
     # cost only: the ns34m reference workload with random weights (parallel parameters and a distilled head included)
-    taskset -c 0 python benchmarks/parallel_speed.py --shape ns34m --size 128 512 --parallel 2 4 --threads 1
+    taskset -c 0 python benchmarks/parallel_speed.py --shape ns34m --size 128 512 --parallel 2 4 8 --threads 1 \
+        --prompts 1 --fast-only
 
 Rows per size: the model's defaults sequentially (parallel=1, the baseline every speed-up divides), the defaults at
-each K of ``--parallel``, then fast mode (the distilled head, 1 step) sequentially and at each K. Every row runs once
+each K of ``--parallel``, then fast mode (the distilled head, 1 step) sequentially and at each K (``--fast-only``:
+the fast rows alone, divided by fast mode's sequential row). Every row runs once
 per round; rounds repeat ``--repeats`` times after a warm-up round, so machine noise hits all rows alike. Forwards are
 the backbone calls after the prefill (counted), per image drawn.
 """
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, nargs="+", default=None,
                     help="K values to time (default: the model's parallel_tokens)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per call (default 4)")
+    ap.add_argument("--fast-only", action="store_true", help="time fast mode only (the speed-ups then divide its "
+                                                             "sequential row)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{desc}; {len(prompts)} prompt(s) per call, {torch.get_num_threads()} thread(s), median of {args.repeats}")
     for size in sizes:
         tokens = (size // pipe.size_multiple) ** 2
-        rows = {f"defaults, parallel {k}": dict(parallel=k) for k in [1, *args.parallel]}
+        rows = {} if args.fast_only else {f"defaults, parallel {k}": dict(parallel=k) for k in [1, *args.parallel]}
         if pipe.head is not None:
             rows.update({f"fast (1 step), parallel {k}": dict(fast=True, num_inference_steps=1, parallel=k)
                          for k in [1, *args.parallel]})

@@ -22,13 +22,14 @@ from nextstep.train.ar import batch_counts
 from nextstep.train.conditions import teacher_forced
 
 STEPS = 3  # these tests are about which states condition which token, not picture quality
+SIZE = dict(height=64, width=64)  # 16 tokens
 TOL = 2e-5  # cached (a group of tokens per forward) against uncached (one forward over the sequence), float32
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    """The bundled model with random (non-zero) parameters for 3 tokens per hidden state."""
-    p = NextStepPipeline.from_pretrained()
+def pipe(fixture):
+    """The official-layout fixture model with random parallel-decoding parameters for 3 tokens per hidden state."""
+    p = NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
     p.model.enable_parallel(3)
     g = seeded(5)
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
     prompt, settings = "a red circle above a blue square", pipe.resolve_settings(False, num_inference_steps=STEPS)
     with Recorder(pipe) as rec:
         out = pipe._generate(prompt, generator=seeded(0), output_type="latent", progress=False, parallel=k,
-                             num_inference_steps=STEPS)
+                             num_inference_steps=STEPS, **SIZE)
     total = out.grid[0] * out.grid[1]
     assert len(rec.conds) == total and len(rec.fed) == (total - 1) // k  # forwards: the full groups before the last
     assert [a for a, _, _ in rec.conds] == [t % k + 1 for t in range(total)]
@@ -98,7 +99,7 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
 def test_the_ahead_parameters_matter(pipe):
     """The same call with the parallel parameters zeroed draws other tokens after each group's first (the test above
     would pass for a decoder that ignored them only if they did nothing)."""
-    kw = dict(generator=seeded(0), output_type="latent", progress=False, parallel=2, num_inference_steps=STEPS)
+    kw = dict(generator=seeded(0), output_type="latent", progress=False, parallel=2, num_inference_steps=STEPS, **SIZE)
     a = pipe("a green triangle", **kw).tokens
     fc2 = pipe.model.image_ahead.fc2
     saved = fc2.weight.detach().clone()
@@ -114,7 +115,7 @@ def test_the_ahead_parameters_matter(pipe):
 
 def test_batch_equals_single(pipe):
     prompts = ["a red circle", "two blue squares to the left of a yellow triangle"]
-    kw = dict(output_type="latent", progress=False, parallel=3, num_inference_steps=STEPS)
+    kw = dict(output_type="latent", progress=False, parallel=3, num_inference_steps=STEPS, **SIZE)
     batch = pipe(prompts, generator=[seeded(1), seeded(2)], **kw).tokens
     for i, p in enumerate(prompts):
         single = pipe(p, generator=seeded(i + 1), **kw).tokens
@@ -141,21 +142,26 @@ def test_masked_edit_keeps_its_tokens(pipe):
     assert not torch.equal(out.tokens[0, generated], inputs[generated])
 
 
-def test_more_than_trained_is_refused_with_the_models_limit(pipe, bundled_pipe):
+def test_more_than_trained_is_refused_with_the_models_limit(pipe, fixture_pipe):
     with pytest.raises(InputError, match="parallel must be at most 3 for this model"):
         pipe("a red circle", parallel=4, progress=False)
-    with pytest.raises(InputError, match="parallel must be at most 1"):
-        bundled_pipe("a red circle", parallel=2, progress=False)
+    with pytest.raises(InputError, match="parallel must be at most 1"):  # a model not trained for it
+        fixture_pipe("a red circle", parallel=2, progress=False)
     with pytest.raises(InputError, match="observe"):
         pipe._generate("a red circle", parallel=2, progress=False, observe=lambda *a: None)
     with pytest.raises(InputError, match="parallel"):
         pipe("a red circle", parallel=0, progress=False)
 
 
-def test_cli_flag_reaches_the_pipeline(tmp_path):
-    p = run_cli(["generate", "a red circle", "--parallel", "2", "--out", str(tmp_path / "a.png")])
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 2 and "--parallel must be at most 1 for this model" in out, out
+def test_the_bundled_model_decodes_two_tokens_per_forward(tmp_path):
+    """The bundle's adapter (trained alone on the frozen model): --parallel 2 reaches the pipeline, 3 is refused."""
+    out = tmp_path / "a.png"
+    p = run_cli(["generate", "a green triangle", "--parallel", "2", "--quiet", "-o", str(out)])
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and Image.open(out).size == (64, 64), text
+    p = run_cli(["generate", "a red circle", "--parallel", "3", "--out", str(tmp_path / "b.png")])
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "--parallel must be at most 2 for this model" in text, text
 
 
 def test_training_counts_every_ahead_row(pipe):
@@ -175,12 +181,12 @@ def test_training_counts_every_ahead_row(pipe):
     assert out.im_count == rows == (16 + 15 + 14) * model.config.head.batch_mul
 
 
-def test_enabling_parallel_changes_no_output(bundled_pipe):
-    """A K = 1 model given the (zero) parameters for K = 3 decodes sequentially exactly as before: fine-tuning for
-    parallel decoding starts from the model as it was."""
-    kw = dict(output_type="latent", progress=False, num_inference_steps=STEPS)
-    before = bundled_pipe("a red circle", generator=seeded(0), **kw).tokens
-    p = NextStepPipeline.from_pretrained()
+def test_enabling_parallel_changes_no_output(fixture, fixture_pipe):
+    """A K = 1 model given the parameters for K = 3 decodes sequentially exactly as before: fine-tuning for parallel
+    decoding starts from the model as it was."""
+    kw = dict(output_type="latent", progress=False, num_inference_steps=STEPS, **SIZE)
+    before = fixture_pipe("a red circle", generator=seeded(0), **kw).tokens
+    p = NextStepPipeline.from_pretrained(fixture / "model", fixture / "vae")
     p.model.enable_parallel(3)
     assert torch.equal(p("a red circle", generator=seeded(0), **kw).tokens, before)
     # a fresh adapter adds nothing yet: its last layer is zero
