@@ -409,7 +409,8 @@ def describe(s: Settings, edit: bool) -> str:
     guidance = f"{s.guidance_scale:g}" + (f" text / {s.image_guidance_scale:g} image" if edit else "")
     return (f"sampler {sampler}, {s.num_inference_steps} steps, guidance {guidance} ({s.guidance_schedule}), "
             f"shift {s.time_shift:g}, token norm {'on' if s.token_norm else 'off'}"
-            + (f", negative prompt {s.negative_prompt!r}" if s.negative_prompt else ""))
+            + (f", negative prompt {s.negative_prompt!r}" if s.negative_prompt else "")
+            + (f", {s.parallel} image tokens per forward" if s.parallel > 1 else ""))
 
 
 def output_paths(output: str, n: int) -> tuple[Callable[[int], Path], Path | None]:

@@ -156,9 +156,10 @@ def test_more_than_trained_is_refused_with_the_models_limit(pipe, fixture_pipe):
 def test_the_bundled_model_decodes_two_tokens_per_forward(tmp_path):
     """The bundle's adapter (trained alone on the frozen model): --parallel 2 reaches the pipeline, 3 is refused."""
     out = tmp_path / "a.png"
-    p = run_cli(["generate", "a green triangle", "--parallel", "2", "--quiet", "-o", str(out)])
+    p = run_cli(["generate", "a green triangle", "--parallel", "2", "-o", str(out)])
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 0 and Image.open(out).size == (64, 64), text
+    assert "2 image tokens per forward" in text  # the settings line says so
     p = run_cli(["generate", "a red circle", "--parallel", "3", "--out", str(tmp_path / "b.png")])
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 2 and "--parallel must be at most 2 for this model" in text, text
