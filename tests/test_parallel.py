@@ -113,9 +113,11 @@ def test_the_ahead_parameters_matter(pipe):
     assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1], b[:, 1])
 
 
-def test_batch_equals_single(pipe):
+def test_batch_equals_single(bundled_pipe):
+    """On the bundled (trained) model at its K = 2: random weights amplify float rounding ~2x per token."""
+    pipe = bundled_pipe
     prompts = ["a red circle", "two blue squares to the left of a yellow triangle"]
-    kw = dict(output_type="latent", progress=False, parallel=3, num_inference_steps=STEPS, **SIZE)
+    kw = dict(output_type="latent", progress=False, parallel=2, num_inference_steps=STEPS, **SIZE)
     batch = pipe(prompts, generator=[seeded(1), seeded(2)], **kw).tokens
     for i, p in enumerate(prompts):
         single = pipe(p, generator=seeded(i + 1), **kw).tokens
