@@ -375,8 +375,9 @@ class NextStepPipeline:
                   **settings: Any) -> PipelineOutput:
         """``__call__`` with the library's own hooks.
         ``exact=True`` keeps the reference implementation's arithmetic in the flow head (bit-for-bit reproduction of
-        the official pipeline, about 2x slower per head step); the default computes each token's AdaLN modulations
-        in one product, the same values up to float rounding. ``observe(states, velocities, fed)`` is called after
+        the official pipeline, about 2x slower per head step) and in the VAE decode; the default computes each
+        token's AdaLN modulations in one product and decodes channels-last on a CPU, the same values up to float
+        rounding. ``observe(states, velocities, fed)`` is called after
         each image token with its head trajectory (``TokenSampler.trace``) and the token as fed back to the
         backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them.
         ``prompt_length`` left-pads every prompt row to that many tokens instead of to the longest: with the same
@@ -430,7 +431,7 @@ class NextStepPipeline:
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:
             with clock("decode"):
-                pixels = self.decode(tokens, grid)
+                pixels = self.decode(tokens, grid, exact)
                 if region is not None:
                     pixels = paste_outside(pixels, torch.stack(source).repeat_interleave(num_images_per_prompt, 0),
                                            region)
@@ -663,10 +664,14 @@ class NextStepPipeline:
                 observe(*sample.trace, x)
         return tokens
 
-    def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped)."""
-        z = unpatchify(tokens, grid, self.model.config.patch_size)
-        return self.vae.decode(self.vae.unscale(z)).float()
+    def decode(self, tokens: torch.Tensor, grid: tuple[int, int], exact: bool = False) -> torch.Tensor:
+        """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped). On a CPU the
+        latents go in channels-last, whose convolutions are about 25% faster there (the same pixels to float
+        rounding: 2e-5 on the bundled VAE); ``exact`` keeps the reference's layout."""
+        z = self.vae.unscale(unpatchify(tokens, grid, self.model.config.patch_size))
+        if not exact and z.device.type == "cpu":
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.vae.decode(z).float().contiguous()
 
     @staticmethod
     def _format(pixels01: torch.Tensor, output_type: str):
