@@ -562,6 +562,8 @@ def run_generate_many(args) -> list[Path]:
                     "device": device.type}
         if args.fast:
             identity["head"] = head_digest(Path(args.head) if args.head else model_dir / FAST_HEAD_DIR)
+        if args.lora:  # each adapter's files and scale: a resumed run with other adapters is refused
+            identity["lora"] = [[head_digest(path), scale] for path, scale in lora_specs(args)]
         width, height = args.size if args.size else (None, None)
         job = Job(items, Path(args.out), n=args.num_images, seed=args.seed, batch=args.batch, layout=args.layout,
                   height=height, width=width, settings=settings, identity=identity)
@@ -583,7 +585,8 @@ def run_generate_many(args) -> list[Path]:
 
 
 def head_digest(head_dir: Path) -> str:
-    """A hash of a distilled head's files (config and weights, a few MB): two heads of one shape differ."""
+    """A hash of a distilled head's or a LoRA adapter's files (config and weights, a few MB): two of one shape
+    differ."""
     import hashlib
 
     h = hashlib.sha256()

@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +198,10 @@ class Job:
                 old = json.loads(path.read_text())
             except json.JSONDecodeError:
                 raise InputError(f"{path} is not valid JSON: remove it, or use a new output directory") from None
+            if isinstance(old.get("settings"), dict):  # a setting added since that run was made: its default then
+                for f in fields(Settings):
+                    if f.default is not MISSING:
+                        old["settings"].setdefault(f.name, f.default)
             if old != record:
                 diff = sorted(k for k in set(old) | set(record) if k != "settings" and old.get(k) != record.get(k))
                 s_old, s_new = old.get("settings") or {}, record["settings"]

@@ -208,6 +208,8 @@ def test_resume_refuses_other_settings(reference, prompts_file, tmp_path, capsys
     assert "it differs in --cfg;" in err and "new output directory" in err
     assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS[:-2], "--seed", "8"]) == 2
     assert "it differs in --seed;" in capsys.readouterr().err
+    assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS, "--parallel", "2"]) == 2
+    assert "it differs in --parallel;" in capsys.readouterr().err
     edited = tmp_path / "edited.jsonl"  # the run's words, never its record's keys (prompts_sha256)
     edited.write_text(prompts_file.read_text().replace("a red circle", "a red square"))
     assert main(["generate-many", str(edited), "--out", str(out), *ARGS]) == 2
@@ -217,6 +219,13 @@ def test_resume_refuses_other_settings(reference, prompts_file, tmp_path, capsys
     assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS]) == 0
     assert f"0 generated, {len(PROMPTS) * N} already there" in capsys.readouterr().err
     assert files(out) == before
+    # a run recorded before a setting existed (here: parallel) resumes: the setting's default is what it used
+    run_file = out / "generate-many.json"
+    record = json.loads(run_file.read_text())
+    del record["settings"]["parallel"]
+    run_file.write_text(json.dumps(record))
+    assert main(["generate-many", str(prompts_file), "--out", str(out), *ARGS]) == 0
+    assert f"0 generated, {len(PROMPTS) * N} already there" in capsys.readouterr().err
 
 
 def test_job_checks_its_arguments(tmp_path):
