@@ -263,3 +263,21 @@ def test_server_picks_the_adapter_per_request_and_batches_by_it(world, adapter):
     got = Image.open(io.BytesIO(base64.b64decode(answers[1].json()["data"][0]["b64_json"])))
     diff = np.abs(np.asarray(got).astype(int) - np.asarray(ref.images[0]).astype(int)).max()
     assert diff <= 2, diff  # batched with p2: float rounding only (BATCH_TOLERANCE in test_serve_batching)
+
+
+def test_generate_many_records_its_adapters(adapter, world, tmp_path, capsys):
+    """A generate-many run with --lora records the adapter (its files and scale): resuming with another scale, or
+    without it, is refused before anything is drawn."""
+    from nextstep.cli import main
+
+    final, _ = adapter
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    out = tmp_path / "run"
+    args = ["generate-many", str(prompts), "--out", str(out), "-n", "1", "--size", "32x32", "--steps", "2", "--quiet",
+            "--model", str(world["model"]), "--vae", str(world["fixture"] / "vae")]
+    assert main([*args, "--lora", f"{final}:0.5"]) == 0
+    for other in (["--lora", f"{final}:1.0"], []):
+        capsys.readouterr()
+        assert main([*args, *other]) == 2
+        assert "holds another run" in capsys.readouterr().err
