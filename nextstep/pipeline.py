@@ -666,8 +666,8 @@ class NextStepPipeline:
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], exact: bool = False) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped). On a CPU the
-        latents go in channels-last, whose convolutions are about 25% faster there (the same pixels to float
-        rounding: 2e-5 on the bundled VAE); ``exact`` keeps the reference's layout."""
+        latents go in channels-last, whose convolutions are faster there (``benchmarks/vae_decode.py``; the same
+        pixels to float rounding: 2e-5 on the bundled VAE); ``exact`` keeps the reference's layout."""
         z = self.vae.unscale(unpatchify(tokens, grid, self.model.config.patch_size))
         if not exact and z.device.type == "cpu":
             z = z.contiguous(memory_format=torch.channels_last)

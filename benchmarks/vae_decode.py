@@ -1,0 +1,63 @@
+"""The pipeline's VAE decode in the reference layout (``exact=True``) against its default (channels-last latents on a
+CPU), interleaved, medians; prints ms per call and the largest pixel difference.
+
+    taskset -c 0 python benchmarks/vae_decode.py --threads 1              # the bundled VAE, 4 images at 64x64
+    taskset -c 0 python benchmarks/vae_decode.py --threads 1 --ns34m --size 512 --images 1 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from generate import SHAPES  # noqa: E402
+
+from nextstep.config import VAEConfig  # noqa: E402
+from nextstep.model.vae import VAE  # noqa: E402
+from nextstep.pipeline import NextStepPipeline  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ns34m", action="store_true", help="the ns34m workload's random VAE instead of the bundled one")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = NextStepPipeline.from_pretrained()
+    if args.ns34m:
+        torch.manual_seed(0)
+        pipe.vae = VAE(VAEConfig(**SHAPES["ns34m"]["vae"])).eval()
+    grid = (args.size // pipe.size_multiple,) * 2
+    tokens = torch.randn(args.images, grid[0] * grid[1], pipe.model.config.token_dim, generator=torch.Generator()
+                         .manual_seed(0))
+    times = {True: [], False: []}
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):
+            for exact in (True, False):
+                t0 = time.perf_counter()
+                pipe.decode(tokens, grid, exact)
+                times[exact].append(time.perf_counter() - t0)
+        diff = (pipe.decode(tokens, grid, True) - pipe.decode(tokens, grid)).abs().max().item()
+    a, b = (1000 * statistics.median(times[e][1:]) for e in (True, False))
+    print(f"{'ns34m' if args.ns34m else 'bundled'} VAE, {args.images} x {args.size}x{args.size}, "
+          f"{torch.get_num_threads()} thread(s): exact {a:.1f} ms, default {b:.1f} ms ({a / b:.2f}x), "
+          f"largest pixel difference {diff:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
