@@ -195,3 +195,26 @@ def test_enabling_parallel_changes_no_output(fixture, fixture_pipe):
     # a fresh adapter adds nothing yet: its last layer is zero
     a = p.model.image_ahead
     assert not a.fc2.weight.any() and not a.fc2.bias.any() and a.fc1.weight.any()
+
+
+def test_server_decodes_in_parallel_on_request(bundled_pipe):
+    """A request's "parallel" reaches the pipeline (its images are the Python call's); /health gives the limit."""
+    import base64
+    import io
+
+    from helpers import local, need
+
+    need("fastapi", "pip install -e '.[serve]'")
+    from nextstep.serve.routes import create_app
+
+    body = {"prompt": "a green triangle", "size": "64x64", "steps": STEPS, "seed": 3, "parallel": 2,
+            "response_format": "b64_json"}
+    with local(create_app(bundled_pipe)) as c:
+        assert c.get("/health").json()["model"]["parallel_tokens"] == 2
+        r = c.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+        assert c.post("/v1/images/generations", json={**body, "parallel": 3}).status_code == 400
+    want = bundled_pipe("a green triangle", generator=torch.Generator().manual_seed(3), num_inference_steps=STEPS,
+                        parallel=2, progress=False).images[0]
+    assert np.array_equal(got, np.asarray(want))
