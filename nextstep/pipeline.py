@@ -594,12 +594,11 @@ class NextStepPipeline:
         return hidden[:, -1:], cache
 
     def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed sampled tokens (n, token_dim) back, once per guidance branch, at slot ``input_pos`` (1,): the hot
-        per-token backbone step -> hidden states (copies * n, 1, D). Static shapes, no host state: compilable.
-        Parallel decoding feeds a group: tokens (n, T, token_dim) at slots ``input_pos`` (T,) -> (copies * n, T, D)."""
+        """Feed sampled tokens (n, T, token_dim) back, once per guidance branch, at slots ``input_pos`` (T,): the hot
+        backbone step, T = 1 sequentially, a group of T under parallel decoding -> hidden states (copies * n, T, D).
+        Static shapes, no host state: compilable."""
         model = self.model
-        e = model.embed_image_tokens(tokens.to(model.dtype))
-        e = e[:, None] if tokens.dim() == 2 else e  # (n, T, D)
+        e = model.embed_image_tokens(tokens.to(model.dtype))  # (n, T, D)
         copies = cache.batch // tokens.shape[0]
         return model(torch.cat([e] * copies), cache=cache, input_pos=input_pos)
 
@@ -650,16 +649,11 @@ class NextStepPipeline:
             if fed_back:
                 if context:
                     x = x + context_noise * eps[-1]
-                if group == 1:
+                fed[:, ahead - 1] = x
+                if ahead == group:  # the group is complete: one forward reads it, its last state goes on
                     with clock("backbone"):
-                        h = self._decode_step(x, input_pos, cache)
-                        input_pos += 1
-                else:
-                    fed[:, ahead - 1] = x
-                    if ahead == group:  # the group is complete: one forward reads it, its last state goes on
-                        with clock("backbone"):
-                            h = self._decode_step(fed, input_pos, cache)[:, -1:]
-                            input_pos += group
+                        h = self._decode_step(fed, input_pos, cache)[:, -1:]
+                        input_pos += group
             if observe is not None:
                 observe(*sample.trace, x)
         return tokens

@@ -155,7 +155,8 @@ def test_context_noise_is_added_to_the_tokens_fed_back(pipe):
         model.config.context_noise = 0.0
         hook.remove()
     n = noisy.grid[0] * noisy.grid[1]
-    inputs = torch.cat(fed[: n - 1])  # (n - 1, token_dim): the tokens fed back in the single-prompt run
+    inputs = torch.cat([f.reshape(-1, f.shape[-1]) for f in fed[: n - 1]])  # (n - 1, token_dim): the tokens fed
+    #                                                                          back in the single-prompt run
     assert torch.equal(noisy.tokens[0, 0], clean.tokens[0, 0])
     assert not torch.equal(noisy.tokens, clean.tokens)
     err = inputs - noisy.tokens[0, : n - 1]
