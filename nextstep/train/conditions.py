@@ -16,7 +16,7 @@ from ..sampling.guidance import image_blocks
 
 
 def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, branches: tuple[str, ...],
-                   sources: torch.Tensor | None, fed: torch.Tensor, grid: tuple[int, int], ahead: int = 1
+                   sources: torch.Tensor | None, fed: torch.Tensor, grid: tuple[int, int], parallel: int = 1
                    ) -> torch.Tensor:
     """The head's condition at every image token of B images, for every guidance branch.
 
@@ -24,8 +24,9 @@ def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, bra
     ``sources``: (B, C, h, w) scaled input-image latents of edits (read by the branches that carry the image), or
     None; ``fed``: (B, T - 1, token_dim) the image's tokens as fed back (context noise included); ``grid``: (h, w)
     token grid, T = h * w. Returns (copies * B, T, D) rows branch-major ([cond; uncond...], images within): the
-    pipeline's layout. ``ahead`` > 1: the conditions parallel decoding gives tokens ahead - 1 .. T - 1
-    (``NextStep.conditions``), (copies * B, T - ahead + 1, D)."""
+    pipeline's layout. ``parallel`` = K > 1 appends, for each ahead in 2..K, the conditions parallel decoding gives
+    tokens ahead - 1 .. T - 1 (``NextStep.conditions``): (copies * B, T + (T - 1) + ... + (T - K + 1), D), from
+    one forward."""
     copies, b = len(branches), len(ids)
     device = model.device
     batch = left_pad([rows[c] for c in range(copies) for rows in ids], pad_id)
@@ -38,4 +39,5 @@ def teacher_forced(model: NextStep, ids: list[list[list[int]]], pad_id: int, bra
     embeds = torch.cat([prompt, torch.cat([image] * copies)], 1)
     mask = torch.cat([batch.attention_mask, torch.ones(copies * b, tokens - 1, dtype=torch.long)], 1)
     hidden = model(embeds, attention_mask=mask.to(device))[:, prompt.shape[1] - 1:]  # (R, T, Dm)
-    return model.conditions(hidden, torch.cat([fed.to(device)] * copies) if ahead > 1 else None, grid, ahead)
+    read = torch.cat([fed.to(device)] * copies) if parallel > 1 else None
+    return torch.cat([model.conditions(hidden, read, grid, a) for a in range(1, parallel + 1)], 1)
