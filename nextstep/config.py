@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError, InputError, MissingFileError
 from .files import atomic_path
-from .settings import Settings
+from .settings import MAX_PARALLEL, Settings
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -124,6 +124,11 @@ class VAEConfig:
         return vae_to_official(self)
 
 
+def valid_parallel(k: Any) -> bool:
+    """Whether ``k`` can be a model's ``parallel_tokens`` (image tokens per backbone forward it is trained for)."""
+    return isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_PARALLEL
+
+
 @dataclass
 class NextStepConfig:
     """The joint model: backbone + image projectors + flow head, and the image-token protocol ids."""
@@ -164,14 +169,18 @@ class NextStepConfig:
         _check(self.lm_loss_weight >= 0 and self.im_loss_weight >= 0, "loss weights must be >= 0")
         _check(isinstance(self.context_noise, (int, float)) and 0 <= self.context_noise < float("inf"),
                f"NextStepConfig.context_noise must be a finite number >= 0, got {self.context_noise!r}")
-        _check(isinstance(self.parallel_tokens, int) and not isinstance(self.parallel_tokens, bool)
-               and 1 <= self.parallel_tokens <= 64,
-               f"NextStepConfig.parallel_tokens must be an integer in [1, 64], got {self.parallel_tokens!r}")
+        _check(valid_parallel(self.parallel_tokens), f"NextStepConfig.parallel_tokens must be an integer in "
+                                                     f"[1, {MAX_PARALLEL}], got {self.parallel_tokens!r}")
 
     @property
     def token_dim(self) -> int:
         """Values per image token: latent channels x patch x patch (64 for NextStep-1)."""
         return self.latent_channels * self.patch_size**2
+
+    def flow_rows(self, tokens: int) -> int:
+        """The head conditions an image of ``tokens`` tokens gives in training (each drawn ``head.batch_mul`` times):
+        one per token, and with ``parallel_tokens`` K > 1 one more per token t >= ahead - 1 for each ahead in 2..K."""
+        return sum(max(tokens - a + 1, 0) for a in range(1, self.parallel_tokens + 1))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

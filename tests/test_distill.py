@@ -68,7 +68,7 @@ def test_loss_falls_and_the_student_gets_closer_to_its_teacher_on_held_out_promp
     # the same held-out tokens: the untrained student (the teacher's conditional head) against the trained one
     targets = load_file(str(next(out.glob("targets-*.safetensors"))))
     # the held-out rows end the targets: whole images of 16 tokens, each with its parallel-decoding conditions too
-    per_image = sum(16 - a + 1 for a in range(1, pipe.model.config.parallel_tokens + 1))
+    per_image = pipe.model.config.flow_rows(16)
     start = targets["cond"].shape[0] - math.ceil(512 / per_image) * per_image
     untrained = DistilledHead.from_teacher(pipe.model.image_head, DistilledHead.from_pretrained(final).config)
     before = holdout_errors(untrained, targets, start, [1, 2, 4])

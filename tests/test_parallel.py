@@ -86,13 +86,11 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
     assert fed.shape[1] == total - 1
     guidance = Guidance.from_settings(settings, False)
     ids = [pipe.prompt_rows(prompt, out.grid, settings, False)]
-    worst = 0.0
-    for ahead in range(1, k + 1):
-        want = teacher_forced(pipe.model, ids, pipe.tokenizer.special.pad, guidance.branches, None, fed, out.grid,
-                              ahead)  # (copies, total - ahead + 1, D): tokens ahead - 1 ..
-        for a, t, got in rec.conds:
-            if a == ahead:
-                worst = max(worst, maxdiff(got, want[:, t - ahead + 1]))
+    # (copies, total + (total - 1) + ..., D): every ahead's block, each from token ahead - 1 on
+    want = teacher_forced(pipe.model, ids, pipe.tokenizer.special.pad, guidance.branches, None, fed, out.grid, k)
+    start = {a: sum(total - b + 1 for b in range(1, a)) for a in range(1, k + 1)}  # where each ahead's block begins
+    assert want.shape[1] == start[k] + total - k + 1
+    worst = max(maxdiff(got, want[:, start[a] + t - a + 1]) for a, t, got in rec.conds)
     assert worst <= TOL, worst
 
 
@@ -180,7 +178,7 @@ def test_training_counts_every_ahead_row(pipe):
     batch = TrainBatch(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                        latents=[z[0]], image_loss_mask=torch.ones(1), image_seeds=[0], num_samples=1,
                        num_tokens=len(ids))
-    rows = batch_counts(batch, model.config.image_placeholder_id, 2, model.config.head.batch_mul, 3)[1]
+    rows = batch_counts(batch, model.config)[1]
     assert out.im_count == rows == (16 + 15 + 14) * model.config.head.batch_mul
 
 

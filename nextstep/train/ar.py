@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import SamplingConfig
+from ..config import NextStepConfig, SamplingConfig
 from ..data.sequences import BatchPlan, TrainBatch, build_example, collate, encode_samples, load_records, save_records
 from ..data.sources import open_source
 from ..errors import CheckpointError, ConfigError, DataError
@@ -54,15 +54,12 @@ class LossModule(nn.Module):
                                image_loss_mask=batch.image_loss_mask.to(dev), generator=gens, normalizers=normalizers)
 
 
-def batch_counts(batch: TrainBatch, placeholder: int, patch: int, batch_mul: int, parallel_tokens: int = 1
-                 ) -> tuple[float, float]:
-    """(text positions in the CE sum, weighted head rows in the flow-loss sum), from the batch alone: an image of n
-    tokens has n rows per ahead in 1..K (``parallel_tokens``), fewer by ahead - 1, each drawn ``batch_mul`` times."""
+def batch_counts(batch: TrainBatch, config: NextStepConfig) -> tuple[float, float]:
+    """(text positions in the CE sum, weighted head rows in the flow-loss sum), from the batch alone."""
     nxt_ids, nxt_mask = batch.input_ids[:, 1:], batch.attention_mask[:, 1:]
-    text = float(((nxt_ids != placeholder) & (nxt_mask == 1)).sum())
-    tokens = [math.prod(token_grid(tuple(z.shape[-2:]), patch)) for z in batch.latents]
-    rows = [sum(max(n - a + 1, 0) for a in range(1, parallel_tokens + 1)) for n in tokens]
-    return text, float(sum(w * r for w, r in zip(batch.image_loss_mask.tolist(), rows))) * batch_mul
+    text = float(((nxt_ids != config.image_placeholder_id) & (nxt_mask == 1)).sum())
+    rows = [config.flow_rows(math.prod(token_grid(tuple(z.shape[-2:]), config.patch_size))) for z in batch.latents]
+    return text, float(sum(w * r for w, r in zip(batch.image_loss_mask.tolist(), rows))) * config.head.batch_mul
 
 
 def cache_key(cfg: TrainConfig) -> str:
@@ -97,13 +94,15 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> NextStep:
     else:
         model = NextStep(cfg.model_config()).init_weights(generator=torch.Generator().manual_seed(cfg.run.seed))
     if cfg.trainable is not None:  # the rest stays frozen: exactly as loaded
-        names = [n for n, _ in model.named_parameters()]
-        for t in cfg.trainable:
-            if not any(n == t or n.startswith(t + ".") for n in names):
-                raise ConfigError(f"trainable: {t!r} names no parameter of the model (e.g. image_ahead, "
-                                  f"transformer.layers.5, image_head)")
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(name == t or name.startswith(t + ".") for t in cfg.trainable))
+        trained = {t: [p for n, p in model.named_parameters() if n == t or n.startswith(t + ".")]
+                   for t in cfg.trainable}
+        if unknown := [t for t, ps in trained.items() if not ps]:
+            raise ConfigError(f"trainable: {unknown[0]!r} names no parameter of the model (e.g. image_ahead, "
+                              f"transformer.layers.5, image_head)")
+        model.requires_grad_(False)
+        for ps in trained.values():
+            for p in ps:
+                p.requires_grad_(True)
     check_special_ids(tok, model.config)
     vocab = model.config.transformer.vocab_size
     if len(tok) > vocab:
@@ -127,8 +126,7 @@ class ARTask(Task):
         examples = [build_example(self.records[i], self.tok, cfg_m.patch_size, s, self.cfg.data.caption_dropout,
                                   self.cfg.data.image_dropout) for i, s in slots]
         batch = collate(examples, self.tok.special.pad, [s for _, s in slots])
-        counts = all_sum([*batch_counts(batch, cfg_m.image_placeholder_id, cfg_m.patch_size, cfg_m.head.batch_mul,
-                                        cfg_m.parallel_tokens), batch.num_tokens], info)
+        counts = all_sum([*batch_counts(batch, cfg_m), batch.num_tokens], info)
         self.tokens = counts[2]
         with self.autocast:
             out = self.trainable(batch, (max(counts[0], 1) / info.world, max(counts[1], 1e-8) / info.world))

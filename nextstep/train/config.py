@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import NextStepConfig, VAEConfig, _check, preset
+from ..config import NextStepConfig, VAEConfig, _check, preset, valid_parallel
 from ..errors import ConfigError, MissingFileError
+from ..settings import MAX_PARALLEL
 
 KINDS = ("t2i", "edit", "text")
 # Fields that leave the trained weights as an uninterrupted run would have them (bookkeeping, and wrappers that do not
@@ -202,9 +203,8 @@ class TrainConfig:
             _check(v is None or v >= 0, f"{name} must be >= 0")
         _check(self.batch_mul is None or self.batch_mul >= 1, "batch_mul must be >= 1")
         _check(self.context_noise is None or self.context_noise >= 0, "context_noise must be >= 0")
-        _check(self.parallel_tokens is None or (isinstance(self.parallel_tokens, int) and 1 <= self.parallel_tokens
-                                                <= 64), f"parallel_tokens must be an integer in [1, 64], got "
-                                                        f"{self.parallel_tokens!r}")
+        _check(self.parallel_tokens is None or valid_parallel(self.parallel_tokens),
+               f"parallel_tokens must be an integer in [1, {MAX_PARALLEL}], got {self.parallel_tokens!r}")
         _check(self.trainable is None or (isinstance(self.trainable, list) and self.trainable
                                           and all(isinstance(t, str) and t for t in self.trainable)),
                f"trainable must be a non-empty list of parameter names or prefixes, got {self.trainable!r}")

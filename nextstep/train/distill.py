@@ -131,8 +131,8 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
     latents = pipe.encode_latents(sources) if edit else None
     ids = [pipe.prompt_rows(t, grid, settings, edit) for t in texts]
     # every token's condition, then (a model trained for parallel decoding) the conditions parallel decoding gives
-    cond = torch.cat([teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid, a)
-                      for a in range(1, model.config.parallel_tokens + 1)], 1)
+    cond = teacher_forced(model, ids, pipe.tokenizer.special.pad, guidance.branches, latents, fed, grid,
+                          model.config.parallel_tokens)
     total = cond.shape[1]  # conditions per image
     keep = cfg.tokens_per_image or total
     if keep < total:  # a random subset of each image's tokens (large images: storage and teacher time)
@@ -159,9 +159,8 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
     if not items:
         raise DataError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
     size = tuple(cfg.data.bucket_sizes[0])
-    tokens = (size[0] // pipe.size_multiple) * (size[1] // pipe.size_multiple)
-    tokens = sum(tokens - a + 1 for a in range(1, pipe.model.config.parallel_tokens + 1))  # conditions per image
-    tokens = min(tokens, cfg.tokens_per_image or tokens)
+    tokens = pipe.model.config.flow_rows((size[0] // pipe.size_multiple) * (size[1] // pipe.size_multiple))
+    tokens = min(tokens, cfg.tokens_per_image or tokens)  # conditions per image
     held = min(math.ceil(cfg.holdout / tokens), len(items) - 1)
     rng = np.random.default_rng([cfg.run.seed, 7])
     on_policy = rng.random(len(items)) < cfg.policy_fraction  # per sample, fixed by the seed
