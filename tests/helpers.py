@@ -161,14 +161,36 @@ def events(lines) -> list[tuple[str, dict]]:
     return out
 
 
-class Gated:
-    """The pipeline, held at the start of each call until released."""
+class Wrapped:
+    """A pipeline stand-in for server tests: every attribute is the pipeline's; subclasses change ``_generate``."""
 
     def __init__(self, pipe):
-        self.pipe, self.started, self.release = pipe, threading.Event(), threading.Event()
+        self.pipe = pipe
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
+
+
+class AtToken(Wrapped):
+    """The pipeline, calling ``at(step)`` after each image token's callback (to hold or fail a call mid-image)."""
+
+    def at(self, step: int) -> None:
+        raise NotImplementedError
+
+    def _generate(self, *args, callback, **kwargs):
+        def on_token(step, total, partial):
+            callback(step, total, partial)
+            self.at(step)
+
+        return self.pipe._generate(*args, callback=on_token, **kwargs)
+
+
+class Gated(Wrapped):
+    """The pipeline, held at the start of each call until released."""
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.started, self.release = threading.Event(), threading.Event()
 
     def _generate(self, *args, **kwargs):
         self.started.set()

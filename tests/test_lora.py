@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from helpers import finish, kill_at_checkpoint, need, one_and_two, run_cli, seeded, wait_until
+from helpers import Wrapped, finish, kill_at_checkpoint, need, one_and_two, run_cli, seeded, wait_until
 from nextstep.config import VAEConfig
 from nextstep.errors import CheckpointError, ConfigError, InputError
 from nextstep.lora import IDENTITY_FILE, PEFT_PREFIX, lora_layers
@@ -220,12 +220,10 @@ def test_server_picks_the_adapter_per_request_and_batches_by_it(world, adapter):
     pipe.load_lora(adapter[0], name="squares")
     pipe.set_lora(None)
 
-    class Recording:
+    class Recording(Wrapped):
         def __init__(self, pipe):
-            self.pipe, self.calls, self.release = pipe, [], threading.Event()
-
-        def __getattr__(self, name):
-            return getattr(self.pipe, name)
+            super().__init__(pipe)
+            self.calls, self.release = [], threading.Event()
 
         def _generate(self, prompt, **kwargs):
             self.calls.append((prompt, self.pipe.loras))

@@ -25,7 +25,7 @@ from openai.types import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 
-from helpers import Gated, events  # noqa: E402
+from helpers import AtToken, Gated, events  # noqa: E402
 from nextstep.serve import limits  # noqa: E402
 from nextstep.serve.routes import create_app  # noqa: E402
 from nextstep.serve.runner import running_server  # noqa: E402
@@ -137,22 +137,12 @@ def test_stream_edit(url):
     assert got[-1].b64_json == c.images.edit(**args).data[0].b64_json
 
 
-class FailingMidStream:
+class FailingMidStream(AtToken):
     """The pipeline, failing after its fifth image token (as a CUDA out-of-memory would)."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def _generate(self, *args, callback, **kwargs):
-        def fail(step, total, partial):
-            callback(step, total, partial)
-            if step == 5:
-                raise RuntimeError("out of memory")
-
-        return self.pipe._generate(*args, callback=fail, **kwargs)
+    def at(self, step: int) -> None:
+        if step == 5:
+            raise RuntimeError("out of memory")
 
 
 def test_stream_error_mid_stream_raises_api_error(pipe):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import Gated, events, local, need, png_bytes, png_size, wait_until
+from helpers import AtToken, Gated, Wrapped, events, local, need, png_bytes, png_size, wait_until
 
 need("fastapi", "pip install -e '.[serve]'")
 httpx = need("httpx", "pip install -e '.[dev]'")
@@ -531,23 +531,17 @@ def test_full_queue_answers_429(pipe):
         assert h["queue"]["depth"] == 0
 
 
-class HoldAtFirstToken:
+class HoldAtFirstToken(AtToken):
     """The pipeline, held after its first image token (progress already sent) until released."""
 
     def __init__(self, pipe):
-        self.pipe, self.held, self.release = pipe, threading.Event(), threading.Event()
+        super().__init__(pipe)
+        self.held, self.release = threading.Event(), threading.Event()
 
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def _generate(self, *args, callback, **kwargs):
-        def hold(step, total, partial):
-            callback(step, total, partial)
-            if step == 1:
-                self.held.set()
-                assert self.release.wait(30), "test never released the hold"
-
-        return self.pipe._generate(*args, callback=hold, **kwargs)
+    def at(self, step: int) -> None:
+        if step == 1:
+            self.held.set()
+            assert self.release.wait(30), "test never released the hold"
 
 
 def test_disconnect_cancels_and_frees_the_worker(pipe):
@@ -627,14 +621,12 @@ def test_load_20_concurrent_requests(pipe):
     assert health["stats"] == {"completed": len(ok), "failed": 0, "cancelled": 0, "rejected": len(busy)}
 
 
-class Failing:
+class Failing(Wrapped):
     """The pipeline, failing once it has started (as a CUDA out-of-memory would)."""
 
     def __init__(self, pipe, error: Exception):
-        self.pipe, self.error = pipe, error
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+        super().__init__(pipe)
+        self.error = error
 
     def _generate(self, *args, **kwargs):
         raise self.error

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import events, local, need, png_bytes, png_size, wait_until
+from helpers import Wrapped, events, local, need, png_bytes, png_size, wait_until
 
 need("fastapi", "pip install -e '.[serve]'")
 httpx = need("httpx", "pip install -e '.[dev]'")
@@ -32,18 +32,16 @@ def pipe(fixture_pipe):
     return fixture_pipe
 
 
-class Recording:
+class Recording(Wrapped):
     """The pipeline, recording every call's prompts, keyword arguments and tokens. The first call waits for
     ``release`` (so the requests sent meanwhile queue up behind it); ``hold`` steps of later calls wait for ``resume``
     after their callback ran."""
 
     def __init__(self, pipe, hold: tuple[int, ...] = ()):
-        self.pipe, self.hold, self.calls = pipe, hold, []
+        super().__init__(pipe)
+        self.hold, self.calls = hold, []
         self.started, self.release = threading.Event(), threading.Event()
         self.held, self.resume = threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
 
     def _generate(self, prompt, *, callback, **kwargs):
         first = not self.calls
