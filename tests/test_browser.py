@@ -70,16 +70,18 @@ def page(server):
         yield page
 
 
+def fill(page, **fields) -> None:
+    """Type into the form's fields by id (``fill(page, prompt="a red circle", steps=2)``), in the order given."""
+    for name, value in fields.items():
+        page.fill(f"#{name.replace('_', '-')}", str(value))
+
+
 def natural_sizes(page, selector: str) -> list[list[int]]:
     return page.eval_on_selector_all(selector, "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
 
 
 def test_generate_shows_previews_then_the_image(page, tmp_path):
-    page.fill("#prompt", "a red circle on the left")
-    page.fill("#width", "64")
-    page.fill("#height", "48")
-    page.fill("#steps", "2")
-    page.fill("#seed", "7")
+    fill(page, prompt="a red circle on the left", width=64, height=48, steps=2, seed=7)
     page.click("#generate")
     page.wait_for_selector("#gallery figure img")
     page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")
@@ -95,14 +97,12 @@ def test_generate_shows_previews_then_the_image(page, tmp_path):
 
 
 def test_errors_are_shown_in_words(page):
-    page.fill("#prompt", "a blue square")
-    page.fill("#steps", "2")
+    fill(page, prompt="a blue square", steps=2)
     page.click("#generate")
     page.wait_for_selector("#gallery figure img")
     assert page.locator("#preview img").count() == 1  # the result, shown in the preview
     # after an error the preview no longer shows the previous result (it looked like this request's)
-    page.fill("#width", "72")
-    page.fill("#steps", "2")
+    fill(page, width=72, steps=2)
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])")
     assert "multiple of 16" in page.inner_text("#error")
@@ -122,9 +122,7 @@ def test_edit_tab_uploads_and_edits(page, tmp_path):
     page.set_input_files("#image", str(src))
     page.wait_for_function("document.getElementById('image-thumb').naturalWidth === 32")
     assert page.input_value("#width") == "32" and page.input_value("#height") == "32"
-    page.fill("#prompt", "make it red")
-    page.fill("#n", "2")
-    page.fill("#steps", "2")
+    fill(page, prompt="make it red", n=2, steps=2)
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery figure img').length === 2 && "
                            "[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth > 0)")
@@ -145,10 +143,7 @@ def test_page_asks_for_the_api_key(pipe):
         page.click("#key-save")
         page.wait_for_function("document.getElementById('width').value !== ''")
         assert page.is_hidden("#key-form") and page.is_hidden("#error")
-        page.fill("#prompt", "a red circle")
-        page.fill("#width", "32")
-        page.fill("#height", "32")
-        page.fill("#steps", "2")
+        fill(page, prompt="a red circle", width=32, height=32, steps=2)
         page.click("#generate")
         page.wait_for_function("document.querySelector('#gallery img') && "
                                "document.querySelector('#gallery img').naturalWidth > 0")
@@ -158,17 +153,12 @@ def test_page_asks_for_the_api_key(pipe):
 def test_edit_a_result_again_and_step_back(page, tmp_path):
     """Multi-turn editing: "Edit this" on a result makes it the next edit's input; the results stay on the page, an
     edit's input can be stepped back to the result it was edited from, and any earlier result edited again."""
-    page.fill("#prompt", "a red circle")
-    page.fill("#width", "64")
-    page.fill("#height", "64")
-    page.fill("#steps", "2")
-    page.fill("#seed", "1")
+    fill(page, prompt="a red circle", width=64, height=64, steps=2, seed=1)
     page.click("#generate")
     page.wait_for_selector("#result-1 img")
 
     def edit(instruction: str, made: int) -> None:
-        page.fill("#prompt", instruction)
-        page.fill("#steps", "2")
+        fill(page, prompt=instruction, steps=2)
         page.click("#generate")
         page.wait_for_selector(f"#result-{made} img")
         page.wait_for_function(f"document.querySelector('#result-{made} img').naturalWidth > 0")
