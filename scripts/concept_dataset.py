@@ -2,7 +2,8 @@
 (``nextstep.data.shapes.concept``), as a folder source (``OUT/images/*.png`` + ``OUT/captions.jsonl``) that a recipe
 reads with ``"data": {"source": "folder", "path": OUT}``.
 
-    python scripts/concept_dataset.py star data/star-64 --n 64 --seed 0 [--replay 4000 --repeat 12]
+    python scripts/concept_dataset.py star data/star-64 --n 64 --seed 0 [--replay 4000 --repeat 12] \
+        [--mix single_object=0.25,two_objects=0.5,counting=0.25]
 
 Prints the number of samples per category and three captions.
 """
@@ -12,8 +13,30 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from pathlib import Path
 
-from nextstep.data.shapes import CONCEPT_SHAPES, concept_dataset
+from nextstep.data.shapes import CONCEPT_MIX, CONCEPT_SHAPES, concept_dataset
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"single_object=0.25,two_objects=0.5" -> {"single_object": 0.25, "two_objects": 0.5}."""
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mix takes CATEGORY=WEIGHT,... (e.g. two_objects=0.5), got {part!r}") from None
+    return mix
+
+
+def replay_options(recipe: str) -> dict:
+    """ShapesDataset's mix, backgrounds and weights from a training recipe's shapes data section."""
+    data = json.loads(Path(recipe).read_text()).get("data", {})
+    if data.get("source", "shapes") != "shapes":
+        raise ValueError(f"--replay-like: {recipe} does not train on the shapes source")
+    mix = {k: v for k, v in data.get("mix", {"t2i": 0.8, "edit": 0.2}).items() if k != "text"}
+    return {"mix": mix, "backgrounds": data.get("backgrounds", 0.0), "weights": data.get("weights") or None}
 
 
 def main() -> None:
@@ -28,10 +51,19 @@ def main() -> None:
                         "keeps what the model could do (default 0)")
     p.add_argument("--repeat", type=int, default=1,
                    help="list each concept sample this many times (its share of the batches beside --replay)")
+    p.add_argument("--replay-like", default=None, metavar="RECIPE",
+                   help="draw the replay as this training recipe's shapes data draws it (its data section's mix, "
+                        "backgrounds and weights): the recipe of the base model's last stage, so that the replay is "
+                        "what the base was last trained on (default: the shapes world's defaults)")
+    p.add_argument("--mix", default=None, metavar="CATEGORY=W,...",
+                   help="weights of the concept's categories in its samples (default "
+                        + ",".join(f"{c}={w:g}" for c, w in CONCEPT_MIX.items()) + ")")
     args = p.parse_args()
     try:
+        mix = CONCEPT_MIX if args.mix is None else parse_mix(args.mix)
         index = concept_dataset(args.concept, args.out, n=args.n, seed=args.seed, size=args.size,
-                                replay=args.replay, repeat=args.repeat)
+                                replay=args.replay, repeat=args.repeat, mix=mix,
+                                replay_options=None if args.replay_like is None else replay_options(args.replay_like))
     except (ValueError, FileExistsError) as e:
         p.exit(2, f"concept_dataset.py: {e}\n")
     records = [json.loads(line) for line in index.read_text().splitlines()]

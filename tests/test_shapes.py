@@ -550,6 +550,24 @@ def test_concept_dataset_replays_the_default_world(tmp_path):
     assert len(lines) == 14 and lines[:3] * 4 == lines[:12] and len(list((tmp_path / "rep" / "images").iterdir())) >= 5
 
 
+def test_concept_dataset_mix_and_replay_options(tmp_path):
+    """``mix`` weighs the concept's categories; ``replay_options`` draw the replay as a recipe's shapes data does."""
+    from nextstep.data.sources import FolderSource
+
+    S.concept_dataset("star", tmp_path / "two", n=12, seed=5, mix={"two_objects": 1})
+    specs = [json.loads(line)["spec"] for line in (tmp_path / "two" / "captions.jsonl").read_text().splitlines()]
+    assert [s["category"] for s in specs] == ["two_objects"] * 12
+    assert S.concept_sample("star", 3, 5, mix={"two_objects": 1})[1] == specs[3]
+    for bad in ({"two_objects": -1}, {"single_object": 0}, {"squares": 1}):
+        with pytest.raises(ValueError, match="mix"):
+            S.concept_dataset("star", tmp_path / "bad", n=2, mix=bad)
+    options = {"mix": {"t2i": 1.0}, "backgrounds": 0.5, "weights": {"two_objects": 3}}
+    S.concept_dataset("star", tmp_path / "like", n=1, seed=5, replay=6, replay_options=options)
+    source, world = FolderSource(tmp_path / "like"), S.ShapesDataset(6, seed=6, **options)
+    assert [source[1 + i]["caption"] for i in range(6)] == [world[i]["caption"] for i in range(6)]
+    assert [world[i]["caption"] for i in range(6)] != [S.ShapesDataset(6, seed=6)[i].get("caption") for i in range(6)]
+
+
 def test_evaluate_a_concept():
     specs = {c: s for cat in S.CONCEPT_CATEGORIES for c, s in S.concept_prompt_set("star", cat, 5, 7)}
     rng = np.random.default_rng(0)

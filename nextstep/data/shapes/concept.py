@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -85,28 +86,44 @@ def concept_prompt_set(concept: str, category: str, n: int, seed: int, size: int
     return [concept_caption(concept, category, _rng(seed, _STREAM_CONCEPT_PROMPTS, k, cat, i)) for i in range(n)]
 
 
-def concept_sample(concept: str, i: int, seed: int, size: int = 64) -> tuple[str, dict, Scene]:
-    """Training sample ``i`` of ``concept``'s set: its category drawn by ``CONCEPT_MIX``, then ``generate_concept``."""
+def concept_sample(concept: str, i: int, seed: int, size: int = 64, mix: Mapping[str, float] = CONCEPT_MIX
+                   ) -> tuple[str, dict, Scene]:
+    """Training sample ``i`` of ``concept``'s set: its category drawn by ``mix`` (a weight per category of
+    ``CONCEPT_CATEGORIES``, missing ones 0), then ``generate_concept``."""
     k = _check_concept(concept)
     rng = _rng(seed, _STREAM_CONCEPT_DATA, k, i)
-    p = np.array([CONCEPT_MIX[c] for c in CONCEPT_CATEGORIES])
+    p = np.array([_check_mix(mix)[c] for c in CONCEPT_CATEGORIES])
     category = CONCEPT_CATEGORIES[int(rng.choice(len(p), p=p / p.sum()))]
     return generate_concept(concept, category, rng, size)
 
 
+def _check_mix(mix: Mapping[str, float]) -> dict[str, float]:
+    unknown = sorted(set(mix) - set(CONCEPT_CATEGORIES))
+    weights = {c: mix.get(c, 0.0) for c in CONCEPT_CATEGORIES}
+    if unknown or any(not isinstance(w, (int, float)) or isinstance(w, bool) or not w >= 0 for w in weights.values()) \
+            or not sum(weights.values()) > 0:
+        raise ValueError(f"mix must give weights >= 0, not all 0, to categories among {CONCEPT_CATEGORIES}, got "
+                         f"{dict(mix)!r}")
+    return weights
+
+
 def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64,
-                    replay: int = 0, repeat: int = 1) -> Path:
+                    replay: int = 0, repeat: int = 1, mix: Mapping[str, float] = CONCEPT_MIX,
+                    replay_options: Mapping[str, Any] | None = None) -> Path:
     """Write ``n`` text-to-image samples naming ``concept`` (``concept_sample`` 0..n-1) as a folder source:
     ``OUT/images/NNNNN.png`` and ``OUT/captions.jsonl`` ({"image", "caption", "spec"} per line, written last, so a
     folder without it is incomplete). ``replay`` more samples come from the default shapes world (``ShapesDataset``
-    with seed ``seed + 1``: text-to-image and edits, as the base model was trained on), so that fine-tuning on the
-    concept keeps what the model could do (their lines carry no "spec"); ``repeat`` lists each concept sample that
-    many times (its image written once), so that it keeps its share of the batches beside a large replay. Returns the
+    with seed ``seed + 1`` and ``replay_options``, its ``mix``, ``backgrounds`` and ``weights``: text-to-image and
+    edits drawn as the base model's last training stage drew them), so that fine-tuning on the concept keeps what the
+    model could do (their lines carry no "spec"); ``repeat`` lists each concept sample that
+    many times (its image written once), so that it keeps its share of the batches beside a large replay; ``mix``
+    weighs the categories of the concept samples (``concept_sample``). Returns the
     path of ``captions.jsonl``.
     FileExistsError if it exists."""
     from .dataset import ShapesDataset
 
     _check_concept(concept)
+    _check_mix(mix)
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _check_non_negative("seed", seed)
@@ -121,12 +138,12 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
     (root / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        caption, spec, scene = concept_sample(concept, i, seed, size)
+        caption, spec, scene = concept_sample(concept, i, seed, size, mix)
         rel = f"images/{i:05d}.png"
         render(scene).save(root / rel, format="PNG")
         lines.append(json.dumps({"image": rel, "caption": caption, "spec": spec}))
     lines *= int(repeat)
-    world = ShapesDataset(replay, seed=seed + 1, size=size)
+    world = ShapesDataset(replay, seed=seed + 1, size=size, **dict(replay_options or {}))
     for i in range(replay):
         sample, stem = world[i], f"images/{n + i:05d}"
         if sample["kind"] == "t2i":
