@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from pathlib import Path
 
 from nextstep.data.shapes import CONCEPT_MIX, CONCEPT_SHAPES, concept_dataset
+from nextstep.errors import NextStepError
+from nextstep.train.config import TrainConfig, load_recipe
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -31,12 +32,12 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def replay_options(recipe: str) -> dict:
-    """ShapesDataset's mix, backgrounds and weights from a training recipe's shapes data section."""
-    data = json.loads(Path(recipe).read_text()).get("data", {})
-    if data.get("source", "shapes") != "shapes":
+    """ShapesDataset's mix, backgrounds and weights from a training recipe's data section (its defaults included)."""
+    data = load_recipe(recipe, TrainConfig).data
+    if data.source != "shapes":
         raise ValueError(f"--replay-like: {recipe} does not train on the shapes source")
-    mix = {k: v for k, v in data.get("mix", {"t2i": 0.8, "edit": 0.2}).items() if k != "text"}
-    return {"mix": mix, "backgrounds": data.get("backgrounds", 0.0), "weights": data.get("weights") or None}
+    return {"mix": {k: v for k, v in data.mix.items() if k != "text"}, "backgrounds": data.backgrounds,
+            "weights": data.weights or None}
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
         index = concept_dataset(args.concept, args.out, n=args.n, seed=args.seed, size=args.size,
                                 replay=args.replay, repeat=args.repeat, mix=mix,
                                 replay_options=None if args.replay_like is None else replay_options(args.replay_like))
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, NextStepError) as e:
         p.exit(2, f"concept_dataset.py: {e}\n")
     records = [json.loads(line) for line in index.read_text().splitlines()]
     counts = Counter(r["spec"]["category"] if "spec" in r else "replay" for r in records)
