@@ -40,6 +40,7 @@ from .model.latents import patchify, token_mask, unpatchify
 from .model.nextstep import NextStep
 from .model.vae import VAE
 from .official import schema_of
+from .packing import packed_linears
 from .prompt import caption_ids, check_special_ids, generation_suffix_ids, left_pad, require_prompt
 from .sampling.flow import DISTILLED
 from .sampling.guidance import Guidance, image_blocks
@@ -425,8 +426,9 @@ class NextStepPipeline:
             kept = KeptTokens(inputs, ~token_mask(region, grid, mask_margin).to(self.device))
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device,
                             group_noise)
-        tokens = self._sample_tokens(rows, latents, grid, settings, guidance, noise, progress, callback, clock, exact,
-                                     observe, prompt_length, kept)
+        with contextlib.nullcontext() if exact else packed_linears(self.model, self.head):
+            tokens = self._sample_tokens(rows, latents, grid, settings, guidance, noise, progress, callback, clock,
+                                         exact, observe, prompt_length, kept)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded
             images = unpatchify(tokens, grid, self.model.config.patch_size)
         else:

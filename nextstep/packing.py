@@ -1,0 +1,84 @@
+"""Linear layers with oneDNN-prepacked weights, for inference on a CPU.
+
+At the batch sizes of sampling (1 to 8 rows per call: the guidance branches times the images) PyTorch's default
+CPU ``F.linear`` is far from what the CPU can do, and in bfloat16 it is slower than in float32 (its small-row
+kernels do not use the CPU's bfloat16 instructions). oneDNN's linear on a weight reordered once into its blocked
+layout (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what ``torch.compile`` uses on CPU)
+is 1.1-2.5x faster at those sizes (``benchmarks/quant.py --packed``); the same arithmetic to float rounding.
+
+``packed_linears(*modules)`` is a context: inside it every plain ``nn.Linear`` of ``modules`` (float32 or bfloat16
+weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped
+on exit, so a weight changed between calls (training, a fused LoRA adapter) is always read fresh. Nothing else
+changes: the module, its parameters and ``state_dict`` stay as they are. Skipped, with the plain ``F.linear``:
+float32 single rows (there the default kernel is faster), inputs that need a gradient, quantized and tensor-parallel
+layers, and models whose float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the
+call). The pipeline enters it for every call but ``exact=True`` (``NextStepPipeline._generate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACK_LIMIT_BYTES = 4 << 30  # float linear weights above this are not packed (the copy would double them)
+PACK_ROWS_HINT = 8  # rows oneDNN lays the packed weight out for (measured: the same speed from 2 to 80 rows)
+_lock = threading.Lock()
+_depth: dict[int, int] = {}  # id(module) -> nesting depth of packed_linears over it (the server may nest calls)
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether this build and CPU have oneDNN's packed linear for ``dtype`` (bfloat16 needs native support)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _packable(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (type(m) is nn.Linear and type(w.data) is torch.Tensor and w.device.type == "cpu"
+            and w.layout == torch.strided and available(w.dtype))
+
+
+def _forward(module: nn.Linear, packed: dict, x: torch.Tensor) -> torch.Tensor:
+    w, b = module.weight, module.bias
+    if (x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            or x.dtype == torch.float32 and x.numel() == x.shape[-1]):
+        return F.linear(x, w, b)
+    p = packed.get(module)
+    if p is None:
+        p = packed[module] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT)
+    return torch.ops.mkldnn._linear_pointwise(x, p, None if b is None else b.detach(), "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(*modules: nn.Module | None):
+    """Within the context the plain float ``nn.Linear`` layers of ``modules`` (None entries ignored) compute with
+    oneDNN-prepacked weights on the CPU (see the module docstring); nested and repeated entries are harmless."""
+    linears = list(dict.fromkeys(m for mod in modules if mod is not None for m in mod.modules() if _packable(m)))
+    if not linears or sum(m.weight.numel() * m.weight.element_size() for m in linears) > PACK_LIMIT_BYTES:
+        yield
+        return
+    packed: dict[nn.Module, torch.Tensor] = {}
+    with _lock:
+        mine = [m for m in linears if _depth.get(id(m), 0) == 0]
+        for m in linears:
+            _depth[id(m)] = _depth.get(id(m), 0) + 1
+        for m in mine:  # an instance attribute shadows nn.Linear.forward
+            m.forward = functools.partial(_forward, m, packed)
+    try:
+        yield
+    finally:
+        with _lock:
+            for m in linears:
+                _depth[id(m)] -= 1
+                if _depth[id(m)] == 0:
+                    del _depth[id(m)]
+                    if "forward" in m.__dict__:
+                        del m.forward
