@@ -10,7 +10,9 @@
     memory-mapped file are otherwise paged in only when first used), prints each process's peak resident set
     (``VmHWM``, Linux) against the size of what the model holds, and deletes the checkpoint.
 (b) Layers: one thread, 1/2/6 rows (the flow head's and the decode step's batch), medians of interleaved runs of
-    float32 ``F.linear`` and ``QuantizedLinear`` int8 / fp8 for the layer shapes of the "ns34m" workload (hidden 512,
+    float32 ``F.linear``, ``QuantizedLinear`` int8 / fp8, and float32 / bfloat16 ``nn.Linear`` inside
+    ``nextstep.packing.packed_linears`` (oneDNN-prepacked weights, what the pipeline uses on a CPU) against bfloat16
+    ``F.linear``, for the layer shapes of the "ns34m" workload (hidden 512,
     MLP 1408, head width 512) and of NextStep-1-Large (hidden 5120, MLP 13824, head width 1536).
 """
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from nextstep import quant
+from nextstep import packing, quant
 from nextstep.config import FlowHeadConfig, NextStepConfig, TransformerConfig
 from nextstep.model.nextstep import NextStep, ours_to_official
 
@@ -130,22 +132,36 @@ def measure_layers(args) -> None:
     g = torch.Generator().manual_seed(0)
     print(f"\nper-layer matmul, one thread, microseconds per call (median of interleaved runs), "
           f"torch {torch.__version__}")
-    print("\n| workload | layer | out x in | rows | float32 | int8 | fp8 | int8 speed-up | fp8 speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    bf16 = packing.available(torch.bfloat16)
+    print(f"(bfloat16 packed: {'oneDNN' if bf16 else 'not available on this CPU, the plain kernel'})")
+    print("\n| workload | layer | out x in | rows | float32 | int8 | fp8 | float32 packed | bfloat16 | bfloat16 packed "
+          "| int8 speed-up | fp8 speed-up | float32 packed speed-up | bfloat16 packed / bfloat16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload, shapes in SHAPES.items():
         for name, n_out, n_in in shapes:
             lin = nn.Linear(n_in, n_out)
             with torch.no_grad():
                 lin.weight.copy_(torch.randn(n_out, n_in, generator=g) / n_in**0.5)
-            layers = {"float32": lambda x, w=lin.weight, b=lin.bias: F.linear(x, w, b),
-                      "int8": quant.QuantizedLinear.from_linear(lin, "int8"),
-                      "fp8": quant.QuantizedLinear.from_linear(lin, "fp8")}
+            half = nn.Linear(n_in, n_out).to(torch.bfloat16)
+            with torch.no_grad():
+                half.weight.copy_(lin.weight)
+                half.bias.copy_(lin.bias)
             reps = max(3, min(args.reps, int(args.reps * 4e6 / (n_out * n_in))))
             for rows in (1, 2, 6):
                 x = torch.randn(rows, n_in, generator=g)
-                t = time_interleaved(layers, x, reps)
-                print(f"| {workload} | {name} | {n_out}x{n_in} | {rows} | {t['float32']:,.0f} | {t['int8']:,.0f} | "
-                      f"{t['fp8']:,.0f} | {t['float32'] / t['int8']:.2f}x | {t['float32'] / t['fp8']:.2f}x |",
+                xb = x.bfloat16()
+                with packing.packed_linears(lin, half):  # packed on each layer's first call (the warm-up)
+                    layers = {"float32": lambda x, w=lin.weight, b=lin.bias: F.linear(x, w, b),
+                              "int8": quant.QuantizedLinear.from_linear(lin, "int8"),
+                              "fp8": quant.QuantizedLinear.from_linear(lin, "fp8"),
+                              "float32 packed": lin,
+                              "bfloat16": lambda x, w=half.weight, b=half.bias: F.linear(xb, w, b),
+                              "bfloat16 packed": lambda x: half(xb)}
+                    t = time_interleaved(layers, x, reps)
+                print(f"| {workload} | {name} | {n_out}x{n_in} | {rows} | "
+                      + " | ".join(f"{t[k]:,.0f}" for k in layers)
+                      + f" | {t['float32'] / t['int8']:.2f}x | {t['float32'] / t['fp8']:.2f}x | "
+                      f"{t['float32'] / t['float32 packed']:.2f}x | {t['bfloat16'] / t['bfloat16 packed']:.2f}x |",
                       flush=True)
 
 
