@@ -10,8 +10,8 @@ is 1.1-2.5x faster at those sizes (``python benchmarks/quant.py --skip-memory``)
 weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped
 on exit, so a weight changed between calls (training, a fused LoRA adapter) is always read fresh. Nothing else
 changes: the module, its parameters and ``state_dict`` stay as they are. Skipped, with the plain ``F.linear``:
-float32 single rows (there the default kernel is faster), inputs that need a gradient, quantized and tensor-parallel
-layers, and models whose float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the
+float32 single rows (there the default kernel is faster), inputs that need a gradient, code that ``torch.compile``
+traces (the compiler packs weights its own way, or not), quantized and tensor-parallel layers, and models whose float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the
 call). The pipeline enters it for every call but ``exact=True`` (``NextStepPipeline._generate``).
 """
 
@@ -49,7 +49,7 @@ def _packable(m: nn.Module) -> bool:
 def _forward(module: nn.Linear, packed: dict, x: torch.Tensor) -> torch.Tensor:
     w, b = module.weight, module.bias
     if (x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-            or x.dtype == torch.float32 and x.numel() == x.shape[-1]):
+            or x.dtype == torch.float32 and x.numel() == x.shape[-1] or torch.compiler.is_compiling()):
         return F.linear(x, w, b)
     p = packed.get(module)
     if p is None:

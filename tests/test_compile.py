@@ -31,3 +31,8 @@ def test_compiled_decode_step_equals_eager_with_at_most_two_compilations():
     for a, b in ((runs[0], runs[2]), (runs[1], runs[3])):  # same prompt and seed, eager vs compiled
         assert (a.tokens - b.tokens).abs().max().item() <= 1e-5
         assert (a.images - b.images).abs().max().item() <= 1e-5
+    # the default arithmetic (oneDNN-packed linears in eager code, nextstep.packing; the compiled step leaves them to
+    # the compiler): the same image to float rounding
+    kw["exact"] = False
+    a, b = (p._generate(prompts[0], generator=torch.Generator().manual_seed(0), **kw) for p in (eager, compiled))
+    assert (a.tokens - b.tokens).abs().max().item() <= 1e-4
