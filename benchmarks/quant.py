@@ -155,8 +155,8 @@ def measure_layers(args) -> None:
                               "int8": quant.QuantizedLinear.from_linear(lin, "int8"),
                               "fp8": quant.QuantizedLinear.from_linear(lin, "fp8"),
                               "float32 packed": lin,
-                              "bfloat16": lambda x, w=half.weight, b=half.bias: F.linear(xb, w, b),
-                              "bfloat16 packed": lambda x: half(xb)}
+                              "bfloat16": lambda x, xb=xb, w=half.weight, b=half.bias: F.linear(xb, w, b),
+                              "bfloat16 packed": lambda x, xb=xb, half=half: half(xb)}
                     t = time_interleaved(layers, x, reps)
                 print(f"| {workload} | {name} | {n_out}x{n_in} | {rows} | "
                       + " | ".join(f"{t[k]:,.0f}" for k in layers)

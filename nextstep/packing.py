@@ -11,8 +11,9 @@ weights on the CPU) computes with a packed copy of its weight, made on its first
 on exit, so a weight changed between calls (training, a fused LoRA adapter) is always read fresh. Nothing else
 changes: the module, its parameters and ``state_dict`` stay as they are. Skipped, with the plain ``F.linear``:
 float32 single rows (there the default kernel is faster), inputs that need a gradient, code that ``torch.compile``
-traces (the compiler packs weights its own way, or not), quantized and tensor-parallel layers, and models whose float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the
-call). The pipeline enters it for every call but ``exact=True`` (``NextStepPipeline._generate``).
+traces (the compiler packs weights its own way, or not), quantized and tensor-parallel layers, and models whose
+float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the call). The pipeline enters
+it for every call but ``exact=True`` (``NextStepPipeline._generate``).
 """
 
 from __future__ import annotations

@@ -87,3 +87,24 @@ def test_cache_overflow_is_a_clear_error():
     cache = t.new_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache full"):
         t(torch.randn(1, 5, CFG.hidden_size), cache=cache)
+
+
+@torch.no_grad()
+def test_bfloat16_attention_on_a_cpu_is_computed_in_float32():
+    """The CPU's half-precision attention kernels are several times slower than float32 at decoding: the layer
+    upcasts q, k, v and the mask (its output is the float32 attention of the bfloat16 inputs, rounded once)."""
+    import torch.nn.functional as F
+
+    from nextstep.model.transformer import apply_rope, rope_cos_sin
+
+    t = random_transformer(5).to(torch.bfloat16)
+    attn = t.layers[0].self_attn
+    x = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(6)).bfloat16()
+    cos, sin = rope_cos_sin(torch.arange(7), CFG.head_dim, CFG.rope_theta, torch.bfloat16)
+    out = attn(x, cos, sin, None)
+    q = attn.q_proj(x).view(2, 7, 4, 16).transpose(1, 2)
+    k = attn.k_proj(x).view(2, 7, 2, 16).transpose(1, 2)
+    v = attn.v_proj(x).view(2, 7, 2, 16).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    assert torch.equal(out, attn.o_proj(ref.bfloat16().transpose(1, 2).reshape(2, 7, -1)))
