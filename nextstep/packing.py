@@ -4,7 +4,9 @@ At the batch sizes of sampling (1 to 8 rows per call: the guidance branches time
 CPU ``F.linear`` is far from what the CPU can do, and in bfloat16 it is slower than in float32 (its small-row
 kernels do not use the CPU's bfloat16 instructions). oneDNN's linear on a weight reordered once into its blocked
 layout (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what ``torch.compile`` uses on CPU)
-is 1.1-2.5x faster at those sizes (``python benchmarks/quant.py --skip-memory``); the same arithmetic to float rounding.
+computes the same to float rounding, faster at those sizes: in the pipeline 1.05-1.5x per image in float32 and
+1.2-1.3x in bfloat16 on the "ns34m" workload (docs/results.md); per layer, ``python benchmarks/quant.py
+--skip-memory``.
 
 ``packed_linears(*modules)`` is a context: inside it every plain ``nn.Linear`` of ``modules`` (float32 or bfloat16
 weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped
