@@ -376,8 +376,9 @@ class NextStepPipeline:
                   **settings: Any) -> PipelineOutput:
         """``__call__`` with the library's own hooks.
         ``exact=True`` keeps the reference implementation's arithmetic in the flow head (bit-for-bit reproduction of
-        the official pipeline, about 2x slower per head step) and in the VAE decode; the default computes each
-        token's AdaLN modulations in one product and decodes channels-last on a CPU, the same values up to float
+        the official pipeline, about 2x slower per head step), in the linear layers and in the VAE decode; the
+        default computes each token's AdaLN modulations in one product and, on a CPU, runs the linear layers on
+        oneDNN-prepacked weights (``nextstep.packing``) and decodes channels-last: the same values up to float
         rounding. ``observe(states, velocities, fed)`` is called after
         each image token with its head trajectory (``TokenSampler.trace``) and the token as fed back to the
         backbone, (n, token_dim) with context noise (the last token: as sampled); RL post-training records them.
@@ -426,7 +427,11 @@ class NextStepPipeline:
             kept = KeptTokens(inputs, ~token_mask(region, grid, mask_margin).to(self.device))
         noise = NoiseSource(generator, len(prompts), num_images_per_prompt, self.model.config.token_dim, self.device,
                             group_noise)
-        with contextlib.nullcontext() if exact else packed_linears(self.model, self.head):
+        # packed linears where the code runs eagerly: a compiled step keeps its own kernels (patching its layers for
+        # each call would make it recompile at every call)
+        packed = (self.model.image_head, self.head) if self._decode_step is not self.decode_step else (self.model,
+                                                                                                        self.head)
+        with contextlib.nullcontext() if exact else packed_linears(*packed):
             tokens = self._sample_tokens(rows, latents, grid, settings, guidance, noise, progress, callback, clock,
                                          exact, observe, prompt_length, kept)
         if output_type == "latent":  # (B, C, h, w) in the model's latent space, not decoded

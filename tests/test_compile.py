@@ -34,5 +34,8 @@ def test_compiled_decode_step_equals_eager_with_at_most_two_compilations():
     # the default arithmetic (oneDNN-packed linears in eager code, nextstep.packing; the compiled step leaves them to
     # the compiler): the same image to float rounding
     kw["exact"] = False
-    a, b = (p._generate(prompts[0], generator=torch.Generator().manual_seed(0), **kw) for p in (eager, compiled))
+    a, b, c = (p._generate(prompts[0], generator=torch.Generator().manual_seed(0), **kw)
+               for p in (eager, compiled, compiled))
     assert (a.tokens - b.tokens).abs().max().item() <= 1e-4
+    assert torch.equal(b.tokens, c.tokens)
+    assert counters["stats"]["unique_graphs"] == graphs  # and no recompilation, call after call
