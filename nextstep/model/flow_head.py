@@ -8,6 +8,7 @@ The sampling loop lives in ``nextstep.sampling``; this module only holds the net
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,19 +94,24 @@ class VelocityNet(nn.Module):
         return [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
 
     def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """Every AdaLN shift/scale/gate for y (..., W): 3 per block then 2 for the final layer. Called with all of a
-        token's steps at once (y of shape (S, N, W)), each modulation layer reads its weights once per token instead
-        of once per step (the layers stay modules, so quantized ones keep their kernels)."""
+        """Every AdaLN modulation for y (..., W), as :meth:`velocity_from_modulations` takes them: (shift, 1 + scale,
+        gate) per block then (shift, 1 + scale) for the final layer. Called with all of a token's steps at once (y of
+        shape (S, N, W)), each modulation layer reads its weights once per token instead of once per step (the layers
+        stay modules, so quantized ones keep their kernels), and 1 + scale is formed once per token too."""
         sy = F.silu(y)
-        return [m for layer in self.modulation_layers() for m in layer(sy).chunk(layer.out_features // sy.shape[-1],
-                                                                                   dim=-1)]
+        mods = [m for layer in self.modulation_layers() for m in layer(sy).chunk(layer.out_features // sy.shape[-1],
+                                                                                  dim=-1)]
+        return [m + 1 if i % 3 == 1 else m for i, m in enumerate(mods)]  # a scale every third, the final one too
 
-    def velocity_from_modulations(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
-        """:meth:`velocity` with the modulations precomputed (``mods`` as :meth:`modulations` returns them)."""
+    def velocity_from_modulations(self, x: torch.Tensor, mods: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`velocity` with the modulations precomputed (``mods`` as :meth:`modulations` returns them): each
+        modulation and residual in one fused multiply-add (``addcmul``), the same values to float rounding."""
         h = self.input_proj(x)
         for k, block in enumerate(self.res_blocks):
-            h = block.modulated(h, *mods[3 * k:3 * k + 3])
-        return self.final_layer.modulated(h, *mods[-2:])
+            shift, scale1, gate = mods[3 * k:3 * k + 3]
+            h = torch.addcmul(h, gate, block.mlp(torch.addcmul(shift, block.in_ln(h), scale1)))
+        final = self.final_layer
+        return final.linear(torch.addcmul(mods[-2], final.norm_final(h), mods[-1]))
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Xavier linears, small time MLP, zeroed modulations and output (DiT/MAR initialisation)."""

@@ -57,8 +57,8 @@ class TokenSampler:
         net, guidance, copies = self.head.net, self.guidance, self.copies
         cond_emb = net.cond_embed(cond)  # (copies * n, width), the same at every step
         text, image = scales
-        if self.batched:  # (S, rows, W) -> every step's modulations at once
-            mods = net.modulations(self.time_stack + cond_emb)
+        if self.batched:  # (S, rows, W) -> every step's modulations at once, then split by step
+            mods = list(zip(*(m.unbind(0) for m in net.modulations(self.time_stack + cond_emb))))
 
         states: list[torch.Tensor] = []
         velocities: list[torch.Tensor] = []
@@ -66,7 +66,7 @@ class TokenSampler:
         def field(x: torch.Tensor, i: int) -> torch.Tensor:
             xs = torch.cat([x] * copies).to(cond.dtype)
             if self.batched:
-                v = net.velocity_from_modulations(xs, [m[i] for m in mods])
+                v = net.velocity_from_modulations(xs, mods[i])
             else:
                 v = net.velocity(xs, self.time_emb[i] + cond_emb)
             v = guidance.combine(v.float(), text, image)
@@ -105,10 +105,10 @@ class FewStepSampler:
         net = self.head.net
         # every step's AdaLN modulations at once (they depend on the condition and the step only): each modulation
         # layer reads its weights once per token, not once per step
-        mods = net.modulations(self.step_emb + net.cond_embed(cond))
+        mods = list(zip(*(m.unbind(0) for m in net.modulations(self.step_emb + net.cond_embed(cond)))))  # by step
         x = noise[0]
         for i in range(len(self.step_emb)):
-            u = net.velocity_from_modulations(x.to(cond.dtype), [m[i] for m in mods]).float()
+            u = net.velocity_from_modulations(x.to(cond.dtype), mods[i]).float()
             x = x + u * (self.ts[i + 1] - self.ts[i])
         if self.settings.token_norm:
             x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
