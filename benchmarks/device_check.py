@@ -16,7 +16,8 @@ on this device prints ``skipped: why``; the exit code is 1 when any path FAILED.
 Timings: one NextStep-1-shaped decoder layer (hidden 5120, 40 heads / 8 KV heads x 128, MLP 13824; this package's
 ``DecoderLayer``, random weights) for one decoding step against a KV cache of ``--cache`` positions and a prefill of
 ``--prefill`` tokens, and the NextStep-1 flow head (width 1536, 12 blocks) for one guided velocity call (2 rows) and a
-whole token (``TokenSampler``, NextStep-1's 50-step SDE at guidance 7.5). Defaults: bfloat16 on CUDA, float32 on CPU.
+whole token (``TokenSampler``, NextStep-1's 50-step SDE at guidance 7.5), with the pipeline's kernels (on a CPU
+the linear layers oneDNN-packed, ``nextstep.packing``). Defaults: bfloat16 on CUDA, float32 on CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from nextstep.eval.metrics import psnr  # noqa: E402
 from nextstep.model.flow_head import FlowHead  # noqa: E402
 from nextstep.model.kv_cache import KVCache  # noqa: E402
 from nextstep.model.transformer import DecoderLayer, attention_bias, rope_cos_sin  # noqa: E402
+from nextstep.packing import packed_linears  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
 from nextstep.sampling.guidance import Guidance  # noqa: E402
 from nextstep.sampling.token import TokenSampler  # noqa: E402
@@ -391,7 +393,8 @@ def time_layer(device, dtype, prefill: int, cache_len: int, repeats: int) -> lis
     bias = attention_bias(cache.valid, cache.slots, pos, dtype)
     x = torch.randn(rows_, 1, cfg.hidden_size, device=device, dtype=dtype, generator=g)
     cos, sin = cache.cos[pos], cache.sin[pos]
-    ms = timed(lambda: layer(x, cos, sin, bias, cache, 0, pos), device, repeats)
+    with packed_linears(layer):  # the pipeline's linear kernels (oneDNN-packed on a CPU; nothing on CUDA)
+        ms = timed(lambda: layer(x, cos, sin, bias, cache, 0, pos), device, repeats)
     kv_bytes = 2 * cache.k[0].numel() * cache.k.element_size()
     read = (weight_bytes + kv_bytes) * n_layers
     rows.append(("decoder layer: decode step", f"2 rows x 1 token, KV cache {cache_len}", ms,
@@ -406,7 +409,8 @@ def time_layer(device, dtype, prefill: int, cache_len: int, repeats: int) -> lis
     pos = torch.arange(prefill, device=device)
     bias = attention_bias(cache.valid, cache.slots, pos, dtype)
     x = torch.randn(1, prefill, cfg.hidden_size, device=device, dtype=dtype, generator=g)
-    ms = timed(lambda: layer(x, cache.cos, cache.sin, bias, cache, 0, pos), device, repeats)
+    with packed_linears(layer):
+        ms = timed(lambda: layer(x, cache.cos, cache.sin, bias, cache, 0, pos), device, repeats)
     flops = 2 * sum(p.numel() for n, p in layer.named_parameters() if n.endswith("weight") and p.dim() == 2) * prefill
     rows.append(("decoder layer: prefill", f"1 row x {prefill} tokens", ms,
                  f"x{n_layers} layers = {ms * n_layers / 1e3:.2f} s; {flops / (ms / 1e3) / 1e12:.2f} TFLOP/s "
@@ -426,7 +430,8 @@ def time_head(device, dtype, repeats: int, token: bool) -> list[tuple[str, str, 
     x = torch.randn(2, big.token_dim, device=device, dtype=dtype, generator=g)
     c = torch.randn(2, big.transformer.hidden_size, device=device, dtype=dtype, generator=g)
     t = torch.full((2,), 0.5, device=device, dtype=dtype)
-    ms = timed(lambda: head(x, t, c), device, repeats)
+    with packed_linears(head):
+        ms = timed(lambda: head(x, t, c), device, repeats)
     desc = f"width {hcfg.width}, {hcfg.depth} blocks, {params / 1e6:.0f}M params"
     weight_bytes = params * head.net.input_proj.weight.element_size()
     rows = [("flow head: velocity", f"2 rows (guidance); {desc}", ms,
@@ -436,7 +441,8 @@ def time_head(device, dtype, repeats: int, token: bool) -> list[tuple[str, str, 
         guidance = Guidance.from_settings(settings, edit=False)
         sampler = TokenSampler(head, guidance, settings, 2, device, dtype, batched_modulations=True)
         noise = torch.randn(sampler.draws, 1, big.token_dim, device=device, generator=g)
-        ms = timed(lambda: sampler(c, (settings.guidance_scale, 1.0), noise), device, max(1, repeats // 2))
+        with packed_linears(head):
+            ms = timed(lambda: sampler(c, (settings.guidance_scale, 1.0), noise), device, max(1, repeats // 2))
         rows.append(("flow head: one token", f"{settings.sampler}, {settings.num_inference_steps} steps, guidance "
                      f"{settings.guidance_scale:g}", ms, "TokenSampler, batched AdaLN modulations (the pipeline's "
                      "default)"))
