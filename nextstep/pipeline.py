@@ -429,8 +429,8 @@ class NextStepPipeline:
                             group_noise)
         # packed linears where the code runs eagerly: a compiled step keeps its own kernels (patching its layers for
         # each call would make it recompile at every call)
-        packed = (self.model.image_head, self.head) if self._decode_step is not self.decode_step else (self.model,
-                                                                                                        self.head)
+        compiled = self._decode_step != self.decode_step  # (== on bound methods: the same function and instance)
+        packed = (self.model.image_head, self.head) if compiled else (self.model, self.head)
         with contextlib.nullcontext() if exact else packed_linears(*packed):
             tokens = self._sample_tokens(rows, latents, grid, settings, guidance, noise, progress, callback, clock,
                                          exact, observe, prompt_length, kept)

@@ -69,6 +69,8 @@ def test_the_pipeline_packs_by_default_and_exact_stays_unpacked(monkeypatch, bun
     exact = bundled_pipe._generate("a red circle", generator=torch.Generator().manual_seed(0), exact=True, **kw)
     assert not seen
     fast = bundled_pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw)
-    assert seen  # every default call packs on a CPU with oneDNN
+    # every default call packs, on a CPU with oneDNN: the backbone's layers and the head's
+    assert bundled_pipe.model.transformer.layers[0].mlp.down_proj in seen
+    assert bundled_pipe.model.image_head.net.final_layer.linear in seen
     # the same image to float rounding (the head's batched modulations and the packed kernels)
     torch.testing.assert_close(fast.tokens, exact.tokens, atol=1e-4, rtol=0)  # measured: 5e-6
