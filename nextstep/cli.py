@@ -103,7 +103,8 @@ def _loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="compile the per-token backbone step with torch.compile (pays off on large models/images)")
+                   help="compile the per-token backbone step with torch.compile (for GPUs: on a CPU the eager "
+                        "step is faster)")
     p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
                    help="weight-only quantization of the model's linear layers while loading (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

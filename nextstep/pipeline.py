@@ -89,6 +89,7 @@ class KeptTokens:
 
 COMPILE_NOTICE = ("nextstep: compiling the per-token step with torch.compile (once; the first image token takes a "
                   "while, up to a minute or more)")
+CPU_COMPILE_NOTE = "; on a CPU the eager step is faster (docs/results.md#generation-speed)"
 
 
 class _FirstCallNotice:
@@ -334,12 +335,15 @@ class NextStepPipeline:
         (a new one comes with a new batch layout or a longer bucket). Masked slots change no output beyond float
         rounding. CUDA graphs (``mode="reduce-overhead"``) additionally need a cache reused across calls: not yet.
         Compiling happens in the first call that draws an image, and takes a while (48 s on a 2-core CPU for the
-        bundled model): with ``announce`` that call says so on stderr, once."""
+        bundled model): with ``announce`` that call says so on stderr, once. On a CPU the compiled step is slower
+        than the eager one, whose linear layers run on oneDNN-packed weights (``nextstep.packing``; measured 1.6-3x
+        slower on the "ns34m" workload, docs/results.md): the notice says so."""
         if not isinstance(cache_bucket, int) or cache_bucket < 1:
             raise InputError(f"cache_bucket must be a positive integer, got {cache_bucket!r}")
         self._cache_bucket = cache_bucket
         step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **options)
-        self._decode_step = _FirstCallNotice(step, COMPILE_NOTICE) if announce else step
+        notice = COMPILE_NOTICE + (CPU_COMPILE_NOTE if self.device.type == "cpu" else "")
+        self._decode_step = _FirstCallNotice(step, notice) if announce else step
         return self
 
     # ---- the call -------------------------------------------------------------------------------------------------
