@@ -12,7 +12,8 @@ computes the same to float rounding, faster at those sizes: in the pipeline 1.05
 weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped
 on exit, so a weight changed between calls (training, a fused LoRA adapter) is always read fresh. Nothing else
 changes: the module, its parameters and ``state_dict`` stay as they are. Skipped, with the plain ``F.linear``:
-float32 single rows (there the default kernel is faster), inputs that need a gradient, code that ``torch.compile``
+float32 single rows and float32 layers of fewer than ``PACK_MIN_FLOAT32`` weights (there the default kernel is
+faster: measured in whole images), inputs that need a gradient, code that ``torch.compile``
 traces (the compiler packs weights its own way, or not), quantized and tensor-parallel layers, and models whose
 float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the call). The pipeline enters
 it for every call but ``exact=True`` (``NextStepPipeline._generate``).
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACK_LIMIT_BYTES = 4 << 30  # float linear weights above this are not packed (the copy would double them)
+PACK_MIN_FLOAT32 = 1 << 17  # float32 layers with fewer weights (256 x 256: the bundled model's) are faster plain
 PACK_ROWS_HINT = 8  # rows oneDNN lays the packed weight out for (measured: the same speed from 2 to 80 rows)
 _lock = threading.Lock()
 _depth: dict[int, int] = {}  # id(module) -> nesting depth of packed_linears over it (the server may nest calls)
@@ -46,7 +48,8 @@ def available(dtype: torch.dtype) -> bool:
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     return (type(m) is nn.Linear and type(w.data) is torch.Tensor and w.device.type == "cpu"
-            and w.layout == torch.strided and available(w.dtype))
+            and w.layout == torch.strided and available(w.dtype)
+            and (w.dtype != torch.float32 or w.numel() >= PACK_MIN_FLOAT32))
 
 
 def _forward(module: nn.Linear, packed: dict, x: torch.Tensor) -> torch.Tensor:
