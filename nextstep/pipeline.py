@@ -630,7 +630,7 @@ class NextStepPipeline:
             sample = FewStepSampler(self.head, settings, len(rows), device, model.dtype)
         else:
             sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
-                                  batched_modulations=not exact, trace=observe is not None)
+                                  exact=exact, trace=observe is not None)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
         group = settings.parallel  # image tokens per backbone forward (resolve_settings bounds it by the model)
         if group > 1 and observe is not None:

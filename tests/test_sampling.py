@@ -129,6 +129,23 @@ def test_sde_zero_noise_constant_field_matches_hand_computation(steps, shift):
     assert flow.evaluations("sde", steps) == steps
 
 
+@pytest.mark.parametrize("steps", [2, 10, 50])
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_fused_sde_is_the_reference_sde_to_float_rounding(steps, shift):
+    """The pipeline's closed-form SDE step (flow.sde_fused) against the reference's arithmetic: the same draws in the
+    same order, the same path to float32 rounding, with a field that depends on x and t."""
+    g = torch.Generator().manual_seed(steps)
+    x0, w = torch.randn(3, 8, generator=g), torch.randn(steps, 3, 8, generator=g)
+    ts = flow.times("sde", steps, shift)
+    field = lambda x, i: torch.tanh(x) * (1 + ts[i]) - 0.5 * x  # noqa: E731
+    runs = []
+    for fused in (False, True):
+        draws = iter(w)
+        runs.append(flow.run("sde", field, x0, ts, lambda draws=draws: next(draws), fused=fused))
+    assert (runs[0] - runs[1]).abs().max().item() <= 1e-5
+    assert (runs[0] - x0).abs().max().item() > 0.1  # it moved
+
+
 def test_sde_point_mass_with_noise_lands_on_target():
     """With shift 1 the SDE ends at t = 0.96 + 0.04 = 1; on a point-mass field the final Euler step lands on x1, and
     the state before it should be ~ N(0.96 x1, 0.04^2) (Euler-Maruyama broadens it; measured std 0.055)."""

@@ -77,6 +77,19 @@ def sde_reference(field: Field, x: torch.Tensor, ts: torch.Tensor, noise: Noise)
     return x + field(x, len(ts) - 1) * REFERENCE_LAST_STEP
 
 
+def sde_fused(field: Field, x: torch.Tensor, ts: torch.Tensor, noise: Noise) -> torch.Tensor:
+    """:func:`sde_reference` in closed form: its variance (1 - t)^2 + t (1 - t) is 1 - t, so the drift is
+    (1 + t) v - x and a step is x' = (1 - dt) x + (1 + t) dt v + sqrt(2 (1 - t) dt) w, with its three coefficients
+    computed on the host: three tensor operations per step instead of about twenty. The same values up to float
+    rounding, the same noise draws in the same order (the pipeline's default; ``exact=True`` keeps the reference)."""
+    t = ts.tolist()
+    for i in range(len(t) - 1):
+        dt = t[i + 1] - t[i]
+        v = field(x, i)
+        x = torch.add(x * (1 - dt), v, alpha=(1 + t[i]) * dt).add_(noise(), alpha=math.sqrt(2 * (1 - t[i]) * dt))
+    return x + field(x, len(t) - 1) * REFERENCE_LAST_STEP
+
+
 def ode_euler(field: Field, x: torch.Tensor, ts: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
     for i in range(len(ts) - 1):
         x = x + field(x, i) * (ts[i + 1] - ts[i])
@@ -163,11 +176,13 @@ def noise_draws(sampler: str, steps: int) -> int:
 
 
 def run(sampler: str, field: Field, x0: torch.Tensor, ts: torch.Tensor, noise: Noise | None = None,
-        noise_level: float = DEFAULT_NOISE_LEVEL) -> torch.Tensor:
+        noise_level: float = DEFAULT_NOISE_LEVEL, fused: bool = False) -> torch.Tensor:
     """Carry x0 (N, D) at t = 0 to t = 1 with the named sampler over the grid ``ts`` (from :func:`times`).
-    ``noise_level`` is read by the 1.1 samplers only."""
+    ``noise_level`` is read by the 1.1 samplers only; ``fused`` runs "sde" as :func:`sde_fused`."""
     if sampler in STOCHASTIC and noise is None:
         raise ValueError(f"the {sampler!r} sampler needs a noise source")
+    if fused and sampler == "sde":
+        return sde_fused(field, x0, ts, noise)
     if sampler in NEXTSTEP_11_SAMPLERS:
         return SAMPLERS[sampler](field, x0, ts, noise, noise_level)
     return SAMPLERS[sampler](field, x0, ts, noise)

@@ -25,13 +25,14 @@ class TokenSampler:
     token norm)."""
 
     def __init__(self, head: FlowHead, guidance: Guidance, settings: Settings, rows: int, device: torch.device,
-                 dtype: torch.dtype, batched_modulations: bool = False, trace: bool = False):
-        """``rows``: condition rows per token (guidance branches x images). ``batched_modulations``: compute all
-        steps' AdaLN modulations of a token at once (they depend only on the condition and the step time): each
-        modulation layer's weights are read once per token, not once per step; same values up to float rounding
-        (not bit for bit). ``trace``: keep each call's head trajectory in ``self.trace`` (RL post-training)."""
+                 dtype: torch.dtype, exact: bool = True, trace: bool = False):
+        """``rows``: condition rows per token (guidance branches x images). ``exact=False`` (the pipeline's default):
+        compute all steps' AdaLN modulations of a token at once (they depend only on the condition and the step
+        time: each modulation layer's weights are read once per token, not once per step) and the "sde" step in
+        closed form (``flow.sde_fused``); the same values up to float rounding, not bit for bit. ``trace``: keep
+        each call's head trajectory in ``self.trace`` (RL post-training)."""
         self.head, self.guidance, self.settings = head, guidance, settings
-        self.batched = batched_modulations
+        self.batched = not exact
         self.tracing = trace
         # Set by each call when tracing: (states (E + 1, n, token_dim): the x of each of the E velocity evaluations,
         # then the result before the token norm; velocities (E, n, token_dim): the guided velocity at each). For the
@@ -44,7 +45,7 @@ class TokenSampler:
         # and reproducing the reference bit for bit needs the same layout. t is rounded to the head's dtype first.
         t = self.ts.to(dtype)
         self.time_emb = [head.net.time_embed(t[i].expand(rows)) for i in range(len(t))]
-        if batched_modulations:
+        if self.batched:
             self.time_stack = torch.stack(self.time_emb)  # (S, rows, width): the batched path adds a token's condition
 
     @property
@@ -76,7 +77,8 @@ class TokenSampler:
             return v
 
         rest = iter(noise[1:])
-        x = run(self.settings.sampler, field, noise[0], self.ts, lambda: next(rest), self.settings.noise_level)
+        x = run(self.settings.sampler, field, noise[0], self.ts, lambda: next(rest), self.settings.noise_level,
+                fused=self.batched)
         if self.tracing:
             self.trace = (torch.stack(states + [x]), torch.stack(velocities))
         if self.settings.token_norm:

@@ -142,7 +142,7 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
     cond = cond.reshape(copies * n, -1)  # (copies * N, D) branch-major, N = images x kept tokens
     ode = dataclasses.replace(settings, sampler="ode", num_inference_steps=k, token_norm=False)
     sampler = TokenSampler(model.image_head, guidance, ode, copies * n, model.device, model.dtype,
-                           batched_modulations=True, trace=True)
+                           exact=False, trace=True)
     x0 = torch.randn(1, n, dim, generator=gen).to(model.device)
     sampler(cond, guidance.scales_at(0, total), x0)
     path = sampler.trace[0].permute(1, 0, 2).float().cpu()  # (N, K + 1, d)
