@@ -336,8 +336,8 @@ class NextStepPipeline:
         rounding. CUDA graphs (``mode="reduce-overhead"``) additionally need a cache reused across calls: not yet.
         Compiling happens in the first call that draws an image, and takes a while (48 s on a 2-core CPU for the
         bundled model): with ``announce`` that call says so on stderr, once. On a CPU the compiled step is slower
-        than the eager one, whose linear layers run on oneDNN-packed weights (``nextstep.packing``; measured 1.6-3x
-        slower on the "ns34m" workload, docs/results.md): the notice says so."""
+        than the eager one, whose linear layers run on oneDNN-packed weights (``nextstep.packing``; on the "ns34m"
+        workload the compiled backbone took 2-5x eager's time with guidance, docs/results.md): the notice says so."""
         if not isinstance(cache_bucket, int) or cache_bucket < 1:
             raise InputError(f"cache_bucket must be a positive integer, got {cache_bucket!r}")
         self._cache_bucket = cache_bucket
