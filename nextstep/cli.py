@@ -696,5 +696,18 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def _leave_if_distributed(code: int) -> None:
+    """Under torchrun (``-m nextstep.cli``), end the process without interpreter finalization once the command is
+    done and its process group destroyed: gloo's threads, still joinable then, now and then abort a loaded process
+    at finalization ("terminate called without an active exception", SIGABRT after all the work), which torchrun
+    reports as a failed run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    _leave_if_distributed(exit_code)
+    sys.exit(exit_code)

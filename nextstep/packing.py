@@ -9,14 +9,14 @@ computes the same to float rounding, faster at those sizes: in the pipeline 1.05
 --skip-memory``.
 
 ``packed_linears(*modules)`` is a context: inside it every plain ``nn.Linear`` of ``modules`` (float32 or bfloat16
-weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped
-on exit, so a weight changed between calls (training, a fused LoRA adapter) is always read fresh. Nothing else
-changes: the module, its parameters and ``state_dict`` stay as they are. Skipped, with the plain ``F.linear``:
-float32 single rows and float32 layers of fewer than ``PACK_MIN_FLOAT32`` weights (there the default kernel is
-faster: measured in whole images), inputs that need a gradient, code that ``torch.compile``
-traces (the compiler packs weights its own way, or not), quantized and tensor-parallel layers, and models whose
-float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the call). The pipeline enters
-it for every call but ``exact=True`` (``NextStepPipeline._generate``).
+weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped on
+exit, so a weight changed between calls (training, a fused LoRA adapter) is always read fresh. Nothing else changes:
+the module, its parameters and ``state_dict`` stay as they are. Skipped, with the plain ``F.linear``: float32 single
+rows and float32 layers of fewer than ``PACK_MIN_FLOAT32`` weights (there the default kernel is faster: measured in
+whole images), inputs that need a gradient, code that ``torch.compile`` traces (the compiler packs weights its own
+way, or not), CPU autocast, layers whose ``forward`` something else has replaced, quantized and tensor-parallel
+layers, and models whose float linear weights exceed ``PACK_LIMIT_BYTES`` (a packed copy would double them for the
+call). The pipeline enters it for every call but ``exact=True`` (``NextStepPipeline._generate``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def available(dtype: torch.dtype) -> bool:
 
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return (type(m) is nn.Linear and type(w.data) is torch.Tensor and w.device.type == "cpu"
+    return (type(m) is nn.Linear and w is not None and type(w.data) is torch.Tensor and w.device.type == "cpu"
             and w.layout == torch.strided and available(w.dtype)
             and (w.dtype != torch.float32 or w.numel() >= PACK_MIN_FLOAT32))
 
@@ -55,7 +55,8 @@ def _packable(m: nn.Module) -> bool:
 def _forward(module: nn.Linear, packed: dict, x: torch.Tensor) -> torch.Tensor:
     w, b = module.weight, module.bias
     if (x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-            or x.dtype == torch.float32 and x.numel() == x.shape[-1] or torch.compiler.is_compiling()):
+            or x.dtype == torch.float32 and x.numel() == x.shape[-1] or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu")):
         return F.linear(x, w, b)
     p = packed.get(module)
     if p is None:
@@ -73,6 +74,8 @@ def packed_linears(*modules: nn.Module | None):
         return
     packed: dict[nn.Module, torch.Tensor] = {}
     with _lock:
+        # a layer whose forward is already replaced by someone else (a hook library) is left as it is
+        linears = [m for m in linears if _depth.get(id(m), 0) > 0 or "forward" not in m.__dict__]
         mine = [m for m in linears if _depth.get(id(m), 0) == 0]
         for m in linears:
             _depth[id(m)] = _depth.get(id(m), 0) + 1
