@@ -4,7 +4,7 @@ At the batch sizes of sampling (1 to 8 rows per call: the guidance branches time
 CPU ``F.linear`` is far from what the CPU can do, and in bfloat16 it is slower than in float32 (its small-row
 kernels do not use the CPU's bfloat16 instructions). oneDNN's linear on a weight reordered once into its blocked
 layout (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what ``torch.compile`` uses on CPU)
-computes the same to float rounding, faster at those sizes: in the pipeline 1.05-1.5x per image in float32 and
+computes the same to float rounding, faster at those sizes: in the pipeline 1.04-1.54x per image in float32 and
 1.2-1.3x in bfloat16 on the "ns34m" workload (docs/results.md); per layer, ``python benchmarks/quant.py
 --skip-memory``.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +31,9 @@ from torch import nn
 PACK_LIMIT_BYTES = 4 << 30  # float linear weights above this are not packed (the copy would double them)
 PACK_MIN_FLOAT32 = 1 << 17  # float32 layers with fewer weights (256 x 256: the bundled model's) are faster plain
 PACK_ROWS_HINT = 8  # rows oneDNN lays the packed weight out for (measured: the same speed from 2 to 80 rows)
-_lock = threading.Lock()
-_depth: dict[int, int] = {}  # id(module) -> nesting depth of packed_linears over it (the server may nest calls)
 
 
+@functools.cache
 def available(dtype: torch.dtype) -> bool:
     """Whether this build and CPU have oneDNN's packed linear for ``dtype`` (bfloat16 needs native support)."""
     if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
@@ -54,40 +52,34 @@ def _packable(m: nn.Module) -> bool:
 
 def _forward(module: nn.Linear, packed: dict, x: torch.Tensor) -> torch.Tensor:
     w, b = module.weight, module.bias
-    if (x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-            or x.dtype == torch.float32 and x.numel() == x.shape[-1] or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled("cpu")):
+    if (x.dtype != w.dtype or x.device.type != "cpu" or x.dtype == torch.float32 and x.numel() == x.shape[-1]
+            or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b is not None and b.requires_grad)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
         return F.linear(x, w, b)
     p = packed.get(module)
     if p is None:
         p = packed[module] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT)
-    return torch.ops.mkldnn._linear_pointwise(x, p, None if b is None else b.detach(), "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
 
 
 @contextlib.contextmanager
 def packed_linears(*modules: nn.Module | None):
     """Within the context the plain float ``nn.Linear`` layers of ``modules`` (None entries ignored) compute with
-    oneDNN-prepacked weights on the CPU (see the module docstring); nested and repeated entries are harmless."""
+    oneDNN-prepacked weights on the CPU (see the module docstring). A layer whose ``forward`` is already replaced
+    (by an enclosing context, or by a hook library) is left as it is, so nested and repeated entries are harmless;
+    on exit a layer gets back its class's ``forward`` only if it still has the one this context gave it."""
     linears = list(dict.fromkeys(m for mod in modules if mod is not None for m in mod.modules() if _packable(m)))
     if not linears or sum(m.weight.numel() * m.weight.element_size() for m in linears) > PACK_LIMIT_BYTES:
         yield
         return
     packed: dict[nn.Module, torch.Tensor] = {}
-    with _lock:
-        # a layer whose forward is already replaced by someone else (a hook library) is left as it is
-        linears = [m for m in linears if _depth.get(id(m), 0) > 0 or "forward" not in m.__dict__]
-        mine = [m for m in linears if _depth.get(id(m), 0) == 0]
-        for m in linears:
-            _depth[id(m)] = _depth.get(id(m), 0) + 1
-        for m in mine:  # an instance attribute shadows nn.Linear.forward
-            m.forward = functools.partial(_forward, m, packed)
+    mine = {}
+    for m in linears:
+        if "forward" not in m.__dict__:  # an instance attribute shadows nn.Linear.forward
+            mine[m] = m.forward = functools.partial(_forward, m, packed)
     try:
         yield
     finally:
-        with _lock:
-            for m in linears:
-                _depth[id(m)] -= 1
-                if _depth[id(m)] == 0:
-                    del _depth[id(m)]
-                    if "forward" in m.__dict__:
-                        del m.forward
+        for m, forward in mine.items():
+            if m.__dict__.get("forward") is forward:
+                del m.forward
