@@ -4,9 +4,9 @@ At the batch sizes of sampling (1 to 8 rows per call: the guidance branches time
 CPU ``F.linear`` is far from what the CPU can do, and in bfloat16 it is slower than in float32 (its small-row
 kernels do not use the CPU's bfloat16 instructions). oneDNN's linear on a weight reordered once into its blocked
 layout (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what ``torch.compile`` uses on CPU)
-computes the same to float rounding, faster at those sizes: in the pipeline 1.04-1.54x per image in float32 and
-1.2-1.3x in bfloat16 on the "ns34m" workload (docs/results.md); per layer, ``python benchmarks/quant.py
---skip-memory``.
+computes the same to float rounding, faster at those sizes: 1.06-1.46x per image in float32 and 1.17-1.33x in
+bfloat16 on the "ns34m" workload (``python benchmarks/packing.py``, docs/results.md); per layer, ``python
+benchmarks/quant.py --skip-memory``.
 
 ``packed_linears(*modules)`` is a context: inside it every plain ``nn.Linear`` of ``modules`` (float32 or bfloat16
 weights on the CPU) computes with a packed copy of its weight, made on its first call in the context and dropped on

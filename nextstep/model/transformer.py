@@ -71,8 +71,8 @@ class Attention(nn.Module):
             k, v = cache.write(layer, input_pos, k, v)  # (B, KV, S, hd)
         dtype = q.dtype
         if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            # PyTorch's half-precision attention on a CPU is 4-7x slower than float32 for one query row (a decode
-            # step), upcasting included (measured at 90 to 1,100 keys); prefills cost the same either way
+            # PyTorch's half-precision attention on a CPU is 4-10x slower than float32 for one query row (a decode
+            # step), upcasting included (benchmarks/packing.py, 90 to 1,100 keys)
             q, k, v = q.float(), k.float(), v.float()
             bias = None if bias is None else bias.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and t > 1,
