@@ -24,6 +24,7 @@ import json
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,23 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside: ``model`` computes its base (every LoRA layer off), as the base's reference while training adapters
+    on it (``NextStep.loss``'s ``base``); each layer's state and its adapters' ``requires_grad`` come back after."""
+    layers = list(lora_layers(model).values())
+    saved = [(layer.disable_adapters, [(p, p.requires_grad) for p in layer.parameters()]) for layer in layers]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield model
+    finally:
+        for layer, (disabled, flags) in zip(layers, saved):
+            layer.enable_adapters(not disabled)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 class Adapters:

@@ -33,6 +33,7 @@ class Record:
     kind: str
     text: str
     latents: list[torch.Tensor]
+    replay: bool = False  # replayed from the base's data (the source's "replay"): see TrainBatch.base_targets
 
     @property
     def bucket(self) -> tuple[int, int] | None:
@@ -44,6 +45,7 @@ class Example:
     ids: list[int]
     latents: list[torch.Tensor]
     loss_weights: list[float]  # per image: 0 for an edit's source, 1 for a generated image
+    replay: bool = False
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TrainBatch:
     image_seeds: list[int]  # one seed per image for the flow head's noise
     num_samples: int
     num_tokens: int  # real tokens in the batch
+    replayed: torch.Tensor | None = None  # (n_images,) bool: the image's sample is a replay (None: none is)
 
 
 def nearest_bucket(h: int, w: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -95,7 +98,7 @@ def encode_samples(source, vae, buckets: list[tuple[int, int]], batch_size: int 
             continue
         target = s[images[-1]]
         size = nearest_bucket(target.height, target.width, buckets)
-        records.append(Record(s["kind"], text, [None] * len(images)))
+        records.append(Record(s["kind"], text, [None] * len(images), bool(s.get("replay", False))))
         for slot, key in enumerate(images):
             pending.setdefault(size, []).append((len(records) - 1, slot, fit_image(load_image(s[key]), *size)))
         if len(pending[size]) >= batch_size:
@@ -107,15 +110,16 @@ def encode_samples(source, vae, buckets: list[tuple[int, int]], batch_size: int 
 
 def save_records(records: list[Record], path: Path) -> None:
     tensors = {f"{i}.{j}": z.contiguous() for i, r in enumerate(records) for j, z in enumerate(r.latents)}
-    meta = [{"kind": r.kind, "text": r.text, "n": len(r.latents)} for r in records]
+    meta = [{"kind": r.kind, "text": r.text, "n": len(r.latents), **({"replay": True} if r.replay else {})}
+            for r in records]
     save_safetensors(tensors or {"_empty": torch.zeros(1)}, path, metadata={"records": json.dumps(meta)})
 
 
 def load_records(path: Path) -> list[Record]:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["records"])
-        return [Record(m["kind"], m["text"], [f.get_tensor(f"{i}.{j}") for j in range(m["n"])])
-                for i, m in enumerate(meta)]
+        return [Record(m["kind"], m["text"], [f.get_tensor(f"{i}.{j}") for j in range(m["n"])],
+                       m.get("replay", False)) for i, m in enumerate(meta)]
 
 
 class BatchPlan:
@@ -167,19 +171,21 @@ def build_example(rec: Record, tok: Tokenizer, patch: int, seed: int, caption_dr
     if rec.kind == "edit" and rng.random() >= image_dropout:
         src = rec.latents[0]
         ids = caption_ids(tok, text, [token_grid(tuple(src.shape[-2:]), patch)]) + body
-        return Example(ids, [src, target], [0.0, 1.0])
-    return Example(caption_ids(tok, text) + body, [target], [1.0])
+        return Example(ids, [src, target], [0.0, 1.0], rec.replay)
+    return Example(caption_ids(tok, text) + body, [target], [1.0], rec.replay)
 
 
 def collate(examples: list[Example], pad_id: int, seeds: list[int]) -> TrainBatch:
     n = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
-    latents, weights, image_seeds = [], [], []
+    latents, weights, image_seeds, replayed = [], [], [], []
     for i, (e, s) in enumerate(zip(examples, seeds)):
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         mask[i, : len(e.ids)] = 1
         latents += e.latents
         weights += e.loss_weights
         image_seeds += [s + j for j in range(len(e.latents))]
-    return TrainBatch(ids, mask, latents, torch.tensor(weights), image_seeds, len(examples), int(mask.sum()))
+        replayed += [e.replay] * len(e.latents)
+    return TrainBatch(ids, mask, latents, torch.tensor(weights), image_seeds, len(examples), int(mask.sum()),
+                      torch.tensor(replayed, dtype=torch.bool) if any(replayed) else None)

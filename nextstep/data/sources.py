@@ -4,6 +4,8 @@ Every source is indexable and returns plain sample dicts with PIL images:
     {"kind": "t2i", "image": PIL, "caption": str}
     {"kind": "edit", "source": PIL, "target": PIL, "instruction": str}
     {"kind": "text", "text": str}
+plus ``"replay": True`` on a sample replayed from what the model was trained on before (a folder line's
+``"replay": true``): a LoRA recipe with ``"replay_targets": "base"`` trains those towards the base model's outputs.
 A sample that cannot be read raises ``SampleError``; callers skip it and count it, never crash.
 
 Folder layout: ``ROOT/captions.jsonl``, one JSON object per line, paths relative to ROOT:
@@ -70,11 +72,18 @@ class FolderSource:
             raise SampleError(rec)
         kind = rec["kind"]
         if kind == "t2i":
-            return {"kind": kind, "image": self._image(rec["image"]), "caption": str(rec["caption"])}
-        if kind == "edit":
-            return {"kind": kind, "source": self._image(rec["source"]), "target": self._image(rec["target"]),
-                    "instruction": str(rec["instruction"])}
-        return {"kind": "text", "text": str(rec["text"])}
+            sample = {"kind": kind, "image": self._image(rec["image"]), "caption": str(rec["caption"])}
+        elif kind == "edit":
+            sample = {"kind": kind, "source": self._image(rec["source"]), "target": self._image(rec["target"]),
+                      "instruction": str(rec["instruction"])}
+        else:
+            sample = {"kind": "text", "text": str(rec["text"])}
+        if rec.get("replay", False) is not False:
+            if rec["replay"] is not True:
+                raise SampleError(f"{self.root / 'captions.jsonl'}: sample {i}: \"replay\" must be true or false, "
+                                  f"got {rec['replay']!r}")
+            sample["replay"] = True
+        return sample
 
     def _image(self, rel: str) -> Image.Image:
         p = self.root / rel

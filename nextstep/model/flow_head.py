@@ -8,7 +8,7 @@ The sampling loop lives in ``nextstep.sampling``; this module only holds the net
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,13 +146,16 @@ class FlowHead(nn.Module):
         (rows,)."""
         return randn((rows, self.token_dim), generator, device, dtype), randn((rows,), generator, device)
 
-    def row_losses(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, u: torch.Tensor
-                   ) -> torch.Tensor:
+    def row_losses(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, u: torch.Tensor,
+                   velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Rectified-flow loss per row. target, noise (N, token_dim); cond (N, cond_dim); u (N,) standard normal.
 
-        t = sigmoid(u) (logit-normal), x_t = t x + (1 - t) noise; returns (N,) mean squared velocity errors."""
+        t = sigmoid(u) (logit-normal), x_t = t x + (1 - t) noise; returns (N,) mean squared velocity errors against
+        the data's velocity target - noise, or against ``velocity(x_t, t)`` (N, token_dim) where given (a reference
+        model's prediction: self-distillation)."""
         t = (1 / (1 + torch.exp(-u))).to(target)
         tt = t[:, None]
         x_t = tt * target + (1 - tt) * noise
-        err = (self.net(x_t, t, cond).float() - (target - noise).float()) ** 2
+        goal = target - noise if velocity is None else velocity(x_t, t)
+        err = (self.net(x_t, t, cond).float() - goal.float()) ** 2
         return err.mean(dim=1)

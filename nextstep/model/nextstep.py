@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,7 +238,8 @@ class NextStep(nn.Module):
              labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              image_loss_mask: torch.Tensor | None = None,
              generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             normalizers: tuple[float, float] | None = None) -> LossOutput:
+             normalizers: tuple[float, float] | None = None, base_targets: torch.Tensor | None = None,
+             base: Callable[[], ContextManager] | None = None) -> LossOutput:
         """Next-token loss on a batch of mixed sequences.
 
         Text: cross-entropy at every position whose next token is not an image placeholder (this includes
@@ -249,6 +251,11 @@ class NextStep(nn.Module):
         ``generator``: one generator for all head noise, or one per image (noise then independent of how images
         are split across batches or ranks). ``normalizers``: divide the text and image sums by these counts
         instead of the local ones (distributed training divides by the global counts).
+
+        ``base_targets`` (n_images,) bool with ``base``, a context in which this model computes its base model (e.g.
+        ``lora.adapters_disabled``): the flow target of the marked images is the base's velocity at the same x_t and
+        t, from the base's own hidden states, instead of the data's (self-distillation: a fine-tune keeps the base's
+        behaviour on replayed data, and the loss and its gradient start at zero there).
         """
         cfg = self.config
         noise = None
@@ -267,7 +274,16 @@ class NextStep(nn.Module):
 
         im_sum, im_count = hidden.new_zeros((), dtype=torch.float32), 0.0
         if latents is not None and int(next_is_img.sum()) > 0 and cfg.im_loss_weight > 0:
-            im_sum, im_count = self._image_loss_sum(hidden[next_is_img], latents, image_loss_mask, generator, noise)
+            reference = None
+            if base_targets is not None and bool(base_targets.any()):
+                if base is None:
+                    raise ValueError("base_targets needs base: a context in which the model computes its base")
+                with torch.no_grad(), base():
+                    base_hidden = self.forward(self.embed(input_ids, latents, noise),
+                                               attention_mask=attention_mask)[:, :-1][next_is_img]
+                reference = (base_hidden, base_targets.to(hidden.device, torch.bool), base)
+            im_sum, im_count = self._image_loss_sum(hidden[next_is_img], latents, image_loss_mask, generator, noise,
+                                                    reference)
         lm_norm, im_norm = normalizers if normalizers is not None else (lm_count, im_count)
         lm_loss = lm_sum / max(lm_norm, 1)
         im_loss = im_sum / max(im_norm, 1e-8)
@@ -291,36 +307,60 @@ class NextStep(nn.Module):
                 parts.append(torch.zeros(n, d, device=self.device))
         return torch.cat(parts)
 
-    def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator, token_noise=None):
+    def _image_loss_sum(self, hidden: torch.Tensor, latents, image_loss_mask, generator, token_noise=None,
+                        reference=None):
         """hidden (N, D): states before each image token, in image order -> (sum of weighted row losses, weight).
         With ``parallel_tokens`` K > 1 every token t also has a row for each ``ahead`` in 2..K (the state before
-        token t-ahead+1, the token before t as read with ``token_noise``), drawn after the plain rows."""
+        token t-ahead+1, the token before t as read with ``token_noise``), drawn after the plain rows.
+        ``reference``: (the base's hidden states like ``hidden``, (n_images,) bool, the base's context): the marked
+        images' rows take the base's velocity as their target (``loss``'s ``base_targets``)."""
         target, grids = self.image_tokens(latents)
         fed = target if token_noise is None else target + token_noise.to(target)
         sizes = [h * w for h, w in grids]
         m = self.config.head.batch_mul
         weights = (torch.ones(len(grids), device=hidden.device) if image_loss_mask is None
                    else image_loss_mask.to(hidden.device, torch.float32))
-        parts = []  # (image, conds (r, D), targets (r, token_dim)) for every ahead, the plain rows first
+        parts = []  # (image, ahead, conds (r, D), targets (r, token_dim)) for every ahead, the plain rows first
         for ahead in range(1, self.config.parallel_tokens + 1):
             for i, (hs, t, x, n, g) in enumerate(zip(hidden.split(sizes), target.split(sizes), fed.split(sizes), sizes,
                                                      grids)):
                 if n < ahead:
                     continue
-                parts.append((i, self.conditions(hs, x, g, ahead), t[ahead - 1:]))
-        rows_t = torch.cat([t.repeat(m, 1) for _, _, t in parts]).to(hidden.dtype)
-        rows_c = torch.cat([c.repeat(m, 1) for _, c, _ in parts])
-        rows_w = torch.cat([weights[i].expand(t.shape[0] * m) for i, _, t in parts])
+                parts.append((i, ahead, self.conditions(hs, x, g, ahead), t[ahead - 1:]))
+        rows_t = torch.cat([t.repeat(m, 1) for *_, t in parts]).to(hidden.dtype)
+        rows_c = torch.cat([c.repeat(m, 1) for *_, c, _ in parts])
+        rows_w = torch.cat([weights[i].expand(t.shape[0] * m) for i, *_, t in parts])
         if isinstance(generator, Sequence):
             if len(generator) != len(sizes):
                 raise ValueError(f"got {len(generator)} generators for {len(sizes)} images")
             draws = [self.image_head.draw(t.shape[0] * m, generator[i], rows_t.device, rows_t.dtype)
-                     for i, _, t in parts]
+                     for i, *_, t in parts]
             noise, u = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
         else:
             noise, u = self.image_head.draw(rows_t.shape[0], generator, rows_t.device, rows_t.dtype)
-        per_row = self.image_head.row_losses(rows_t, rows_c, noise, u)
+        velocity = None
+        if reference is not None:
+            velocity = self._base_velocity(reference, parts, fed, sizes, grids, rows_t, noise)
+        per_row = self.image_head.row_losses(rows_t, rows_c, noise, u, velocity)
         return (per_row * rows_w).sum(), float(rows_w.sum())
+
+    def _base_velocity(self, reference, parts, fed, sizes, grids, rows_t, noise):
+        """The target velocity of every row (``row_losses``' ``velocity``): the base's at (x_t, t) on the rows of
+        the marked images, the data's (target - noise) on the others."""
+        base_hidden, marked, base = reference
+        m = self.config.head.batch_mul
+        rows = torch.cat([marked[i].expand(t.shape[0] * m) for i, *_, t in parts]).nonzero().squeeze(1)
+        hs, xs = base_hidden.split(sizes), fed.split(sizes)
+        with torch.no_grad(), base():
+            conds = torch.cat([self.conditions(hs[i], xs[i], grids[i], ahead).repeat(m, 1)
+                               for i, ahead, *_ in parts])[rows]
+
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), base():
+                v = self.image_head.net(x_t[rows], t[rows], conds)
+            return (rows_t - noise).index_copy(0, rows, v.to(rows_t.dtype))
+
+        return velocity
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod

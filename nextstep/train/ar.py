@@ -8,6 +8,7 @@ normalisation (so any number of ranks computes the same update) -> AdamW with wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -40,18 +41,23 @@ TRAINING_ADAPTER = "default"  # the adapter's name inside the model while a LoRA
 
 
 class LossModule(nn.Module):
-    """The unit that DDP / FSDP2 wrap: its forward is the model's training loss."""
+    """The unit that DDP / FSDP2 wrap: its forward is the model's training loss. ``base``: a context in which the
+    model computes its base (``lora.adapters_disabled``): the replayed images of a batch then take the base's
+    velocities as their flow targets (``NextStep.loss``'s ``base_targets``)."""
 
-    def __init__(self, model: NextStep):
+    def __init__(self, model: NextStep, base=None):
         super().__init__()
         self.model = model
+        self.base = base
 
     def forward(self, batch: TrainBatch, normalizers: tuple[float, float]):
         gens = [torch.Generator().manual_seed(s) for s in batch.image_seeds]
         dev = self.model.device
         return self.model.loss(batch.input_ids.to(dev), [z.to(dev) for z in batch.latents] or None,
                                attention_mask=batch.attention_mask.to(dev),
-                               image_loss_mask=batch.image_loss_mask.to(dev), generator=gens, normalizers=normalizers)
+                               image_loss_mask=batch.image_loss_mask.to(dev), generator=gens, normalizers=normalizers,
+                               **({"base_targets": batch.replayed, "base": self.base} if self.base is not None
+                                  and batch.replayed is not None else {}))
 
 
 def batch_counts(batch: TrainBatch, config: NextStepConfig) -> tuple[float, float]:
@@ -257,12 +263,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
     tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
     vae = VAE.from_pretrained(cfg.vae, device=info.device)
     records, skipped = prepare_records(cfg, vae, out, info, progress)
+    base = None
     if cfg.lora is not None:
+        from .. import lora
+
         if info.enabled and cfg.run.parallel == "fsdp" and cfg.run.sample_every:
             raise ConfigError("lora with parallel fsdp draws no sample grids (the base is sharded): set "
                               "run.sample_every to 0, or use parallel ddp")
         model, identity, peft_config = build_lora_model(cfg, tok)
         model = model.to(info.device)
+        if cfg.lora.replay_targets == "base":
+            if not any(r.replay for r in records):
+                raise ConfigError('lora.replay_targets "base": no sample of the dataset is marked "replay": true '
+                                  "(a folder line's flag; scripts/concept_dataset.py --replay marks its replay)")
+            base = functools.partial(lora.adapters_disabled, model)
     else:
         model = build_model(cfg, tok).to(info.device)
     if info.is_main:
@@ -270,7 +284,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
 
     if run.activation_checkpointing:
         apply_activation_checkpointing(model, (DecoderLayer,))
-    trainable = wrap(LossModule(model), info, run.parallel, (DecoderLayer, VelocityNet), run.precision == "bf16")
+    trainable = wrap(LossModule(model, base), info, run.parallel, (DecoderLayer, VelocityNet), run.precision == "bf16")
     if run.compile:
         model.transformer.compile()
     notes = [f"skipped {skipped} unreadable samples while encoding the dataset"] if skipped else []

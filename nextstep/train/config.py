@@ -138,13 +138,17 @@ class LoraTrainConfig:
     model itself. ``targets``: groups of linear layers (``nextstep.lora.TARGETS``): "attn" (q/k/v/o), "mlp"
     (gate/up/down), "head" (the flow head's linears), "projectors" (image in/out). The run's checkpoints hold the
     adapters and their optimizer only; ``OUT/final`` is the adapter directory, and ``export_merged`` also writes the
-    base with the adapter merged in (float) to ``OUT/final-merged``."""
+    base with the adapter merged in (float) to ``OUT/final-merged``. ``replay_targets``: the flow target of samples
+    marked ``"replay": true`` (data replayed so that the adapter keeps what the base could do): "data" (their images,
+    like any sample's) or "base" (the base model's own velocity at the same point: self-distillation, which holds the
+    adapted model where the base was on them; one more forward of the base per step)."""
 
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0  # drawn from the global RNG: with dropout, 2 processes do not give 1's result exactly
     targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     export_merged: bool = False
+    replay_targets: str = "data"
 
     def __post_init__(self) -> None:
         from ..lora import TARGETS
@@ -156,6 +160,8 @@ class LoraTrainConfig:
                f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         _check(isinstance(self.targets, list) and bool(self.targets) and all(t in TARGETS for t in self.targets),
                f"lora.targets must be a non-empty list among {list(TARGETS)}, got {self.targets!r}")
+        _check(self.replay_targets in ("data", "base"),
+               f"lora.replay_targets must be 'data' or 'base', got {self.replay_targets!r}")
 
 
 @dataclass

@@ -115,7 +115,7 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
     folder without it is incomplete). ``replay`` more samples come from the default shapes world (``ShapesDataset``
     with seed ``seed + 1`` and ``replay_options``, its ``mix``, ``backgrounds`` and ``weights``: text-to-image and
     edits drawn as the base model's last training stage drew them), so that fine-tuning on the concept keeps what the
-    model could do (their lines carry no "spec"); ``repeat`` lists each concept sample that
+    model could do (their lines carry ``"replay": true`` and no "spec"); ``repeat`` lists each concept sample that
     many times (its image written once), so that it keeps its share of the batches beside a large replay; ``mix``
     weighs the categories of the concept samples (``concept_sample``). Returns the
     path of ``captions.jsonl``.
@@ -148,12 +148,12 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
         sample, stem = world[i], f"images/{n + i:05d}"
         if sample["kind"] == "t2i":
             sample["image"].save(root / f"{stem}.png", format="PNG")
-            lines.append(json.dumps({"image": f"{stem}.png", "caption": sample["caption"]}))
+            lines.append(json.dumps({"image": f"{stem}.png", "caption": sample["caption"], "replay": True}))
         else:
             sample["source"].save(root / f"{stem}_src.png", format="PNG")
             sample["target"].save(root / f"{stem}_tgt.png", format="PNG")
             lines.append(json.dumps({"source": f"{stem}_src.png", "target": f"{stem}_tgt.png",
-                                     "instruction": sample["instruction"]}))
+                                     "instruction": sample["instruction"], "replay": True}))
     tmp = index.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(index)
