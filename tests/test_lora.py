@@ -159,6 +159,7 @@ def test_recipe_checks(world, tmp_path):
                           (lambda c: c["lora"].update(targets=["attn", "everything"]), "lora.targets"),
                           (lambda c: c["lora"].update(rank=0), "lora.rank"),
                           (lambda c: c["lora"].update(replay_targets="model"), "lora.replay_targets"),
+                          (lambda c: c["lora"].update(replay_weight=0), "lora.replay_weight"),
                           (lambda c: c.update(context_noise=0.5), "context_noise"),
                           (lambda c: (c.pop("lora"), c.update(quantize="int8")), "quantize")):
         bad = json.loads(json.dumps(cfg))
@@ -235,14 +236,19 @@ def test_replayed_images_take_the_base_velocity(world, tmp_path):
 
 def test_replay_targets_base_in_a_run(world, tmp_path):
     """The recipe's ``"replay_targets": "base"``: the run's first loss counts the replayed images at zero (the
-    adapters start at the base); a dataset with no replayed sample is refused."""
+    adapters start at the base), ``replay_weight`` weighs them; a dataset with no replayed sample is refused."""
     cfg = recipe(world, tmp_path / "data", steps=2)
     cfg["data"]["path"] = str(replay_data(tmp_path / "replay"))
     train(from_dict(TrainConfig, cfg), progress=False)
     cfg["run"]["out_dir"], cfg["lora"]["replay_targets"] = str(tmp_path / "base"), "base"
     train(from_dict(TrainConfig, cfg), progress=False)
-    data, base = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("data", "base"))
+    cfg["run"]["out_dir"], cfg["lora"]["replay_weight"] = str(tmp_path / "heavy"), 1000.0
+    train(from_dict(TrainConfig, cfg), progress=False)
+    data, base, heavy = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])
+                         for d in ("data", "base", "heavy"))
     assert 0 < base["im_loss"] < 0.75 * data["im_loss"], (base, data)
+    # replay_weight weighs the replayed images' rows (zero loss at the start) in the mean: the rest's share shrinks
+    assert 0 < heavy["im_loss"] < base["im_loss"] / 50, (heavy, base)
     cfg = recipe(world, tmp_path / "none", steps=1)
     cfg["lora"]["replay_targets"] = "base"
     with pytest.raises(ConfigError, match="replay"):

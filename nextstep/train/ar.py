@@ -132,6 +132,9 @@ class ARTask(Task):
         examples = [build_example(self.records[i], self.tok, cfg_m.patch_size, s, self.cfg.data.caption_dropout,
                                   self.cfg.data.image_dropout) for i, s in slots]
         batch = collate(examples, self.tok.special.pad, [s for _, s in slots])
+        weight = self.cfg.lora.replay_weight if self.cfg.lora is not None else 1.0
+        if weight != 1.0 and batch.replayed is not None:
+            batch.image_loss_mask = batch.image_loss_mask * torch.where(batch.replayed, weight, 1.0)
         counts = all_sum([*batch_counts(batch, cfg_m), batch.num_tokens], info)
         self.tokens = counts[2]
         with self.autocast:

@@ -141,7 +141,8 @@ class LoraTrainConfig:
     base with the adapter merged in (float) to ``OUT/final-merged``. ``replay_targets``: the flow target of samples
     marked ``"replay": true`` (data replayed so that the adapter keeps what the base could do): "data" (their images,
     like any sample's) or "base" (the base model's own velocity at the same point: self-distillation, which holds the
-    adapted model where the base was on them; one more forward of the base per step)."""
+    adapted model where the base was on them; one more forward of the base per step). ``replay_weight``: the flow
+    loss weight of those samples' images (the others weigh 1)."""
 
     rank: int = 16
     alpha: float = 16.0
@@ -149,6 +150,7 @@ class LoraTrainConfig:
     targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     export_merged: bool = False
     replay_targets: str = "data"
+    replay_weight: float = 1.0
 
     def __post_init__(self) -> None:
         from ..lora import TARGETS
@@ -162,6 +164,8 @@ class LoraTrainConfig:
                f"lora.targets must be a non-empty list among {list(TARGETS)}, got {self.targets!r}")
         _check(self.replay_targets in ("data", "base"),
                f"lora.replay_targets must be 'data' or 'base', got {self.replay_targets!r}")
+        _check(isinstance(self.replay_weight, (int, float)) and not isinstance(self.replay_weight, bool)
+               and self.replay_weight > 0, f"lora.replay_weight must be > 0, got {self.replay_weight!r}")
 
 
 @dataclass
