@@ -33,7 +33,7 @@ class Record:
     kind: str
     text: str
     latents: list[torch.Tensor]
-    replay: bool = False  # replayed from the base's data (the source's "replay"): see TrainBatch.base_targets
+    replay: bool = False  # replayed from the base's data (the source's "replay"): see TrainBatch.replayed
 
     @property
     def bucket(self) -> tuple[int, int] | None:
