@@ -348,12 +348,12 @@ class NextStep(nn.Module):
         """The target velocity of every row (``row_losses``' ``velocity``): the base's at (x_t, t) on the rows of
         the marked images, the data's (target - noise) on the others."""
         base_hidden, marked, base = reference
-        m = self.config.head.batch_mul
-        rows = torch.cat([marked[i].expand(t.shape[0] * m) for i, *_, t in parts]).nonzero().squeeze(1)
+        m, marked = self.config.head.batch_mul, marked.tolist()
+        rows = torch.cat([torch.full((t.shape[0] * m,), marked[i], device=noise.device) for i, *_, t in parts]).nonzero().squeeze(1)
         hs, xs = base_hidden.split(sizes), fed.split(sizes)
-        with torch.no_grad(), base():
+        with torch.no_grad(), base():  # the marked images' conditions only, in row order
             conds = torch.cat([self.conditions(hs[i], xs[i], grids[i], ahead).repeat(m, 1)
-                               for i, ahead, *_ in parts])[rows]
+                               for i, ahead, *_ in parts if marked[i]])
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), base():
