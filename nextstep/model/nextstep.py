@@ -349,7 +349,8 @@ class NextStep(nn.Module):
         the marked images, the data's (target - noise) on the others."""
         base_hidden, marked, base = reference
         m, marked = self.config.head.batch_mul, marked.tolist()
-        rows = torch.cat([torch.full((t.shape[0] * m,), marked[i], device=noise.device) for i, *_, t in parts]).nonzero().squeeze(1)
+        rows = torch.cat([torch.full((t.shape[0] * m,), marked[i], device=noise.device)
+                          for i, *_, t in parts]).nonzero().squeeze(1)
         hs, xs = base_hidden.split(sizes), fed.split(sizes)
         with torch.no_grad(), base():  # the marked images' conditions only, in row order
             conds = torch.cat([self.conditions(hs[i], xs[i], grids[i], ahead).repeat(m, 1)
