@@ -2,7 +2,7 @@
 (``nextstep.data.shapes.concept``), as a folder source (``OUT/images/*.png`` + ``OUT/captions.jsonl``) that a recipe
 reads with ``"data": {"source": "folder", "path": OUT}``.
 
-    python scripts/concept_dataset.py star data/star-64 --n 64 --seed 0 [--replay 4000 --repeat 12 --reword] \
+    python scripts/concept_dataset.py star data/star-64 --n 64 --seed 0 [--replay 4000 --repeat 12] \
         [--mix single_object=0.25,two_objects=0.5,counting=0.25]
 
 Prints the number of samples per category and three captions.
@@ -52,9 +52,6 @@ def main() -> None:
                         "keeps what the model could do (default 0)")
     p.add_argument("--repeat", type=int, default=1,
                    help="list each concept sample this many times (its share of the batches beside --replay)")
-    p.add_argument("--reword", action="store_true",
-                   help="word each listing after the first anew: another caption template, a two-object caption's "
-                        "objects in a drawn order (the same image in the words its prompts use)")
     p.add_argument("--replay-like", default=None, metavar="RECIPE",
                    help="draw the replay as this training recipe's shapes data draws it (its data section's mix, "
                         "backgrounds and weights): the recipe of the base model's last stage, so that the replay is "
@@ -66,7 +63,7 @@ def main() -> None:
     try:
         mix = CONCEPT_MIX if args.mix is None else parse_mix(args.mix)
         index = concept_dataset(args.concept, args.out, n=args.n, seed=args.seed, size=args.size,
-                                replay=args.replay, repeat=args.repeat, mix=mix, reword=args.reword,
+                                replay=args.replay, repeat=args.repeat, mix=mix,
                                 replay_options=None if args.replay_like is None else replay_options(args.replay_like))
     except (ValueError, FileExistsError, NextStepError) as e:
         p.exit(2, f"concept_dataset.py: {e}\n")

@@ -551,32 +551,6 @@ def test_concept_dataset_replays_the_default_world(tmp_path):
     assert len(lines) == 14 and lines[:3] * 4 == lines[:12] and len(list((tmp_path / "rep" / "images").iterdir())) >= 5
 
 
-def test_concept_dataset_rewords_its_repeats(tmp_path):
-    """``reword``: the first listing as without it, each later one the same image and objects in new words, every
-    caption true of its image."""
-    from nextstep.data.sources import FolderSource
-
-    S.concept_dataset("star", tmp_path / "plain", n=6, seed=5, repeat=8, mix={"single_object": 1, "two_objects": 2,
-                                                                              "counting": 1})
-    S.concept_dataset("star", tmp_path / "rw", n=6, seed=5, repeat=8, reword=True,
-                      mix={"single_object": 1, "two_objects": 2, "counting": 1})
-    plain, rw = ([json.loads(x) for x in (tmp_path / d / "captions.jsonl").read_text().splitlines()]
-                 for d in ("plain", "rw"))
-    assert rw[:6] == plain[:6] and len(rw) == 48 and [r["image"] for r in rw] == [r["image"] for r in plain]
-    source = FolderSource(tmp_path / "rw")
-    for i in range(6):
-        listings = [rw[i + 6 * r] for r in range(8)]
-        objects = sorted(json.dumps(o) for o in listings[0]["spec"]["objects"])
-        assert all(sorted(json.dumps(o) for o in x["spec"]["objects"]) == objects for x in listings)
-        assert len({x["caption"] for x in listings}) >= 3  # worded several ways
-        for r in range(8):
-            item = source[i + 6 * r]
-            assert item["caption"] == listings[r]["caption"] and E.check(listings[r]["spec"], E.analyze(item["image"]))
-    two = [x["caption"] for x in rw if x["spec"]["category"] == "two_objects"]
-    assert any(c.index("star") < min(c.find(s) % 999 for s in ("circle", "square", "triangle")) for c in two)
-    assert any(c.index("star") > min(c.find(s) % 999 for s in ("circle", "square", "triangle")) for c in two)
-
-
 def test_concept_dataset_mix_and_replay_options(tmp_path):
     """``mix`` weighs the concept's categories; ``replay_options`` draw the replay as a recipe's shapes data does."""
     from nextstep.data.sources import FolderSource

@@ -31,7 +31,7 @@ CONCEPT_CATEGORIES = ("single_object", "two_objects", "counting")
 # Share of each category in a concept's training set: mostly the shape alone, as it is named most often.
 CONCEPT_MIX: Mapping[str, float] = MappingProxyType({"single_object": 0.5, "two_objects": 0.25, "counting": 0.25})
 CONCEPT_INDEX = "captions.jsonl"  # the folder layout of nextstep.data.sources.FolderSource
-_STREAM_CONCEPT_PROMPTS, _STREAM_CONCEPT_DATA, _STREAM_CONCEPT_WORDS = 10, 11, 12  # the default world: 0-3
+_STREAM_CONCEPT_PROMPTS, _STREAM_CONCEPT_DATA = 10, 11  # the default world uses streams 0-3
 
 
 def _check_concept(concept: str) -> int:
@@ -49,34 +49,20 @@ def concept_caption(concept: str, category: str, rng: np.random.Generator) -> tu
     default shape (order drawn), or two concept shapes of one colour."""
     _check_concept(concept)
     if category == "single_object":
-        spec = {"category": category, "objects": [_want(concept, _choice(rng, COLORS))]}
-    elif category == "two_objects":
+        color = _choice(rng, COLORS)
+        bare = f"{color} {concept}"
+        spec = {"category": category, "objects": [_want(concept, color)]}
+        return _caption(rng, SINGLE_OBJECT_TEMPLATES, spec, obj=_a(bare), bare=bare)
+    if category == "two_objects":
         shapes = [concept, _choice(rng, SHAPES)]
         s1, s2 = shapes if rng.random() < 0.5 else shapes[::-1]
         spec = {"category": category, "objects": [_want(s1), _want(s2)]}
-    elif category == "counting":
+        return _caption(rng, TWO_OBJECTS_TEMPLATES, spec, obj1=_a(s1), obj2=_a(s2), bare1=s1, bare2=s2)
+    if category == "counting":
         color = _choice(rng, COLORS)
         spec = {"category": category, "objects": [_want(concept, color) for _ in range(2)]}
-    else:
-        raise ValueError(f"category must be one of {CONCEPT_CATEGORIES}, got {category!r}")
-    return word(spec, rng)
-
-
-def word(spec: dict, rng: np.random.Generator, reorder: bool = False) -> tuple[str, dict]:
-    """(caption, spec) for a concept spec (``concept_caption``'s): a template of its category drawn from ``rng`` and
-    filled with its objects (a template naming the background adds it to the spec). ``reorder``: a two-object
-    spec's objects are also named in a drawn order (the scene is the same either way)."""
-    category, objects = spec["category"], spec["objects"]
-    if category == "single_object":
-        bare = f"{objects[0]['color']} {objects[0]['shape']}"
-        return _caption(rng, SINGLE_OBJECT_TEMPLATES, spec, obj=_a(bare), bare=bare)
-    if category == "two_objects":
-        s1, s2 = (o["shape"] for o in objects)
-        if reorder and rng.random() < 0.5:
-            s1, s2 = s2, s1
-        return _caption(rng, TWO_OBJECTS_TEMPLATES, spec, obj1=_a(s1), obj2=_a(s2), bare1=s1, bare2=s2)
-    color, shape = objects[0]["color"], objects[0]["shape"]
-    return _caption(rng, COUNTING_TEMPLATES, spec, count="two", plural=f"{color} {_plural(shape)}")
+        return _caption(rng, COUNTING_TEMPLATES, spec, count="two", plural=f"{color} {_plural(concept)}")
+    raise ValueError(f"category must be one of {CONCEPT_CATEGORIES}, got {category!r}")
 
 
 def generate_concept(concept: str, category: str, rng: np.random.Generator, size: int = 64
@@ -123,21 +109,20 @@ def _check_mix(mix: Mapping[str, float]) -> dict[str, float]:
 
 def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64,
                     replay: int = 0, repeat: int = 1, mix: Mapping[str, float] = CONCEPT_MIX,
-                    replay_options: Mapping[str, Any] | None = None, reword: bool = False) -> Path:
+                    replay_options: Mapping[str, Any] | None = None) -> Path:
     """Write ``n`` text-to-image samples naming ``concept`` (``concept_sample`` 0..n-1) as a folder source:
     ``OUT/images/NNNNN.png`` and ``OUT/captions.jsonl`` ({"image", "caption", "spec"} per line, written last, so a
     folder without it is incomplete). ``replay`` more samples come from the default shapes world (``ShapesDataset``
     with seed ``seed + 1`` and ``replay_options``, its ``mix``, ``backgrounds`` and ``weights``: text-to-image and
     edits drawn as the base model's last training stage drew them), so that fine-tuning on the concept keeps what the
     model could do (their lines carry ``"replay": true`` and no "spec"); ``repeat`` lists each concept sample that
-    many times (its image written once), so that it keeps its share of the batches beside a large replay; with
-    ``reword`` each listing after the first words it anew (``word``: another template, a two-object caption's
-    objects in a drawn order: the same picture in the words the prompts use); ``mix`` weighs the categories of the
-    concept samples (``concept_sample``). Returns the path of ``captions.jsonl``.
+    many times (its image written once), so that it keeps its share of the batches beside a large replay; ``mix``
+    weighs the categories of the concept samples (``concept_sample``). Returns the
+    path of ``captions.jsonl``.
     FileExistsError if it exists."""
     from .dataset import ShapesDataset
 
-    k = _check_concept(concept)
+    _check_concept(concept)
     _check_mix(mix)
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -151,17 +136,13 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 64, seed:
     if index.exists():
         raise FileExistsError(f"{index} exists: choose another directory or remove it")
     (root / "images").mkdir(parents=True, exist_ok=True)
-    listings: list[list[str]] = [[] for _ in range(int(repeat))]
+    lines = []
     for i in range(n):
         caption, spec, scene = concept_sample(concept, i, seed, size, mix)
         rel = f"images/{i:05d}.png"
         render(scene).save(root / rel, format="PNG")
-        for r, listing in enumerate(listings):
-            if reword and r > 0:  # the scene's background is white: a template may name it or not
-                caption, spec = word({key: v for key, v in spec.items() if key != "background"},
-                                     _rng(seed, _STREAM_CONCEPT_WORDS, k, i, r), reorder=True)
-            listing.append(json.dumps({"image": rel, "caption": caption, "spec": spec}))
-    lines = [line for listing in listings for line in listing]
+        lines.append(json.dumps({"image": rel, "caption": caption, "spec": spec}))
+    lines *= int(repeat)
     world = ShapesDataset(replay, seed=seed + 1, size=size, **dict(replay_options or {}))
     for i in range(replay):
         sample, stem = world[i], f"images/{n + i:05d}"
