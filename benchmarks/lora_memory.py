@@ -6,8 +6,8 @@ directory, then a child process runs ``nextstep train``'s LoRA path on it for a 
     python benchmarks/lora_memory.py                                # hidden 2048, 23 layers (1.04B), 128x128, batch 2
     python benchmarks/lora_memory.py --layers 12 --steps 2 --keep /tmp/lora-mem   # reuse the model dir next time
 
-On the CPU in float32 (the only precision LoRA training has there); the model dir takes 4 bytes per parameter on
-disk, the child about 1.2x that in memory.
+On the CPU in float32 (the estimate's precision here); the model dir takes 4 bytes per parameter on disk, the child
+about 1.2x that in memory.
 """
 
 from __future__ import annotations

@@ -402,6 +402,30 @@ def test_bad_input(world, tmp_path):
             from_dict(TrainConfig, cfg)
 
 
+def test_precision_auto_trains_in_bf16_where_the_device_has_it(monkeypatch, tmp_path, capsys):
+    """"auto" is bf16 (autocast) where the device computes bfloat16 natively and fp32 elsewhere; "bf16" where it is
+    emulated (several times slower than fp32 on a CPU with AVX2 only) trains as asked and says so."""
+    from nextstep.train import state
+    from nextstep.train.config import RunConfig
+    from nextstep.train.distributed import DistInfo
+
+    info = DistInfo()
+    assert state.native_bf16(info.device) == (torch.cpu._is_avx512_bf16_supported()
+                                              or torch.cpu._is_amx_tile_supported())
+    for native in (True, False):
+        monkeypatch.setattr(state, "native_bf16", lambda device, native=native: native)
+        auto = RunConfig(out_dir=str(tmp_path / "run"), precision="auto")
+        assert state.uses_bf16(auto, info) is native
+        assert isinstance(state.training_autocast(auto, info), torch.autocast) is native
+        assert state.uses_bf16(RunConfig(precision="bf16"), info) and not state.uses_bf16(RunConfig(), info)
+        for precision in ("auto", "bf16"):
+            state.start_run(RunConfig(out_dir=str(tmp_path / "run"), precision=precision), info)
+            said = capsys.readouterr().err
+            assert ("emulates it" in said) is (precision == "bf16" and not native), said
+    with pytest.raises(ConfigError, match="'fp32', 'bf16' or 'auto'"):
+        RunConfig(precision="fp16")
+
+
 def test_every_recipe_in_configs_loads():
     """``configs/`` holds the recipes the README runs; each must pass the checks of the command that runs it."""
     from nextstep.rl.config import RLConfig

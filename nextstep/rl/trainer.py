@@ -40,7 +40,7 @@ from ..model.transformer import DecoderLayer
 from ..train.config import to_dict
 from ..train.distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, wrap
 from ..train.loop import Task, fit
-from ..train.state import EMA, plain_copy, plain_key, resume_point, start_run, training_autocast
+from ..train.state import EMA, plain_copy, plain_key, resume_point, start_run, training_autocast, uses_bf16
 from .config import RLConfig
 from .grpo import gaussian_kl, group_advantages, grpo_loss, reward_metrics
 from .policy import Steps, StepStats, all_steps, conditions, random_steps, set_trainable, step_stats
@@ -289,7 +289,7 @@ def train_rl(cfg: RLConfig, *, resume: bool = False, info: DistInfo | None = Non
     if run.activation_checkpointing:
         apply_activation_checkpointing(model, (DecoderLayer,))
     # the head's parts are called one by one (condition and time embeddings, velocity): it stays in the root's unit
-    trainable = wrap(PolicyModule(model), info, run.parallel, (DecoderLayer,), run.precision == "bf16")
+    trainable = wrap(PolicyModule(model), info, run.parallel, (DecoderLayer,), uses_bf16(run, info))
     return fit(RLTask(cfg, trainable, reference, pipe, reward, info), cfg, trainable, out, ckpt, info,
                progress=progress)
 

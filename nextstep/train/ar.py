@@ -32,7 +32,7 @@ from ..tokenizer import Tokenizer
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, apply_activation_checkpointing, barrier, unwrap, wrap
 from .loop import Task, fit
-from .state import full_state_dict, plain_copy, plain_key, resume_point, start_run, training_autocast
+from .state import full_state_dict, plain_copy, plain_key, resume_point, start_run, training_autocast, uses_bf16
 
 # How the sample grids are drawn, and so the defaults every export carries (its generation_config.json): a freshly
 # trained small model loads with the settings its grids were judged by, not the 14B model's 50 steps at guidance 7.5.
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, info: DistInfo | None = Non
 
     if run.activation_checkpointing:
         apply_activation_checkpointing(model, (DecoderLayer,))
-    trainable = wrap(LossModule(model, base), info, run.parallel, (DecoderLayer, VelocityNet), run.precision == "bf16")
+    trainable = wrap(LossModule(model, base), info, run.parallel, (DecoderLayer, VelocityNet), uses_bf16(run, info))
     if run.compile:
         model.transformer.compile()
     notes = [f"skipped {skipped} unreadable samples while encoding the dataset"] if skipped else []

@@ -110,7 +110,7 @@ class RunConfig:
     steps: int = 1000
     batch_size: int = 32  # global batch (all ranks together)
     seed: int = 0
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast where supported)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast), or "auto": bf16 where the device has it natively
     parallel: str = "ddp"  # "ddp" or "fsdp" (used when launched with torchrun on more than one process)
     activation_checkpointing: bool = False
     compile: bool = False
@@ -124,7 +124,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        _check(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        _check(self.precision in ("fp32", "bf16", "auto"),
+               f"precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("log_every", "sample_every", "ckpt_every", "export_every"):

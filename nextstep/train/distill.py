@@ -45,7 +45,7 @@ from .conditions import teacher_forced
 from .config import DistillConfig, to_dict
 from .distributed import DistInfo, barrier, wrap
 from .loop import Task, fit
-from .state import plain_copy, resume_point, start_run, training_autocast
+from .state import plain_copy, resume_point, start_run, training_autocast, uses_bf16
 
 CHUNK = 16  # prompts per teacher call while building the targets
 
@@ -337,7 +337,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
     student = DistilledHead.from_teacher(pipe.model.image_head, hc, torch.Generator().manual_seed(run.seed)).train()
     teacher_errors = holdout_errors(student, targets, train_rows, list(cfg.trained_steps))
     # FSDP2 shards the student as one unit: its forward calls the net's parts directly (no per-block unsharding)
-    trainable = wrap(LossModule(student), info, run.parallel, (), run.precision == "bf16")
+    trainable = wrap(LossModule(student), info, run.parallel, (), uses_bf16(run, info))
     notes = [f"skipped {skipped} unreadable samples"] if skipped else []
     notes.append(f"{train_rows} training tokens, {held} held out; untrained student (the teacher's conditional head) "
                  f"vs the teacher on held-out tokens: " + ", ".join(f"{k} {v:.4g}" for k, v in teacher_errors.items()))

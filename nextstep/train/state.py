@@ -58,6 +58,9 @@ def start_run(run, info: DistInfo) -> Path:
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_shared_dir(out, info)
+    if run.precision == "bf16" and not native_bf16(info.device):
+        _say(f"precision bf16: this {info.device.type} has no native bfloat16 (on a CPU: AVX512-BF16 or AMX) and "
+             f"emulates it, several times slower than fp32; \"auto\" picks bf16 only where it is native", info)
     return out
 
 
@@ -367,11 +370,26 @@ def plain_copy(trainable: nn.Module, ema: EMA | None, owner: str, cls: type[nn.M
     return module.eval()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX.
+    Elsewhere (e.g. a CPU with AVX2 only) PyTorch emulates it, several times slower than float32 (docs/training.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def uses_bf16(run, info: DistInfo) -> bool:
+    """Whether the run trains in bf16: ``run.precision`` "bf16", or "auto" where the device computes it natively."""
+    return run.precision == "bf16" or (run.precision == "auto" and native_bf16(info.device))
+
+
 def training_autocast(run, info: DistInfo):
-    """The forward's precision context: bf16 autocast for ``run.precision == "bf16"``, except under FSDP2, whose
-    mixed-precision policy casts instead (``distributed.wrap``)."""
+    """The forward's precision context: bf16 autocast where the run trains in bf16 (``uses_bf16``), except under
+    FSDP2, whose mixed-precision policy casts instead (``distributed.wrap``)."""
     fsdp = info.enabled and run.parallel == "fsdp"
-    return torch.autocast(info.device.type, dtype=torch.bfloat16) if run.precision == "bf16" and not fsdp \
+    return torch.autocast(info.device.type, dtype=torch.bfloat16) if uses_bf16(run, info) and not fsdp \
         else nullcontext()
 
 

@@ -27,7 +27,7 @@ from .config import VAETrainConfig, to_dict
 from .distributed import DistInfo, barrier, unwrap, wrap
 from .loop import Task, fit
 from .losses import PatchDiscriminator, VGGPerceptual, hinge_d_loss, hinge_g_loss
-from .state import make_optimizer, plain_copy, resume_point, start_run, training_autocast
+from .state import make_optimizer, plain_copy, resume_point, start_run, training_autocast, uses_bf16
 
 IMAGE_KEYS = {"t2i": ("image",), "edit": ("source", "target"), "text": ()}
 
@@ -188,7 +188,7 @@ def train(cfg: VAETrainConfig, *, resume: bool = False, info: DistInfo | None = 
     perceptual = VGGPerceptual(cfg.perceptual_weights).to(info.device) if cfg.perceptual_weight > 0 else None
     if info.is_main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    trainable = wrap(VAELoss(vae, cfg, perceptual), info, run.parallel, (ResnetBlock,), run.precision == "bf16")
+    trainable = wrap(VAELoss(vae, cfg, perceptual), info, run.parallel, (ResnetBlock,), uses_bf16(run, info))
     final = fit(VAETask(cfg, trainable, pool, info), cfg, trainable, out, ckpt, info, progress=progress)
     if info.is_main:
         if pool.skipped:
