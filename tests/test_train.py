@@ -414,8 +414,6 @@ def test_precision_auto_trains_in_bf16_where_the_device_has_it(monkeypatch, tmp_
     from nextstep.train.distributed import DistInfo
 
     info = DistInfo()
-    assert state.native_bf16(info.device) == (torch.cpu._is_avx512_bf16_supported()
-                                              or torch.cpu._is_amx_tile_supported())
     for native in (True, False):
         monkeypatch.setattr(state, "native_bf16", lambda device, native=native: native)
         auto = RunConfig(out_dir=str(tmp_path / "run"), precision="auto")
