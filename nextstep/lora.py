@@ -231,12 +231,14 @@ class Adapters:
         return self._fused is not None
 
     def load(self, path: str | os.PathLike, name: str | None = None, scale: float = 1.0) -> str:
-        """Load the adapter in ``path`` under ``name`` (default: the directory's name) and make it active too, with
-        ``scale``; returns the name."""
+        """Load the adapter in ``path`` under ``name`` and make it active too, with ``scale``; returns the name.
+        The default name is the directory's; where another directory of that name is loaded already (every training
+        run's adapter is ``OUT/final``), the parent directory's name joined to it (``lora-star-final``), then a
+        number (``final-2``)."""
         self._not_fused("load an adapter")
         config, identity, state = read_adapter(path)
         source = str(path)
-        name = name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).resolve().name)
+        name = name or self._default_name(Path(path))
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name) \
                 or hasattr(nn.ModuleDict(), name):  # PEFT keeps adapters in ModuleDicts: "half", "to" are taken
             raise InputError(f"LoRA adapter name must be 1-64 letters, digits, '_', '-' and not a torch module "
@@ -328,6 +330,16 @@ class Adapters:
         for layer in lora_layers(self.model).values():
             if name in layer.lora_A:
                 layer.delete_adapter(name)
+
+    def _default_name(self, path: Path) -> str:
+        path = path.resolve()
+        taken = {n for n, p in self.loaded.items() if p.resolve() != path}  # the same directory again stays an error
+        clean = [re.sub(r"[^A-Za-z0-9_-]", "_", s) for s in (path.name, f"{path.parent.name}-{path.name}")]
+        name = next((c for c in clean if c not in taken), clean[0])
+        number = 2
+        while name in taken:
+            name, number = f"{clean[0]}-{number}", number + 1
+        return name
 
     def _not_fused(self, what: str) -> None:
         if self._fused is not None:

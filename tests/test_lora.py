@@ -5,6 +5,7 @@ CLI's --lora and the server's adapter per request."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_fuse_equals_unfused_unfuse_restores_the_base_and_scale_0_is_the_base(wo
     assert all(torch.equal(pipe.model.state_dict()[k], v) for k, v in base_state.items())
 
 
-def test_files_round_trip_several_adapters_and_names(world, adapter):
+def test_files_round_trip_several_adapters_and_names(world, adapter, tmp_path):
     final = adapter[0]
     pipe = _pipe(world, lora=[final])
     assert pipe.loras == {final.name: 1.0}
@@ -126,6 +127,11 @@ def test_files_round_trip_several_adapters_and_names(world, adapter):
     assert (pipe("a red square", generator=seeded(0), **GEN).tokens - both).abs().max() <= 1e-4
     with pytest.raises(InputError, match="no LoRA adapter named 'nope'"):
         pipe.set_lora("nope")
+    # every run's adapter is OUT/final: another run's gets its run's name, a third of both names a number
+    for run in ("other-run", "x/other-run"):
+        shutil.copytree(final, tmp_path / run / final.name)
+    pipe.load_lora(tmp_path / "other-run" / final.name).load_lora(tmp_path / "x" / "other-run" / final.name)
+    assert pipe.lora_names == [final.name, "halfway", f"other-run-{final.name}", f"{final.name}-2"]
 
 
 def test_an_adapter_of_another_base_is_refused(adapter):
