@@ -290,9 +290,8 @@ class NextStepPipeline:
     def load_head(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> NextStepPipeline:
         """Load the distilled head in ``path`` for ``fast=True`` (checked against this pipeline's model). On a
         quantized model (``quantize=``) the head's linear layers are quantized the same way: with one condition row
-        per token the few-step head reads all its weights for every token, so its float weights would cost what the
-        model's quantization saves (on the ns34m workload at 128x128, fast mode's head took 169 ms per image with a
-        float head against 52 ms quantized, ``docs/results.md``)."""
+        per token the few-step head reads all its weights for every token, so float weights would keep most of
+        its cost."""
         head = DistilledHead.from_pretrained(path, self.model, dtype=dtype or self.model.dtype, device=self.device)
         kind = quantized_kind(self.model)
         self.head = head if kind is None else quantize_(head, kind)
