@@ -334,7 +334,7 @@ class Adapters:
     def _default_name(self, path: Path) -> str:
         path = path.resolve()
         taken = {n for n, p in self.loaded.items() if p.resolve() != path}  # the same directory again stays an error
-        clean = [re.sub(r"[^A-Za-z0-9_-]", "_", s) for s in (path.name, f"{path.parent.name}-{path.name}")]
+        clean = [re.sub(r"[^A-Za-z0-9_-]", "_", s)[-56:] for s in (path.name, f"{path.parent.name}-{path.name}")]
         name = next((c for c in clean if c not in taken), clean[0])
         number = 2
         while name in taken:

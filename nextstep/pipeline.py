@@ -229,8 +229,9 @@ class NextStepPipeline:
     # ---- LoRA adapters (nextstep.lora) -----------------------------------------------------------------------------
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> NextStepPipeline:
         """Load the LoRA adapter directory ``path`` (``nextstep train`` with a ``lora`` section writes one) under
-        ``name`` (default: the directory's name) and make it active with ``scale``, alongside the adapters already
-        active. An adapter trained on another base model is a :class:`~nextstep.errors.CheckpointError`."""
+        ``name`` (default: the directory's name; another run's ``final`` beside a loaded one: ``RUN-final``) and
+        make it active with ``scale``, alongside the adapters already active. An adapter trained on another base
+        model is a :class:`~nextstep.errors.CheckpointError`."""
         from .lora import Adapters
 
         if self._adapters is None:
