@@ -638,42 +638,94 @@ class NextStepPipeline:
             sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
                                   exact=exact, trace=observe is not None)
         context_noise = model.config.context_noise  # read back as in training (NextStepConfig.context_noise)
-        group = settings.parallel  # image tokens per backbone forward (resolve_settings bounds it by the model)
-        if group > 1 and observe is not None:
-            raise InputError("observe= records sequentially decoded tokens (RL): not available with parallel > 1")
         index = torch.arange(total, device=device)  # (total,) raster index of each token, for the position table
-        input_pos = torch.arange(group, device=device) + cache.length  # slots of the next tokens fed back
+        slots = torch.arange(total, device=device) + cache.length  # the cache slot of each token fed back
         tokens = torch.empty(noise.rows, total, model.config.token_dim, device=device)
-        fed = torch.empty(noise.rows, group, model.config.token_dim, device=device)  # the group read back so far
-        for k in tqdm(range(total), disable=not progress, desc="image tokens", leave=False):
-            fed_back = k + 1 < total  # the last token is not fed back (and draws no context noise)
-            context = context_noise > 0 and fed_back
-            ahead = k % group + 1  # tokens since the hidden state in h (1: sequential decoding)
-            # (draws, n, token_dim) in one call; with group_noise the start and context noise are a prompt's
-            eps = noise.block(sample.draws + context, shared=(0, -1) if context else (0,))
+        eps: list[torch.Tensor] = []  # each token's noise, drawn in raster order whatever the decoding order
+
+        def noise_of(k: int) -> torch.Tensor:  # (draws [+ 1 context], n, token_dim)
+            while len(eps) <= k:
+                context = context_noise > 0 and len(eps) + 1 < total  # the last token is never fed back
+                # with group_noise the start and context noise are a prompt's
+                eps.append(noise.block(sample.draws + context, shared=(0, -1) if context else (0,)))
+            return eps[k]
+
+        def fed(k: int, x: torch.Tensor) -> torch.Tensor:  # token k as the backbone reads it
+            return x + context_noise * noise_of(k)[-1] if context_noise > 0 and k + 1 < total else x
+
+        def draw(hidden: torch.Tensor, k: int, sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1
+                 ) -> torch.Tensor:
+            """Token k (n, token_dim) from the hidden state ``ahead`` tokens before it (``prev``: token k - 1 as fed
+            back, for ahead > 1)."""
+            e = noise_of(k)
             if kept is not None and kept.every_row[k]:  # the input's token in every row: no head call
-                x = kept.tokens[:, k]
-            else:
-                prev = torch.cat([fed[:, ahead - 2]] * (h.shape[0] // noise.rows))[:, None] if ahead > 1 else None
-                cond = model.condition(h, index[k].expand(h.shape[0], 1), grid, prev, ahead)[:, 0]  # (rows, D)
-                with clock("head"):
-                    x = sample(cond, guidance.scales_at(k, total), eps[:sample.draws])
-                if kept is not None:
-                    x = kept.merge(k, x)
+                return kept.tokens[:, k]
+            if prev is not None:
+                prev = torch.cat([prev] * (hidden.shape[0] // noise.rows))[:, None]
+            cond = model.condition(hidden, index[k].expand(hidden.shape[0], 1), grid, prev, ahead)[:, 0]  # (rows, D)
+            with clock("head"):
+                x = sampler(cond[:sampler.rows], guidance.scales_at(k, total), e[:sampler.draws])
+            return kept.merge(k, x) if kept is not None else x
+
+        def forward(xs: list[torch.Tensor], k: int) -> torch.Tensor:  # fed tokens at slots k.. -> hidden (rows, T, D)
+            with clock("backbone"):
+                return self._decode_step(torch.stack(xs, 1), slots[k:k + len(xs)].clone(), cache)
+
+        bar = tqdm(total=total, disable=not progress, desc="image tokens", leave=False)
+
+        def done(k: int, x: torch.Tensor) -> None:
             tokens[:, k] = x
+            bar.update()
             if callback is not None:
                 callback(k + 1, total, tokens[:, : k + 1])
-            if fed_back:
-                if context:
-                    x = x + context_noise * eps[-1]
-                fed[:, ahead - 1] = x
-                if ahead == group:  # the group is complete: one forward reads it, its last state goes on
-                    with clock("backbone"):
-                        h = self._decode_step(fed, input_pos, cache)[:, -1:]
-                        input_pos += group
+
+        if settings.parallel == 1:
+            for k in range(total):
+                x = draw(h, k)
+                done(k, x)
+                if k + 1 < total:  # the last token is not fed back
+                    x = fed(k, x)
+                    h = forward([x], k)[:, -1:]
+                if observe is not None:  # the trajectory and the token as fed back
+                    observe(*sample.trace, x)
+        else:
             if observe is not None:
-                observe(*sample.trace, x)
+                raise InputError("observe= records sequentially decoded tokens (RL): not available with parallel > 1")
+            # drafts only feed the backbone: the distilled head's when there is one (few steps, cheap)
+            drafter = sample
+            if self.head is not None and settings.sampler != DISTILLED:
+                drafter = FewStepSampler(self.head, self.resolve_settings(latents is not None, fast=True), noise.rows,
+                                         device, model.dtype)
+            self._decode_parallel(settings.parallel, total, h, draw, drafter, fed, forward, done)
+        bar.close()
         return tokens
+
+    @staticmethod
+    def _decode_parallel(group: int, total: int, h, draw, drafter, fed, forward, done) -> None:
+        """Parallel decoding, ``group`` tokens per backbone forward. From the state after token k - 1, token k is
+        drawn, then drafts of tokens k+1 .. k+group-1 (each from that state through the model's ahead adapter and
+        the draft before it); one forward reads the group, and each draft is then drawn again (same noise) from the
+        state the backbone computed just before it: the image gets these, the cache keeps the drafts. The group's
+        last state draws the next group's first token. The final group is read back too, but for its last token,
+        so every image token is drawn from the state just before it: ceil((total - 1) / group) forwards."""
+        k, x = 0, draw(h, 0)
+        while True:
+            done(k, x)
+            n = min(group, total - k)  # tokens k .. k + n - 1 in this group
+            if n == 1:
+                return
+            last = k + n == total
+            fedback = [fed(k, x)]  # the tokens the forward reads: k, then drafts (the final group's last: not read)
+            for a in range(2, n if last else n + 1):
+                fedback.append(fed(k + a - 1, draw(h, k + a - 1, drafter, fedback[-1], a)))
+            states = forward(fedback, k)  # (rows, T, D): the state after each
+            for i in range(1, n):
+                done(k + i, draw(states[:, i - 1:i], k + i))
+            if last:
+                return
+            h = states[:, -1:]
+            k += n
+            x = draw(h, k)
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], exact: bool = False) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped). On a CPU the

@@ -69,21 +69,25 @@ class Recorder:
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
-    """Decoding K tokens per forward conditions token t on the state before token t - ahead + 1 and token t - 1 as
-    fed back: exactly what ``NextStep.conditions`` computes in training (one forward, no cache)."""
+    """Decoding K tokens per forward: each group's drafts are conditioned on the state before the group and the draft
+    (or token) before them, and every image token on the state just before it, given the tokens the backbone read
+    (the drafts included): exactly what ``NextStep.conditions`` computes in training (one forward, no cache)."""
     prompt, settings = "a red circle above a blue square", pipe.resolve_settings(False, num_inference_steps=STEPS)
+    finished = []  # per image token, when it is final: the condition computed just before (the one it was drawn from)
     with Recorder(pipe) as rec:
         out = pipe._generate(prompt, generator=seeded(0), output_type="latent", progress=False, parallel=k,
-                             num_inference_steps=STEPS, **SIZE)
+                             num_inference_steps=STEPS, callback=lambda i, n, x: finished.append(rec.conds[-1][:2]),
+                             **SIZE)
     total = out.grid[0] * out.grid[1]
-    assert len(rec.conds) == total and len(rec.fed) == (total - 1) // k  # forwards: the full groups before the last
-    assert [a for a, _, _ in rec.conds] == [t % k + 1 for t in range(total)]
-    fed = torch.cat(rec.fed, 1)  # (1, groups * k, token_dim): the tokens read back by the backbone
-    for t, x in rec.prevs.items():  # and the tokens before each ahead > 1 token, as the head was given them
-        if t < fed.shape[1]:
-            assert torch.equal(x, fed[:, t]), t
-    fed = torch.cat([fed, *(rec.prevs[t][:, None] for t in range(fed.shape[1], total - 1))], 1)
+    assert finished == [(1, t) for t in range(total)]  # each image token from the state just before it, in order
+    # drafts: every token but a group's first (and the last token, never read back), ahead t % k + 1
+    drafts = [(t % k + 1, t) for t in range(1, total - 1) if t % k]
+    assert sorted((a, t) for a, t, _ in rec.conds) == sorted(finished + drafts)
+    assert len(rec.fed) == -(-(total - 1) // k)  # forwards: ceil((total - 1) / k)
+    fed = torch.cat(rec.fed, 1)  # (1, total - 1, token_dim): every token but the last read back once (drafts as such)
     assert fed.shape[1] == total - 1
+    for t, x in rec.prevs.items():  # the token before each draft, as the head was given it
+        assert torch.equal(x, fed[:, t]), t
     guidance = Guidance.from_settings(settings, False)
     ids = [pipe.prompt_rows(prompt, out.grid, settings, False)]
     # (copies, total + (total - 1) + ..., D): every ahead's block, each from token ahead - 1 on
@@ -95,8 +99,9 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
 
 
 def test_the_ahead_parameters_matter(pipe):
-    """The same call with the parallel parameters zeroed draws other tokens after each group's first (the test above
-    would pass for a decoder that ignored them only if they did nothing)."""
+    """The same call with the parallel parameters zeroed draws other drafts, so other tokens after the first draft
+    read back (the test above would pass for a decoder that ignored them only if they did nothing). Token 1 is drawn
+    from the state after token 0, which the draft of token 1 does not reach."""
     kw = dict(generator=seeded(0), output_type="latent", progress=False, parallel=2, num_inference_steps=STEPS, **SIZE)
     a = pipe("a green triangle", **kw).tokens
     fc2 = pipe.model.image_ahead.fc2
@@ -108,7 +113,7 @@ def test_the_ahead_parameters_matter(pipe):
     finally:
         with torch.no_grad():
             fc2.weight.copy_(saved)
-    assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1], b[:, 1])
+    assert torch.equal(a[:, :2], b[:, :2]) and not torch.equal(a[:, 2], b[:, 2])
 
 
 def test_batch_equals_single(bundled_pipe):

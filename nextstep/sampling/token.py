@@ -31,7 +31,7 @@ class TokenSampler:
         time: each modulation layer's weights are read once per token, not once per step) and the "sde" step in
         closed form (``flow.sde_fused``); the same values up to float rounding, not bit for bit. ``trace``: keep
         each call's head trajectory in ``self.trace`` (RL post-training)."""
-        self.head, self.guidance, self.settings = head, guidance, settings
+        self.head, self.guidance, self.settings, self.rows = head, guidance, settings, rows
         self.batched = not exact
         self.tracing = trace
         # Set by each call when tracing: (states (E + 1, n, token_dim): the x of each of the E velocity evaluations,
@@ -94,7 +94,7 @@ class FewStepSampler:
     draws = 1
 
     def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype):
-        self.head, self.settings = head, settings
+        self.head, self.settings, self.rows = head, settings, rows
         self.ts = fewstep_times(settings.num_inference_steps, settings.time_shift).to(device)  # (S + 1,)
         t, d = self.ts[:-1].to(dtype), (self.ts[1:] - self.ts[:-1]).to(dtype)
         net = head.net
