@@ -653,19 +653,33 @@ class NextStepPipeline:
         def fed(k: int, x: torch.Tensor) -> torch.Tensor:  # token k as the backbone reads it
             return x + context_noise * noise_of(k)[-1] if context_noise > 0 and k + 1 < total else x
 
-        def draw(hidden: torch.Tensor, k: int, sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1
-                 ) -> torch.Tensor:
-            """Token k (n, token_dim) from the hidden state ``ahead`` tokens before it (``prev``: token k - 1 as fed
-            back, for ahead > 1)."""
-            e = noise_of(k)
-            if kept is not None and kept.every_row[k]:  # the input's token in every row: no head call
-                return kept.tokens[:, k]
+        def draw(states: torch.Tensor, ks: list[int], sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1
+                 ) -> list[torch.Tensor]:
+            """Tokens ``ks`` (each (n, token_dim)), token ks[i] from the hidden state states[:, i] (rows, T, D),
+            ``ahead`` tokens before it, in one head call (``prev``: with one token and ahead > 1, the token before it
+            as fed back)."""
+            n = noise.rows
+            es = [noise_of(k) for k in ks]
+            out = [kept.tokens[:, k] if kept is not None and kept.every_row[k] else None for k in ks]
+            todo = [i for i, x in enumerate(out) if x is None]  # the input's token in every row: no head call
+            if not todo:
+                return out
+            ts, hidden = [ks[i] for i in todo], states[:, todo]
             if prev is not None:
-                prev = torch.cat([prev] * (hidden.shape[0] // noise.rows))[:, None]
-            cond = model.condition(hidden, index[k].expand(hidden.shape[0], 1), grid, prev, ahead)[:, 0]  # (rows, D)
+                prev = torch.cat([prev] * (hidden.shape[0] // n))[:, None]
+            # (rows, T, D) -> (copies * T * n, D): branch by branch, token by token
+            cond = model.condition(hidden, index[ts].expand(hidden.shape[0], len(ts)), grid, prev, ahead)
+            cond = cond[:sampler.rows].unflatten(0, (-1, n)).transpose(1, 2).flatten(0, 2)
+            scales = [guidance.scales_at(k, total) for k in ts]
+            if any(sc != scales[0] for sc in scales):  # a guidance schedule: (T * n, 1) per row
+                scales = tuple(torch.tensor(sc, device=device).repeat_interleave(n)[:, None] for sc in zip(*scales))
+            else:
+                scales = scales[0]
             with clock("head"):
-                x = sampler(cond[:sampler.rows], guidance.scales_at(k, total), e[:sampler.draws])
-            return kept.merge(k, x) if kept is not None else x
+                x = sampler(cond, scales, torch.cat([es[i][:sampler.draws] for i in todo], 1)).unflatten(0, (-1, n))
+            for j, i in enumerate(todo):
+                out[i] = kept.merge(ks[i], x[j]) if kept is not None else x[j]
+            return out
 
         def forward(xs: list[torch.Tensor], k: int) -> torch.Tensor:  # fed tokens at slots k.. -> hidden (rows, T, D)
             with clock("backbone"):
@@ -681,7 +695,7 @@ class NextStepPipeline:
 
         if settings.parallel == 1:
             for k in range(total):
-                x = draw(h, k)
+                x = draw(h, [k])[0]
                 done(k, x)
                 if k + 1 < total:  # the last token is not fed back
                     x = fed(k, x)
@@ -708,7 +722,7 @@ class NextStepPipeline:
         state the backbone computed just before it: the image gets these, the cache keeps the drafts. The group's
         last state draws the next group's first token. The final group is read back too, but for its last token,
         so every image token is drawn from the state just before it: ceil((total - 1) / group) forwards."""
-        k, x = 0, draw(h, 0)
+        k, x = 0, draw(h, [0])[0]
         while True:
             done(k, x)
             n = min(group, total - k)  # tokens k .. k + n - 1 in this group
@@ -717,15 +731,17 @@ class NextStepPipeline:
             last = k + n == total
             fedback = [fed(k, x)]  # the tokens the forward reads: k, then drafts (the final group's last: not read)
             for a in range(2, n if last else n + 1):
-                fedback.append(fed(k + a - 1, draw(h, k + a - 1, drafter, fedback[-1], a)))
+                fedback.append(fed(k + a - 1, draw(h, [k + a - 1], drafter, fedback[-1], a)[0]))
             states = forward(fedback, k)  # (rows, T, D): the state after each
+            # one head call: the group's tokens after its first again, and the next group's first
+            xs = draw(states, list(range(k + 1, k + len(fedback) + 1)))
             for i in range(1, n):
-                done(k + i, draw(states[:, i - 1:i], k + i))
+                done(k + i, xs[i - 1])
             if last:
                 return
             h = states[:, -1:]
             k += n
-            x = draw(h, k)
+            x = xs[-1]
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], exact: bool = False) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped). On a CPU the

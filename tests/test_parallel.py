@@ -18,6 +18,7 @@ from nextstep.model.latents import patchify, token_mask
 from nextstep.pipeline import NextStepPipeline
 from nextstep.prompt import caption_ids
 from nextstep.sampling.guidance import Guidance
+from nextstep.sampling.token import FewStepSampler, TokenSampler
 from nextstep.train.ar import batch_counts
 from nextstep.train.conditions import teacher_forced
 
@@ -42,7 +43,7 @@ class Recorder:
     """Records every condition the pipeline computes, (ahead, index, value), and every group of tokens it feeds."""
 
     def __init__(self, pipe):
-        self.pipe, self.conds, self.fed, self.prevs = pipe, [], [], {}
+        self.pipe, self.conds, self.fed, self.prevs, self.last = pipe, [], [], {}, []
 
     def __enter__(self):
         model, pipe = self.pipe.model, self.pipe
@@ -50,7 +51,8 @@ class Recorder:
 
         def condition(hidden, index=None, grid=None, prev=None, ahead=1):
             out = self.condition(hidden, index, grid, prev, ahead)
-            self.conds.append((ahead, int(index[0, 0]), out[:, 0].detach().clone()))
+            self.last = [(ahead, int(t)) for t in index[0]]  # the tokens of this call (several: one head call)
+            self.conds += [(ahead, int(t), out[:, j].detach().clone()) for j, t in enumerate(index[0])]
             if prev is not None:  # the token before, as read back (the group's last is never fed to the backbone)
                 self.prevs[int(index[0, 0]) - 1] = prev[:1, 0].clone()
             return out
@@ -73,16 +75,17 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
     (or token) before them, and every image token on the state just before it, given the tokens the backbone read
     (the drafts included): exactly what ``NextStep.conditions`` computes in training (one forward, no cache)."""
     prompt, settings = "a red circle above a blue square", pipe.resolve_settings(False, num_inference_steps=STEPS)
-    finished = []  # per image token, when it is final: the condition computed just before (the one it was drawn from)
+    finished = []  # per image token, when it is final: the conditions of the last head call (it was drawn by it)
     with Recorder(pipe) as rec:
         out = pipe._generate(prompt, generator=seeded(0), output_type="latent", progress=False, parallel=k,
-                             num_inference_steps=STEPS, callback=lambda i, n, x: finished.append(rec.conds[-1][:2]),
+                             num_inference_steps=STEPS, callback=lambda i, n, x: finished.append((i - 1, rec.last)),
                              **SIZE)
     total = out.grid[0] * out.grid[1]
-    assert finished == [(1, t) for t in range(total)]  # each image token from the state just before it, in order
+    assert [t for t, _ in finished] == list(range(total))
+    assert all((1, t) in last for t, last in finished)  # each image token from the state just before it
     # drafts: every token but a group's first (and the last token, never read back), ahead t % k + 1
     drafts = [(t % k + 1, t) for t in range(1, total - 1) if t % k]
-    assert sorted((a, t) for a, t, _ in rec.conds) == sorted(finished + drafts)
+    assert sorted((a, t) for a, t, _ in rec.conds) == sorted([(1, t) for t in range(total)] + drafts)
     assert len(rec.fed) == -(-(total - 1) // k)  # forwards: ceil((total - 1) / k)
     fed = torch.cat(rec.fed, 1)  # (1, total - 1, token_dim): every token but the last read back once (drafts as such)
     assert fed.shape[1] == total - 1
@@ -221,3 +224,33 @@ def test_server_decodes_in_parallel_on_request(bundled_pipe):
     want = bundled_pipe("a green triangle", generator=torch.Generator().manual_seed(3), num_inference_steps=STEPS,
                         parallel=2, progress=False).images[0]
     assert np.array_equal(got, np.asarray(want))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_several_tokens_in_one_head_call_equal_one_by_one(bundled_pipe, fast):
+    """Parallel decoding draws a group's tokens in one head call (rows token by token within each guidance branch,
+    a guidance schedule's scales per row): the tokens of separate calls, to float rounding (other row counts)."""
+    pipe, n, tokens = bundled_pipe, 3, 2
+    schedule = {} if fast else {"guidance_schedule": "linear"}  # the distilled head keeps its teacher's
+    settings = pipe.resolve_settings(False, fast, num_inference_steps=4, **schedule)
+    guidance = Guidance.from_settings(settings, False)
+    copies = len(guidance.branches)
+    if fast:
+        sampler = FewStepSampler(pipe.head, settings, n, pipe.device, torch.float32)
+    else:
+        sampler = TokenSampler(pipe.model.image_head, guidance, settings, copies * n, pipe.device, torch.float32,
+                               exact=False)
+        assert copies == 2
+    g = seeded(3)
+    cond = torch.randn(tokens, sampler.rows, 256, generator=g)  # per token: its guidance branches' rows
+    noise = torch.randn(sampler.draws, tokens, n, 64, generator=g)
+    scales = [guidance.scales_at(k, 16) for k in (5, 6)]
+    with torch.no_grad():
+        one_by_one = [sampler(cond[t], scales[t], noise[:, t]) for t in range(tokens)]
+        rows = cond.unflatten(1, (copies, n)).transpose(0, 1).flatten(0, 2)  # branch, token, image
+        per_row = tuple(torch.tensor(s).repeat_interleave(n)[:, None] for s in zip(*scales))
+        together = sampler(rows, per_row, noise.flatten(1, 2)).unflatten(0, (tokens, n))
+    assert fast or scales[0] != scales[1]  # the schedule gives the two tokens other scales
+    for t in range(tokens):
+        assert maxdiff(together[t], one_by_one[t]) <= 1e-5
+    assert maxdiff(one_by_one[0], one_by_one[1]) > 0.1

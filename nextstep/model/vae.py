@@ -43,7 +43,8 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    """Two 3x3 convolutions, each after GroupNorm + SiLU (x * sigmoid(x), one fused kernel), added to a (1x1-projected if needed) skip."""
+    """Two 3x3 convolutions, each after GroupNorm + SiLU (x * sigmoid(x), one fused kernel), added to a
+    (1x1-projected if needed) skip."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()

@@ -53,13 +53,16 @@ class TokenSampler:
         """Noise vectors of (rows, token_dim) one token consumes: the start x0, then the sampler's own."""
         return 1 + noise_draws(self.settings.sampler, self.settings.num_inference_steps)
 
-    def __call__(self, cond: torch.Tensor, scales: tuple[float, float], noise: torch.Tensor) -> torch.Tensor:
-        """cond (copies * n, D) stacked guidance branches; noise (draws, n, token_dim) -> token (n, token_dim)."""
+    def __call__(self, cond: torch.Tensor, scales: tuple, noise: torch.Tensor) -> torch.Tensor:
+        """cond (copies * n, D) stacked guidance branches; noise (draws, n, token_dim) -> token (n, token_dim).
+        Several tokens in one call (parallel decoding): cond (copies * T * n, D), each branch's rows token by token,
+        noise (draws, T * n, token_dim), the scales floats or (T * n, 1) tensors -> (T * n, token_dim)."""
         net, guidance, copies = self.head.net, self.guidance, self.copies
         cond_emb = net.cond_embed(cond)  # (copies * n, width), the same at every step
         text, image = scales
+        tokens = cond.shape[0] // self.rows
         if self.batched:  # (S, rows, W) -> every step's modulations at once, then split by step
-            mods = list(zip(*(m.unbind(0) for m in net.modulations(self.time_stack + cond_emb))))
+            mods = list(zip(*(m.unbind(0) for m in net.modulations(tile(self.time_stack, tokens) + cond_emb))))
 
         states: list[torch.Tensor] = []
         velocities: list[torch.Tensor] = []
@@ -69,7 +72,7 @@ class TokenSampler:
             if self.batched:
                 v = net.velocity_from_modulations(xs, mods[i])
             else:
-                v = net.velocity(xs, self.time_emb[i] + cond_emb)
+                v = net.velocity(xs, tile(self.time_emb[i], tokens) + cond_emb)
             v = guidance.combine(v.float(), text, image)
             if self.tracing:
                 states.append(x)
@@ -102,12 +105,14 @@ class FewStepSampler:
         self.step_emb = torch.stack([net.time_embed(t[i].expand(rows)) + head.step_embed(d[i].expand(rows))
                                      for i in range(len(d))])
 
-    def __call__(self, cond: torch.Tensor, scales: tuple[float, float], noise: torch.Tensor) -> torch.Tensor:
-        """cond (n, D) conditional rows; noise (1, n, token_dim) -> token (n, token_dim). ``scales`` is unused."""
+    def __call__(self, cond: torch.Tensor, scales: tuple, noise: torch.Tensor) -> torch.Tensor:
+        """cond (n, D) conditional rows; noise (1, n, token_dim) -> token (n, token_dim); or T tokens' (T * n) rows
+        in one call. ``scales`` is unused."""
         net = self.head.net
         # every step's AdaLN modulations at once (they depend on the condition and the step only): each modulation
         # layer reads its weights once per token, not once per step
-        mods = list(zip(*(m.unbind(0) for m in net.modulations(self.step_emb + net.cond_embed(cond)))))  # by step
+        step_emb = tile(self.step_emb, cond.shape[0] // self.rows)
+        mods = list(zip(*(m.unbind(0) for m in net.modulations(step_emb + net.cond_embed(cond)))))  # by step
         x = noise[0]
         for i in range(len(self.step_emb)):
             u = net.velocity_from_modulations(x.to(cond.dtype), mods[i]).float()
@@ -115,6 +120,12 @@ class FewStepSampler:
         if self.settings.token_norm:
             x = F.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
         return x
+
+
+def tile(emb: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A time embedding made for one token's rows (..., rows, W) -> for ``tokens`` tokens' rows in one call (every
+    row of it is the same)."""
+    return emb if tokens == 1 else torch.cat([emb] * tokens, -2)
 
 
 def fewstep_times(steps: int, shift: float) -> torch.Tensor:
