@@ -5,7 +5,7 @@ split, interleaved in one process, medians; prints a Markdown table.
     taskset -c 0 python benchmarks/parallel_speed.py --threads 1 --repeats 7
     # cost only: the ns34m reference workload with random weights (parallel parameters and a distilled head included)
     taskset -c 0 python benchmarks/parallel_speed.py --shape ns34m --size 128 512 --parallel 2 4 8 --threads 1 \
-        --prompts 1 --fast-only
+        --prompts 1 --fast-only [--quantize int8]
 
 Rows per size: the model's defaults sequentially (parallel=1, the baseline every speed-up divides), the defaults at
 each K of ``--parallel``, then fast mode (the distilled head, 1 step) sequentially and at each K (``--fast-only``:
@@ -32,6 +32,7 @@ for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 from generate import SHAPES, build_pipeline, untrained_head  # noqa: E402
 
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
+from nextstep.quant import quantize_  # noqa: E402
 
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a yellow square on the left of a purple circle",
            "a blue circle"]  # the distill issue's measurement: 4 prompts in one call
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per call (default 4)")
     ap.add_argument("--fast-only", action="store_true", help="time fast mode only (the speed-ups then divide its "
                                                              "sequential row)")
+    ap.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only quantization of the model and the "
+                                                                 "distilled head (as --quantize does)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
@@ -73,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         args.parallel = [2] if args.shape else [NextStepPipeline.from_pretrained(args.model).model.config
                                                 .parallel_tokens]
     pipe, desc = load(args)
+    if args.quantize:
+        for module in (pipe.model, pipe.head):
+            if module is not None:
+                quantize_(module, args.quantize)
+        desc += f"; weights {args.quantize}"
     prompts = (PROMPTS * args.prompts)[:args.prompts]
     calls = [0]
     step = pipe._decode_step
