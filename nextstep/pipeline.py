@@ -718,10 +718,11 @@ class NextStepPipeline:
     def _decode_parallel(group: int, total: int, h, draw, drafter, fed, forward, done) -> None:
         """Parallel decoding, ``group`` tokens per backbone forward. From the state after token k - 1, token k is
         drawn, then drafts of tokens k+1 .. k+group-1 (each from that state through the model's ahead adapter and
-        the draft before it); one forward reads the group, and each draft is then drawn again (same noise) from the
-        state the backbone computed just before it: the image gets these, the cache keeps the drafts. The group's
-        last state draws the next group's first token. The final group is read back too, but for its last token,
-        so every image token is drawn from the state just before it: ceil((total - 1) / group) forwards."""
+        the draft before it); one forward reads the group (the drafts without context noise), and each draft is then
+        drawn again (same noise) from the state the backbone computed just before it: the image gets these, the
+        cache keeps the drafts. The group's last state draws the next group's first token. The final group is read
+        back too, but for its last token, so every image token is drawn from the state just before it:
+        ceil((total - 1) / group) forwards."""
         k, x = 0, draw(h, [0])[0]
         while True:
             done(k, x)
@@ -729,9 +730,11 @@ class NextStepPipeline:
             if n == 1:
                 return
             last = k + n == total
-            fedback = [fed(k, x)]  # the tokens the forward reads: k, then drafts (the final group's last: not read)
+            # the tokens the forward reads: k, then the drafts as drawn (no context noise: on the bundled model that
+            # scores 1-2 points higher, docs/parallel-decoding.md); the final group's last is not read
+            fedback = [fed(k, x)]
             for a in range(2, n if last else n + 1):
-                fedback.append(fed(k + a - 1, draw(h, [k + a - 1], drafter, fedback[-1], a)[0]))
+                fedback.append(draw(h, [k + a - 1], drafter, fedback[-1], a)[0])
             states = forward(fedback, k)  # (rows, T, D): the state after each
             # one head call: the group's tokens after its first again, and the next group's first
             xs = draw(states, list(range(k + 1, k + len(fedback) + 1)))
