@@ -199,6 +199,14 @@ def build_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.d
     return pipe, desc
 
 
+def quantize_pipeline(pipe: NextStepPipeline, kind: str) -> str:
+    """Weight-only quantization of the model and its distilled head, if any; returns the description's suffix."""
+    for module in (pipe.model, pipe.head):
+        if module is not None:
+            quantize_(module, kind)
+    return f"; weights {kind}"
+
+
 def untrained_head(pipe: NextStepPipeline) -> DistilledHead:
     """A distilled head of the pipeline's model as distillation starts it (the teacher's weights, a zero step input):
     it costs what a trained one costs."""
@@ -305,10 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.head = untrained_head(pipe)
         desc += "; an untrained distilled head (timing only)"
     if args.quantize:
-        for module in (pipe.model, pipe.head):
-            if module is not None:
-                quantize_(module, args.quantize)
-        desc += f"; weights {args.quantize}"
+        desc += quantize_pipeline(pipe, args.quantize)
     load_s = time.perf_counter() - t0
     sync(device)
 

@@ -29,10 +29,9 @@ for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from generate import SHAPES, build_pipeline, untrained_head  # noqa: E402
+from generate import SHAPES, build_pipeline, quantize_pipeline, untrained_head  # noqa: E402
 
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
-from nextstep.quant import quantize_  # noqa: E402
 
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a yellow square on the left of a purple circle",
            "a blue circle"]  # the distill issue's measurement: 4 prompts in one call
@@ -77,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 .parallel_tokens]
     pipe, desc = load(args)
     if args.quantize:
-        for module in (pipe.model, pipe.head):
-            if module is not None:
-                quantize_(module, args.quantize)
-        desc += f"; weights {args.quantize}"
+        desc += quantize_pipeline(pipe, args.quantize)
     prompts = (PROMPTS * args.prompts)[:args.prompts]
     calls = [0]
     step = pipe._decode_step
