@@ -675,8 +675,11 @@ class NextStepPipeline:
                 scales = tuple(torch.tensor(sc, device=device).repeat_interleave(n)[:, None] for sc in zip(*scales))
             else:
                 scales = scales[0]
+            e = torch.cat([es[i][:sampler.draws] for i in todo], 1)
+            if ahead > 1:  # a draft: without noise, a central token for its condition (docs/parallel-decoding.md)
+                e = torch.zeros_like(e)
             with clock("head"):
-                x = sampler(cond, scales, torch.cat([es[i][:sampler.draws] for i in todo], 1)).unflatten(0, (-1, n))
+                x = sampler(cond, scales, e).unflatten(0, (-1, n))
             for j, i in enumerate(todo):
                 out[i] = kept.merge(ks[i], x[j]) if kept is not None else x[j]
             return out
@@ -718,11 +721,11 @@ class NextStepPipeline:
     def _decode_parallel(group: int, total: int, h, draw, drafter, fed, forward, done) -> None:
         """Parallel decoding, ``group`` tokens per backbone forward. From the state after token k - 1, token k is
         drawn, then drafts of tokens k+1 .. k+group-1 (each from that state through the model's ahead adapter and
-        the draft before it); one forward reads the group (the drafts without context noise), and each draft is then
-        drawn again (same noise) from the state the backbone computed just before it: the image gets these, the
-        cache keeps the drafts. The group's last state draws the next group's first token. The final group is read
-        back too, but for its last token, so every image token is drawn from the state just before it:
-        ceil((total - 1) / group) forwards."""
+        the draft before it, drawn without noise); one forward reads the group (the drafts without context noise),
+        and each drafted token is then drawn, with its noise, from the state the backbone computed just before it:
+        the image gets these, the cache keeps the drafts. The group's last state draws the next group's first
+        token. The final group is read back too, but for its last token, so every image token is drawn from the
+        state just before it: ceil((total - 1) / group) forwards."""
         k, x = 0, draw(h, [0])[0]
         while True:
             done(k, x)
@@ -731,7 +734,7 @@ class NextStepPipeline:
                 return
             last = k + n == total
             # the tokens the forward reads: k, then the drafts as drawn (no context noise: on the bundled model that
-            # scores 1-2 points higher, docs/parallel-decoding.md); the final group's last is not read
+            # scores higher, docs/parallel-decoding.md); the final group's last is not read
             fedback = [fed(k, x)]
             for a in range(2, n if last else n + 1):
                 fedback.append(draw(h, [k + a - 1], drafter, fedback[-1], a)[0])

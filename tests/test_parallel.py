@@ -99,6 +99,14 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
     assert want.shape[1] == start[k] + total - k + 1
     worst = max(maxdiff(got, want[:, start[a] + t - a + 1]) for a, t, got in rec.conds)
     assert worst <= TOL, worst
+    # each draft is drawn without noise and read back as drawn (no context noise)
+    sampler = TokenSampler(pipe.model.image_head, guidance, settings, len(guidance.branches), pipe.device,
+                           torch.float32, exact=False)
+    with torch.no_grad():
+        for a, t, cond in rec.conds:
+            if a > 1 and t < total - 1:
+                draft = sampler(cond, guidance.scales_at(t, total), torch.zeros(sampler.draws, 1, fed.shape[-1]))
+                assert maxdiff(draft, fed[:, t]) <= 1e-5, t
 
 
 def test_the_ahead_parameters_matter(pipe):
