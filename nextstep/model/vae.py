@@ -38,13 +38,17 @@ LOGVAR_MAX = 20.0
 
 # ---- building blocks --------------------------------------------------------------------------------------------
 
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(x), elementwise."""
+    return x * torch.sigmoid(x)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    """Two 3x3 convolutions, each after GroupNorm + SiLU (x * sigmoid(x), one fused kernel), added to a
-    (1x1-projected if needed) skip."""
+    """Two 3x3 convolutions, each after GroupNorm + swish, added to a (1x1-projected if needed) skip."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -56,8 +60,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return skip + h
 
@@ -186,7 +190,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -212,7 +216,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 # ---- posterior --------------------------------------------------------------------------------------------------
