@@ -655,20 +655,24 @@ class NextStepPipeline:
 
         def draw(states: torch.Tensor, ks: list[int], sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1
                  ) -> list[torch.Tensor]:
-            """Tokens ``ks`` (each (n, token_dim)), token ks[i] from the hidden state states[:, i] (rows, T, D),
-            ``ahead`` tokens before it, in one head call (``prev``: with one token and ahead > 1, the token before it
-            as fed back)."""
+            """Consecutive tokens ``ks`` (each (n, token_dim)), token ks[i] from the hidden state states[:, i] (rows,
+            T, D), ``ahead`` tokens before it, in one head call (``prev``: with one token and ahead > 1, the token
+            before it as fed back)."""
             n = noise.rows
             es = [noise_of(k) for k in ks]
             out = [kept.tokens[:, k] if kept is not None and kept.every_row[k] else None for k in ks]
             todo = [i for i, x in enumerate(out) if x is None]  # the input's token in every row: no head call
             if not todo:
                 return out
-            ts, hidden = [ks[i] for i in todo], states[:, todo]
+            ts = [ks[i] for i in todo]
+            if len(todo) == len(ks):  # slices: no index tensor made per token (a host-to-device copy on a GPU)
+                hidden, where = states, index[ks[0]:ks[-1] + 1]
+            else:  # a masked edit keeps some of them
+                hidden, where = states[:, todo], index[ts]
             if prev is not None:
                 prev = torch.cat([prev] * (hidden.shape[0] // n))[:, None]
             # (rows, T, D) -> (copies * T * n, D): branch by branch, token by token
-            cond = model.condition(hidden, index[ts].expand(hidden.shape[0], len(ts)), grid, prev, ahead)
+            cond = model.condition(hidden, where.expand(hidden.shape[0], len(ts)), grid, prev, ahead)
             cond = cond[:sampler.rows].unflatten(0, (-1, n)).transpose(1, 2).flatten(0, 2)
             scales = [guidance.scales_at(k, total) for k in ts]
             if any(sc != scales[0] for sc in scales):  # a guidance schedule: (T * n, 1) per row
