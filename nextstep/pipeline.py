@@ -653,11 +653,12 @@ class NextStepPipeline:
         def fed(k: int, x: torch.Tensor) -> torch.Tensor:  # token k as the backbone reads it
             return x + context_noise * noise_of(k)[-1] if context_noise > 0 and k + 1 < total else x
 
-        def draw(states: torch.Tensor, ks: list[int], sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1
-                 ) -> list[torch.Tensor]:
+        def draw(states: torch.Tensor, ks: list[int], sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1,
+                 central: int = 0) -> list[torch.Tensor]:
             """Consecutive tokens ``ks`` (each (n, token_dim)), token ks[i] from the hidden state states[:, i] (rows,
             T, D), ``ahead`` tokens before it, in one head call (``prev``: with one token and ahead > 1, the token
-            before it as fed back)."""
+            before it as fed back). The first ``central`` of them are drawn without noise (the flow started at the
+            centre of its noise: the central token for the condition; parallel decoding's drafts and their tokens)."""
             n = noise.rows
             es = [noise_of(k) for k in ks]
             out = [kept.tokens[:, k] if kept is not None and kept.every_row[k] else None for k in ks]
@@ -679,9 +680,8 @@ class NextStepPipeline:
                 scales = tuple(torch.tensor(sc, device=device).repeat_interleave(n)[:, None] for sc in zip(*scales))
             else:
                 scales = scales[0]
-            e = torch.cat([es[i][:sampler.draws] for i in todo], 1)
-            if ahead > 1:  # a draft: without noise, a central token for its condition (docs/parallel-decoding.md)
-                e = torch.zeros_like(e)
+            e = torch.cat([es[i][:sampler.draws] if i >= central else torch.zeros_like(es[i][:sampler.draws])
+                           for i in todo], 1)
             with clock("head"):
                 x = sampler(cond, scales, e).unflatten(0, (-1, n))
             for j, i in enumerate(todo):
@@ -691,6 +691,12 @@ class NextStepPipeline:
         def forward(xs: list[torch.Tensor], k: int) -> torch.Tensor:  # fed tokens at slots k.. -> hidden (rows, T, D)
             with clock("backbone"):
                 return self._decode_step(torch.stack(xs, 1), slots[k:k + len(xs)].clone(), cache)
+
+        def reread(before: torch.Tensor, after: torch.Tensor, drafted: torch.Tensor, k: int, x: torch.Tensor
+                   ) -> torch.Tensor:  # the state after token k's draft, corrected toward token k as fed back
+            copies = after.shape[0] // noise.rows
+            return model.reread(before, after, torch.cat([drafted] * copies)[:, None],
+                                torch.cat([fed(k, x)] * copies)[:, None])
 
         bar = tqdm(total=total, disable=not progress, desc="image tokens", leave=False)
 
@@ -712,44 +718,42 @@ class NextStepPipeline:
         else:
             if observe is not None:
                 raise InputError("observe= records sequentially decoded tokens (RL): not available with parallel > 1")
-            # drafts only feed the backbone: the distilled head's when there is one (few steps, cheap)
-            drafter = sample
-            if self.head is not None and settings.sampler != DISTILLED:
-                drafter = FewStepSampler(self.head, self.resolve_settings(latents is not None, fast=True), noise.rows,
-                                         device, model.dtype)
-            self._decode_parallel(settings.parallel, total, h, draw, drafter, fed, forward, done)
+            self._decode_parallel(settings.parallel, total, h, draw, fed, forward, reread, done)
         bar.close()
         return tokens
 
     @staticmethod
-    def _decode_parallel(group: int, total: int, h, draw, drafter, fed, forward, done) -> None:
-        """Parallel decoding, ``group`` tokens per backbone forward. From the state after token k - 1, token k is
-        drawn, then drafts of tokens k+1 .. k+group-1 (each from that state through the model's ahead adapter and
-        the draft before it, drawn without noise); one forward reads the group (the drafts without context noise),
-        and each drafted token is then drawn, with its noise, from the state the backbone computed just before it:
-        the image gets these, the cache keeps the drafts. The group's last state draws the next group's first
-        token. The final group is read back too, but for its last token, so every image token is drawn from the
-        state just before it: ceil((total - 1) / group) forwards."""
-        k, x = 0, draw(h, [0])[0]
+    def _decode_parallel(group: int, total: int, h, draw, fed, forward, reread, done) -> None:
+        """Parallel decoding, ``group`` tokens per backbone forward (docs/parallel-decoding.md, "How it works").
+        From the state after token k - 1, token k is drawn, then drafts of tokens k+1 .. k+group-1 (each from that
+        state through the model's ahead adapter and the draft before it), drawn without noise. One forward reads
+        the previous group's tokens again over their drafts, then token k and the drafts as drawn; the drafted
+        tokens are then drawn again from the states it computed just before each, without noise like their drafts
+        (the image gets these, and the next forward reads them over the drafts), and the state after the last
+        draft, corrected toward the token drawn for it, draws the next group's first token with its noise. The
+        final group is read too, but for its last token: ceil((total - 1) / group) forwards."""
+        k, x, again = 0, draw(h, [0])[0], []  # again: the previous group's tokens, to read over their drafts
         while True:
             done(k, x)
             n = min(group, total - k)  # tokens k .. k + n - 1 in this group
             if n == 1:
                 return
             last = k + n == total
-            # the tokens the forward reads: k, then the drafts as drawn (no context noise: on the bundled model that
-            # scores higher, docs/parallel-decoding.md); the final group's last is not read
-            fedback = [fed(k, x)]
+            # token k, then the drafts as drawn (no context noise); the final group's last is not drafted
+            group_in = [fed(k, x)]
             for a in range(2, n if last else n + 1):
-                fedback.append(draw(h, [k + a - 1], drafter, fedback[-1], a)[0])
-            states = forward(fedback, k)  # (rows, T, D): the state after each
-            # one head call: the group's tokens after its first again, and the next group's first
-            xs = draw(states, list(range(k + 1, k + len(fedback) + 1)))
+                group_in.append(draw(h, [k + a - 1], prev=group_in[-1], ahead=a, central=1)[0])
+            start = k - len(again)
+            states = forward([fed(start + i, y) for i, y in enumerate(again)] + group_in, start)[:, len(again):]
+            d = len(group_in) - 1  # drafts read: tokens k+1 .. k+d
+            xs = draw(states[:, :d], list(range(k + 1, k + d + 1)), central=d) if d else []  # without noise
+            after = states[:, -1:] if not d else reread(states[:, d - 1:d], states[:, -1:], group_in[-1], k + d, xs[-1])
+            xs += draw(after, [k + d + 1])  # the next group's first (or the final token), with its noise
             for i in range(1, n):
                 done(k + i, xs[i - 1])
             if last:
                 return
-            h = states[:, -1:]
+            h, again = states[:, -1:], xs[:d]  # the next drafts: from the state as computed
             k += n
             x = xs[-1]
 

@@ -40,73 +40,115 @@ def pipe(fixture):
 
 
 class Recorder:
-    """Records every condition the pipeline computes, (ahead, index, value), and every group of tokens it feeds."""
+    """Records every condition the pipeline computes, (ahead, index, value, forwards run before it), and every
+    forward: the tokens it reads and their slots."""
 
     def __init__(self, pipe):
-        self.pipe, self.conds, self.fed, self.prevs, self.last = pipe, [], [], {}, []
+        self.pipe, self.conds, self.fed, self.prevs, self.rereads = pipe, [], [], [], []
 
     def __enter__(self):
         model, pipe = self.pipe.model, self.pipe
-        self.condition, self.step = model.condition, pipe._decode_step
+        self.condition, self.step, self.reread = model.condition, pipe._decode_step, model.reread
+
+        def reread(before, after, drafted, token):
+            out = self.reread(before, after, drafted, token)
+            self.rereads.append((before, after, drafted, token, out, len(self.fed)))
+            return out
 
         def condition(hidden, index=None, grid=None, prev=None, ahead=1):
             out = self.condition(hidden, index, grid, prev, ahead)
-            self.last = [(ahead, int(t)) for t in index[0]]  # the tokens of this call (several: one head call)
-            self.conds += [(ahead, int(t), out[:, j].detach().clone()) for j, t in enumerate(index[0])]
+            self.conds += [(ahead, int(t), out[:, j].detach().clone(), len(self.fed)) for j, t in enumerate(index[0])]
             if prev is not None:  # the token before, as read back (the group's last is never fed to the backbone)
-                self.prevs[int(index[0, 0]) - 1] = prev[:1, 0].clone()
+                self.prevs.append((int(index[0, 0]) - 1, prev[:1, 0].clone(), len(self.fed)))
             return out
 
         def step(tokens, input_pos, cache):
-            self.fed.append(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]).clone())
+            self.fed.append((input_pos.clone(), tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]).clone()))
             return self.step(tokens, input_pos, cache)
 
-        model.condition, pipe._decode_step = condition, step
+        model.condition, pipe._decode_step, model.reread = condition, step, reread
         return self
 
     def __exit__(self, *exc):
-        del self.pipe.model.condition
+        del self.pipe.model.condition, self.pipe.model.reread
         self.pipe._decode_step = self.step
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
     """Decoding K tokens per forward: each group's drafts are conditioned on the state before the group and the draft
-    (or token) before them, and every image token on the state just before it, given the tokens the backbone read
-    (the drafts included): exactly what ``NextStep.conditions`` computes in training (one forward, no cache)."""
+    (or token) before them, and every image token on the state just before it, given the tokens the backbone had
+    read then (drafts included): exactly what ``NextStep.conditions`` computes in training (one forward, no cache).
+    Drafts and the tokens drawn again for them are drawn without noise, and each forward reads the previous group's
+    tokens over their drafts, so the cache ends holding the image."""
     prompt, settings = "a red circle above a blue square", pipe.resolve_settings(False, num_inference_steps=STEPS)
-    finished = []  # per image token, when it is final: the conditions of the last head call (it was drawn by it)
+    finished = []  # per image token, when it is final: the conditions computed so far
     with Recorder(pipe) as rec:
         out = pipe._generate(prompt, generator=seeded(0), output_type="latent", progress=False, parallel=k,
-                             num_inference_steps=STEPS, callback=lambda i, n, x: finished.append((i - 1, rec.last)),
+                             num_inference_steps=STEPS, callback=lambda i, n, x: finished.append((i - 1, [c[:2] for c in rec.conds])),
                              **SIZE)
     total = out.grid[0] * out.grid[1]
     assert [t for t, _ in finished] == list(range(total))
-    assert all((1, t) in last for t, last in finished)  # each image token from the state just before it
+    assert all((1, t) in seen for t, seen in finished)  # each image token from the state just before it
     # drafts: every token but a group's first (and the last token, never read back), ahead t % k + 1
-    drafts = [(t % k + 1, t) for t in range(1, total - 1) if t % k]
-    assert sorted((a, t) for a, t, _ in rec.conds) == sorted([(1, t) for t in range(total)] + drafts)
+    drafted = [t for t in range(1, total - 1) if t % k]
+    assert sorted((a, t) for a, t, *_ in rec.conds) == sorted([(1, t) for t in range(total)] +
+                                                              [(t % k + 1, t) for t in drafted])
     assert len(rec.fed) == -(-(total - 1) // k)  # forwards: ceil((total - 1) / k)
-    fed = torch.cat(rec.fed, 1)  # (1, total - 1, token_dim): every token but the last read back once (drafts as such)
-    assert fed.shape[1] == total - 1
-    for t, x in rec.prevs.items():  # the token before each draft, as the head was given it
-        assert torch.equal(x, fed[:, t]), t
+    first = int(rec.fed[0][0][0])  # the cache slot of token 0
+    # the tokens each forward reads, by raster index; after forward f the cache holds them over earlier ones
+    reads = [dict(zip((pos - first).tolist(), x.unbind(1))) for pos, x in rec.fed]
+    held = [{}]
+    for r in reads:
+        held.append({**held[-1], **r})
+    blank = torch.zeros_like(rec.fed[0][1][:, 0])
     guidance = Guidance.from_settings(settings, False)
     ids = [pipe.prompt_rows(prompt, out.grid, settings, False)]
-    # (copies, total + (total - 1) + ..., D): every ahead's block, each from token ahead - 1 on
-    want = teacher_forced(pipe.model, ids, pipe.tokenizer.special.pad, guidance.branches, None, fed, out.grid, k)
     start = {a: sum(total - b + 1 for b in range(1, a)) for a in range(1, k + 1)}  # where each ahead's block begins
-    assert want.shape[1] == start[k] + total - k + 1
-    worst = max(maxdiff(got, want[:, start[a] + t - a + 1]) for a, t, got in rec.conds)
+
+    def sequence(f, s, ahead):  # what a condition made after f forwards read: a draft also the group about to be read
+        seq = {**held[f], **({t: x for t, x in reads[f].items() if t >= s} if ahead > 1 else {})}
+        return torch.stack([seq.get(t, blank) for t in range(total - 1)], 1)
+
+    # a group's next token is drawn from the state after the last draft, corrected toward the token drawn for it
+    # (NextStep.reread): one correction per forward that read a draft, the condition moved by it
+    model = pipe.model
+    final = {t: got for a, t, got, _ in rec.conds if a == 1}  # each token's condition, once
+    moved = {}
+    for before, after, draft, token, state, f in rec.rereads:
+        t = next(t for t in range(total - 1) if t in reads[f - 1] and torch.equal(reads[f - 1][t], draft[:1, 0]))
+        assert torch.equal(token[:1, 0], out.tokens[:, t]) and t in drafted  # no context noise on the fixture model
+        with torch.no_grad():
+            assert maxdiff(model.condition(before, torch.tensor([[t]]), out.grid)[:, 0], final[t]) <= 1e-5  # drew t
+            assert maxdiff(state, model.reread(before, after, draft, token)) == 0
+            moved[t + 1] = model.image_out_projector(state[:, 0]) - model.image_out_projector(after[:, 0])
+    assert len(moved) == len(rec.rereads) == sum(any(t in drafted and t not in held[f] for t in r)
+                                                 for f, r in enumerate(reads))
+    worst = 0.0
+    for a, t, got, f in rec.conds:
+        want = teacher_forced(pipe.model, ids, pipe.tokenizer.special.pad, guidance.branches, None,
+                              sequence(f, t - a + 1, a), out.grid, k)
+        got = got - moved[t] if a == 1 and t in moved else got
+        worst = max(worst, maxdiff(got, want[:, start[a] + t - a + 1]))
     assert worst <= TOL, worst
-    # each draft is drawn without noise and read back as drawn (no context noise)
+    for t, x, f in rec.prevs:  # the token before each draft, as the head was given it: what the next forward reads
+        assert torch.equal(x, reads[f][t]), t
+    # every draft is read over by the image's token in the next forward (the last forward's drafts have none)
+    for t in range(total - 1):
+        assert torch.equal(held[-1][t], out.tokens[:, t]) == (t not in drafted or t in held[-2]), t
+    # drafts, and the image's tokens drawn again for them, without noise
     sampler = TokenSampler(pipe.model.image_head, guidance, settings, len(guidance.branches), pipe.device,
                            torch.float32, exact=False)
+    zero = torch.zeros(sampler.draws, 1, out.tokens.shape[-1])
     with torch.no_grad():
-        for a, t, cond in rec.conds:
-            if a > 1 and t < total - 1:
-                draft = sampler(cond, guidance.scales_at(t, total), torch.zeros(sampler.draws, 1, fed.shape[-1]))
-                assert maxdiff(draft, fed[:, t]) <= 1e-5, t
+        for a, t, cond, f in rec.conds:
+            central = sampler(cond, guidance.scales_at(t, total), zero)
+            if a > 1:  # a draft, read as drawn
+                assert maxdiff(central, reads[f][t]) <= 1e-5, t
+            elif t in drafted:
+                assert maxdiff(central, out.tokens[:, t]) <= 1e-5, t
+            elif t > 0:
+                assert maxdiff(central, out.tokens[:, t]) > 1e-2, t  # the others keep their noise
 
 
 def test_the_ahead_parameters_matter(pipe):

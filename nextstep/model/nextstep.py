@@ -222,6 +222,14 @@ class NextStep(nn.Module):
             hidden = hidden + self.position_embedding(index, grid).reshape(*index.shape, -1)
         return self.image_out_projector(hidden)
 
+    def reread(self, before: torch.Tensor, after: torch.Tensor, drafted: torch.Tensor, token: torch.Tensor
+               ) -> torch.Tensor:
+        """Parallel decoding: the state ``after`` (..., D) the backbone read a draft, moved toward the state after
+        the token drawn for it instead, by the ahead adapter's change from the one to the other (both as read, from
+        the state ``before`` them): the adapter's estimate of what the backbone would have learnt from the token
+        rather than the draft (docs/parallel-decoding.md)."""
+        return after + self.image_ahead(before, token, 2) - self.image_ahead(before, drafted, 2)
+
     def conditions(self, states: torch.Tensor, fed: torch.Tensor | None, grid: tuple[int, int], ahead: int = 1
                    ) -> torch.Tensor:
         """The head's conditions of one image's tokens ``ahead - 1`` .. n-1, teacher-forced: ``states`` (..., n, D)
