@@ -81,7 +81,8 @@ class Settings:
                                  api="noise_level", lo=0, hi=1)
     negative_prompt: str = setting("negative prompt", flag="--negative", api="negative_prompt", default="")
     parallel: int = setting("image tokens per backbone forward (1: sequential; more needs a model trained for "
-                            "parallel decoding, up to its parallel_tokens)", flag="--parallel", api="parallel",
+                            "parallel decoding, up to its parallel_tokens; fewer forwards, more head calls: faster "
+                            "where the backbone dominates, e.g. fast mode)", flag="--parallel", api="parallel",
                             lo=1, hi=MAX_PARALLEL, default=1)
 
     def __post_init__(self) -> None:
