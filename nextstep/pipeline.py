@@ -653,7 +653,7 @@ class NextStepPipeline:
         def fed(k: int, x: torch.Tensor) -> torch.Tensor:  # token k as the backbone reads it
             return x + context_noise * noise_of(k)[-1] if context_noise > 0 and k + 1 < total else x
 
-        def draw(states: torch.Tensor, ks: list[int], sampler=sample, prev: torch.Tensor | None = None, ahead: int = 1,
+        def draw(states: torch.Tensor, ks: list[int], prev: torch.Tensor | None = None, ahead: int = 1,
                  central: int = 0) -> list[torch.Tensor]:
             """Consecutive tokens ``ks`` (each (n, token_dim)), token ks[i] from the hidden state states[:, i] (rows,
             T, D), ``ahead`` tokens before it, in one head call (``prev``: with one token and ahead > 1, the token
@@ -674,16 +674,16 @@ class NextStepPipeline:
                 prev = torch.cat([prev] * (hidden.shape[0] // n))[:, None]
             # (rows, T, D) -> (copies * T * n, D): branch by branch, token by token
             cond = model.condition(hidden, where.expand(hidden.shape[0], len(ts)), grid, prev, ahead)
-            cond = cond[:sampler.rows].unflatten(0, (-1, n)).transpose(1, 2).flatten(0, 2)
+            cond = cond[:sample.rows].unflatten(0, (-1, n)).transpose(1, 2).flatten(0, 2)
             scales = [guidance.scales_at(k, total) for k in ts]
             if any(sc != scales[0] for sc in scales):  # a guidance schedule: (T * n, 1) per row
                 scales = tuple(torch.tensor(sc, device=device).repeat_interleave(n)[:, None] for sc in zip(*scales))
             else:
                 scales = scales[0]
-            e = torch.cat([es[i][:sampler.draws] if i >= central else torch.zeros_like(es[i][:sampler.draws])
+            e = torch.cat([es[i][:sample.draws] if i >= central else torch.zeros_like(es[i][:sample.draws])
                            for i in todo], 1)
             with clock("head"):
-                x = sampler(cond, scales, e).unflatten(0, (-1, n))
+                x = sample(cond, scales, e).unflatten(0, (-1, n))
             for j, i in enumerate(todo):
                 out[i] = kept.merge(ks[i], x[j]) if kept is not None else x[j]
             return out
