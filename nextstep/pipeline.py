@@ -680,8 +680,8 @@ class NextStepPipeline:
                 scales = tuple(torch.tensor(sc, device=device).repeat_interleave(n)[:, None] for sc in zip(*scales))
             else:
                 scales = scales[0]
-            e = torch.cat([es[i][:sample.draws] if i >= central else torch.zeros_like(es[i][:sample.draws])
-                           for i in todo], 1)
+            e = [es[i][:sample.draws] if i >= central else torch.zeros_like(es[i][:sample.draws]) for i in todo]
+            e = e[0] if len(e) == 1 else torch.cat(e, 1)  # one token (sequential): a view, no copy
             with clock("head"):
                 x = sample(cond, scales, e).unflatten(0, (-1, n))
             for j, i in enumerate(todo):
