@@ -107,6 +107,22 @@ def test_decode_latent_matches_reference(vae: VAE, ref: dict) -> None:
     assert _max_diff(vae.decode(ref["in.vae_latent"]), ref["out.vae_decode_latent"]) <= TOL
 
 
+def test_inference_decode_is_the_training_decode_and_keeps_channels_last(vae: VAE, ref: dict) -> None:
+    """Without autograd the decoder overwrites its fresh intermediates (swish, residual adds): the values of the
+    autograd path to float rounding, and channels-last latents give a channels-last image (every convolution ran in
+    the CPU's faster layout; an add in the wrong operand order once turned the rest of the decoder to NCHW)."""
+    z = ref["in.vae_latent"]
+    with torch.enable_grad():
+        reference_ops = vae.decode(z)
+    assert reference_ops.requires_grad  # the autograd path (x * sigmoid(x), out-of-place adds) really ran
+    with torch.inference_mode():
+        inplace = vae.decode(z)
+        cl = vae.decode(z[:1].contiguous(memory_format=torch.channels_last))  # one image: the case that lost it
+    assert _max_diff(inplace, reference_ops.detach()) <= TOL
+    # channels-last convolutions round differently (the pipeline's DECODE_TOL)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and _max_diff(cl, inplace[:1]) <= 2e-4
+
+
 @torch.no_grad()
 def test_forward_shapes_and_mode(vae: VAE, ref: dict) -> None:
     x = ref["in.vae_image"]
