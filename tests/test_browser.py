@@ -97,7 +97,7 @@ def test_generate_shows_previews_then_the_image(page, tmp_path):
 
 
 def test_errors_are_shown_in_words(page):
-    fill(page, prompt="a blue square", steps=2)
+    fill(page, prompt="a blue square", width=32, height=32, steps=2)  # (the model's native size: 39 s of tokens)
     page.click("#generate")
     page.wait_for_selector("#gallery figure img")
     assert page.locator("#preview img").count() == 1  # the result, shown in the preview
