@@ -152,17 +152,20 @@ def test_hub_ids_resolve_through_the_hub_cache_offline(tmp_path, fixtures_dir):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
-    code = ("import torch; from nextstep import NextStepPipeline; "
-            "p = NextStepPipeline.from_pretrained('acme/tiny-nextstep', torch_dtype=torch.float32); "
-            "print(p.format, p.defaults.sampler)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.split() == ["v1.1", "flow_sde"], out.stderr
     png = tmp_path / "x.png"
-    cli = [sys.executable, "-m", "nextstep.cli", "generate", "x", "--model", "acme/tiny-nextstep", "--size", "16x16",
-           "--steps", "2", "--quiet", "-o", str(png)]
-    assert subprocess.run(cli, env=env, capture_output=True, text=True).returncode == 0 and png.is_file()
-    missing = subprocess.run(cli[:6] + ["acme/missing"] + cli[7:], env=env, capture_output=True, text=True)
-    assert missing.returncode == 2 and "neither a local directory nor available" in missing.stderr
+    cli = ["generate", "x", "--model", "acme/tiny-nextstep", "--size", "16x16", "--steps", "2", "--quiet",
+           "-o", str(png)]
+    missing = cli[:3] + ["acme/missing"] + cli[4:]
+    # one process (the hub library reads HF_HUB_OFFLINE when imported): the library, then the CLI twice
+    code = ("import sys, torch; from nextstep import NextStepPipeline; from nextstep.cli import main; "
+            "p = NextStepPipeline.from_pretrained('acme/tiny-nextstep', torch_dtype=torch.float32); "
+            "print(p.format, p.defaults.sampler); "
+            f"print('generate', main({cli!r})); sys.stdout.flush(); print('missing', main({missing!r}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()  # (generate prints the file it wrote)
+    assert words[:2] == ["v1.1", "flow_sde"] and words[-4:] == ["generate", "0", "missing", "2"], out.stdout
+    assert png.is_file() and "neither a local directory nor available" in out.stderr
 
 
 def test_a_large_n_is_drawn_in_chunks_written_as_they_go(tmp_path, dirs, monkeypatch):
