@@ -204,13 +204,13 @@ def test_bad_recipes_are_refused(tmp_path):
 @pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     for name in ("a", "b"):
-        r = recipe(tmp_path / name, run={"steps": 150, "ckpt_every": 50})
+        r = recipe(tmp_path / name, run={"steps": 60, "ckpt_every": 20})
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     finish(run_cli(["distill-head", str(tmp_path / "a.json"), "--quiet"]))
     (tmp_path / "b").mkdir()
     for f in (tmp_path / "a").glob("targets-*.safetensors"):  # the same recipe's cached targets: built once
         shutil.copy(f, tmp_path / "b" / f.name)
-    kill_at_checkpoint(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet"]), tmp_path / "b", 50)
+    kill_at_checkpoint(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet"]), tmp_path / "b", 20)
     assert not (tmp_path / "b" / "final").exists()
     finish(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet", "--resume"]))
     a, b = (load_file(str(tmp_path / n / "final" / "head.safetensors")) for n in ("a", "b"))
