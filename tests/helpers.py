@@ -106,6 +106,21 @@ def one_and_two(command: str, recipe: dict, tmp_path: Path) -> tuple[Path, Path]
     return tmp_path / "one", tmp_path / "two"
 
 
+def one_and_two_each(command: str, recipe: dict, tmp_path: Path, strategies=("ddp", "fsdp")) -> tuple[Path, dict]:
+    """:func:`one_and_two` for several engines against one single-process run (one process wraps nothing, whatever
+    ``run.parallel`` says): ``tmp_path / "one"`` and {strategy: ``tmp_path / f"two-{strategy}"``}."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(recipe))
+    finish(run_cli([command, str(cfg), "--quiet"]))
+    twos = {}
+    for strategy in strategies:
+        cfg = tmp_path / f"cfg-{strategy}.json"
+        cfg.write_text(json.dumps({**recipe, "run": {**recipe["run"], "parallel": strategy}}))
+        twos[strategy] = tmp_path / f"two-{strategy}"
+        finish(run_cli([command, str(cfg), "--quiet", "--out", str(twos[strategy])], nproc=2))
+    return tmp_path / "one", twos
+
+
 def kill_at_checkpoint(p: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
     """Wait until the run ``p`` (writing to ``out``) has completed its step-``step`` checkpoint, then kill -9 it."""
     target = out / "checkpoints" / f"step_{step:07d}" / "trainer.json"

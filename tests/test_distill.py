@@ -254,24 +254,29 @@ def test_server_fast_requests(trained, pipe):
         assert r.status_code == 400 and r.json()["error"]["param"] == "fast"
 
 
-@pytest.mark.slow  # torchrun with 2 processes against 1
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tmp_path, strategy):
+@pytest.mark.slow  # torchrun with 2 processes (DDP, then FSDP2) against 1
+def test_two_processes_equal_one(tmp_path):
     (tmp_path / "one").mkdir()
-    r = recipe(tmp_path / "one", run={"steps": 12, "ckpt_every": 6, "parallel": strategy}, data={"num_samples": 24})
+    r = recipe(tmp_path / "one", run={"steps": 12, "ckpt_every": 6}, data={"num_samples": 24})
     (tmp_path / "one.json").write_text(json.dumps(r))
     finish(run_cli(["distill-head", str(tmp_path / "one.json"), "--quiet"]))
-    (tmp_path / "two").mkdir()
-    for f in (tmp_path / "one").glob("targets-*.safetensors"):  # the same cached targets
-        shutil.copy(f, tmp_path / "two" / f.name)
-    finish(run_cli(["distill-head", str(tmp_path / "one.json"), "--out", str(tmp_path / "two"), "--quiet"], nproc=2))
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [m["step"] for m in one] == [m["step"] for m in two]
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
-    a, b = (load_file(str(tmp_path / n / "final" / "head.safetensors")) for n in ("one", "two"))
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    one = metrics(tmp_path / "one")
+    a = load_file(str(tmp_path / "one" / "final" / "head.safetensors"))
+    for strategy in ("ddp", "fsdp"):
+        two = tmp_path / f"two-{strategy}"
+        two.mkdir()
+        for f in (tmp_path / "one").glob("targets-*.safetensors"):  # the same cached targets
+            shutil.copy(f, two / f.name)
+        cfg = tmp_path / f"{strategy}.json"
+        cfg.write_text(json.dumps({**r, "run": {**r["run"], "parallel": strategy}}))
+        finish(run_cli(["distill-head", str(cfg), "--out", str(two), "--quiet"], nproc=2))
+        log = metrics(two)
+        assert [m["step"] for m in one] == [m["step"] for m in log], strategy
+        for x, y in zip(one, log):
+            assert abs(x["loss"] - y["loss"]) <= 1e-5, (strategy, x, y)
+        b = load_file(str(two / "final" / "head.safetensors"))
+        for k in a:
+            assert (a[k] - b[k]).abs().max() <= 1e-5, (strategy, k)
 
 
 def test_cli_fast_generate_and_edit(trained, tmp_path, capsys):
