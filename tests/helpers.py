@@ -96,19 +96,11 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def one_and_two(command: str, recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
-    """Run ``nextstep COMMAND`` on ``recipe`` (its out_dir ``tmp_path / "one"``) in one process, then in two under
-    torchrun writing to ``tmp_path / "two"``: the two run directories, for a 2-processes-equal-1 test."""
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(recipe))
-    finish(run_cli([command, str(cfg), "--quiet"]))
-    finish(run_cli([command, str(cfg), "--quiet", "--out", str(tmp_path / "two")], nproc=2))
-    return tmp_path / "one", tmp_path / "two"
-
-
 def one_and_two_each(command: str, recipe: dict, tmp_path: Path, strategies=("ddp", "fsdp")) -> tuple[Path, dict]:
-    """:func:`one_and_two` for several engines against one single-process run (one process wraps nothing, whatever
-    ``run.parallel`` says): ``tmp_path / "one"`` and {strategy: ``tmp_path / f"two-{strategy}"``}."""
+    """Run ``nextstep COMMAND`` on ``recipe`` (its out_dir ``tmp_path / "one"``) in one process, then in two under
+    torchrun once per engine in ``strategies`` (``run.parallel``; one process wraps nothing, whatever it says),
+    writing to ``tmp_path / f"two-{strategy}"``: ("one", {strategy: its directory}), for a 2-processes-equal-1
+    test."""
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(recipe))
     finish(run_cli([command, str(cfg), "--quiet"]))
