@@ -84,9 +84,9 @@ def test_each_tokens_condition_is_the_teacher_forced_one(pipe, k):
     prompt, settings = "a red circle above a blue square", pipe.resolve_settings(False, num_inference_steps=STEPS)
     finished = []  # per image token, when it is final: the conditions computed so far
     with Recorder(pipe) as rec:
-        seen = lambda i, n, x: finished.append((i - 1, [c[:2] for c in rec.conds]))  # noqa: E731
+        record = lambda i, n, x: finished.append((i - 1, [c[:2] for c in rec.conds]))  # noqa: E731
         out = pipe._generate(prompt, generator=seeded(0), output_type="latent", progress=False, parallel=k,
-                             num_inference_steps=STEPS, callback=seen, **SIZE)
+                             num_inference_steps=STEPS, callback=record, **SIZE)
     total = out.grid[0] * out.grid[1]
     assert [t for t, _ in finished] == list(range(total))
     assert all((1, t) in seen for t, seen in finished)  # each image token from the state just before it
