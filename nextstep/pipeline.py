@@ -708,7 +708,7 @@ class NextStepPipeline:
 
         if settings.parallel == 1:
             for k in range(total):
-                x = draw(h, [k])[0]
+                x = draw(h, [k], central=int(sample.central(k)))[0]
                 done(k, x)
                 if k + 1 < total:  # the last token is not fed back
                     x = fed(k, x)

@@ -27,6 +27,7 @@ from nextstep.model.distilled_head import (
     norm_means,
 )
 from nextstep.pipeline import NextStepPipeline
+from nextstep.sampling.token import FewStepSampler
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
 
@@ -124,6 +125,33 @@ def test_fast_mode_runs_one_branch_and_is_deterministic(trained, pipe):
     assert (pair.tokens[1] - alone.tokens[0]).abs().max() <= 1e-4
     assert one.tokens.shape == (1, 16, 64)
     assert pipe("a red circle", fast=True, num_inference_steps=4, progress=False).tokens.shape == (1, 16, 64)
+
+
+def test_fast_mode_draws_every_second_token_from_the_centre_of_its_noise(pipe):
+    """Sequential fast mode draws tokens 1, 3, 5, ... with the start x0 = 0 (``FewStepSampler.central``) and the
+    others with their noise: each token against the head's draw from its own condition without noise."""
+    conds = {}
+    condition = pipe.model.condition
+
+    def record(hidden, index=None, grid=None, prev=None, ahead=1):
+        out = condition(hidden, index, grid, prev, ahead)
+        conds[int(index[0, 0])] = out[:, 0].detach().clone()  # (rows, D): one token per head call sequentially
+        return out
+
+    pipe.model.condition = record
+    try:
+        out = pipe("a red circle above a blue square", fast=True, generator=torch.Generator().manual_seed(2),
+                   output_type="latent", progress=False)
+    finally:
+        del pipe.model.condition
+    settings = pipe.resolve_settings(False, fast=True)
+    sampler = FewStepSampler(pipe.head, settings, 1, pipe.device, torch.float32)
+    assert sorted(conds) == list(range(16))
+    with torch.no_grad():
+        for t, cond in conds.items():
+            central = sampler(cond, (1.0, 1.0), torch.zeros(1, 1, out.tokens.shape[-1]))
+            gap = (central - out.tokens[:, t]).abs().max().item()
+            assert gap <= 1e-6 if t % 2 else gap > 1e-2, (t, gap)
 
 
 def test_fast_mode_errors_are_clear(trained, pipe):

@@ -48,6 +48,11 @@ class TokenSampler:
         if self.batched:
             self.time_stack = torch.stack(self.time_emb)  # (S, rows, width): the batched path adds a token's condition
 
+    @staticmethod
+    def central(k: int) -> bool:
+        """Whether sequential decoding draws image token k from the centre of its noise: never with the full head."""
+        return False
+
     @property
     def draws(self) -> int:
         """Noise vectors of (rows, token_dim) one token consumes: the start x0, then the sampler's own."""
@@ -95,6 +100,16 @@ class FewStepSampler:
     head). Deterministic given the start noise: one draw per token."""
 
     draws = 1
+
+    @staticmethod
+    def central(k: int) -> bool:
+        """Whether sequential decoding draws image token k (raster order) from the centre of its noise (start x0 = 0,
+        the head's central token for its condition): every second token, from the second. The other half keep their
+        noise, and with it the images' variety (``benchmarks/diversity.py``); the distilled head's noisiest starts
+        cost it accuracy (docs/fast-mode.md: six seeds of ``nextstep eval shapes --fast``, 84.9 -> 87.7 overall at 4
+        steps). Parallel decoding draws the same tokens without noise at K = 2 (its drafted tokens). Every token still
+        consumes its noise, so the others get what they would get without this."""
+        return k % 2 == 1
 
     def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype):
         self.head, self.settings, self.rows = head, settings, rows
