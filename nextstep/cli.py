@@ -650,26 +650,31 @@ def run_lora_memory(args, vae) -> list[Path]:
 
 
 MALLOC_MMAP_BYTES = 256 << 20  # allocations up to this size come from glibc's heap (keep_freed_memory)
+MALLOC_MMAP_BYTES_OLD = 32 << 20  # the most glibc before 2.35 accepts
 MALLOC_TRIM_BYTES = 1 << 30  # and up to this much freed memory at its top stays in the process
-MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc (Linux) to serve allocations up to 256 MiB from its heap and to keep up to 1 GiB of what is freed
-    there (``mallopt``: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). By default it maps each allocation over its mmap
-    threshold (128 KiB, raised as large blocks are freed, up to 32 MiB) afresh and hands freed memory back to the
-    system, so the large intermediates of every call (a token's batched modulations, the VAE decode's activations)
-    are page-faulted in again and again. The commands own their process, so they keep it. Nothing is changed where
-    the environment sets glibc's allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
-    ``GLIBC_TUNABLES``: the user's choice) or without glibc. Returns whether both settings took."""
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in MALLOC_SETTINGS):
+    """Ask glibc (Linux) to serve allocations up to 256 MiB from its heap (32 MiB before glibc 2.35) and to keep up
+    to 1 GiB of what is freed there (``mallopt``: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). By default it maps each
+    allocation over its mmap threshold (128 KiB, raised as large blocks are freed, up to 32 MiB) afresh and hands
+    freed memory back to the system, so the large intermediates of every call (a token's batched modulations, the
+    VAE decode's activations) are page-faulted in again and again. The commands own their process, so they keep it
+    (``main``; a Python caller of ``main`` gets it too). Nothing is changed where the environment sets glibc's
+    allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``glibc.malloc.*`` in ``GLIBC_TUNABLES``: the
+    user's choice) or without glibc. Returns whether both settings took."""
+    if (not sys.platform.startswith("linux") or any(k in os.environ for k in MALLOC_SETTINGS)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # another C library
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_BYTES)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_BYTES))
+    trim = bool(mallopt(m_trim_threshold, MALLOC_TRIM_BYTES))
+    mmap = bool(mallopt(m_mmap_threshold, MALLOC_MMAP_BYTES) or mallopt(m_mmap_threshold, MALLOC_MMAP_BYTES_OLD))
+    return trim and mmap
 
 
 def main(argv: list[str] | None = None) -> int:
