@@ -4,12 +4,20 @@ intermediates), interleaved, medians; prints ms per call and the largest pixel d
 
     taskset -c 0 python benchmarks/vae_decode.py --threads 1              # the bundled VAE, 4 images at 64x64
     taskset -c 0 python benchmarks/vae_decode.py --threads 1 --ns34m --size 512 --images 1 --repeats 5
+
+``--kept-memory N``: the default decode in processes that keep freed memory (glibc's thresholds as the commands set
+them, ``nextstep.cli.keep_freed_memory``, given as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``) against
+processes with glibc's defaults, N of each, alternated (a process-wide setting: one process cannot measure both);
+prints each process's median and the medians of those.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,9 +31,32 @@ for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 from generate import SHAPES  # noqa: E402
 
+from nextstep.cli import MALLOC_MMAP_BYTES, MALLOC_SETTINGS, MALLOC_TRIM_BYTES  # noqa: E402
 from nextstep.config import VAEConfig  # noqa: E402
 from nextstep.model.vae import VAE  # noqa: E402
 from nextstep.pipeline import NextStepPipeline  # noqa: E402
+
+
+def kept_memory(args) -> int:
+    argv = ["--size", str(args.size), "--images", str(args.images), "--repeats", str(args.repeats), "--threads",
+            str(args.threads)] + ["--ns34m"] * args.ns34m
+    rounds = args.kept_memory
+    base = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
+    envs = {"glibc's defaults": base, "freed memory kept": {**base, "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_BYTES),
+                                                            "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_BYTES)}}
+    ms: dict[str, list[float]] = {k: [] for k in envs}
+    for _ in range(rounds):
+        for name, env in envs.items():
+            out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True,
+                                 check=True).stdout
+            ms[name].append(float(re.search(r"^\s*default\s+([\d.]+) ms", out, re.M).group(1)))
+    print(f"{'ns34m' if args.ns34m else 'bundled'} VAE, {args.images} x {args.size}x{args.size}, the default decode, "
+          f"ms per call (each process's median), {rounds} processes each, alternated:")
+    for name, v in ms.items():
+        print(f"  {name:18s} {statistics.median(v):8.1f} ms   ({', '.join(f'{x:.1f}' for x in v)})")
+    a, b = (statistics.median(v) for v in ms.values())
+    print(f"  kept is {a / b:.2f}x faster")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--kept-memory", type=int, default=0, metavar="N",
+                    help="compare the default decode in N processes keeping freed memory against N without")
     args = ap.parse_args(argv)
+    if args.kept_memory:
+        return kept_memory(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = NextStepPipeline.from_pretrained()

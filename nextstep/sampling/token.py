@@ -108,7 +108,7 @@ class FewStepSampler:
         noise, and with it the images' variety (``benchmarks/diversity.py``); the distilled head's noisiest starts
         cost it accuracy (docs/fast-mode.md: six seeds of ``nextstep eval shapes --fast``, 84.9 -> 87.7 overall at 4
         steps). Parallel decoding at K = 2 draws its drafted tokens without noise: the same ones but for the image's
-        last. Every token still consumes its noise, so the others get what they would get without this."""
+        last. Every token still consumes its noise, so the others draw the noise they would draw without this."""
         return k % 2 == 1
 
     def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype):
