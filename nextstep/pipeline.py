@@ -407,7 +407,7 @@ class NextStepPipeline:
         masks = self._check_masks(mask, images, observe, mask_margin)
         height, width = self._size(height, width, images)
         grid = (height // self.size_multiple, width // self.size_multiple)
-        guidance = Guidance.from_settings(settings, images is not None)
+        guidance = self.guidance(settings, images is not None)
         source = [fit_image(x, height, width) for x in images] if images is not None else None
         # (B, H, W) True where to edit, one per image drawn (a prompt's images in a row, as the noise rows)
         region = (torch.stack([fit_mask(m, height, width) for m in masks]).repeat_interleave(num_images_per_prompt, 0)
@@ -537,10 +537,15 @@ class NextStepPipeline:
                              "pipe.load_head(DIR) (CLI: --head DIR), or make one with `nextstep distill-head`")
         return self.head.config.settings(self.defaults, edit, **overrides)
 
+    def guidance(self, settings: Settings, edit: bool) -> Guidance:
+        """The guidance branches a call with these settings builds (in fast mode: the ones its distilled head reads)."""
+        return Guidance.from_settings(settings, edit, self.head.config.branches
+                                      if settings.sampler == DISTILLED and self.head is not None else "cond")
+
     def prompt_rows(self, prompt: str, grid: tuple[int, int], settings: Settings, edit: bool) -> list[list[int]]:
         """Token ids of every row a call prefills for ``prompt`` drawing one image of ``grid`` tokens (the prompt,
         then one row per other guidance branch): the model's positions must hold the longest plus the image."""
-        guidance = Guidance.from_settings(settings, edit)
+        guidance = self.guidance(settings, edit)
         return self._rows([self._caption(prompt, [grid] if edit else [])], settings.negative_prompt, grid, guidance, 1)
 
     def largest_square(self, prompt: str, settings: Settings, edit: bool, max_side: int | None = None) -> int:
@@ -633,7 +638,7 @@ class NextStepPipeline:
             if observe is not None or exact:
                 raise InputError(f"{'observe=' if observe is not None else 'exact=True'} is about the full head: "
                                  f"not available in fast mode")
-            sample = FewStepSampler(self.head, settings, len(rows), device, model.dtype)
+            sample = FewStepSampler(self.head, settings, len(rows), device, model.dtype, guidance.branches)
         else:
             sample = TokenSampler(model.image_head, guidance, settings, len(rows), device, model.dtype,
                                   exact=exact, trace=observe is not None)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+import nextstep.pipeline as pipeline_module
 from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
 from nextstep.checkpoint import CheckpointError
 from nextstep.errors import InputError
@@ -27,7 +29,7 @@ from nextstep.model.distilled_head import (
     norm_means,
 )
 from nextstep.pipeline import NextStepPipeline
-from nextstep.sampling.token import FewStepSampler
+from nextstep.sampling.token import FewStepSampler, TokenSampler
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
 
@@ -125,6 +127,75 @@ def test_fast_mode_runs_one_branch_and_is_deterministic(trained, pipe):
     assert (pair.tokens[1] - alone.tokens[0]).abs().max() <= 1e-4
     assert one.tokens.shape == (1, 16, 64)
     assert pipe("a red circle", fast=True, num_inference_steps=4, progress=False).tokens.shape == (1, 16, 64)
+
+
+def reading_every_branch(head: DistilledHead) -> DistilledHead:
+    """``head`` as a student of ``branches`` "all" whose other-branch embedding adds nothing (as distillation starts
+    it): it must draw what ``head`` draws."""
+    wide = DistilledHead(dataclasses.replace(head.config, branches="all"))
+    missing, unexpected = wide.load_state_dict(head.state_dict(), strict=False)
+    assert missing == ["other_embed.weight"] and not unexpected
+    torch.nn.init.zeros_(wide.other_embed.weight)
+    return wide.to(next(head.parameters()).dtype).eval()
+
+
+def test_a_head_reading_every_branch_gets_the_teachers_branches(pipe):
+    """A head of ``branches`` "all": the backbone runs every branch its teacher guided with (2 rows per image for
+    text-to-image, 3 for an edit with image guidance), the head reads the unconditional rows' conditions (zeros for a
+    branch the call has not), and with that input's embedding at zero it draws what the one-branch head draws."""
+    one = pipe.head
+    wide = reading_every_branch(one)
+    seen, others = [], []
+    forward, condition = pipe.model.forward, wide.condition
+
+    def spy(embeds, *a, **kw):
+        seen.append(embeds.shape[0])
+        return forward(embeds, *a, **kw)
+
+    def record(c, other=None):
+        others.append(other.detach().clone())
+        return condition(c, other)
+
+    kw = dict(progress=False, output_type="pt")
+    source = Image.new("RGB", (64, 64), "white")
+    runs = {}
+    try:
+        for name, head in (("one", one), ("all", wide)):
+            pipe.head = head
+            pipe.model.forward, wide.condition = spy, record
+            seen.clear()
+            t2i = pipe(["a red circle", "two blue squares"], fast=True, generator=torch.Generator().manual_seed(0),
+                       **kw)
+            rows_t2i = set(seen)
+            seen.clear()
+            edit = pipe("make the circle green", image=source, fast=True,
+                        generator=torch.Generator().manual_seed(0), **kw)
+            par = pipe(["a red circle", "two blue squares"], fast=True, parallel=2,
+                       generator=torch.Generator().manual_seed(0), **kw)
+            runs[name] = (t2i.tokens, edit.tokens, par.tokens, rows_t2i, set(seen))
+    finally:
+        pipe.head = one
+        pipe.model.forward = forward
+        del wide.condition
+    assert runs["one"][3:] == ({2}, {1, 2}) and runs["all"][3:] == ({4}, {3, 4})
+    for a, b in zip(runs["one"][:3], runs["all"][:3]):
+        assert (a - b).abs().max() <= 1e-4  # the backbone's rounding of more rows (measured 5e-6)
+    t2i_other, edit_other = others[0], others[16]
+    assert t2i_other.shape == (2, 2, 256) and not t2i_other[:, 0].any() and t2i_other[:, 1].abs().min() > 0
+    assert edit_other.shape == (1, 2, 256) and edit_other.abs().amin(-1).min() > 0  # both branches
+    # token 0's unconditional row is the teacher's: the same prefill, the same projection
+    teacher = []
+
+    class Spy(TokenSampler):
+        def __call__(self, c, *a, **kw):
+            teacher.append(c.detach().clone())
+            return super().__call__(c, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pipeline_module, "TokenSampler", Spy)
+        pipe(["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+             guidance_scale=one.config.guidance_scale, **kw)
+    torch.testing.assert_close(t2i_other[:, 1], teacher[0][2:], atol=1e-5, rtol=0)
 
 
 def test_fast_mode_draws_every_second_token_from_the_centre_of_its_noise(pipe):

@@ -38,6 +38,8 @@ WEIGHTS_FILE = "head.safetensors"
 KIND = "nextstep-distilled-head"
 # the settings a call with the distilled head may choose
 FAST_MODE_CHOICES = ("num_inference_steps", "token_norm", "parallel")
+BRANCHES = ("cond", "all")  # what a student reads: the conditional branch, or every branch its teacher guides with
+OTHER_BRANCHES = ("uncond_text", "uncond_all")  # the branches besides "cond" ("all"), zeros where a call has none
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class DistilledHeadConfig:
     trained_steps: tuple[int, ...] = (1, 2, 4)
     method: str = "trajectory"
     teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's sampler and steps, for the record
+    branches: str = "cond"  # "cond": the conditional branch only (one backbone row per image); "all": every branch
 
     def settings(self, defaults: SamplingConfig, edit: bool, **overrides: Any) -> Settings:
         """The settings of a call with this head: its steps (default: ``steps``), the teacher settings it was
@@ -162,6 +165,11 @@ class DistilledHead(nn.Module):
         self.config = config
         self.net = VelocityNet(config.token_dim, config.cond_dim, config.head)
         self.step_embed = TimeEmbedding(config.head.width, config.head.frequency_dim)
+        if config.branches not in BRANCHES:
+            raise ConfigError(f"branches must be one of {BRANCHES}, got {config.branches!r}")
+        # "all": the other branches' conditions (uncond_text, uncond_all; zeros where absent), added to the AdaLN input
+        self.other_embed = (nn.Linear(len(OTHER_BRANCHES) * config.cond_dim, config.head.width, bias=False)
+                            if config.branches == "all" else None)
 
     @classmethod
     def from_teacher(cls, teacher: FlowHead, config: DistilledHeadConfig,
@@ -179,11 +187,24 @@ class DistilledHead(nn.Module):
         nn.init.zeros_(student.step_embed.mlp[0].bias)
         nn.init.zeros_(student.step_embed.mlp[2].weight)
         nn.init.zeros_(student.step_embed.mlp[2].bias)
+        if student.other_embed is not None:
+            nn.init.zeros_(student.other_embed.weight)
         return student
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
+                other: torch.Tensor | None = None) -> torch.Tensor:
         net = self.net
-        return net.velocity(x, net.time_embed(t) + self.step_embed(d) + net.cond_embed(c))
+        return net.velocity(x, net.time_embed(t) + self.step_embed(d) + self.condition(c, other))
+
+    def condition(self, c: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """The AdaLN input's condition part: ``c`` (N, D) the conditional branch's condition, ``other`` (N, 2, D)
+        the other branches' (``OTHER_BRANCHES``, zeros where absent; read by a student of ``branches`` "all")."""
+        y = self.net.cond_embed(c)
+        if self.other_embed is not None:
+            if other is None:
+                raise ValueError("this distilled head reads every guidance branch: pass the other branches' conditions")
+            y = y + self.other_embed(other.flatten(-2))
+        return y
 
     # ---- files ---------------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:

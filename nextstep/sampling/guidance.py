@@ -49,10 +49,11 @@ class Guidance:
             raise ValueError(f"guidance schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
     @classmethod
-    def from_settings(cls, settings: Settings, edit: bool) -> Guidance:
-        """The guidance of a call with these settings (``edit``: an input image is given); the distilled head reads
-        the conditional branch alone (it learnt its teacher's guidance)."""
-        if settings.sampler == DISTILLED:
+    def from_settings(cls, settings: Settings, edit: bool, head_branches: str = "cond") -> Guidance:
+        """The guidance of a call with these settings (``edit``: an input image is given). A distilled head learnt its
+        teacher's guidance: it reads the conditional branch alone (``head_branches`` "cond"), or every branch its
+        teacher guided with ("all"; the settings hold the teacher's scales) without combining them itself."""
+        if settings.sampler == DISTILLED and head_branches == "cond":
             return cls(has_image=edit)
         return cls(settings.guidance_scale, settings.image_guidance_scale, has_image=edit,
                    schedule=settings.guidance_schedule)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Settings
-from ..model.distilled_head import DistilledHead
+from ..model.distilled_head import OTHER_BRANCHES, DistilledHead
 from ..model.flow_head import FlowHead
 from .flow import noise_draws, run, shift_times, times
 from .guidance import Guidance
@@ -96,8 +96,9 @@ class TokenSampler:
 
 class FewStepSampler:
     """Samples image tokens with a distilled head (``model.distilled_head.DistilledHead``): ``steps`` Euler steps of
-    its average velocity over the (shifted) grid, on the conditional rows only (the guidance is distilled into the
-    head). Deterministic given the start noise: one draw per token."""
+    its average velocity over the (shifted) grid, one head row per image (the guidance is distilled into the head),
+    conditioned on the conditional rows, or on every guidance branch's for a head that reads them all
+    (``branches`` "all"). Deterministic given the start noise: one draw per token."""
 
     draws = 1
 
@@ -111,23 +112,29 @@ class FewStepSampler:
         last. Every token still consumes its noise, so the others draw the noise they would draw without this."""
         return k % 2 == 1
 
-    def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype):
-        self.head, self.settings, self.rows = head, settings, rows
+    def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype,
+                 branches: tuple[str, ...] = ("cond",)):
+        self.head, self.settings, self.rows, self.branches = head, settings, rows, branches
         self.ts = fewstep_times(settings.num_inference_steps, settings.time_shift).to(device)  # (S + 1,)
         t, d = self.ts[:-1].to(dtype), (self.ts[1:] - self.ts[:-1]).to(dtype)
-        net = head.net
-        # (S, rows, width): each step's time + step-size embedding, made once per call
-        self.step_emb = torch.stack([net.time_embed(t[i].expand(rows)) + head.step_embed(d[i].expand(rows))
+        net, n = head.net, rows // len(branches)
+        # (S, n, width): each step's time + step-size embedding, made once per call
+        self.step_emb = torch.stack([net.time_embed(t[i].expand(n)) + head.step_embed(d[i].expand(n))
                                      for i in range(len(d))])
 
     def __call__(self, cond: torch.Tensor, scales: tuple, noise: torch.Tensor) -> torch.Tensor:
-        """cond (n, D) conditional rows; noise (1, n, token_dim) -> token (n, token_dim); or T tokens' (T * n) rows
-        in one call. ``scales`` is unused."""
+        """cond (copies * n, D) rows branch by branch; noise (1, n, token_dim) -> token (n, token_dim); or T tokens'
+        (copies * T * n) rows in one call. ``scales`` is unused."""
         net = self.head.net
+        blocks = dict(zip(self.branches, cond.chunk(len(self.branches))))
+        other = None
+        if len(self.branches) > 1:  # (T * n, 2, D): the other branches, zeros where this call has none
+            other = torch.stack([blocks.get(b, torch.zeros_like(blocks["cond"])) for b in OTHER_BRANCHES], 1)
         # every step's AdaLN modulations at once (they depend on the condition and the step only): each modulation
         # layer reads its weights once per token, not once per step
-        step_emb = tile(self.step_emb, cond.shape[0] // self.rows)
-        mods = list(zip(*(m.unbind(0) for m in net.modulations(step_emb + net.cond_embed(cond)))))  # by step
+        step_emb = tile(self.step_emb, blocks["cond"].shape[0] // self.step_emb.shape[1])
+        mods = list(zip(*(m.unbind(0) for m in net.modulations(step_emb + self.head.condition(blocks["cond"],
+                                                                                               other)))))  # by step
         x = noise[0]
         for i in range(len(self.step_emb)):
             u = net.velocity_from_modulations(x.to(cond.dtype), mods[i]).float()

@@ -313,6 +313,7 @@ class DistillConfig:
     policy_steps: int = 10
     holdout: int = 1024  # tokens kept out of training, to measure the student against the teacher
     tokens_per_image: int | None = None  # keep this many random tokens of each image (default: all)
+    branches: str = "cond"  # the student reads the conditional branch ("cond") or every branch its teacher guides with
     # the teacher's settings; None: the base model's sampling defaults
     guidance_scale: float | None = None
     edit_guidance_scale: float | None = None
@@ -325,6 +326,7 @@ class DistillConfig:
         _coerce(self, "data", DataConfig)
         _coerce(self, "optim", OptimConfig)
         _check(self.method in DISTILL_METHODS, f"method must be one of {DISTILL_METHODS}, got {self.method!r}")
+        _check(self.branches in ("cond", "all"), f"branches must be \"cond\" or \"all\", got {self.branches!r}")
         k = self.teacher_steps
         _check(isinstance(k, int) and k >= 1 and k & (k - 1) == 0,
                f"teacher_steps must be a power of 2, got {k!r}")

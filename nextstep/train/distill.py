@@ -36,7 +36,7 @@ from ..config import Settings
 from ..data.sources import open_source
 from ..errors import ConfigError, DataError, SampleError
 from ..images import fit_image, load_image
-from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means
+from ..model.distilled_head import OTHER_BRANCHES, DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means
 from ..model.latents import patchify
 from ..sampling.flow import times
 from ..sampling.guidance import Guidance
@@ -57,8 +57,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, x, t, d, c, target=None, norm: float = 1.0):
-        u = self.student(x, t, d, c).float()
+    def forward(self, x, t, d, c, target=None, norm: float = 1.0, other=None):
+        u = self.student(x, t, d, c, other).float()
         if target is None:
             return u
         return ((u - target) ** 2).mean(-1).sum() / norm
@@ -87,6 +87,8 @@ def targets_key(cfg: DistillConfig, pipe) -> str:
     parts = [to_dict(cfg.data), model_fingerprint(pipe.model), [round(m, 4) for m in norm_means(pipe.model)],
              str(cfg.vae), [dataclasses.asdict(teacher[e]) for e in (False, True)], cfg.teacher_steps,
              cfg.policy_fraction, cfg.policy_steps, cfg.holdout, cfg.run.seed, cfg.tokens_per_image]
+    if cfg.branches != "cond":  # (keys of the targets of one-branch students stay as they were)
+        parts.append(cfg.branches)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -107,7 +109,8 @@ def _readable(source) -> tuple[list[tuple[int, dict]], int]:
 def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tuple[int, dict]], policy: bool,
                    size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Conditions and teacher paths of one chunk of same-kind samples: {"cond" (N, D), "path" (N, K + 1, d),
-    "ts" (N, K + 1)} with N = samples x tokens."""
+    "ts" (N, K + 1)} with N = samples x tokens; with ``branches`` "all" also "other" (N, 2, D), the other guidance
+    branches' conditions (``OTHER_BRANCHES``, zeros where the teacher has no such branch)."""
     model, k = pipe.model, cfg.teacher_steps
     edit = items[0][1]["kind"] == "edit"
     height, width = size
@@ -147,7 +150,11 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
     sampler(cond, guidance.scales_at(0, total), x0)
     path = sampler.trace[0].permute(1, 0, 2).float().cpu()  # (N, K + 1, d)
     ts = times("ode", k, settings.time_shift).expand(n, k + 1)
-    return {"cond": cond[:n].float().cpu(), "path": path, "ts": ts.contiguous()}
+    out = {"cond": cond[:n].float().cpu(), "path": path, "ts": ts.contiguous()}
+    if cfg.branches == "all":
+        blocks = dict(zip(guidance.branches, cond.float().cpu().split(n)))
+        out["other"] = torch.stack([blocks.get(b, torch.zeros(n, cond.shape[-1])) for b in OTHER_BRANCHES], 1)
+    return out
 
 
 def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, torch.Tensor], int, int]:
@@ -223,7 +230,7 @@ def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0]), index]
 
 
-def row_targets(cfg: DistillConfig, trainable: nn.Module, cond, path, ts, s, interval):
+def row_targets(cfg: DistillConfig, trainable: nn.Module, cond, path, ts, s, interval, other=None):
     """Inputs (x, t, d) and targets of the rows: see the module docstring."""
     k = cfg.teacher_steps
     span = k // s  # fine steps per interval
@@ -236,8 +243,9 @@ def row_targets(cfg: DistillConfig, trainable: nn.Module, cond, path, ts, s, int
     with torch.no_grad():
         m = (i + span // 2)[coarse]
         xc, tic, tmc, tjc, cc = x[coarse], ti[coarse], _at(ts[coarse], m), tj[coarse], cond[coarse]
-        u1 = trainable(xc, tic, tmc - tic, cc)
-        u2 = trainable(xc + (tmc - tic)[:, None] * u1, tmc, tjc - tmc, cc)
+        oc = other[coarse] if other is not None else None
+        u1 = trainable(xc, tic, tmc - tic, cc, other=oc)
+        u2 = trainable(xc + (tmc - tic)[:, None] * u1, tmc, tjc - tmc, cc, other=oc)
         target[coarse] = ((tmc - tic)[:, None] * u1 + (tjc - tmc)[:, None] * u2) / (tjc - tic)[:, None]
     return x, ti, tj - ti, target
 
@@ -248,17 +256,20 @@ def holdout_errors(student: DistilledHead, targets: dict[str, torch.Tensor], sta
     """Mean squared distance per value between the student's S-step endpoint and the teacher's, on the held-out
     rows (from ``start``), for each S."""
     cond, path, ts = (targets[n][start:] for n in ("cond", "path", "ts"))
+    other = targets["other"][start:] if "other" in targets else None
     if not len(cond):
         return {}
     device, dtype = next(student.parameters()).device, next(student.parameters()).dtype
     cond = cond.to(device, dtype)
+    other = other.to(device, dtype) if other is not None else None
     k = path.shape[1] - 1
     out = {}
     for s in steps:
         x = path[:, 0].to(device)
         for n in range(s):
             t0, t1 = ts[:, n * k // s].to(device), ts[:, (n + 1) * k // s].to(device)
-            x = x + (t1 - t0)[:, None] * student(x.to(dtype), t0.to(dtype), (t1 - t0).to(dtype), cond).float()
+            x = x + (t1 - t0)[:, None] * student(x.to(dtype), t0.to(dtype), (t1 - t0).to(dtype), cond,
+                                                 other).float()
         out[f"holdout_mse_{s}"] = float(((x.cpu() - path[:, -1]) ** 2).mean())
     return out
 
@@ -277,7 +288,8 @@ def head_config(cfg: DistillConfig, pipe) -> DistilledHeadConfig:
         edit_image_guidance_scale=edit.image_guidance_scale, time_shift=t2i.time_shift,
         edit_time_shift=edit.time_shift, negative_prompt=edit.negative_prompt, steps=cfg.steps,
         trained_steps=tuple(cfg.trained_steps), method=cfg.method,
-        teacher={"sampler": "ode", "steps": cfg.teacher_steps, "token_norm": t2i.token_norm})
+        teacher={"sampler": "ode", "steps": cfg.teacher_steps, "token_norm": t2i.token_norm},
+        branches=cfg.branches)
 
 
 class DistillTask(Task):
@@ -296,10 +308,11 @@ class DistillTask(Task):
         rows, s, interval = (v[info.rank * per_rank:(info.rank + 1) * per_rank] for v in
                              draw_rows(self.cfg, step, self.train_rows))
         cond = t["cond"][rows].to(dev)
+        other = t["other"][rows].to(dev) if "other" in t else None
         with self.autocast:
             x, ti, d, target = row_targets(self.cfg, self.trainable, cond, t["path"][rows].to(dev),
-                                           t["ts"][rows].to(dev), s.to(dev), interval.to(dev))
-            loss = self.trainable(x, ti, d, cond, target, run.batch_size / info.world)
+                                           t["ts"][rows].to(dev), s.to(dev), interval.to(dev), other)
+            loss = self.trainable(x, ti, d, cond, target, run.batch_size / info.world, other)
         yield loss, {}
 
     def metrics(self, seconds: float, checkpoint: bool) -> dict[str, float]:
