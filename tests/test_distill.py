@@ -28,7 +28,7 @@ from nextstep.model.distilled_head import (
     model_fingerprint,
     norm_means,
 )
-from nextstep.pipeline import NextStepPipeline
+from nextstep.pipeline import NextStepPipeline, bundled_model_dir
 from nextstep.sampling.token import FewStepSampler, TokenSampler
 from nextstep.train.config import DistillConfig, from_dict
 from nextstep.train.distill import distill, draw_rows, holdout_errors
@@ -139,11 +139,12 @@ def reading_every_branch(head: DistilledHead) -> DistilledHead:
     return wide.to(next(head.parameters()).dtype).eval()
 
 
-def test_a_head_reading_every_branch_gets_the_teachers_branches(pipe):
+def test_a_head_reading_every_branch_gets_the_teachers_branches(trained, pipe):
     """A head of ``branches`` "all": the backbone runs every branch its teacher guided with (2 rows per image for
     text-to-image, 3 for an edit with image guidance), the head reads the unconditional rows' conditions (zeros for a
     branch the call has not), and with that input's embedding at zero it draws what the one-branch head draws."""
-    one = pipe.head
+    one = DistilledHead.from_pretrained(trained[1], pipe.model)
+    assert one.config.branches == "cond"
     wide = reading_every_branch(one)
     seen, others = [], []
     forward, condition = pipe.model.forward, wide.condition
@@ -203,6 +204,7 @@ def test_fast_mode_draws_every_second_token_from_the_centre_of_its_noise(pipe):
     others with their noise: each token against the head's draw from its own condition without noise."""
     conds = {}
     condition = pipe.model.condition
+    pipe.load_head(bundled_model_dir() / "fast")
 
     def record(hidden, index=None, grid=None, prev=None, ahead=1):
         out = condition(hidden, index, grid, prev, ahead)
@@ -216,7 +218,8 @@ def test_fast_mode_draws_every_second_token_from_the_centre_of_its_noise(pipe):
     finally:
         del pipe.model.condition
     settings = pipe.resolve_settings(False, fast=True)
-    sampler = FewStepSampler(pipe.head, settings, 1, pipe.device, torch.float32)
+    branches = pipe.guidance(settings, False).branches  # the bundled head reads both guidance branches
+    sampler = FewStepSampler(pipe.head, settings, len(branches), pipe.device, torch.float32, branches)
     assert sorted(conds) == list(range(16))
     with torch.no_grad():
         for t, cond in conds.items():

@@ -283,10 +283,11 @@ def test_several_tokens_in_one_head_call_equal_one_by_one(bundled_pipe, fast):
     pipe, n, tokens = bundled_pipe, 3, 2
     schedule = {} if fast else {"guidance_schedule": "linear"}  # the distilled head keeps its teacher's
     settings = pipe.resolve_settings(False, fast, num_inference_steps=4, **schedule)
-    guidance = Guidance.from_settings(settings, False)
+    guidance = pipe.guidance(settings, False)
     copies = len(guidance.branches)
-    if fast:
-        sampler = FewStepSampler(pipe.head, settings, n, pipe.device, torch.float32)
+    if fast:  # the bundled head reads both branches too (its other-branch rows: branch-major like the teacher's)
+        sampler = FewStepSampler(pipe.head, settings, copies * n, pipe.device, torch.float32, guidance.branches)
+        assert copies == 2
     else:
         sampler = TokenSampler(pipe.model.image_head, guidance, settings, copies * n, pipe.device, torch.float32,
                                exact=False)
