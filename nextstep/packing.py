@@ -44,8 +44,10 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def _packable(m: nn.Module) -> bool:
-    w = getattr(m, "weight", None)
-    return (type(m) is nn.Linear and w is not None and type(w.data) is torch.Tensor and w.device.type == "cpu"
+    if type(m) is not nn.Linear:  # before reading .weight: a quantized layer's dequantizes on every access
+        return False
+    w = m.weight
+    return (w is not None and type(w.data) is torch.Tensor and w.device.type == "cpu"
             and w.layout == torch.strided and available(w.dtype)
             and (w.dtype != torch.float32 or w.numel() >= PACK_MIN_FLOAT32))
 
