@@ -2,6 +2,7 @@
 (fast mode at 1, 2 and 4 steps), interleaved in one process, medians; prints a Markdown table.
 
     taskset -c 0 python benchmarks/fast_speed.py --threads 1 --repeats 7            # the bundled model and head
+    taskset -c 0 python benchmarks/fast_speed.py --threads 1 --head A B --steps 4    # two heads, interleaved
     python benchmarks/fast_speed.py --model DIR --head DIR --size 512 --device cuda --dtype bfloat16
 
 Each call draws one image of one prompt (``progress=False``, ``output_type="pt"``, a seeded generator); every
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--vae", default=None)
-    ap.add_argument("--head", default=None, help="distilled head (default: the model's fast/)")
+    ap.add_argument("--head", nargs="+", default=None,
+                    help="distilled head directories, each timed (default: the model's fast/)")
     ap.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="distilled steps to time")
     ap.add_argument("--repeats", type=int, default=5)
@@ -43,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = NextStepPipeline.from_pretrained(args.model, args.vae, head=args.head, device=args.device,
-                                            dtype=getattr(torch, args.dtype))
-    if pipe.head is None:
+    pipe = NextStepPipeline.from_pretrained(args.model, args.vae, device=args.device, dtype=getattr(torch, args.dtype))
+    heads = {"": pipe.head}
+    if args.head:
+        heads = {}
+        for path in args.head:
+            pipe.load_head(path)
+            heads[f" ({path}, reads {pipe.head.config.branches!r})" if len(args.head) > 1 else ""] = pipe.head
+    if None in heads.values():
         raise SystemExit("no distilled head: pass --head DIR")
     size = args.size or pipe.size_multiple * pipe.model.config.base_image_grid_size
     common = dict(height=size, width=size, progress=False, output_type="pt")
@@ -54,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         common["image"] = source.images[0]
     full = pipe.defaults.resolve(args.edit)
     variants = {f"full head ({full.sampler}, {full.num_inference_steps} steps, guidance {full.guidance_scale:g})": {}}
-    variants.update({f"distilled, {s} step{'s' * (s > 1)}": dict(fast=True, num_inference_steps=s) for s in args.steps})
+    variants.update({f"distilled, {s} step{'s' * (s > 1)}{label}": dict(fast=True, num_inference_steps=s, head=h)
+                     for label, h in heads.items() for s in args.steps})
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.repeats + 1):
         for name, kw in variants.items():
+            kw = dict(kw)
+            pipe.head = kw.pop("head", pipe.head)
             t0 = time.perf_counter()
             pipe(PROMPTS[args.edit], generator=torch.Generator().manual_seed(round_), **common, **kw)
             if round_:  # the first round warms up

@@ -207,14 +207,16 @@ def quantize_pipeline(pipe: NextStepPipeline, kind: str) -> str:
     return f"; weights {kind}"
 
 
-def untrained_head(pipe: NextStepPipeline) -> DistilledHead:
+def untrained_head(pipe: NextStepPipeline, branches: str = "all") -> DistilledHead:
     """A distilled head of the pipeline's model as distillation starts it (the teacher's weights, a zero step input):
-    it costs what a trained one costs."""
+    it costs what a trained one costs. ``branches``: what it reads, by default every guidance branch of its teacher
+    (guidance 3: two backbone rows per image), as the bundled head and ``configs/distill-head.json``."""
     model = pipe.model
     cfg = DistilledHeadConfig(token_dim=model.config.token_dim, cond_dim=model.config.transformer.hidden_size,
                               head=model.config.head, base_model="benchmark", fingerprint=model_fingerprint(model),
                               norm_means=tuple(norm_means(model)),
-                              guidance_scale=3.0, edit_guidance_scale=3.0, edit_image_guidance_scale=1.0)
+                              guidance_scale=3.0, edit_guidance_scale=3.0, edit_image_guidance_scale=1.0,
+                              branches=branches)
     return DistilledHead.from_teacher(model.image_head, cfg).to(model.dtype).eval()
 
 
