@@ -39,7 +39,7 @@ def recipe(out: Path, **over) -> dict:
          "data": {"source": "shapes", "num_samples": 40, "mix": {"t2i": 0.6, "edit": 0.4}, "seed": 5},
          "optim": {"lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0},
          "teacher_steps": 8, "trained_steps": [1, 2, 4], "steps": 2, "policy_fraction": 0.5, "policy_steps": 4,
-         "holdout": 128}
+         "holdout": 128, "branches": "cond"}
     for k, v in over.items():
         r[k] = {**r[k], **v} if isinstance(v, dict) else v
     return r
@@ -91,6 +91,24 @@ def test_shortcut_method_trains_every_level_and_its_loss_falls(tmp_path):
     log = metrics(tmp_path / "sc")
     # (the bundled model's parallel-decoding conditions are among the rows: measured 0.76 after 40 steps)
     assert sum(m["loss"] for m in log[-5:]) < 0.8 * sum(m["loss"] for m in log[:5])
+
+
+def test_a_student_reading_every_branch_trains_and_loads(tmp_path, pipe):
+    """The default ``branches`` "all": the targets keep the other branches' conditions (zeros for a branch the sample's
+    kind has not), the loss falls, and the head it exports reads every branch."""
+    cfg = from_dict(DistillConfig, {k: v for k, v in recipe(tmp_path / "all", run={"steps": 40}).items()
+                                    if k != "branches"})
+    assert cfg.branches == "all"
+    final = distill(cfg, progress=False)
+    log = metrics(tmp_path / "all")
+    assert sum(m["loss"] for m in log[-5:]) < 0.8 * sum(m["loss"] for m in log[:5])  # measured 0.6
+    targets = load_file(str(next((tmp_path / "all").glob("targets-*.safetensors"))))
+    other = targets["other"]
+    assert other.shape == (targets["cond"].shape[0], 2, targets["cond"].shape[1])
+    t2i = ~other[:, 0].any(-1)  # text-to-image rows have no uncond_text branch; edits have both
+    assert 0 < int(t2i.sum()) < len(t2i) and other[:, 1].abs().amin(-1).min() > 0
+    head = DistilledHead.from_pretrained(final, pipe.model)
+    assert head.config.branches == "all" and head.other_embed.weight.abs().max() > 0
 
 
 def test_fast_mode_runs_one_branch_and_is_deterministic(trained, pipe):

@@ -313,7 +313,10 @@ class DistillConfig:
     policy_steps: int = 10
     holdout: int = 1024  # tokens kept out of training, to measure the student against the teacher
     tokens_per_image: int | None = None  # keep this many random tokens of each image (default: all)
-    branches: str = "cond"  # the student reads the conditional branch ("cond") or every branch its teacher guides with
+    # the student reads every guidance branch its teacher guides with ("all": the unconditional state guidance depends
+    # on; the bundled head, about half the distance to the teacher) or the conditional branch alone ("cond": one
+    # backbone row per image in fast mode)
+    branches: str = "all"
     # the teacher's settings; None: the base model's sampling defaults
     guidance_scale: float | None = None
     edit_guidance_scale: float | None = None
