@@ -5,7 +5,8 @@
    frozen backbone teacher-forced (``train.conditions``): the head's condition at every token, for every guidance
    branch. From a seeded start x_0 the teacher then integrates its guided velocity over K Euler steps of the
    probability-flow ODE (its own head and guidance, on its own time grid): the path x_0 .. x_K. Kept per token: the
-   conditional branch's condition (all the student will read), the path and its time grid.
+   conditional branch's condition (with ``branches`` "all" the other branches' too: what the student reads), the
+   path and its time grid.
 2. Training. Each row of a step is a token, a step count S and one of its S intervals [t_i, t_j] on the path:
        "trajectory"  target (x_j - x_i) / (t_j - t_i): the teacher's own jump, for S in ``trained_steps``;
        "shortcut"    (after Frans et al., 2024) only the finest level (S = K) reads the teacher; a coarser interval's
