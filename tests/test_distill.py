@@ -96,12 +96,12 @@ def test_shortcut_method_trains_every_level_and_its_loss_falls(tmp_path):
 def test_a_student_reading_every_branch_trains_and_loads(tmp_path, pipe):
     """The default ``branches`` "all": the targets keep the other branches' conditions (zeros for a branch the sample's
     kind has not), the loss falls, and the head it exports reads every branch."""
-    cfg = from_dict(DistillConfig, {k: v for k, v in recipe(tmp_path / "all", run={"steps": 40}).items()
-                                    if k != "branches"})
+    r = recipe(tmp_path / "all", run={"steps": 30, "ckpt_every": 30}, data={"num_samples": 24}, policy_fraction=0.0)
+    cfg = from_dict(DistillConfig, {k: v for k, v in r.items() if k != "branches"})
     assert cfg.branches == "all"
     final = distill(cfg, progress=False)
     log = metrics(tmp_path / "all")
-    assert sum(m["loss"] for m in log[-5:]) < 0.8 * sum(m["loss"] for m in log[:5])  # measured 0.6
+    assert sum(m["loss"] for m in log[-5:]) < 0.8 * sum(m["loss"] for m in log[:5])  # measured 0.48
     targets = load_file(str(next((tmp_path / "all").glob("targets-*.safetensors"))))
     other = targets["other"]
     assert other.shape == (targets["cond"].shape[0], 2, targets["cond"].shape[1])
