@@ -128,7 +128,7 @@ class FewStepSampler:
         net = self.head.net
         blocks = dict(zip(self.branches, cond.chunk(len(self.branches))))
         other = None
-        if len(self.branches) > 1:  # (T * n, 2, D): the other branches, zeros where this call has none
+        if self.head.other_embed is not None:  # (T * n, 2, D): the other branches, zeros where this call has none
             other = torch.stack([blocks.get(b, torch.zeros_like(blocks["cond"])) for b in OTHER_BRANCHES], 1)
         # every step's AdaLN modulations at once (they depend on the condition and the step only): each modulation
         # layer reads its weights once per token, not once per step

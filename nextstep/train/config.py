@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from ..config import NextStepConfig, VAEConfig, _check, preset, valid_parallel
 from ..errors import ConfigError, MissingFileError
+from ..model.distilled_head import BRANCHES
 from ..settings import MAX_PARALLEL
 
 KINDS = ("t2i", "edit", "text")
@@ -329,7 +330,7 @@ class DistillConfig:
         _coerce(self, "data", DataConfig)
         _coerce(self, "optim", OptimConfig)
         _check(self.method in DISTILL_METHODS, f"method must be one of {DISTILL_METHODS}, got {self.method!r}")
-        _check(self.branches in ("cond", "all"), f"branches must be \"cond\" or \"all\", got {self.branches!r}")
+        _check(self.branches in BRANCHES, f"branches must be one of {list(BRANCHES)}, got {self.branches!r}")
         k = self.teacher_steps
         _check(isinstance(k, int) and k >= 1 and k & (k - 1) == 0,
                f"teacher_steps must be a power of 2, got {k!r}")
