@@ -77,30 +77,65 @@ def forced_diffs(sampled: list[torch.Tensor], reference_tokens: torch.Tensor) ->
 
 # ---- the trainers' subprocesses ------------------------------------------------------------------------------
 
-def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
-    """``nextstep ARGS`` in a subprocess (under torchrun with ``nproc`` > 1), one thread, the tests' directory on the
-    path (recipes may name a reward defined in a test module)."""
+class Ranks:
+    """The ``nproc`` processes of one multi-process run, used like one ``subprocess.Popen``: ``communicate`` (every
+    rank's output, rank 0 first), ``returncode`` (the first failing rank's), ``poll``, ``wait``, ``send_signal``
+    (to every rank)."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs, self.args = procs, procs[0].args
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        return "".join(p.communicate(timeout=timeout)[0] for p in self.procs), None
+
+    @property
+    def returncode(self) -> int | None:
+        codes = [p.returncode for p in self.procs]
+        return None if None in codes else next((c for c in codes if c), 0)
+
+    def poll(self) -> int | None:
+        for p in self.procs:
+            p.poll()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        for p in self.procs:
+            p.wait(timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        for p in self.procs:
+            p.send_signal(sig)
+
+
+def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen | Ranks:
+    """``nextstep ARGS`` in a subprocess, one thread, the tests' directory on the path (recipes may name a reward
+    defined in a test module). With ``nproc`` > 1 its ranks start with the environment torchrun gives them (RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR / PORT), without torchrun's own launcher process (a second torch import per
+    run; test_generate_many, test_tp and test_serve_tp go through torchrun itself)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "nextstep.cli", *args]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "nextstep.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "nextstep.cli", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    world = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(29500 + os.getpid() % 1000), "GROUP_RANK": "0"}
+    return Ranks([subprocess.Popen(cmd, env={**env, **world, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                  for r in range(nproc)])
 
 
-def finish(p: subprocess.Popen, timeout: float = 300) -> str:
+def finish(p: subprocess.Popen | Ranks, timeout: float = 300) -> str:
     out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out
     return out
 
 
 def one_and_two_each(command: str, recipe: dict, tmp_path: Path, strategies=("ddp", "fsdp")) -> tuple[Path, dict]:
-    """Run ``nextstep COMMAND`` on ``recipe`` (its out_dir ``tmp_path / "one"``) in one process, then in two under
-    torchrun once per engine in ``strategies`` (``run.parallel``; one process wraps nothing, whatever it says),
-    writing to ``tmp_path / f"two-{strategy}"``: ("one", {strategy: its directory}), for a 2-processes-equal-1
-    test."""
+    """Run ``nextstep COMMAND`` on ``recipe`` (its out_dir ``tmp_path / "one"``) in one process, then in two
+    (``run_cli``'s ranks) once per engine in ``strategies`` (``run.parallel``; one process wraps nothing, whatever
+    it says), writing to ``tmp_path / f"two-{strategy}"``: ("one", {strategy: its directory}), for a
+    2-processes-equal-1 test."""
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(recipe))
     finish(run_cli([command, str(cfg), "--quiet"]))
@@ -113,7 +148,7 @@ def one_and_two_each(command: str, recipe: dict, tmp_path: Path, strategies=("dd
     return tmp_path / "one", twos
 
 
-def kill_at_checkpoint(p: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
+def kill_at_checkpoint(p: subprocess.Popen | Ranks, out: Path, step: int, timeout: float = 240) -> None:
     """Wait until the run ``p`` (writing to ``out``) has completed its step-``step`` checkpoint, then kill -9 it."""
     target = out / "checkpoints" / f"step_{step:07d}" / "trainer.json"
     deadline = time.time() + timeout

@@ -376,7 +376,7 @@ def test_server_fast_requests(trained, pipe):
         assert r.status_code == 400 and r.json()["error"]["param"] == "fast"
 
 
-@pytest.mark.slow  # torchrun with 2 processes (DDP, then FSDP2) against 1
+@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
 def test_two_processes_equal_one(tmp_path):
     (tmp_path / "one").mkdir()
     r = recipe(tmp_path / "one", run={"steps": 12, "ckpt_every": 6}, data={"num_samples": 24})

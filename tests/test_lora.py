@@ -275,7 +275,7 @@ def test_kill_and_resume_gives_the_same_losses_and_adapter(world, tmp_path):
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
 
 
-@pytest.mark.slow  # torchrun with 2 processes (DDP, then FSDP2) against 1
+@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
 def test_two_processes_equal_one(world, tmp_path):
     """With half the samples replayed towards the base's velocities (the base's forward inside the wrapped one)."""
     cfg = recipe(world, tmp_path / "one", steps=3, activation_checkpointing=True)

@@ -231,7 +231,7 @@ def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.slow  # torchrun with 2 processes (DDP, then FSDP2) against 1
+@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
 def test_two_processes_equal_one(tmp_path):
     """Each process rolls out one prompt of the two (one pipeline call per prompt, as the one process makes them);
     edit and text-to-image steps (seed 1: edit, t2i, edit); the head and the last backbone layer trained, KL to the

@@ -210,7 +210,7 @@ def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
         assert abs(resumed[s] - reference[s]) <= 1e-5, (s, resumed[s], reference[s])
 
 
-@pytest.mark.slow  # torchrun with 2 processes (DDP, then FSDP2) against 1
+@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
 def test_two_processes_equal_one(world, tmp_path):
     cfg = ar_config(world, tmp_path / "one", steps=3)
     cfg["context_noise"] = 0.3  # its noise is drawn per image, so the ranks' split cannot change it
@@ -228,7 +228,7 @@ def test_two_processes_equal_one(world, tmp_path):
         assert worst <= 1e-5, (strategy, worst)
 
 
-@pytest.mark.slow  # torchrun with 2 processes, then resumed here in one
+@pytest.mark.slow  # 2 processes, then resumed here in one
 def test_fsdp_checkpoint_of_two_processes_resumes_in_one(world, tmp_path, one_thread):
     """A checkpoint saved by 2 FSDP2 processes (each holding half of every parameter and of the optimizer state) is
     resumed by 1 process: it holds exactly the weights the 2 processes had, and trains on as they did."""
@@ -304,7 +304,7 @@ def test_vae_kill_and_resume_gives_the_same_losses_and_weights(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.slow  # torchrun with 2 processes (DDP, then FSDP2) against 1
+@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
 def test_vae_two_processes_equal_one(tmp_path):
     """Tokenizer training with the discriminator (always DDP) on 2 processes makes the updates of 1. A bias right
     before a GroupNorm of one channel per group (the 32-channel levels) is nearly cancelled by it: its gradient is
