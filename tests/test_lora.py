@@ -288,10 +288,11 @@ def test_two_processes_equal_one(world, tmp_path):
         for s in (1, 2, 3):
             assert abs(one[s] - two[s]) <= 1e-5, (strategy, s, one[s], two[s])
         # Adam scales each weight's step by its gradient's size: where a gradient is tiny (an A whose B is still near
-        # zero, replayed images near the base), summation order moves the weight by up to ~1e-4 of its size
+        # zero, replayed images near the base), summation order moves the weight by up to ~1e-4 of its size (7.3e-4
+        # with oneDNN's AVX2 kernels: ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU)
         w2 = load_file(str(out / "final" / "adapter_model.safetensors"))
         assert w1.keys() == w2.keys()
-        assert max(((w1[k] - w2[k]).abs().max() / (1e-2 + w1[k].abs().max())).item() for k in w1) <= 5e-4, strategy
+        assert max(((w1[k] - w2[k]).abs().max() / (1e-2 + w1[k].abs().max())).item() for k in w1) <= 1.5e-3, strategy
 
 
 def test_cli_lora_flag(world, adapter, tmp_path):

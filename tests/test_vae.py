@@ -16,6 +16,9 @@ from nextstep.config import ConfigError, VAEConfig
 from nextstep.model.vae import VAE, Posterior
 
 TOL = 1e-5
+# the decoder against the reference: its ~30 convolutions round differently with oneDNN's AVX2 kernels (1.14e-5 measured
+# with ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU; within TOL with its AVX-512 kernels)
+DECODE_REF_TOL = 2e-5
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
@@ -99,12 +102,12 @@ def test_normalize_of_reference_moments(vae: VAE, ref: dict) -> None:
 
 @torch.no_grad()
 def test_decode_of_mean_matches_reference(vae: VAE, ref: dict) -> None:
-    assert _max_diff(vae.decode(ref["out.vae_posterior_mean"]), ref["out.vae_decode_of_mean"]) <= TOL
+    assert _max_diff(vae.decode(ref["out.vae_posterior_mean"]), ref["out.vae_decode_of_mean"]) <= DECODE_REF_TOL
 
 
 @torch.no_grad()
 def test_decode_latent_matches_reference(vae: VAE, ref: dict) -> None:
-    assert _max_diff(vae.decode(ref["in.vae_latent"]), ref["out.vae_decode_latent"]) <= TOL
+    assert _max_diff(vae.decode(ref["in.vae_latent"]), ref["out.vae_decode_latent"]) <= DECODE_REF_TOL
 
 
 def test_inference_decode_is_the_training_decode_and_keeps_channels_last(vae: VAE, ref: dict) -> None:
