@@ -124,6 +124,15 @@ class DistilledHeadConfig:
             raise CheckpointError(f"{source} is not a valid distilled head config: {e}") from None
 
 
+def split_branches(rows: torch.Tensor, branches: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked guidance rows (copies * N, D), branch by branch in ``branches`` order -> the conditional rows (N, D)
+    and the other branches' (N, 2, D) in ``OTHER_BRANCHES`` order, zeros for a branch ``branches`` has not: what a
+    head of ``branches`` "all" reads (:meth:`DistilledHead.condition`), in distillation and in sampling alike."""
+    blocks = dict(zip(branches, rows.chunk(len(branches))))
+    cond = blocks["cond"]
+    return cond, torch.stack([blocks.get(b, torch.zeros_like(cond)) for b in OTHER_BRANCHES], 1)
+
+
 NORM_TOLERANCE = 1e-3  # how far a model's norm means may be from the recorded ones (dtype rounding, not training)
 
 

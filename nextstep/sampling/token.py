@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Settings
-from ..model.distilled_head import OTHER_BRANCHES, DistilledHead
+from ..model.distilled_head import DistilledHead, split_branches
 from ..model.flow_head import FlowHead
 from .flow import noise_draws, run, shift_times, times
 from .guidance import Guidance
@@ -108,8 +108,9 @@ class FewStepSampler:
         the head's central token for its condition): every second token, from the second. The other half keep their
         noise, and with it the images' variety (``benchmarks/diversity.py``); the distilled head's noisiest starts
         cost it accuracy (docs/fast-mode.md: six seeds of ``nextstep eval shapes --fast``, 84.9 -> 87.7 overall at 4
-        steps). Parallel decoding at K = 2 draws its drafted tokens without noise: the same ones but for the image's
-        last. Every token still consumes its noise, so the others draw the noise they would draw without this."""
+        steps with the one-branch head bundled then). Parallel decoding at K = 2 draws its drafted tokens without
+        noise: the same ones but for the image's last. Every token still consumes its noise, so the others draw the
+        noise they would draw without this."""
         return k % 2 == 1
 
     def __init__(self, head: DistilledHead, settings: Settings, rows: int, device: torch.device, dtype: torch.dtype,
@@ -126,15 +127,14 @@ class FewStepSampler:
         """cond (copies * n, D) rows branch by branch; noise (1, n, token_dim) -> token (n, token_dim); or T tokens'
         (copies * T * n) rows in one call. ``scales`` is unused."""
         net = self.head.net
-        blocks = dict(zip(self.branches, cond.chunk(len(self.branches))))
-        other = None
-        if self.head.other_embed is not None:  # (T * n, 2, D): the other branches, zeros where this call has none
-            other = torch.stack([blocks.get(b, torch.zeros_like(blocks["cond"])) for b in OTHER_BRANCHES], 1)
+        if self.head.other_embed is not None:  # (T * n, D) and the other branches' (T * n, 2, D)
+            cond, other = split_branches(cond, self.branches)
+        else:
+            cond, other = cond[:cond.shape[0] // len(self.branches)], None
         # every step's AdaLN modulations at once (they depend on the condition and the step only): each modulation
         # layer reads its weights once per token, not once per step
-        step_emb = tile(self.step_emb, blocks["cond"].shape[0] // self.step_emb.shape[1])
-        mods = list(zip(*(m.unbind(0) for m in net.modulations(step_emb + self.head.condition(blocks["cond"],
-                                                                                               other)))))  # by step
+        step_emb = tile(self.step_emb, cond.shape[0] // self.step_emb.shape[1])
+        mods = list(zip(*(m.unbind(0) for m in net.modulations(step_emb + self.head.condition(cond, other)))))
         x = noise[0]
         for i in range(len(self.step_emb)):
             u = net.velocity_from_modulations(x.to(cond.dtype), mods[i]).float()

@@ -37,7 +37,7 @@ from ..config import Settings
 from ..data.sources import open_source
 from ..errors import ConfigError, DataError, SampleError
 from ..images import fit_image, load_image
-from ..model.distilled_head import OTHER_BRANCHES, DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means
+from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means, split_branches
 from ..model.latents import patchify
 from ..sampling.flow import times
 from ..sampling.guidance import Guidance
@@ -153,8 +153,7 @@ def _chunk_targets(cfg: DistillConfig, pipe, settings: Settings, items: list[tup
     ts = times("ode", k, settings.time_shift).expand(n, k + 1)
     out = {"cond": cond[:n].float().cpu(), "path": path, "ts": ts.contiguous()}
     if cfg.branches == "all":
-        blocks = dict(zip(guidance.branches, cond.float().cpu().split(n)))
-        out["other"] = torch.stack([blocks.get(b, torch.zeros(n, cond.shape[-1])) for b in OTHER_BRANCHES], 1)
+        out["other"] = split_branches(cond.float().cpu(), guidance.branches)[1]
     return out
 
 
