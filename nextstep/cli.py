@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, edit=True)
     for name, what in (("train", "train the autoregressive model"), ("train-vae", "train the VAE tokenizer"),
                        ("distill-head", "distill the flow head into a few-step head (guidance included)"),
-                       ("train-rl", "post-train a model with GRPO on scored samples of its own")):
+                       ("train-rl", "post-train a model with GRPO on scored samples of its own"),
+                       ("train-reread", "train parallel decoding's correction of the state after a draft")):
         t = sub.add_parser(name, help=f"{what} (single process, or under torchrun for DDP / FSDP2)")
         t.add_argument("config", help="a JSON recipe (see configs/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -306,11 +307,11 @@ def make_tokenizer(args) -> list[Path]:
 
 def run_training(args) -> list[Path]:
     from .rl.config import RLConfig
-    from .train.config import DistillConfig, TrainConfig, VAETrainConfig, load_recipe
+    from .train.config import DistillConfig, RereadConfig, TrainConfig, VAETrainConfig, load_recipe
     from .train.distributed import init_from_env, shutdown
 
     cls = {"train": TrainConfig, "train-vae": VAETrainConfig, "distill-head": DistillConfig,
-           "train-rl": RLConfig}[args.command]
+           "train-rl": RLConfig, "train-reread": RereadConfig}[args.command]
     cfg = load_recipe(args.config, cls)
     if args.out:
         cfg.run.out_dir = args.out
@@ -324,6 +325,8 @@ def run_training(args) -> list[Path]:
             from .train.distill import distill as train
         elif args.command == "train-rl":
             from .rl.trainer import train_rl as train
+        elif args.command == "train-reread":
+            from .train.reread import train_reread as train
         else:
             from .train.vae import train
         return [train(cfg, resume=args.resume, info=info, progress=not args.quiet)]
@@ -688,7 +691,7 @@ def _main(argv: list[str] | None) -> int:
     if getattr(args, "sampler", None) == DISTILLED:  # the distilled head's sampler: fast mode by its other name
         args.fast = True
     try:
-        if args.command in ("train", "train-vae", "distill-head", "train-rl"):
+        if args.command in ("train", "train-vae", "distill-head", "train-rl", "train-reread"):
             written = run_training(args)
         elif args.command == "serve":
             try:

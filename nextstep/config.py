@@ -155,6 +155,9 @@ class NextStepConfig:
     # Parallel decoding: the image tokens one hidden state is trained to predict (``NextStep.condition``'s
     # ``ahead``): a model with K > 1 can decode up to K tokens per backbone forward. 1: the reference model.
     parallel_tokens: int = 1
+    # Width of parallel decoding's trained correction of the state after a draft (``NextStep.reread``; 0: none, the
+    # ahead adapter's difference corrects it).
+    reread_width: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.transformer, dict):
@@ -171,6 +174,10 @@ class NextStepConfig:
                f"NextStepConfig.context_noise must be a finite number >= 0, got {self.context_noise!r}")
         _check(valid_parallel(self.parallel_tokens), f"NextStepConfig.parallel_tokens must be an integer in "
                                                      f"[1, {MAX_PARALLEL}], got {self.parallel_tokens!r}")
+        _check(isinstance(self.reread_width, int) and self.reread_width >= 0
+               and (self.reread_width == 0 or self.parallel_tokens > 1),
+               f"NextStepConfig.reread_width must be an integer >= 0, and 0 unless parallel_tokens > 1, got "
+               f"{self.reread_width!r}")
 
     @property
     def token_dim(self) -> int:

@@ -42,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # parameter groups of NextStep, by attribute name (every parameter belongs to exactly one)
 GROUPS = {"embeddings": ("embed_tokens",), "backbone": ("transformer",), "lm_head": ("lm_head",),
           "projectors": ("image_in_projector", "image_out_projector"), "flow_head": ("image_head",),
-          "parallel_adapter": ("image_ahead",)}  # parallel decoding's (0 in a model not trained for it)
+          "parallel_adapter": ("image_ahead", "image_reread")}  # parallel decoding's (0 in a model not trained for it)
 WIDTH = 116  # text output is wrapped to this many columns (the KV table excepted)
 QUANT_SCALE_BYTES = 4  # one float32 scale per output channel (nextstep.quant)
 

@@ -51,6 +51,7 @@ _ALIASES: list[tuple[tuple[str, ...], str]] = [
     (("eos_token_id",), "eos_id"),
     (("context_noise",), "context_noise"),
     (("parallel_tokens",), "parallel_tokens"),
+    (("reread_width",), "reread_width"),
     (("vocab_size",), "transformer.vocab_size"),
     (("hidden_size",), "transformer.hidden_size"),
     (("num_hidden_layers",), "transformer.num_layers"),
@@ -177,6 +178,8 @@ def nextstep_to_official(cfg: NextStepConfig, schema: str = "v1") -> dict[str, A
         out["context_noise"] = cfg.context_noise
     if cfg.parallel_tokens > 1:  # ours too: a model trained for parallel decoding (``NextStep.condition``)
         out["parallel_tokens"] = cfg.parallel_tokens
+    if cfg.reread_width:  # ours: parallel decoding's trained correction (``NextStep.reread``)
+        out["reread_width"] = cfg.reread_width
     if schema == "v1":
         out.update(fm_head_dim=h.width, fm_head_layers=h.depth, fm_head_batch_mul=h.batch_mul,
                    latent_channels=cfg.latent_channels, latent_patch_size=cfg.patch_size,

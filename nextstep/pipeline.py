@@ -162,6 +162,7 @@ class NextStepPipeline:
         self._adapters = None  # nextstep.lora.Adapters once a LoRA adapter is loaded
         self._decode_step = self.decode_step  # replaced by a compiled version in compile()
         self._cache_bucket = 1  # KV-cache lengths are rounded up to a multiple of this (compile(): fewer shapes)
+        self._rereads: list | None = None  # recording_rereads()
 
     # ---- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -697,11 +698,15 @@ class NextStepPipeline:
             with clock("backbone"):
                 return self._decode_step(torch.stack(xs, 1), slots[k:k + len(xs)].clone(), cache)
 
-        def reread(before: torch.Tensor, after: torch.Tensor, drafted: torch.Tensor, k: int, x: torch.Tensor
-                   ) -> torch.Tensor:  # the state after token k's draft, corrected toward token k as fed back
+        def reread(before: torch.Tensor, after: torch.Tensor, drafted: torch.Tensor, k: int, xs: list[torch.Tensor]
+                   ) -> torch.Tensor:  # the state after the last draft, corrected toward the token drawn for it
+            # (xs: the tokens drawn for the group's drafts, from token k on)
+            reads = [fed(k + i, x) for i, x in enumerate(xs)]
             copies = after.shape[0] // noise.rows
-            return model.reread(before, after, torch.cat([drafted] * copies)[:, None],
-                                torch.cat([fed(k, x)] * copies)[:, None])
+            drafted, token = torch.cat([drafted] * copies)[:, None], torch.cat([reads[-1]] * copies)[:, None]
+            if self._rereads is not None:  # with the state after the tokens themselves: the next forward rewrites
+                self._rereads.append((before, after, drafted, token, forward(reads, k)[:, -1:]))  # their slots alike
+            return model.reread(before, after, drafted, token)
 
         bar = tqdm(total=total, disable=not progress, desc="image tokens", leave=False)
 
@@ -752,7 +757,7 @@ class NextStepPipeline:
             states = forward([fed(start + i, y) for i, y in enumerate(again)] + group_in, start)[:, len(again):]
             d = len(group_in) - 1  # drafts read: tokens k+1 .. k+d
             xs = draw(states[:, :d], list(range(k + 1, k + d + 1)), central=d) if d else []  # without noise
-            after = states[:, -1:] if not d else reread(states[:, d - 1:d], states[:, -1:], group_in[-1], k + d, xs[-1])
+            after = states[:, -1:] if not d else reread(states[:, d - 1:d], states[:, -1:], group_in[-1], k + 1, xs)
             xs += draw(after, [k + d + 1])  # the next group's first (or the final token), with its noise
             for i in range(1, n):
                 done(k + i, xs[i - 1])
@@ -761,6 +766,19 @@ class NextStepPipeline:
             h, again = states[:, -1:], xs[:d]  # the next drafts: from the state as computed
             k += n
             x = xs[-1]
+
+    @contextlib.contextmanager
+    def recording_rereads(self):
+        """Within it, parallel decoding records each state it corrects (``NextStep.reread``) as (before, after,
+        drafted, token, exact), each (rows, 1, ...): the state before the (last) draft, the state after it, the draft
+        and the token drawn for it (as the backbone reads them), and the state after the token itself, from one more
+        forward that reads the tokens drawn for the group's drafts, writing the cache slots the next forward
+        rewrites with the same tokens (so the images do not change). What ``nextstep train-reread`` regresses on."""
+        self._rereads = recorded = []
+        try:
+            yield recorded
+        finally:
+            self._rereads = None
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], exact: bool = False) -> torch.Tensor:
         """(B, h*w, token_dim) tokens -> (B, 3, H, W) decoder output in about [-1, 1] (not clamped). On a CPU the

@@ -138,10 +138,12 @@ NORM_TOLERANCE = 1e-3  # how far a model's norm means may be from the recorded o
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a base model's architecture (its config): what a head's shapes and conditions depend on.
-    ``parallel_tokens`` is left out: a model fine-tuned for parallel decoding with its base frozen (the recipe's
-    ``trainable``) keeps its base's heads and adapters, and its norm means tell a changed base apart."""
+    ``parallel_tokens`` and ``reread_width`` are left out: a model fine-tuned for parallel decoding with its base
+    frozen (the recipe's ``trainable``, ``nextstep train-reread``) keeps its base's heads and adapters, and its norm
+    means tell a changed base apart."""
     config = dataclasses.asdict(model.config)
     config.pop("parallel_tokens", None)
+    config.pop("reread_width", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

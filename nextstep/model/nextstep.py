@@ -7,7 +7,9 @@ Data flow (training and sampling share every step):
 
 Parallel decoding (``config.parallel_tokens`` = K > 1): the hidden state before token t also conditions the head for
 tokens t+1 .. t+K-1, each corrected by ``image_ahead`` (an MLP of the state and the token just before the target:
-sampled, or teacher-forced in training), so a decoder feeds K tokens per backbone forward.
+sampled, or teacher-forced in training), so a decoder feeds K tokens per backbone forward. ``image_reread``
+(``config.reread_width`` > 0, ``nextstep train-reread``) corrects the one state a parallel decoder draws from after
+reading a draft rather than its token (``NextStep.reread``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,30 @@ class AheadAdapter(nn.Module):
         return self.fc2(F.silu(x))
 
 
+class RereadCorrection(nn.Module):
+    """Parallel decoding's correction of the state ``after`` a draft toward the state after the token drawn for it:
+    an MLP of that state, the state ``before`` the draft, the token and its difference from the draft (both as the
+    backbone reads them), whose output is added to ``after`` (``NextStep.reread``). Trained by regression on the
+    states a parallel decoder meets (``nextstep train-reread``); its output starts at zero."""
+
+    def __init__(self, dim: int, token_dim: int, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * dim + 2 * token_dim, width)
+        self.fc2 = nn.Linear(width, dim)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.fc1.weight, std=0.02, generator=generator)
+        for p in (self.fc1.bias, self.fc2.weight, self.fc2.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, before: torch.Tensor, after: torch.Tensor, drafted: torch.Tensor, token: torch.Tensor
+                ) -> torch.Tensor:
+        """before, after (..., D); drafted, token (..., token_dim) -> (..., D) to add to ``after``."""
+        token = token.to(after.dtype)
+        x = torch.cat([before, after, token - drafted.to(after.dtype), token], -1)
+        return self.fc2(F.silu(self.fc1(x)))
+
+
 class NextStep(nn.Module):
     def __init__(self, config: NextStepConfig):
         super().__init__()
@@ -90,6 +116,8 @@ class NextStep(nn.Module):
         self.image_head = FlowHead(config.token_dim, t.hidden_size, config.head)
         if config.parallel_tokens > 1:
             self._add_ahead(config.parallel_tokens)
+        if config.reread_width:
+            self._add_reread(config.reread_width)
         self._position_table: tuple[tuple, torch.Tensor] | None = None  # the last grid's (key, (h*w, D) table)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -106,6 +134,8 @@ class NextStep(nn.Module):
         self.image_head.net.init_weights(generator)
         if self.config.parallel_tokens > 1:
             self.image_ahead.reset_parameters(generator)  # its output starts at zero
+        if self.config.reread_width:
+            self.image_reread.reset_parameters(generator)  # its output starts at zero
         return self
 
     def _add_ahead(self, k: int, generator: torch.Generator | None = None) -> None:
@@ -115,6 +145,25 @@ class NextStep(nn.Module):
             self.image_ahead = AheadAdapter(self.config.transformer.hidden_size, self.config.token_dim, k).to(w.dtype)
         if w.device.type != "meta":
             self.image_ahead.reset_parameters(generator)
+
+    def _add_reread(self, width: int, generator: torch.Generator | None = None) -> None:
+        w = self.embed_tokens.weight
+        with torch.device(w.device):
+            self.image_reread = RereadCorrection(self.config.transformer.hidden_size, self.config.token_dim,
+                                                 width).to(w.dtype)
+        if w.device.type != "meta":
+            self.image_reread.reset_parameters(generator)
+
+    def enable_reread(self, width: int, generator: torch.Generator | None = None) -> NextStep:
+        """Add a fresh ``image_reread`` of ``width`` (output zero: decoding unchanged until it is trained) to a
+        model trained for parallel decoding, replacing any it has."""
+        if self.config.parallel_tokens < 2:
+            raise InputError("a reread correction needs a model trained for parallel decoding (parallel_tokens > 1)")
+        if width < 1:
+            raise InputError(f"the reread correction's width must be >= 1, got {width}")
+        self.config.reread_width = width
+        self._add_reread(width, generator)
+        return self
 
     def enable_parallel(self, k: int, generator: torch.Generator | None = None) -> NextStep:
         """Train this model to predict ``k`` tokens per hidden state (fine-tuning a K = 1 model for parallel
@@ -225,9 +274,12 @@ class NextStep(nn.Module):
     def reread(self, before: torch.Tensor, after: torch.Tensor, drafted: torch.Tensor, token: torch.Tensor
                ) -> torch.Tensor:
         """Parallel decoding: the state ``after`` (..., D) the backbone read a draft, moved toward the state after
-        the token drawn for it instead, by the ahead adapter's change from the one to the other (both as read, from
-        the state ``before`` them): the adapter's estimate of what the backbone would have learnt from the token
-        rather than the draft (docs/parallel-decoding.md)."""
+        the token drawn for it instead (both as read; ``before``: the state before them): by the trained correction
+        ``image_reread`` where the model has one, else by the ahead adapter's change from the one to the other, its
+        estimate of what the backbone would have learnt from the token rather than the draft
+        (docs/parallel-decoding.md)."""
+        if self.config.reread_width:
+            return after + self.image_reread(before, after, drafted, token)
         return after + self.image_ahead(before, token, 2) - self.image_ahead(before, drafted, 2)
 
     def conditions(self, states: torch.Tensor, fed: torch.Tensor | None, grid: tuple[int, int], ahead: int = 1

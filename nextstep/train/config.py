@@ -351,6 +351,43 @@ class DistillConfig:
                                                 f"and exported once, to OUT/final)")
 
 
+@dataclass
+class RereadConfig:
+    """``nextstep train-reread``: parallel decoding's correction of the state after a draft (``NextStep.reread``),
+    learnt from the model's own parallel decodes. The model stays frozen; a correction it has is replaced.
+
+    Targets: the prompts of ``data`` (captions; edits with their instructions and source images) decoded with
+    ``parallel`` = the model's ``parallel_tokens`` at its sampling defaults, a fraction ``fast_fraction`` of them in
+    fast mode (the model's distilled head; 0 for a model without one). Wherever the decoder corrects a state it
+    records that state, the state before the draft, the draft and the token drawn for it, and the state after the
+    token itself (one more forward, ``NextStepPipeline.recording_rereads``). The correction, an MLP of ``width``
+    (default twice the hidden size), learns to move the one to the other: the squared distance, summed over the
+    state's values, averaged over the rows."""
+
+    MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = RUN_MAY_CHANGE
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=512, ckpt_every=500))
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_samples=2000, mix={"t2i": 0.7, "edit": 0.3}))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=100,
+                                                                   min_lr_ratio=0.05, grad_clip=0.0))
+    model: str | None = None  # the model directory (default: the bundled model); trained for parallel decoding
+    vae: str | None = None  # default: the model's vae/
+    width: int | None = None  # the correction's hidden width (default: 2 x the model's hidden size)
+    fast_fraction: float = 0.5  # prompts decoded in fast mode (needs the model's distilled head)
+    prompts_per_call: int = 16
+    holdout: int = 64  # prompts kept out of training: their rows measure the correction
+
+    def __post_init__(self) -> None:
+        _coerce(self, "run", RunConfig)
+        _coerce(self, "data", DataConfig)
+        _coerce(self, "optim", OptimConfig)
+        _check(self.width is None or isinstance(self.width, int) and self.width >= 1,
+               f"width must be a positive integer, got {self.width!r}")
+        _check(0 <= self.fast_fraction <= 1, f"fast_fraction must be in [0, 1], got {self.fast_fraction}")
+        _check(isinstance(self.prompts_per_call, int) and self.prompts_per_call >= 1,
+               f"prompts_per_call must be a positive integer, got {self.prompts_per_call!r}")
+        _check(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
+
+
 def _coerce(obj: Any, name: str, cls: type) -> None:
     v = getattr(obj, name)
     if isinstance(v, dict):

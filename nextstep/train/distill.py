@@ -93,7 +93,8 @@ def targets_key(cfg: DistillConfig, pipe) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _readable(source) -> tuple[list[tuple[int, dict]], int]:
+def readable_samples(source) -> tuple[list[tuple[int, dict]], int]:
+    """The (index, item) text-to-image and edit samples of a data source, and how many could not be read."""
     items, skipped = [], 0
     for i in range(len(source)):
         try:
@@ -162,7 +163,7 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
     from tqdm.auto import tqdm
 
     settings = teacher_settings(cfg, pipe)
-    items, skipped = _readable(open_source(cfg.data))
+    items, skipped = readable_samples(open_source(cfg.data))
     if not items:
         raise DataError(f"the dataset has no text-to-image or edit samples ({skipped} unreadable)")
     size = tuple(cfg.data.bucket_sizes[0])
