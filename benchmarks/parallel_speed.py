@@ -46,11 +46,13 @@ def load(args) -> tuple[NextStepPipeline, str]:
                             "official-v1-a" / "model", seed=0)
     pipe, desc = build_pipeline(ns, torch.float32, torch.device("cpu"))
     pipe.model.enable_parallel(max(args.parallel))
+    pipe.model.enable_reread(4 * pipe.model.config.transformer.hidden_size)  # as wide as the bundled one: 4 x hidden
     with torch.no_grad():  # random like the rest: cost only
-        for q in pipe.model.image_ahead.parameters():
+        for q in (*pipe.model.image_ahead.parameters(), *pipe.model.image_reread.parameters()):
             q.normal_(0, 0.02)
     pipe.head = untrained_head(pipe)
-    return pipe, desc + f"; parallel parameters for K = {max(args.parallel)}; an untrained distilled head"
+    return pipe, desc + (f"; parallel parameters for K = {max(args.parallel)} (adapter and correction); an untrained "
+                         f"distilled head")
 
 
 def main(argv: list[str] | None = None) -> int:
