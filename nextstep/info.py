@@ -42,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # parameter groups of NextStep, by attribute name (every parameter belongs to exactly one)
 GROUPS = {"embeddings": ("embed_tokens",), "backbone": ("transformer",), "lm_head": ("lm_head",),
           "projectors": ("image_in_projector", "image_out_projector"), "flow_head": ("image_head",),
-          "parallel_adapter": ("image_ahead", "image_reread")}  # parallel decoding's (0 in a model not trained for it)
+          "parallel_decoding": ("image_ahead", "image_reread")}  # adapter and correction (0 in a model without)
 WIDTH = 116  # text output is wrapped to this many columns (the KV table excepted)
 QUANT_SCALE_BYTES = 4  # one float32 scale per output channel (nextstep.quant)
 
@@ -226,8 +226,8 @@ def format_info(info: dict[str, Any]) -> str:
            if a["parallel_tokens"] > 1 else ""),
         f"parameters   {human(p['total'])} ({p['total']:,}): backbone {human(p['backbone'])}, flow head "
         f"{human(p['flow_head'])}, embeddings {human(p['embeddings'])}, LM head {lm}, image projectors "
-        f"{human(p['projectors'])}" + (f", parallel-decoding adapter {human(p['parallel_adapter'])}"
-                                       if p["parallel_adapter"] else ""),
+        f"{human(p['projectors'])}" + (f", parallel decoding {human(p['parallel_decoding'])}"
+                                       if p["parallel_decoding"] else ""),
         (f"VAE          {human(v['parameters'])} parameters, f{v['downsample']} with {v['latent_channels']} latent "
          f"channels ({v['dir']})") if v["dir"] else
         f"VAE          none found: pixel sizes below assume f{v['downsample']} (pass --vae DIR)",

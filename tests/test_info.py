@@ -52,8 +52,9 @@ def test_parameter_counts(info, model, bundled):
     assert p["backbone"] == numel(model.transformer) == backbone_formula(model.config.transformer)
     assert p["projectors"] == numel(model.image_in_projector, model.image_out_projector) == 64 * 256 + 256 + 256 * 257
     assert p["flow_head"] == numel(model.image_head)
-    assert p["parallel_adapter"] == numel(model.image_ahead) == (320 * 512 + 512) + 512 + (512 * 256 + 256)
-    assert p["total"] == numel(model) == 6_716_224
+    assert p["parallel_decoding"] == numel(model.image_ahead, model.image_reread) == \
+        (320 * 512 + 512) + 512 + (512 * 256 + 256) + (640 * 1024 + 1024) + (1024 * 256 + 256)
+    assert p["total"] == numel(model) == 7_635_008
     stored = load_file(str(bundled / "model.safetensors"))  # the file holds the same values, plus gen_pos_embed
     assert info["checkpoint"]["values"] == sum(t.numel() for t in stored.values())
     assert p["total"] == sum(t.numel() for k, t in stored.items() if k != "gen_pos_embed")
@@ -88,7 +89,7 @@ def test_tied_embeddings_count_once(tmp_path, bundled):
     got = model_info(tmp_path, bundled / "vae")
     assert got["architecture"]["tied_embeddings"] is True
     assert got["parameters"]["lm_head"] == 0
-    assert got["parameters"]["total"] == sum(x.numel() for x in tied.parameters()) == 6_716_224 - 512 * 256
+    assert got["parameters"]["total"] == sum(x.numel() for x in tied.parameters()) == 7_635_008 - 512 * 256
     state = quantize_(tied, "int8").state_dict()  # lists the shared embedding twice: count its memory once
     assert got["weights_bytes"]["int8+float32"] == sum({t.data_ptr(): t.nbytes for t in state.values()}.values())
 
@@ -172,7 +173,7 @@ def test_cli(capsys, info):
     assert json.loads(capsys.readouterr().out) == info
     assert main(["info"]) == 0
     text = capsys.readouterr().out
-    assert "6.72M (6,716,224)" in text and "parallel-decoding adapter 296.19K" in text
+    assert "7.64M (7,635,008)" in text and "parallel decoding 1.21M" in text
     assert "largest square with this prompt 336x336" in text
     assert "exceeds the 512 positions" in text  # 512x512 and 1024x1024 do not fit the bundled model
     assert main(["info", "/nonexistent/model"]) == 2

@@ -433,11 +433,12 @@ def test_precision_auto_trains_in_bf16_where_the_device_has_it(monkeypatch, tmp_
 def test_every_recipe_in_configs_loads():
     """``configs/`` holds the recipes the README runs; each must pass the checks of the command that runs it."""
     from nextstep.rl.config import RLConfig
-    from nextstep.train.config import DistillConfig, load_recipe
+    from nextstep.train.config import DistillConfig, RereadConfig, load_recipe
 
     recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
     assert recipes
-    classes = (("shapes-vae", VAETrainConfig), ("distill", DistillConfig), ("shapes-rl", RLConfig))
+    classes = (("shapes-vae", VAETrainConfig), ("distill", DistillConfig), ("shapes-rl", RLConfig),
+               ("shapes-reread", RereadConfig))
     for path in recipes:
         cls = next((c for prefix, c in classes if path.name.startswith(prefix)), TrainConfig)
         load_recipe(path, cls)  # raises ConfigError naming the field
