@@ -146,8 +146,11 @@ def test_two_processes_equal_one_and_kill_and_resume(trained, tmp_path):
     finish(run_cli(["train-reread", str(cfg), "--out", str(tmp_path / "two"), "--quiet"], nproc=2))
     for x, y in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
         assert x["step"] == y["step"] and abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    # Adam turns the last bits of the gradients into whole steps where they are near zero: 150 steps at lr 1e-3 leave
+    # the weights 1e-5 apart with AVX-512 kernels (AMD EPYC Zen 4) and 1.4e-3 of their largest value with oneDNN's
+    # AVX2 ones; a rank's lost or doubled gradient moves them far more
     for k, v in weights(tmp_path / "two").items():
-        assert maxdiff(v, a[k]) <= 1e-5, k
+        assert maxdiff(v, a[k]) <= 4e-3 * float(a[k].abs().max()), k
     reuse_targets(tmp_path / "b")
     kill_at_checkpoint(run_cli(["train-reread", str(cfg), "--out", str(tmp_path / "b"), "--quiet"]), tmp_path / "b",
                        50)
