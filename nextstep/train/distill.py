@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import save_safetensors
 from ..config import Settings
 from ..data.sources import open_source
-from ..errors import ConfigError, DataError, SampleError
+from ..errors import ConfigError, DataError
 from ..images import fit_image, load_image
 from ..model.distilled_head import DistilledHead, DistilledHeadConfig, model_fingerprint, norm_means, split_branches
 from ..model.latents import patchify
@@ -47,6 +46,7 @@ from .config import DistillConfig, to_dict
 from .distributed import DistInfo, barrier, wrap
 from .loop import Task, fit
 from .state import plain_copy, resume_point, start_run, training_autocast, uses_bf16
+from .targets import cached_targets, readable_samples
 
 CHUNK = 16  # prompts per teacher call while building the targets
 
@@ -91,20 +91,6 @@ def targets_key(cfg: DistillConfig, pipe) -> str:
     if cfg.branches != "cond":  # (keys of the targets of one-branch students stay as they were)
         parts.append(cfg.branches)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def readable_samples(source) -> tuple[list[tuple[int, dict]], int]:
-    """The (index, item) text-to-image and edit samples of a data source, and how many could not be read."""
-    items, skipped = [], 0
-    for i in range(len(source)):
-        try:
-            item = source[i]
-        except SampleError:
-            skipped += 1
-            continue
-        if item["kind"] in ("t2i", "edit"):
-            items.append((i, item))
-    return items, skipped
 
 
 @torch.no_grad()
@@ -184,22 +170,6 @@ def build_targets(cfg: DistillConfig, pipe, progress: bool) -> tuple[dict[str, t
                         bar.update(len(chunk))
     out = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return out, held * tokens, skipped
-
-
-def prepare_targets(cfg: DistillConfig, pipe, out: Path, info: DistInfo, progress: bool):
-    """Build the targets once (main rank) and cache them; every rank reads the cache."""
-    path = out / f"targets-{targets_key(cfg, pipe)}.safetensors"
-    skipped = 0
-    if info.is_main and not path.is_file():
-        targets, held, skipped = build_targets(cfg, pipe, progress)
-        save_safetensors(targets, path, metadata={"holdout": str(held)})
-    barrier(info)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        held = int(f.metadata()["holdout"])
-    return load_file(str(path)), held, skipped
 
 
 # ---- 2. training rows -----------------------------------------------------------------------------------------------
@@ -340,7 +310,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, info: DistInfo | None =
     ckpt = resume_point(out, cfg, resume, info)
     pipe = NextStepPipeline.from_pretrained(cfg.model, cfg.vae, device=info.device)
     pipe.model.requires_grad_(False)
-    targets, held, skipped = prepare_targets(cfg, pipe, out, info, progress)
+    targets, held, skipped = cached_targets(out / f"targets-{targets_key(cfg, pipe)}.safetensors",
+                                            lambda: build_targets(cfg, pipe, progress), info)
     train_rows = targets["cond"].shape[0] - held
     if train_rows < 1:
         raise ConfigError("no training rows left after the holdout: lower holdout or add data")

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import save_safetensors
 from ..data.sources import open_source
 from ..errors import ConfigError, DataError
 from ..model.distilled_head import model_fingerprint, norm_means
 from ..model.nextstep import RereadCorrection
 from .config import RereadConfig, to_dict
-from .distill import readable_samples
 from .distributed import DistInfo, barrier, wrap
 from .loop import Task, fit
 from .state import plain_state_dict, resume_point, start_run, training_autocast, uses_bf16
+from .targets import cached_targets, readable_samples
 
 NAMES = ("before", "after", "drafted", "token", "exact")  # a row: NextStepPipeline.recording_rereads' tuple
 
@@ -115,22 +114,6 @@ def build_targets(cfg: RereadConfig, pipe, progress: bool) -> tuple[dict[str, to
                         bar.update(len(chosen[c:c + cfg.prompts_per_call]))
             counts.append(n)
     return {name: torch.cat([p[name] for p in parts]) for name in NAMES}, counts[1], skipped
-
-
-def prepare_targets(cfg: RereadConfig, pipe, out: Path, info: DistInfo, progress: bool):
-    """Build the targets once (main rank) and cache them; every rank reads the cache."""
-    path = out / f"targets-{targets_key(cfg, pipe)}.safetensors"
-    skipped = 0
-    if info.is_main and not path.is_file():
-        targets, held, skipped = build_targets(cfg, pipe, progress)
-        save_safetensors(targets, path, metadata={"holdout": str(held)})
-    barrier(info)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        held = int(f.metadata()["holdout"])
-    return load_file(str(path)), held, skipped
 
 
 # ---- 2. training -----------------------------------------------------------------------------------------------------
@@ -217,7 +200,8 @@ def train_reread(cfg: RereadConfig, *, resume: bool = False, info: DistInfo | No
         raise ConfigError("fast_fraction > 0 needs the model's distilled head (its fast/ directory): set "
                           "fast_fraction to 0 or distill one (nextstep distill-head)")
     pipe.model.requires_grad_(False)
-    targets, held, skipped = prepare_targets(cfg, pipe, out, info, progress)
+    targets, held, skipped = cached_targets(out / f"targets-{targets_key(cfg, pipe)}.safetensors",
+                                            lambda: build_targets(cfg, pipe, progress), info)
     train_rows = targets["after"].shape[0] - held
     if train_rows < 1:
         raise ConfigError("no training rows left after the holdout: lower holdout or add data")
