@@ -131,21 +131,38 @@ def finish(p: subprocess.Popen | Ranks, timeout: float = 300) -> str:
     return out
 
 
-def one_and_two_each(command: str, recipe: dict, tmp_path: Path, strategies=("ddp", "fsdp")) -> tuple[Path, dict]:
-    """Run ``nextstep COMMAND`` on ``recipe`` (its out_dir ``tmp_path / "one"``) in one process, then in two
-    (``run_cli``'s ranks) once per engine in ``strategies`` (``run.parallel``; one process wraps nothing, whatever
-    it says), writing to ``tmp_path / f"two-{strategy}"``: ("one", {strategy: its directory}), for a
-    2-processes-equal-1 test."""
+def one_two_and_resumed(command: str, recipe: dict, tmp_path: Path, kill_at: int | None = None,
+                        strategies=("ddp", "fsdp"), prepare=None) -> dict[str, Path]:
+    """The runs of a trainer's 2-processes-equal-1 and kill-and-resume tests, which share one uninterrupted run:
+    ``nextstep COMMAND`` on ``recipe`` in one process (its out_dir ``tmp_path / "one"``); with ``kill_at``, again in
+    one process killed -9 at its step-``kill_at`` checkpoint (before it ends), then resumed ("resumed"); then in two
+    processes (``run_cli``'s ranks) once per engine in ``strategies`` (``run.parallel``; one process wraps nothing,
+    whatever it says). ``prepare(out)``, when given, readies each later run's directory from the first's (e.g. copies
+    its cached targets). Returns {"one": dir, "resumed": dir, strategy: dir, ...}."""
+    recipe = {**recipe, "run": {**recipe["run"], "out_dir": str(tmp_path / "one")}}
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(recipe))
     finish(run_cli([command, str(cfg), "--quiet"]))
-    twos = {}
+    runs = {"one": tmp_path / "one"}
+
+    def ready(name: str) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        if prepare is not None:
+            prepare(out)
+        return out
+
+    if kill_at is not None:
+        out = runs["resumed"] = ready("resumed")
+        kill_at_checkpoint(run_cli([command, str(cfg), "--quiet", "--out", str(out)]), out, kill_at)
+        assert not (out / "final").exists(), "the run ended before it was killed"
+        finish(run_cli([command, str(cfg), "--quiet", "--out", str(out), "--resume"]))
     for strategy in strategies:
         cfg = tmp_path / f"cfg-{strategy}.json"
         cfg.write_text(json.dumps({**recipe, "run": {**recipe["run"], "parallel": strategy}}))
-        twos[strategy] = tmp_path / f"two-{strategy}"
-        finish(run_cli([command, str(cfg), "--quiet", "--out", str(twos[strategy])], nproc=2))
-    return tmp_path / "one", twos
+        out = runs[strategy] = ready(f"two-{strategy}")
+        finish(run_cli([command, str(cfg), "--quiet", "--out", str(out)], nproc=2))
+    return runs
 
 
 def kill_at_checkpoint(p: subprocess.Popen | Ranks, out: Path, step: int, timeout: float = 240) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from helpers import Wrapped, finish, kill_at_checkpoint, need, one_and_two_each, run_cli, seeded, wait_until
+from helpers import Wrapped, need, one_two_and_resumed, seeded, wait_until
 from nextstep.config import VAEConfig
 from nextstep.errors import CheckpointError, ConfigError, InputError
 from nextstep.lora import IDENTITY_FILE, PEFT_PREFIX, lora_layers
@@ -261,36 +261,30 @@ def test_replay_targets_base_in_a_run(world, tmp_path):
         train(from_dict(TrainConfig, cfg), progress=False)
 
 
-@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
-def test_kill_and_resume_gives_the_same_losses_and_adapter(world, tmp_path):
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(recipe(world, tmp_path / "a", steps=8, ckpt_every=4)))
-    finish(run_cli(["train", str(cfg_path), "--quiet"]))
-    kill_at_checkpoint(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b")]), tmp_path / "b", 4)
-    finish(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b"), "--resume"]))
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    for s in range(5, 9):
-        assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
-    wa, wb = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
-    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
-
-
-@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
-def test_two_processes_equal_one(world, tmp_path):
+@pytest.mark.slow  # subprocesses: a run; a killed run and its resumption; 2 processes (DDP, then FSDP2)
+def test_two_processes_equal_one_and_kill_and_resume(world, tmp_path):
     """With half the samples replayed towards the base's velocities (the base's forward inside the wrapped one)."""
-    cfg = recipe(world, tmp_path / "one", steps=3, activation_checkpointing=True)
+    cfg = recipe(world, tmp_path / "one", steps=6, ckpt_every=3, activation_checkpointing=True)
     cfg["data"]["path"], cfg["lora"]["replay_targets"] = str(replay_data(tmp_path / "replay")), "base"
-    _, twos = one_and_two_each("train", cfg, tmp_path)
-    one = losses(tmp_path / "one")
-    w1 = load_file(str(tmp_path / "one" / "final" / "adapter_model.safetensors"))
-    for strategy, out in twos.items():
-        two = losses(out)
-        for s in (1, 2, 3):
+    runs = one_two_and_resumed("train", cfg, tmp_path, kill_at=3)
+    one = losses(runs["one"])
+
+    def adapter(name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(runs[name] / "final" / "adapter_model.safetensors"))
+
+    w1 = adapter("one")
+    resumed, wr = losses(runs["resumed"]), adapter("resumed")
+    assert sorted(resumed) == list(range(1, 7)) and all(abs(one[s] - resumed[s]) <= 1e-5 for s in one), (one, resumed)
+    assert w1.keys() == wr.keys() and all(torch.equal(w1[k], wr[k]) for k in w1)
+    for strategy in ("ddp", "fsdp"):
+        two = losses(runs[strategy])
+        assert one.keys() == two.keys()
+        for s in one:
             assert abs(one[s] - two[s]) <= 1e-5, (strategy, s, one[s], two[s])
         # Adam scales each weight's step by its gradient's size: where a gradient is tiny (an A whose B is still near
         # zero, replayed images near the base), summation order moves the weight by up to ~1e-4 of its size (7.3e-4
         # with oneDNN's AVX2 kernels: ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU)
-        w2 = load_file(str(out / "final" / "adapter_model.safetensors"))
+        w2 = adapter(strategy)
         assert w1.keys() == w2.keys()
         assert max(((w1[k] - w2[k]).abs().max() / (1e-2 + w1[k].abs().max())).item() for k in w1) <= 1.5e-3, strategy
 

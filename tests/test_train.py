@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import finish, kill_at_checkpoint, one_and_two_each, run_cli
+from helpers import finish, one_two_and_resumed, run_cli
 from nextstep.config import ConfigError, VAEConfig
 from nextstep.errors import InputError
 from nextstep.model.vae import VAE
@@ -196,33 +196,24 @@ def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):
     assert VAE.from_pretrained(final).config.ch == 32
 
 
-@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
-def test_kill_and_resume_gives_the_same_losses(world, tmp_path):
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps({**ar_config(world, tmp_path / "a", steps=8, ckpt_every=4), "parallel_tokens": 2}))
-    finish(run_cli(["train", str(cfg_path), "--quiet"]))
-    reference = losses(tmp_path / "a")
-
-    kill_at_checkpoint(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b")]), tmp_path / "b", 4)
-    finish(run_cli(["train", str(cfg_path), "--quiet", "--out", str(tmp_path / "b"), "--resume"]))
-    resumed = losses(tmp_path / "b")
-    for s in range(5, 9):
-        assert abs(resumed[s] - reference[s]) <= 1e-5, (s, resumed[s], reference[s])
-
-
-@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
-def test_two_processes_equal_one(world, tmp_path):
-    cfg = ar_config(world, tmp_path / "one", steps=3)
+@pytest.mark.slow  # subprocesses: a run; a killed run and its resumption; 2 processes (DDP, then FSDP2)
+def test_two_processes_equal_one_and_kill_and_resume(world, tmp_path):
+    cfg = ar_config(world, tmp_path / "one", steps=8, ckpt_every=4)
     cfg["context_noise"] = 0.3  # its noise is drawn per image, so the ranks' split cannot change it
     cfg["parallel_tokens"] = 2  # parallel decoding's rows and parameters (outside the wrapped layers)
-    _, twos = one_and_two_each("train", cfg, tmp_path)
-    one = losses(tmp_path / "one")
-    w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    for strategy, out in twos.items():
-        two = losses(out)
-        for s in (1, 2, 3):
+    runs = one_two_and_resumed("train", cfg, tmp_path, kill_at=4)
+    one = losses(runs["one"])
+    w1 = load_file(str(runs["one"] / "final" / "model.safetensors"))
+    resumed = losses(runs["resumed"])
+    assert sorted(resumed) == list(range(1, 9)) and all(abs(resumed[s] - one[s]) <= 1e-5 for s in one), (one, resumed)
+    wr = load_file(str(runs["resumed"] / "final" / "model.safetensors"))
+    assert w1.keys() == wr.keys() and all(torch.equal(w1[k], wr[k]) for k in w1)
+    for strategy in ("ddp", "fsdp"):
+        two = losses(runs[strategy])
+        assert one.keys() == two.keys()
+        for s in one:
             assert abs(one[s] - two[s]) <= 1e-5, (strategy, s, one[s], two[s])
-        w2 = load_file(str(out / "final" / "model.safetensors"))
+        w2 = load_file(str(runs[strategy] / "final" / "model.safetensors"))
         assert w1.keys() == w2.keys()
         worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
         assert worst <= 1e-5, (strategy, worst)
@@ -280,49 +271,38 @@ def vae_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
-@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
-def test_vae_kill_and_resume_gives_the_same_losses_and_weights(tmp_path):
-    """The discriminator and its optimizer are in the atomic checkpoint (named as the plain module names them), so a
-    run killed mid-way and resumed ends exactly as an uninterrupted one."""
-    import torch.distributed.checkpoint as dcp
-
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(vae_recipe(image_dataset(tmp_path / "data"), tmp_path / "a", steps=8,
-                                              ckpt_every=4)))
-    finish(run_cli(["train-vae", str(cfg_path), "--quiet"]))
-    b = tmp_path / "b"
-    kill_at_checkpoint(run_cli(["train-vae", str(cfg_path), "--quiet", "--out", str(b)]), b, 4)
-    assert not (tmp_path / "b" / "final").exists()  # killed mid-run
-    saved = dcp.FileSystemReader(str(tmp_path / "b" / "checkpoints" / "step_0000004")).read_metadata()
-    keys = list(saved.state_dict_metadata)
-    assert "disc.net.0.weight" in keys and any(k.startswith("disc_optim.state.") for k in keys)
-    assert not any("module." in k for k in keys)
-    finish(run_cli(["train-vae", str(cfg_path), "--quiet", "--out", str(tmp_path / "b"), "--resume"]))
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")  # the loss holds the adversarial term from step 2
-    assert sorted(b) == list(range(1, 9)) and all(abs(a[s] - b[s]) <= 1e-6 for s in b), (a, b)
-    wa, wb = vae_weights(tmp_path / "a"), vae_weights(tmp_path / "b")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
-def test_vae_two_processes_equal_one(tmp_path):
+@pytest.mark.slow  # subprocesses: a run; a killed run and its resumption; 2 processes (DDP, then FSDP2)
+def test_vae_two_processes_equal_one_and_kill_and_resume(tmp_path):
     """Tokenizer training with the discriminator (always DDP) on 2 processes makes the updates of 1. A bias right
     before a GroupNorm of one channel per group (the 32-channel levels) is nearly cancelled by it: its gradient is
     at rounding level, and Adam turns that into full steps (a step's update is about 5e-4 at lr 5e-4). The
     adversarial term starts at step 3 (its loss at steps 3 and 4, the discriminator's first update before step 4):
     started at step 2, the first steps' rounding grows through it to losses 4e-4 apart by step 4 with oneDNN's AVX2
     kernels (``ONEDNN_MAX_CPU_ISA=AVX2``), though within the bounds with AVX-512's. From step 3 every difference stays
-    below 0.3 of its bound with AVX-512, AVX2 (also with ``ATEN_CPU_CAPABILITY=avx2``) and default kernels (Zen 5)."""
-    recipe = vae_recipe(image_dataset(tmp_path / "data"), tmp_path / "one")
+    below 0.3 of its bound with AVX-512, AVX2 (also with ``ATEN_CPU_CAPABILITY=avx2``) and default kernels (Zen 5).
+
+    Killed after its step-3 checkpoint and resumed, a run ends exactly as the uninterrupted one: the discriminator
+    and its optimizer are in the atomic checkpoint (named as the plain module names them)."""
+    import torch.distributed.checkpoint as dcp
+
+    recipe = vae_recipe(image_dataset(tmp_path / "data"), tmp_path / "one", ckpt_every=3)
     recipe["optim"]["lr"] = 5e-4
     recipe["disc_start"] = 2
-    _, twos = one_and_two_each("train-vae", recipe, tmp_path)
-    w1 = vae_weights(tmp_path / "one")
-    for strategy, out in twos.items():
-        # the loss holds the adversarial term from step 3; the gradient norm, a sum of many squares, is the most
-        # sensitive
+    runs = one_two_and_resumed("train-vae", recipe, tmp_path, kill_at=3)
+    saved = dcp.FileSystemReader(str(runs["resumed"] / "checkpoints" / "step_0000003")).read_metadata()
+    keys = list(saved.state_dict_metadata)
+    assert "disc.net.0.weight" in keys and any(k.startswith("disc_optim.state.") for k in keys)
+    assert not any("module." in k for k in keys)
+    w1 = vae_weights(runs["one"])
+    a, b = losses(runs["one"]), losses(runs["resumed"])  # the loss holds the adversarial term from step 3
+    assert sorted(b) == list(range(1, 5)) and all(abs(a[s] - b[s]) <= 1e-6 for s in b), (a, b)
+    wb = vae_weights(runs["resumed"])
+    assert w1.keys() == wb.keys() and all(torch.equal(w1[k], wb[k]) for k in w1)
+    for strategy in ("ddp", "fsdp"):
+        out = runs[strategy]
+        # the gradient norm, a sum of many squares, is the most sensitive
         for key, bound in (("loss", 1e-5), ("mse", 1e-5), ("grad_norm", 1e-4)):
-            one, two = losses(tmp_path / "one", key), losses(out, key)
+            one, two = losses(runs["one"], key), losses(out, key)
             assert one.keys() == two.keys() and all(abs(one[s] - two[s]) <= bound * abs(one[s]) for s in one), \
                 (strategy, key, one, two)
         w2 = vae_weights(out)

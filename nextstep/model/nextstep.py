@@ -317,7 +317,8 @@ class NextStep(nn.Module):
         ``base_targets`` (n_images,) bool with ``base``, a context in which this model computes its base model (e.g.
         ``lora.adapters_disabled``): the flow target of the marked images is the base's velocity at the same x_t and
         t, from the base's own hidden states, instead of the data's (self-distillation: a fine-tune keeps the base's
-        behaviour on replayed data, and the loss and its gradient start at zero there).
+        behaviour on replayed data, and the loss and its gradient start at zero there). The base's forward runs
+        whenever ``base_targets`` is given, even with no image marked: under FSDP2 every rank makes the same calls.
         """
         cfg = self.config
         noise = None
@@ -337,7 +338,7 @@ class NextStep(nn.Module):
         im_sum, im_count = hidden.new_zeros((), dtype=torch.float32), 0.0
         if latents is not None and int(next_is_img.sum()) > 0 and cfg.im_loss_weight > 0:
             reference = None
-            if base_targets is not None and bool(base_targets.any()):
+            if base_targets is not None:  # even where none is marked: under FSDP2 every rank makes the same calls
                 if base is None:
                     raise ValueError("base_targets needs base: a context in which the model computes its base")
                 with torch.no_grad(), base():
@@ -414,9 +415,10 @@ class NextStep(nn.Module):
         rows = torch.cat([torch.full((t.shape[0] * m,), marked[i], device=noise.device)
                           for i, *_, t in parts]).nonzero().squeeze(1)
         hs, xs = base_hidden.split(sizes), fed.split(sizes)
-        with torch.no_grad(), base():  # the marked images' conditions only, in row order
-            conds = torch.cat([self.conditions(hs[i], xs[i], grids[i], ahead).repeat(m, 1)
-                               for i, ahead, *_ in parts if marked[i]])
+        with torch.no_grad(), base():  # the marked images' conditions only, in row order (maybe none)
+            conds = [self.conditions(hs[i], xs[i], grids[i], ahead).repeat(m, 1) for i, ahead, *_ in parts
+                     if marked[i]]
+            conds = torch.cat(conds) if conds else base_hidden.new_zeros(0, base_hidden.shape[-1])
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), base():

@@ -56,8 +56,16 @@ class LossModule(nn.Module):
         return self.model.loss(batch.input_ids.to(dev), [z.to(dev) for z in batch.latents] or None,
                                attention_mask=batch.attention_mask.to(dev),
                                image_loss_mask=batch.image_loss_mask.to(dev), generator=gens, normalizers=normalizers,
-                               **({"base_targets": batch.replayed, "base": self.base} if self.base is not None
-                                  and batch.replayed is not None else {}))
+                               **({"base_targets": self._replayed(batch), "base": self.base} if self.base is not None
+                                  and batch.latents else {}))
+
+    @staticmethod
+    def _replayed(batch: TrainBatch) -> torch.Tensor:
+        """(n_images,) bool, all False where none is replayed: the base's forward then still runs, as it does on
+        the other ranks (under FSDP2 each forward gathers the layers' shards: every rank must make the same calls)."""
+        if batch.replayed is not None:
+            return batch.replayed
+        return torch.zeros(len(batch.latents), dtype=torch.bool)
 
 
 def batch_counts(batch: TrainBatch, config: NextStepConfig) -> tuple[float, float]:
