@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import nextstep.pipeline as pipeline_module
-from helpers import finish, kill_at_checkpoint, run_cli  # noqa: E402
+from helpers import one_two_and_resumed  # noqa: E402
 from nextstep.checkpoint import CheckpointError
 from nextstep.errors import InputError
 from nextstep.model.distilled_head import (
@@ -323,24 +323,6 @@ def test_bad_recipes_are_refused(tmp_path):
             from_dict(DistillConfig, recipe(tmp_path, **bad))
 
 
-@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    for name in ("a", "b"):
-        r = recipe(tmp_path / name, run={"steps": 60, "ckpt_every": 20})
-        (tmp_path / f"{name}.json").write_text(json.dumps(r))
-    finish(run_cli(["distill-head", str(tmp_path / "a.json"), "--quiet"]))
-    (tmp_path / "b").mkdir()
-    for f in (tmp_path / "a").glob("targets-*.safetensors"):  # the same recipe's cached targets: built once
-        shutil.copy(f, tmp_path / "b" / f.name)
-    kill_at_checkpoint(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet"]), tmp_path / "b", 20)
-    assert not (tmp_path / "b" / "final").exists()
-    finish(run_cli(["distill-head", str(tmp_path / "b.json"), "--quiet", "--resume"]))
-    a, b = (load_file(str(tmp_path / n / "final" / "head.safetensors")) for n in ("a", "b"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 def test_server_fast_requests(trained, pipe):
     from fastapi.testclient import TestClient
 
@@ -376,27 +358,25 @@ def test_server_fast_requests(trained, pipe):
         assert r.status_code == 400 and r.json()["error"]["param"] == "fast"
 
 
-@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
-def test_two_processes_equal_one(tmp_path):
-    (tmp_path / "one").mkdir()
-    r = recipe(tmp_path / "one", run={"steps": 12, "ckpt_every": 6}, data={"num_samples": 24})
-    (tmp_path / "one.json").write_text(json.dumps(r))
-    finish(run_cli(["distill-head", str(tmp_path / "one.json"), "--quiet"]))
-    one = metrics(tmp_path / "one")
-    a = load_file(str(tmp_path / "one" / "final" / "head.safetensors"))
+@pytest.mark.slow  # subprocesses: a run; a killed run and its resumption; 2 processes (DDP, then FSDP2)
+def test_two_processes_equal_one_and_kill_and_resume(tmp_path):
+    r = recipe(tmp_path / "one", run={"steps": 16, "ckpt_every": 8}, data={"num_samples": 24})
+
+    def reuse_targets(out: Path) -> None:
+        for f in (tmp_path / "one").glob("targets-*.safetensors"):  # the same cached targets: built once
+            shutil.copy(f, out / f.name)
+
+    runs = one_two_and_resumed("distill-head", r, tmp_path, kill_at=8, prepare=reuse_targets)
+    one = metrics(runs["one"])
+    a = load_file(str(runs["one"] / "final" / "head.safetensors"))
+    resumed = load_file(str(runs["resumed"] / "final" / "head.safetensors"))
+    assert a.keys() == resumed.keys() and all(torch.equal(a[k], resumed[k]) for k in a)
     for strategy in ("ddp", "fsdp"):
-        two = tmp_path / f"two-{strategy}"
-        two.mkdir()
-        for f in (tmp_path / "one").glob("targets-*.safetensors"):  # the same cached targets
-            shutil.copy(f, two / f.name)
-        cfg = tmp_path / f"{strategy}.json"
-        cfg.write_text(json.dumps({**r, "run": {**r["run"], "parallel": strategy}}))
-        finish(run_cli(["distill-head", str(cfg), "--out", str(two), "--quiet"], nproc=2))
-        log = metrics(two)
+        log = metrics(runs[strategy])
         assert [m["step"] for m in one] == [m["step"] for m in log], strategy
         for x, y in zip(one, log):
             assert abs(x["loss"] - y["loss"]) <= 1e-5, (strategy, x, y)
-        b = load_file(str(two / "final" / "head.safetensors"))
+        b = load_file(str(runs[strategy] / "final" / "head.safetensors"))
         for k in a:
             assert (a[k] - b[k]).abs().max() <= 1e-5, (strategy, k)
 

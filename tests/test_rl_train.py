@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import finish, kill_at_checkpoint, one_and_two_each, run_cli  # noqa: E402
+from helpers import one_two_and_resumed  # noqa: E402
 from nextstep.cli import main
 from nextstep.config import ConfigError
 from nextstep.pipeline import NextStepPipeline
@@ -231,22 +231,28 @@ def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.slow  # 2 processes (DDP, then FSDP2) against 1
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.slow  # subprocesses: a run; a killed run and its resumption; 2 processes (DDP, then FSDP2)
+def test_two_processes_equal_one_and_kill_and_resume(tmp_path):
     """Each process rolls out one prompt of the two (one pipeline call per prompt, as the one process makes them);
-    edit and text-to-image steps (seed 1: edit, t2i, edit); the head and the last backbone layer trained, KL to the
-    reference on. Measured: DDP weights bit-identical (AVX-512 kernels), FSDP2 2e-6 apart."""
-    r = recipe(tmp_path / "one", run={"steps": 3, "seed": 1}, mix={"t2i": 0.5, "edit": 0.5},
+    edit and text-to-image steps (seed 1: edit, t2i, edit, ...); the head and the last backbone layer trained, KL to
+    the reference on. Measured: DDP weights bit-identical (AVX-512 kernels), FSDP2 2e-6 apart. Killed after its
+    step-2 checkpoint and resumed, the run ends as the uninterrupted one."""
+    r = recipe(tmp_path / "one", run={"steps": 4, "seed": 1, "ckpt_every": 2}, mix={"t2i": 0.5, "edit": 0.5},
                group=2, parameters="head+last_layers", optim={"lr": 1e-4})
-    _, twos = one_and_two_each("train-rl", r, tmp_path)
-    one = metrics(tmp_path / "one")
+    runs = one_two_and_resumed("train-rl", r, tmp_path, kill_at=2)
+    one = metrics(runs["one"])
     kinds = ["reward_edit" in m for m in one]
-    assert kinds == [True, False, True], kinds
+    assert kinds[:3] == [True, False, True], kinds
     base = NextStepPipeline.from_pretrained().model.state_dict()
-    trained = NextStepPipeline.from_pretrained(tmp_path / "one" / "final").model.state_dict()
+    trained = NextStepPipeline.from_pretrained(runs["one"] / "final").model.state_dict()
     assert worst(base, trained) > 1e-4  # the runs did train (the comparisons below are not vacuous)
-    for strategy, out in twos.items():
-        for a, b in zip(one, metrics(out), strict=True):
+    resumed = metrics(runs["resumed"])
+    assert [m["step"] for m in resumed] == list(range(1, 5))
+    for a, b in zip(one, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["reward_mean"] == b["reward_mean"], (a, b)
+    assert worst(weights(runs["one"]), weights(runs["resumed"])) <= 1e-6
+    for strategy in ("ddp", "fsdp"):
+        for a, b in zip(one, metrics(runs[strategy]), strict=True):
             # the same samples: every pipeline call is the same (and 8-bit pixels round weights 1e-6 apart alike)
             assert abs(a["reward_mean"] - b["reward_mean"]) <= 1e-6, (strategy, a, b)
             for k in ("loss", "policy_loss"):
@@ -256,22 +262,4 @@ def test_two_processes_equal_one(tmp_path):
             # Xeon, AVX-512) relative; a lost or doubled rank's gradient changes it by far more
             for k in ("kl", "grad_norm"):
                 assert abs(a[k] - b[k]) <= 1e-3 * abs(a[k]), (strategy, a["step"], k, a[k], b[k])
-        assert worst(weights(tmp_path / "one"), weights(out)) <= 1e-5, strategy
-
-
-@pytest.mark.slow  # subprocesses: a run, a killed run and its resumption
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(recipe(tmp_path / "a", run={"steps": 4, "ckpt_every": 2}, mix={"t2i": 0.5, "edit": 0.5},
-                                     group=2)))
-    finish(run_cli(["train-rl", str(cfg), "--quiet"]))
-    reference = metrics(tmp_path / "a")
-
-    kill_at_checkpoint(run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "b")]), tmp_path / "b", 2)
-    assert not (tmp_path / "b" / "final").exists()  # killed mid-run
-    finish(run_cli(["train-rl", str(cfg), "--quiet", "--out", str(tmp_path / "b"), "--resume"]))
-    resumed = metrics(tmp_path / "b")
-    assert [m["step"] for m in resumed] == list(range(1, 5))
-    for a, b in zip(reference, resumed):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["reward_mean"] == b["reward_mean"], (a, b)
-    assert worst(weights(tmp_path / "a"), weights(tmp_path / "b")) <= 1e-6
+        assert worst(weights(runs["one"]), weights(runs[strategy])) <= 1e-5, strategy
