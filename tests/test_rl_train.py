@@ -176,18 +176,19 @@ def test_pairs_per_update_are_drawn_per_update_and_all_without_a_count(pipe, tmp
 
 # ---- training --------------------------------------------------------------------------------------------------------
 def test_a_few_steps_raise_a_user_reward_and_export_a_loadable_model(pipe, tmp_path):
-    """15 on-policy steps of 2 prompts x 6 images on a reward named "module:function" (this module's ``darkness``):
+    """10 on-policy steps of 2 prompts x 6 images on a reward named "module:function" (this module's ``darkness``):
     the logged reward of the last 3 steps against the first 3, and the final model against the bundled one on 16
-    fixed samples (other prompts, other seeds). Measured with ``brightness`` instead, the same run makes the fixed
-    samples brighter (darkness 0.038 -> 0.028): the model learns the reward, it does not merely break."""
+    fixed samples (other prompts, other seeds). Measured (AMD EPYC Zen 4): reward 5.5x, fixed samples' darkness
+    0.038 -> 0.480 (15 steps at lr 6e-4: 4.2x, 0.221). With ``brightness`` instead, such a run makes the fixed
+    samples brighter: the model learns the reward, it does not merely break."""
     out = tmp_path / "dark"
-    r = recipe(out, run={"steps": 15, "sample_every": 15}, group=6, pairs=None, updates=1, kl_weight=0.0,
-               optim={"lr": 6e-4})
+    r = recipe(out, run={"steps": 10, "sample_every": 10}, group=6, pairs=None, updates=1, kl_weight=0.0,
+               optim={"lr": 8e-4})
     final = train_rl(from_dict(RLConfig, r), progress=False)
     rows = metrics(out)
     reward = [m["reward_mean"] for m in rows]
-    assert [m["step"] for m in rows] == list(range(1, 16))
-    assert np.mean(reward[-3:]) > 3 * np.mean(reward[:3]), reward  # measured: 0.047 -> 0.498
+    assert [m["step"] for m in rows] == list(range(1, 11))
+    assert np.mean(reward[-3:]) > 3 * np.mean(reward[:3]), reward
     assert all(k in rows[0] for k in ("reward_std", "clip_fraction", "ratio_mean", "neg_log_prob", "lr",
                                       "grad_norm", "rollout_s", "update_s", "reward_t2i"))
     assert "kl" not in rows[0]  # no reference model without a KL term
@@ -200,9 +201,9 @@ def test_a_few_steps_raise_a_user_reward_and_export_a_loadable_model(pipe, tmp_p
 
     trained = NextStepPipeline.from_pretrained(final)
     before, after = dark(pipe), dark(trained)
-    assert after > 3 * before, (before, after)  # measured: 0.038 -> 0.553
+    assert after > 3 * before, (before, after)
     assert trained.defaults == pipe.defaults and not (final / "fast").exists()
-    assert (out / "samples" / "step_0000015.png").is_file()
+    assert (out / "samples" / "step_0000010.png").is_file()
     base = pipe.model.state_dict()
     changed = {k for k, v in trained.model.state_dict().items() if not torch.equal(v, base[k])}
     assert changed == {k for k in base if k.startswith("image_head.")}  # "head": the head trained, the rest as it was
