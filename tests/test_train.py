@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import finish, one_two_and_resumed, run_cli
+from helpers import one_two_and_resumed
 from nextstep.config import ConfigError, VAEConfig
 from nextstep.errors import InputError
 from nextstep.model.vae import VAE
@@ -197,8 +197,12 @@ def test_vae_losses_fall_and_report_psnr(world, tmp_path, one_thread):
 
 
 @pytest.mark.slow  # subprocesses: a run; a killed run and its resumption; 2 processes (DDP, then FSDP2)
-def test_two_processes_equal_one_and_kill_and_resume(world, tmp_path):
-    cfg = ar_config(world, tmp_path / "one", steps=8, ckpt_every=4)
+def test_two_processes_equal_one_and_kill_and_resume(world, tmp_path, one_thread):
+    """2 processes (DDP, FSDP2) give the losses and weights of 1; a run killed -9 after its step-4 checkpoint and
+    resumed ends exactly as the uninterrupted one. Then the checkpoint the 2 FSDP2 processes saved at step 4 (each
+    holding half of every parameter and of the optimizer state) is resumed by 1 process, here: it holds exactly the
+    weights the 2 processes had (their export at step 4), and trains on as they did."""
+    cfg = ar_config(world, tmp_path / "one", steps=8, ckpt_every=4, export_every=4)
     cfg["context_noise"] = 0.3  # its noise is drawn per image, so the ranks' split cannot change it
     cfg["parallel_tokens"] = 2  # parallel decoding's rows and parameters (outside the wrapped layers)
     runs = one_two_and_resumed("train", cfg, tmp_path, kill_at=4)
@@ -218,37 +222,25 @@ def test_two_processes_equal_one_and_kill_and_resume(world, tmp_path):
         worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
         assert worst <= 1e-5, (strategy, worst)
 
-
-@pytest.mark.slow  # 2 processes, then resumed here in one
-def test_fsdp_checkpoint_of_two_processes_resumes_in_one(world, tmp_path, one_thread):
-    """A checkpoint saved by 2 FSDP2 processes (each holding half of every parameter and of the optimizer state) is
-    resumed by 1 process: it holds exactly the weights the 2 processes had, and trains on as they did."""
-    cfg = ar_config(world, tmp_path / "two", steps=4, ckpt_every=2, export_every=2, parallel="fsdp")
-    cfg["context_noise"] = 0.3
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
-    finish(run_cli(["train", str(cfg_path), "--quiet"], nproc=2))
-    saved = tmp_path / "two" / "checkpoints" / "step_0000002"
+    saved = runs["fsdp"] / "checkpoints" / "step_0000004"
     assert len(list(saved.glob("*.distcp"))) == 2  # one file per rank: a sharded checkpoint
-
-    one = tmp_path / "one"  # the run as it was at step 2, continued on another "cluster"
-    shutil.copytree(saved, one / "checkpoints" / saved.name)
-    shutil.copyfile(tmp_path / "two" / "metrics.jsonl", one / "metrics.jsonl")
-    recipe = {**cfg, "run": {**cfg["run"], "out_dir": str(one)}}
-    loaded = _resume_ar(world, one, {**recipe, "run": {**recipe["run"], "steps": 2}})  # no step: export as loaded
-    at2, w2 = (load_file(str(d / "model.safetensors")) for d in (loaded, tmp_path / "two" / "exports" / saved.name))
-    assert at2.keys() == w2.keys() and all(torch.equal(at2[k], w2[k]) for k in at2)
-
-    final = _resume_ar(world, one, recipe)  # steps 3 and 4 on one process (model + optimizer state restored)
-    ref, got = losses(tmp_path / "two"), losses(one)
-    assert sorted(got) == [1, 2, 3, 4]
-    for s in (3, 4):
+    alone = tmp_path / "alone"  # the FSDP2 run as it was at step 4, continued on another "cluster"
+    shutil.copytree(saved, alone / "checkpoints" / saved.name)
+    shutil.copyfile(runs["fsdp"] / "metrics.jsonl", alone / "metrics.jsonl")
+    recipe = {**cfg, "run": {**cfg["run"], "out_dir": str(alone), "parallel": "fsdp"}}
+    loaded = _resume_ar(world, alone, {**recipe, "run": {**recipe["run"], "steps": 4}})  # no step: export as loaded
+    at4, w4 = (load_file(str(d / "model.safetensors")) for d in (loaded, runs["fsdp"] / "exports" / saved.name))
+    assert at4.keys() == w4.keys() and all(torch.equal(at4[k], w4[k]) for k in at4)
+    final = _resume_ar(world, alone, recipe)  # steps 5 to 8 on one process (model + optimizer state restored)
+    ref, got = losses(runs["fsdp"]), losses(alone)
+    assert sorted(got) == list(range(1, 9))
+    for s in range(5, 9):
         assert abs(got[s] - ref[s]) <= 1e-5, (s, got[s], ref[s])
-    w2, w1 = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "two", one))
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert final == one / "final" and worst <= 1e-5, worst
-    moved = max((w1[k] - at2[k]).abs().max().item() for k in w1)
-    assert moved > 1e-3, moved  # steps 3-4 did change the weights (the comparison above is not vacuous)
+    w2, wa = (load_file(str(d / "final" / "model.safetensors")) for d in (runs["fsdp"], alone))
+    worst = max((wa[k] - w2[k]).abs().max().item() for k in wa)
+    assert final == alone / "final" and worst <= 1e-5, worst
+    moved = max((wa[k] - at4[k]).abs().max().item() for k in wa)
+    assert moved > 1e-3, moved  # steps 5-8 did change the weights (the comparison above is not vacuous)
 
 
 def vae_recipe(data: Path, out: Path, **run) -> dict:
