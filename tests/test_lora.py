@@ -219,6 +219,19 @@ def test_replayed_images_take_the_base_velocity(world, tmp_path):
     mixed = loss(batch.replayed)
     others = loss(mask=batch.image_loss_mask * ~batch.replayed)  # the data's loss on the images not replayed
     assert mixed.im_loss > 0 and abs(mixed.im_loss * mixed.im_count - others.im_loss * others.im_count) <= 1e-6
+    # none marked: the data's loss, and the base still computed (under FSDP2 every rank makes the same calls,
+    # whether or not its share of the batch holds a replayed image)
+    entered = []
+
+    def counted():
+        entered.append(1)
+        return base()
+
+    gens = [torch.Generator().manual_seed(s) for s in batch.image_seeds]
+    none = model.loss(batch.input_ids, batch.latents, attention_mask=batch.attention_mask,
+                      image_loss_mask=batch.image_loss_mask, generator=gens,
+                      base_targets=torch.zeros(len(batch.latents), dtype=torch.bool), base=counted)
+    assert none.im_loss == loss().im_loss and len(entered) >= 2  # the backbone's forward and the head's
     every = loss(torch.ones(len(batch.latents), dtype=torch.bool))
     every.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if ".lora_" in n]
