@@ -60,7 +60,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _common(p: argparse.ArgumentParser, edit: bool) -> None:
-    p.add_argument("-o", "--output", default="out.png", help="output PNG (with -n N: out_0.png ... + out_grid.png)")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="output PNG (default out.png; with -n N: out_0.png ... + out_grid.png)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     _sampling_flags(p, edit)
     p.add_argument("--think", action="store_true", help="let the model write its thoughts before drawing")
@@ -74,7 +75,7 @@ def _sampling_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 "
                    + ("(default: the input image's size)" if edit else "(default: the model's native size)"))
     _setting_flags(p, edit)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same image (default 0)")
     _fast_flag(p)
 
 
@@ -91,8 +92,8 @@ def _setting_flags(p: argparse.ArgumentParser, edit: bool) -> None:
 def _fast_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="sample with the distilled few-step head (the model's fast/ head, or --head DIR): one "
-                        "guidance branch, its own steps (default: the head's; --steps 1 to 4), the guidance it was "
-                        "distilled for")
+                        "head call per token over the guidance branches it reads, its own steps (default: the "
+                        "head's; --steps 1 to 4), the guidance it was distilled for")
 
 
 def _loading_flags(p: argparse.ArgumentParser) -> None:
@@ -100,7 +101,8 @@ def _loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
     p.add_argument("--head", default=None, metavar="DIR",
                    help="a distilled head for --fast (default: the model's fast/ subdirectory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda where available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true",
@@ -183,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a model on a benchmark")
     ev.add_argument("benchmark", choices=["shapes"])
     ev.add_argument("--n", type=int, default=100, help="prompts per category (default 100)")
-    ev.add_argument("--edits", type=int, default=0, help="edit instructions to score (spread over the 6 types)")
+    ev.add_argument("--edits", type=int, default=0,
+                    help="edit instructions to score, spread over the 6 types (default 0: text-to-image only)")
     ev.add_argument("--seed", type=int, default=0, help="prompt-set and sampling seed")
     ev.add_argument("--size", type=int, default=64, help="image side in pixels")
     ev.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
@@ -194,21 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--head", default=None, metavar="DIR", help="a distilled head for --fast (default: the model's)")
     ev.add_argument("--json", default=None, help="write the results (without images) to this JSON file")
     ev.add_argument("--save-grid", default=None, help="write a PNG grid of generations with pass/fail marks")
-    ev.add_argument("--model", default=None)
-    ev.add_argument("--vae", default=None)
-    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    ev.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda where available, else cpu")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on GPU, float32 on CPU")
     ev.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="weight-only quantization of the model")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _lora_flag(ev)
     sv = sub.add_parser("serve", help="web page + OpenAI-compatible images API with live previews")
     sv.add_argument("--model", default=None, help="model directory (default: the bundled model)")
-    sv.add_argument("--vae", default=None)
+    sv.add_argument("--vae", default=None, help="VAE directory (default: the model's vae/)")
     sv.add_argument("--host", default="127.0.0.1",
                     help="bind address (default: loopback only; any other needs --api-key or --public-without-key)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default=None)
-    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    sv.add_argument("--port", type=int, default=8000, help="default 8000")
+    sv.add_argument("--device", default=None, help="default: cuda where available, else cpu")
+    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on GPU, float32 on CPU")
     sv.add_argument("--head", default=None, metavar="DIR",
                     help="a distilled head for requests with \"fast\": true (default: the model's fast/, if any)")
     sv.add_argument("--api-key", default=None, metavar="KEY",
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--texts", help="a text file, one caption per line")
     src.add_argument("--shapes", type=int, metavar="N", help="use N captions/instructions of the shapes world")
-    t.add_argument("--vocab", type=int, default=512)
+    t.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
     return parser
 
 
