@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextstep", description="NextStep-1 image generation and editing")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="what to draw")
     _common(g, edit=False)
     m = sub.add_parser("generate-many", help="images for a file of prompts (a benchmark), resumable, data parallel "
                                              "under torchrun")
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _loading_flags(m)
     e = sub.add_parser("edit", help="edit an image with an instruction")
     e.add_argument("image", help="input image file")
-    e.add_argument("instruction")
+    e.add_argument("instruction", help="what to change in the image")
     e.add_argument("--mask", default=None, metavar="FILE",
                    help="edit only where this PNG, the input image's size, is fully transparent (alpha 0; OpenAI's "
                         "convention): the rest of the output is the input's pixels")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--steps", type=int, default=None, help="override run.steps")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
     ev = sub.add_parser("eval", help="score a model on a benchmark")
-    ev.add_argument("benchmark", choices=["shapes"])
+    ev.add_argument("benchmark", choices=["shapes"], help="shapes: the bundled shapes world's GenEval-style scorer")
     ev.add_argument("--n", type=int, default=100, help="prompts per category (default 100)")
     ev.add_argument("--edits", type=int, default=0,
                     help="edit instructions to score, spread over the 6 types (default 0: text-to-image only)")

@@ -429,3 +429,15 @@ def test_think_with_chunks_prints_the_thoughts_of_each_call(tmp_path, capsys):
     assert main(["generate", "a red circle", "-n", "9", *out]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("thoughts")]
     assert [x.split(":")[0] for x in lines] == ["thoughts (images 0-7)", "thoughts (images 8-8)"], lines
+
+
+def test_every_option_of_every_command_has_help():
+    """The README says ``nextstep CMD --help`` lists every option with its default: each argument says what it is."""
+    import argparse
+
+    from nextstep.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [(name, b.option_strings or b.dest) for name, sp in commands.items() for b in sp._actions
+              if not b.help and not isinstance(b, argparse._HelpAction)]
+    assert not silent, silent
