@@ -106,8 +106,8 @@ class NextStep(nn.Module):
         super().__init__()
         self.config = config
         t = config.transformer
-        # (built from an empty table: nn.Embedding's own N(0, 1) draw would be overwritten, and on ``meta`` it
-        # imports torch._dynamo, 0.6 s of every process that loads a model)
+        # built from a table of zeros (loading or ``init_weights`` fills it): nn.Embedding's own N(0, 1) draw would
+        # be overwritten, and on ``meta`` it imports torch._dynamo, 0.6-1 s of every process that loads a model
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size, _weight=torch.zeros(t.vocab_size, t.hidden_size))
         self.transformer = Transformer(t)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
