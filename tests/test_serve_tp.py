@@ -8,8 +8,8 @@ import base64
 import io
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -124,19 +124,14 @@ def _replicate_worker(rank: int, init: str, out: str):
 def test_followers_replay_the_leaders_calls_and_stop_at_its_token(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_replicate_worker, args=(f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=2)
+    # a file rendezvous: a free port chosen here could be taken by another test's process before rank 0 binds it
+    mp.spawn(_replicate_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
     lead, fol = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert lead["bad"] == "bad prompt" and lead["cancelled"] == "'cancelled'"
     assert fol["calls"] == 4
     assert fol["seen"] == lead["seen"]  # same prompts, same stop token (2 of 5), same generator draws
     assert [(p, n) for p, n, _ in lead["seen"]] == [("a", 3), ("c", 2), ("d", 2)]
     assert lead["first"] == torch.rand(3, generator=torch.Generator().manual_seed(1)).tolist()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pixels(b64: str) -> np.ndarray:
@@ -182,18 +177,25 @@ def one_process_pixels(fixture: Path) -> np.ndarray:
 
 @pytest.mark.slow
 def test_serve_tp2_matches_one_process_and_stops_cleanly(fixture, tmp_path):
-    port, log = free_port(), tmp_path / "server.log"
+    log = tmp_path / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     ranks = tmp_path / "ranks"  # each rank's stdout and stderr in its own file, apart from torchrun's
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log-dir",
            str(ranks), "--redirects", "3", "-m",
            "nextstep.cli", "serve", "--model", str(fixture / "model"), "--vae", str(fixture / "vae"), "--tp", "2",
-           "--port", str(port)]
+           "--port", "0"]  # a free port, which rank 0 prints (one chosen here could be taken before it binds)
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         expected = one_process_pixels(fixture)  # while the ranks load
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+
+        def address():
+            assert proc.poll() is None, f"the server exited ({proc.returncode}); see {tmp_path}"
+            said = "".join(f.read_text() for f in ranks.rglob("0/stdout.log"))
+            found = re.search(r"serving .* on (http://127\.0\.0\.1:\d+)/", said)
+            return found and found.group(1)
+
+        with httpx.Client(base_url=wait_for(address, 60, "the server's address", log), timeout=60) as http:
             def up():
                 assert proc.poll() is None, f"the server exited ({proc.returncode}); see {tmp_path}"
                 try:
