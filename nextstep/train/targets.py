@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..checkpoint import save_safetensors
 from ..errors import SampleError
@@ -37,9 +38,5 @@ def cached_targets(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor]
         targets, held, skipped = build()
         save_safetensors(targets, path, metadata={"holdout": str(held)})
     barrier(info)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        held = int(f.metadata()["holdout"])
-    return load_file(str(path)), held, skipped
+    with safe_open(str(path), framework="pt") as f:  # the tensors and their held-out count in one read
+        return {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata()["holdout"]), skipped
