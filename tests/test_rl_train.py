@@ -201,6 +201,8 @@ def test_a_few_steps_raise_a_user_reward_and_export_a_loadable_model(pipe, tmp_p
 
     trained = NextStepPipeline.from_pretrained(final)
     before, after = dark(pipe), dark(trained)
+    print(f"reward {np.mean(reward[-3:]) / np.mean(reward[:3]):.1f}x (last 3 steps / first 3); fixed samples' "
+          f"darkness {before:.3f} -> {after:.3f}")  # docs/rl.md quotes them (pytest -s)
     assert after > 3 * before, (before, after)
     assert trained.defaults == pipe.defaults and not (final / "fast").exists()
     assert (out / "samples" / "step_0000010.png").is_file()
